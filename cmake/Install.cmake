@@ -1,0 +1,17 @@
+# `cmake --install` ships the libraries, public headers and a package config, so another project
+# can `find_package(adapter_job)` and link adapter_job::checkpoint and friends.
+include(CMakePackageConfigHelpers)
+install(TARGETS core checkpoint safetensors dist EXPORT adapter_job_targets
+        ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})
+install(TARGETS adapter_job RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+install(DIRECTORY include/adapter_job DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(EXPORT adapter_job_targets NAMESPACE adapter_job::
+        DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/adapter_job)
+configure_package_config_file(cmake/adapter_jobConfig.cmake.in
+  ${CMAKE_CURRENT_BINARY_DIR}/adapter_jobConfig.cmake
+  INSTALL_DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/adapter_job)
+write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/adapter_jobConfigVersion.cmake
+                                 COMPATIBILITY SameMinorVersion)
+install(FILES ${CMAKE_CURRENT_BINARY_DIR}/adapter_jobConfig.cmake
+              ${CMAKE_CURRENT_BINARY_DIR}/adapter_jobConfigVersion.cmake
+        DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/adapter_job)

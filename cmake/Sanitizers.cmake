@@ -1,0 +1,8 @@
+# -DADAPTER_JOB_SANITIZE=address,undefined instruments every target, tests included.
+if(ADAPTER_JOB_SANITIZE)
+  set(_aj_sanitize_flags -fsanitize=${ADAPTER_JOB_SANITIZE} -fno-omit-frame-pointer
+                         -fno-sanitize-recover=all)
+  add_compile_options(${_aj_sanitize_flags})
+  add_link_options(${_aj_sanitize_flags})
+  message(STATUS "adapter_job: sanitizers ${ADAPTER_JOB_SANITIZE}")
+endif()

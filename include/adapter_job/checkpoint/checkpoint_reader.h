@@ -1,0 +1,45 @@
+// Reads tensors out of a DCP directory, one chunk at a time, touching only the bytes each chunk
+// occupies in its `.distcp` file.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <span>
+#include <string>
+
+#include "adapter_job/checkpoint/dcp_metadata.h"
+#include "adapter_job/core/file.h"
+#include "adapter_job/core/tensor.h"
+
+namespace adapter_job::checkpoint {
+
+class CheckpointReader {
+ public:
+  // `dcp_dir` holds `.metadata` and the `.distcp` files (a Megatron `iter_*` directory).
+  static CheckpointReader Open(const std::filesystem::path& dcp_dir);
+
+  const std::filesystem::path& directory() const { return dir_; }
+  const DcpMetadata& metadata() const { return metadata_; }
+
+  // Reads and decodes one chunk; its shape equals `chunk.sizes`.
+  Tensor ReadChunk(const TensorMeta& tensor, const ChunkMeta& chunk) const;
+  // Reads one chunk into `dest` (a tensor of `tensor.dtype`) at `dest_offsets`.
+  void ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& chunk, Tensor& dest,
+                     std::span<const int64_t> dest_offsets) const;
+  // Assembles the whole global tensor from all of its chunks.
+  Tensor ReadTensor(const TensorMeta& tensor) const;
+
+  // Bytes read so far from `.distcp` files (not counting `.metadata`).
+  uint64_t bytes_read() const;
+
+ private:
+  CheckpointReader(std::filesystem::path dir, DcpMetadata metadata)
+      : dir_(std::move(dir)), metadata_(std::move(metadata)) {}
+  const ReadOnlyFile& File(const std::string& relative_path) const;
+
+  std::filesystem::path dir_;
+  DcpMetadata metadata_;
+  mutable std::map<std::string, ReadOnlyFile> files_;
+};
+
+}  // namespace adapter_job::checkpoint

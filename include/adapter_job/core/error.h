@@ -1,0 +1,65 @@
+// One error channel for the whole project: exceptions that carry their context.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace adapter_job {
+
+// Process exit codes shared by every subcommand (documented in README.md).
+enum class ExitCode : int {
+  kOk = 0,
+  kInternal = 1,            // a bug or an unexpected exception
+  kBadInput = 2,            // usage, checkpoint, model or configuration problems
+  kVerificationFailed = 3,  // the export was written but did not prove correct
+  kInfrastructure = 4,      // I/O, MPI, NCCL, CUDA failures
+};
+
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& message) : std::runtime_error(message), message_(message) {}
+
+  // Prepends an outer frame, e.g. the file being read, so the final message reads outside-in.
+  void AddContext(const std::string& context) { message_ = context + ": " + message_; }
+
+  const char* what() const noexcept override { return message_.c_str(); }
+  virtual ExitCode exit_code() const { return ExitCode::kInternal; }
+
+ private:
+  std::string message_;
+};
+
+// The input (checkpoint, model, config file, command line) is malformed or inconsistent.
+class FormatError : public Error {
+ public:
+  using Error::Error;
+  ExitCode exit_code() const override { return ExitCode::kBadInput; }
+};
+
+// A file system operation failed.
+class IoError : public Error {
+ public:
+  using Error::Error;
+  ExitCode exit_code() const override { return ExitCode::kInfrastructure; }
+};
+
+template <typename E = FormatError, typename... Args>
+[[noreturn]] void Fail(fmt::format_string<Args...> format, Args&&... args) {
+  throw E(fmt::format(format, std::forward<Args>(args)...));
+}
+
+// Runs `body`; if it throws an adapter_job::Error, prefixes `context()` to the message.
+template <typename Body, typename Context>
+decltype(auto) WithContext(Context&& context, Body&& body) {
+  try {
+    return body();
+  } catch (Error& e) {
+    e.AddContext(context());
+    throw;
+  }
+}
+
+}  // namespace adapter_job

@@ -1,0 +1,105 @@
+// RAII file handles: positional reads that count their bytes, read-only maps, and output files
+// that appear under their final name only once complete and on disk.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace adapter_job {
+
+class UniqueFd {
+ public:
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
+  UniqueFd(UniqueFd&& other) noexcept;
+  UniqueFd& operator=(UniqueFd&& other) noexcept;
+  ~UniqueFd();
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  // Closes and reports the error the destructor would swallow.
+  void Close(const std::filesystem::path& path_for_errors);
+
+ private:
+  int fd_ = -1;
+};
+
+// A file read with pread(2): only the requested bytes are touched, a truncated file is an error
+// rather than a SIGBUS, and every byte read is counted.
+class ReadOnlyFile {
+ public:
+  static ReadOnlyFile Open(const std::filesystem::path& path);
+
+  const std::filesystem::path& path() const { return path_; }
+  uint64_t size() const { return size_; }
+  uint64_t bytes_read() const { return bytes_read_->load(); }
+
+  // Throws FormatError naming the file if [offset, offset + out.size()) is past its end.
+  void ReadExact(uint64_t offset, std::span<std::byte> out) const;
+  std::vector<std::byte> Read(uint64_t offset, uint64_t length) const;
+
+ private:
+  ReadOnlyFile(std::filesystem::path path, UniqueFd fd, uint64_t size);
+
+  std::filesystem::path path_;
+  UniqueFd fd_;
+  uint64_t size_ = 0;
+  std::unique_ptr<std::atomic<uint64_t>> bytes_read_;
+};
+
+// A read-only private mapping of a whole file, for large inputs read many times (model weights).
+class MappedFile {
+ public:
+  static MappedFile Open(const std::filesystem::path& path);
+  MappedFile(MappedFile&& other) noexcept;
+  MappedFile& operator=(MappedFile&& other) noexcept;
+  ~MappedFile();
+
+  const std::filesystem::path& path() const { return path_; }
+  std::span<const std::byte> bytes() const { return {data_, size_}; }
+
+ private:
+  MappedFile(std::filesystem::path path, const std::byte* data, std::size_t size)
+      : path_(std::move(path)), data_(data), size_(size) {}
+
+  std::filesystem::path path_;
+  const std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// Writes to a temporary file beside `final_path`; Commit() fsyncs it, renames it into place and
+// fsyncs the directory. Destroyed uncommitted, it removes the temporary file.
+class OutputFile {
+ public:
+  // Fails if `final_path` exists and `overwrite` is false.
+  static OutputFile Create(const std::filesystem::path& final_path, bool overwrite);
+  OutputFile(OutputFile&& other) noexcept;
+  OutputFile& operator=(OutputFile&&) = delete;
+  ~OutputFile();
+
+  void Write(std::span<const std::byte> bytes);
+  void Write(std::string_view text);
+  void Commit() &&;
+
+ private:
+  OutputFile(std::filesystem::path final_path, std::filesystem::path temp_path, UniqueFd fd,
+             bool overwrite);
+
+  std::filesystem::path final_path_;
+  std::filesystem::path temp_path_;
+  UniqueFd fd_;
+  bool overwrite_ = false;
+  bool committed_ = false;
+};
+
+void FsyncDirectory(const std::filesystem::path& dir);
+
+// Whole small text files (configs, markers); throws IoError naming the path.
+std::string ReadTextFile(const std::filesystem::path& path, std::size_t max_bytes = 64u << 20);
+
+}  // namespace adapter_job

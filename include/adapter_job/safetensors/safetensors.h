@@ -1,0 +1,77 @@
+// safetensors (huggingface/safetensors): u64 little-endian header length N, N bytes of JSON
+// header padded with spaces, then the tensors back to back with no gaps.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "adapter_job/core/dtype.h"
+#include "adapter_job/core/file.h"
+#include "adapter_job/core/tensor.h"
+
+namespace adapter_job::safetensors {
+
+// The reference reader's limit (safetensors/src/tensor.rs MAX_HEADER_SIZE).
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
+
+struct TensorEntry {
+  std::string name;
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0;  // offsets into the data section
+  uint64_t end = 0;
+};
+
+struct Header {
+  std::vector<TensorEntry> tensors;  // in header order
+  std::optional<std::map<std::string, std::string>> metadata;
+  uint64_t data_offset = 0;  // 8 + N
+};
+
+// Parses and validates like the reference reader (offsets tile the data section exactly, sizes
+// match shapes) and more strictly (duplicate names, non-string metadata). `file_size` is the
+// size of the whole file; `header_bytes` the N bytes after the length prefix.
+Header ParseHeader(std::string_view header_bytes, uint64_t file_size);
+
+class File {
+ public:
+  static File Open(const std::filesystem::path& path);
+
+  const std::filesystem::path& path() const { return map_.path(); }
+  const Header& header() const { return header_; }
+  const TensorEntry* Find(std::string_view name) const;
+  const TensorEntry& Get(std::string_view name) const;  // throws FormatError naming file and key
+  std::span<const std::byte> Data(const TensorEntry& entry) const;
+  StridedView View(const TensorEntry& entry) const;
+
+ private:
+  File(MappedFile map, Header header) : map_(std::move(map)), header_(std::move(header)) {}
+  MappedFile map_;
+  Header header_;
+};
+
+// A tensor to write; `data` is contiguous row-major little-endian and must outlive the call.
+struct TensorRef {
+  std::string name;
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> shape;
+  std::span<const std::byte> data;
+};
+TensorRef Ref(std::string name, const Tensor& tensor);
+
+// The header bytes (length prefix included) that the reference writer produces for `tensors`:
+// entries sorted by dtype (largest first, in safetensors' Dtype order) then by name, and the
+// JSON space-padded to a multiple of 8. Reorders `tensors` into file order.
+std::string SerializeHeader(std::vector<TensorRef>& tensors,
+                            const std::optional<std::map<std::string, std::string>>& metadata);
+
+// Writes through a temporary file that is fsynced and renamed into place.
+void Write(const std::filesystem::path& path, std::vector<TensorRef> tensors,
+           const std::optional<std::map<std::string, std::string>>& metadata, bool overwrite);
+
+}  // namespace adapter_job::safetensors

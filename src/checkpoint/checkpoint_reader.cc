@@ -1,0 +1,85 @@
+#include "adapter_job/checkpoint/checkpoint_reader.h"
+
+#include "adapter_job/checkpoint/torch_save.h"
+#include "adapter_job/core/error.h"
+
+namespace adapter_job::checkpoint {
+
+CheckpointReader CheckpointReader::Open(const std::filesystem::path& dcp_dir) {
+  const auto metadata_file = dcp_dir / ".metadata";
+  if (!std::filesystem::exists(metadata_file)) {
+    Fail("'{}' is not a torch_dist checkpoint: it has no .metadata file", dcp_dir.string());
+  }
+  return CheckpointReader(dcp_dir, ReadDcpMetadata(metadata_file));
+}
+
+const ReadOnlyFile& CheckpointReader::File(const std::string& relative_path) const {
+  auto it = files_.find(relative_path);
+  if (it == files_.end()) {
+    const auto path = dir_ / relative_path;
+    if (!std::filesystem::exists(path)) {
+      Fail("shard file '{}' named by the checkpoint's .metadata is missing", path.string());
+    }
+    it = files_.emplace(relative_path, ReadOnlyFile::Open(path)).first;
+  }
+  return it->second;
+}
+
+void CheckpointReader::ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& chunk, Tensor& dest,
+                                     std::span<const int64_t> dest_offsets) const {
+  const StorageLocation& location = metadata_.Locate(tensor, chunk);
+  const ReadOnlyFile& file = File(location.relative_path);
+  WithContext(
+      [&] {
+        return fmt::format("{} bytes [{}, +{}) holding '{}' chunk {}", file.path().string(),
+                           location.offset, location.length, tensor.fqn,
+                           ShapeToString(chunk.offsets));
+      },
+      [&] {
+        if (!location.transform_descriptors.empty()) {
+          Fail("stream transform '{}' is not supported", location.transform_descriptors.front());
+        }
+        const std::vector<std::byte> blob = file.Read(location.offset, location.length);
+        const TorchSaveArchive archive = OpenTorchSave(blob);
+        const DecodedTensor decoded = DecodeTorchSaveTensor(archive);
+        if (decoded.view.dtype != tensor.dtype) {
+          Fail("stored as {}, but .metadata says {}", TorchName(decoded.view.dtype),
+               TorchName(tensor.dtype));
+        }
+        if (decoded.view.shape != chunk.sizes) {
+          Fail("stored with shape {}, but .metadata says {}", ShapeToString(decoded.view.shape),
+               ShapeToString(chunk.sizes));
+        }
+        if (decoded.big_endian) {
+          Tensor swapped = ToContiguous(decoded.view);
+          SwapByteOrder(swapped);
+          const StridedView view{swapped.dtype, swapped.shape, ContiguousStrides(swapped.shape),
+                                 swapped.data.data()};
+          CopyIntoBlock(view, dest, dest_offsets);
+        } else {
+          CopyIntoBlock(decoded.view, dest, dest_offsets);
+        }
+      });
+}
+
+Tensor CheckpointReader::ReadChunk(const TensorMeta& tensor, const ChunkMeta& chunk) const {
+  Tensor out = Tensor::Zeros(tensor.dtype, chunk.sizes);
+  const std::vector<int64_t> origin(chunk.sizes.size(), 0);
+  ReadChunkInto(tensor, chunk, out, origin);
+  return out;
+}
+
+Tensor CheckpointReader::ReadTensor(const TensorMeta& tensor) const {
+  ValidateChunkLayout(tensor);
+  Tensor out = Tensor::Zeros(tensor.dtype, tensor.size);
+  for (const auto& chunk : tensor.chunks) ReadChunkInto(tensor, chunk, out, chunk.offsets);
+  return out;
+}
+
+uint64_t CheckpointReader::bytes_read() const {
+  uint64_t total = 0;
+  for (const auto& [name, file] : files_) total += file.bytes_read();
+  return total;
+}
+
+}  // namespace adapter_job::checkpoint

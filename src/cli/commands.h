@@ -1,0 +1,12 @@
+// Subcommands of the adapter_job binary; each parses its own options and returns an exit code.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace adapter_job::cli {
+
+int RunInspect(const std::vector<std::string>& args);
+int RunVersion(const std::vector<std::string>& args);
+
+}  // namespace adapter_job::cli

@@ -1,0 +1,33 @@
+#include <boost/program_options.hpp>
+#include <iostream>
+
+#include "adapter_job/dist/accelerator.h"
+#include "commands.h"
+
+namespace adapter_job::cli {
+
+int RunVersion(const std::vector<std::string>& args) {
+  namespace po = boost::program_options;
+  po::options_description options("adapter_job version");
+  options.add_options()("help,h", "show this help");
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(options).run(), vm);
+  if (vm.count("help")) {
+    std::cout << options;
+    return 0;
+  }
+  const dist::AcceleratorInfo info = dist::ProbeAccelerators();
+  std::cout << "adapter_job " << ADAPTER_JOB_VERSION << "\n";
+  if (!info.built_with_cuda) {
+    std::cout << "CUDA/NCCL: not built in (" << info.unavailable_reason << ")\n";
+    return 0;
+  }
+  std::cout << "CUDA runtime " << info.cuda_runtime_version << ", NCCL " << info.nccl_version
+            << ", driver " << (info.driver_version.empty() ? "none" : info.driver_version) << "\n"
+            << "GPUs: " << info.device_count;
+  if (info.device_count == 0) std::cout << " (" << info.unavailable_reason << ")";
+  std::cout << "\n";
+  return 0;
+}
+
+}  // namespace adapter_job::cli

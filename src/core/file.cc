@@ -1,0 +1,200 @@
+#include "adapter_job/core/file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <memory>
+
+#include "adapter_job/core/checked_math.h"
+#include "adapter_job/core/error.h"
+
+namespace adapter_job {
+namespace {
+
+[[noreturn]] void FailErrno(std::string_view action, const std::filesystem::path& path) {
+  const int saved = errno;
+  Fail<IoError>("{} '{}': {}", action, path.string(), std::strerror(saved));
+}
+
+}  // namespace
+
+UniqueFd::UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+
+UniqueFd& UniqueFd::operator=(UniqueFd&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = std::exchange(other.fd_, -1);
+  }
+  return *this;
+}
+
+UniqueFd::~UniqueFd() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void UniqueFd::Close(const std::filesystem::path& path_for_errors) {
+  const int fd = std::exchange(fd_, -1);
+  if (fd >= 0 && ::close(fd) != 0) FailErrno("cannot close", path_for_errors);
+}
+
+ReadOnlyFile::ReadOnlyFile(std::filesystem::path path, UniqueFd fd, uint64_t size)
+    : path_(std::move(path)),
+      fd_(std::move(fd)),
+      size_(size),
+      bytes_read_(std::make_unique<std::atomic<uint64_t>>(0)) {}
+
+ReadOnlyFile ReadOnlyFile::Open(const std::filesystem::path& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) FailErrno("cannot open", path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) FailErrno("cannot stat", path);
+  if (!S_ISREG(st.st_mode)) Fail<IoError>("'{}' is not a regular file", path.string());
+  return ReadOnlyFile(path, std::move(fd), static_cast<uint64_t>(st.st_size));
+}
+
+void ReadOnlyFile::ReadExact(uint64_t offset, std::span<std::byte> out) const {
+  const uint64_t end = CheckedAdd(offset, out.size(), "read range");
+  if (end > size_) {
+    Fail("'{}' is truncated: need bytes [{}, {}) but the file has {} bytes", path_.string(), offset,
+         end, size_);
+  }
+  std::size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t n =
+        ::pread(fd_.get(), out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      FailErrno("cannot read", path_);
+    }
+    if (n == 0) {
+      Fail("'{}' ended at byte {} while reading [{}, {})", path_.string(), offset + done, offset,
+           end);
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  bytes_read_->fetch_add(out.size());
+}
+
+std::vector<std::byte> ReadOnlyFile::Read(uint64_t offset, uint64_t length) const {
+  if (length > size_) {
+    Fail("'{}' is truncated: need {} bytes at offset {} but the file has {} bytes", path_.string(),
+         length, offset, size_);
+  }
+  std::vector<std::byte> out(length);
+  ReadExact(offset, out);
+  return out;
+}
+
+MappedFile MappedFile::Open(const std::filesystem::path& path) {
+  const ReadOnlyFile file = ReadOnlyFile::Open(path);
+  if (file.size() == 0) return MappedFile(path, nullptr, 0);
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) FailErrno("cannot open", path);
+  void* data = ::mmap(nullptr, file.size(), PROT_READ, MAP_PRIVATE, fd.get(), 0);
+  if (data == MAP_FAILED) FailErrno("cannot map", path);
+  return MappedFile(path, static_cast<const std::byte*>(data), file.size());
+}
+
+MappedFile::MappedFile(MappedFile&& other) noexcept
+    : path_(std::move(other.path_)),
+      data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)) {}
+
+MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
+  if (this != &other) {
+    if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
+    path_ = std::move(other.path_);
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+  }
+  return *this;
+}
+
+MappedFile::~MappedFile() {
+  if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
+}
+
+OutputFile::OutputFile(std::filesystem::path final_path, std::filesystem::path temp_path,
+                       UniqueFd fd, bool overwrite)
+    : final_path_(std::move(final_path)),
+      temp_path_(std::move(temp_path)),
+      fd_(std::move(fd)),
+      overwrite_(overwrite) {}
+
+OutputFile OutputFile::Create(const std::filesystem::path& final_path, bool overwrite) {
+  if (!overwrite && std::filesystem::exists(final_path)) {
+    Fail<FormatError>("'{}' already exists (pass --overwrite to replace it)", final_path.string());
+  }
+  std::filesystem::path temp_path = final_path;
+  temp_path += ".tmp." + std::to_string(::getpid());
+  UniqueFd fd(::open(temp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd.valid()) FailErrno("cannot create", temp_path);
+  return OutputFile(final_path, std::move(temp_path), std::move(fd), overwrite);
+}
+
+OutputFile::OutputFile(OutputFile&& other) noexcept
+    : final_path_(std::move(other.final_path_)),
+      temp_path_(std::move(other.temp_path_)),
+      fd_(std::move(other.fd_)),
+      overwrite_(other.overwrite_),
+      committed_(std::exchange(other.committed_, true)) {}
+
+OutputFile::~OutputFile() {
+  if (!committed_ && !temp_path_.empty()) {
+    fd_ = UniqueFd();
+    std::error_code ignored;
+    std::filesystem::remove(temp_path_, ignored);
+  }
+}
+
+void OutputFile::Write(std::span<const std::byte> bytes) {
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd_.get(), bytes.data() + done, bytes.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      FailErrno("cannot write", temp_path_);
+    }
+    done += static_cast<std::size_t>(n);
+  }
+}
+
+void OutputFile::Write(std::string_view text) { Write(std::as_bytes(std::span(text))); }
+
+void OutputFile::Commit() && {
+  if (::fsync(fd_.get()) != 0) FailErrno("cannot fsync", temp_path_);
+  fd_.Close(temp_path_);
+  if (!overwrite_) {
+    // link(2) refuses an existing target, so a file that appeared meanwhile is never replaced.
+    if (::link(temp_path_.c_str(), final_path_.c_str()) != 0)
+      FailErrno("cannot create", final_path_);
+    std::filesystem::remove(temp_path_);
+  } else if (::rename(temp_path_.c_str(), final_path_.c_str()) != 0) {
+    FailErrno("cannot rename into", final_path_);
+  }
+  committed_ = true;
+  FsyncDirectory(final_path_.has_parent_path() ? final_path_.parent_path() : ".");
+}
+
+void FsyncDirectory(const std::filesystem::path& dir) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) FailErrno("cannot open directory", dir);
+  if (::fsync(fd.get()) != 0) FailErrno("cannot fsync directory", dir);
+}
+
+std::string ReadTextFile(const std::filesystem::path& path, std::size_t max_bytes) {
+  const ReadOnlyFile file = ReadOnlyFile::Open(path);
+  if (file.size() > max_bytes) {
+    Fail("'{}' is {} bytes, more than the {} allowed for this file", path.string(), file.size(),
+         max_bytes);
+  }
+  std::string text(file.size(), '\0');
+  file.ReadExact(0, std::as_writable_bytes(std::span(text)));
+  return text;
+}
+
+}  // namespace adapter_job

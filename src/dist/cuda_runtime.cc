@@ -1,0 +1,39 @@
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include "adapter_job/dist/accelerator.h"
+
+namespace adapter_job::dist {
+
+namespace {
+
+std::string FormatCudaVersion(int version) {
+  return std::to_string(version / 1000) + "." + std::to_string((version % 1000) / 10);
+}
+
+}  // namespace
+
+AcceleratorInfo ProbeAccelerators() {
+  AcceleratorInfo info;
+  info.built_with_cuda = true;
+  int version = 0;
+  if (cudaRuntimeGetVersion(&version) == cudaSuccess)
+    info.cuda_runtime_version = FormatCudaVersion(version);
+  if (cudaDriverGetVersion(&version) == cudaSuccess && version > 0) {
+    info.driver_version = FormatCudaVersion(version);
+  }
+  int nccl = 0;
+  if (ncclGetVersion(&nccl) == ncclSuccess) {
+    info.nccl_version = std::to_string(nccl / 10000) + "." + std::to_string((nccl / 100) % 100) +
+                        "." + std::to_string(nccl % 100);
+  }
+  const cudaError_t status = cudaGetDeviceCount(&info.device_count);
+  if (status != cudaSuccess) {
+    info.device_count = 0;
+    info.unavailable_reason = cudaGetErrorString(status);
+    cudaGetLastError();  // clear the sticky error so later probes start clean
+  }
+  return info;
+}
+
+}  // namespace adapter_job::dist

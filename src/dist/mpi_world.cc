@@ -1,0 +1,37 @@
+#include "adapter_job/dist/mpi_world.h"
+
+#include <mpi.h>
+
+#include <cstdlib>
+
+#include "adapter_job/core/error.h"
+
+namespace adapter_job::dist {
+
+MpiWorld::MpiWorld(int& argc, char**& argv) {
+  int provided = 0;
+  if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+    Fail<IoError>("MPI_Init_thread failed");
+  }
+  // Errors come back as return codes, to be thrown with context, rather than aborting inside MPI.
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &size_);
+  char name[MPI_MAX_PROCESSOR_NAME];
+  int length = 0;
+  MPI_Get_processor_name(name, &length);
+  host_.assign(name, static_cast<std::size_t>(length));
+}
+
+MpiWorld::~MpiWorld() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+}
+
+void MpiWorld::Abort(int exit_code) const {
+  MPI_Abort(MPI_COMM_WORLD, exit_code);
+  std::_Exit(exit_code);  // MPI_Abort should not return
+}
+
+}  // namespace adapter_job::dist
