@@ -1,0 +1,82 @@
+#include "adapter_job/safetensors/safetensors.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "adapter_job/core/error.h"
+
+namespace adapter_job::safetensors {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::vector<std::byte> Bytes(std::size_t n) { return std::vector<std::byte>(n, std::byte{1}); }
+
+TEST(SafetensorsWriter, SortsByDtypeDescendingThenNameAndPads) {
+  const auto f32 = Bytes(8), bf16 = Bytes(4), i64 = Bytes(8);
+  std::vector<TensorRef> tensors = {{"b.weight", DType::kBFloat16, {2}, bf16},
+                                    {"layers.2", DType::kFloat32, {2}, f32},
+                                    {"layers.10", DType::kFloat32, {2}, f32},
+                                    {"z", DType::kInt64, {1}, i64}};
+  const std::string header = SerializeHeader(tensors, std::nullopt);
+  EXPECT_EQ(header.size() % 8, 0u);
+  EXPECT_EQ(header.substr(8), R"({"z":{"dtype":"I64","shape":[1],"data_offsets":[0,8]},)"
+                              R"("layers.10":{"dtype":"F32","shape":[2],"data_offsets":[8,16]},)"
+                              R"("layers.2":{"dtype":"F32","shape":[2],"data_offsets":[16,24]},)"
+                              R"("b.weight":{"dtype":"BF16","shape":[2],"data_offsets":[24,28]}})"
+                              "       ");
+  EXPECT_EQ(tensors[0].name, "z");
+}
+
+TEST(SafetensorsWriter, MetadataComesFirstAndNamesMustBeUnique) {
+  const auto data = Bytes(4);
+  std::vector<TensorRef> tensors = {{"a", DType::kFloat32, {1}, data}};
+  const std::string header =
+      SerializeHeader(tensors, std::map<std::string, std::string>{{"format", "pt"}});
+  EXPECT_EQ(header.substr(8, 30), R"({"__metadata__":{"format":"pt")");
+
+  std::vector<TensorRef> dup = {{"a", DType::kFloat32, {1}, data}, {"a", DType::kInt32, {1}, data}};
+  EXPECT_THROW(SerializeHeader(dup, std::nullopt), FormatError);
+  std::vector<TensorRef> wrong_size = {{"a", DType::kFloat32, {2}, data}};
+  EXPECT_THROW(SerializeHeader(wrong_size, std::nullopt), FormatError);
+}
+
+void ExpectHeaderError(const std::string& json, uint64_t data_bytes, const std::string& message) {
+  try {
+    ParseHeader(json, 8 + json.size() + data_bytes);
+    FAIL() << "accepted " << json;
+  } catch (const FormatError& e) {
+    EXPECT_THAT(e.what(), HasSubstr(message)) << json;
+  }
+}
+
+TEST(SafetensorsReader, ValidatesLikeTheReferenceAndStricter) {
+  const std::string json = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  const Header ok = ParseHeader(json, 8 + json.size() + 8);
+  ASSERT_EQ(ok.tensors.size(), 1u);
+  EXPECT_EQ(ok.tensors[0].dtype, DType::kFloat32);
+
+  ExpectHeaderError("[1]", 0, "not a JSON object");
+  ExpectHeaderError("{", 0, "not valid JSON");
+  ExpectHeaderError(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                    R"("a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+                    16, "names 'a' twice");
+  ExpectHeaderError(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                    R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                    12, "gap or overlap");
+  ExpectHeaderError(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", 16,
+                    "gap or overlap");
+  ExpectHeaderError(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8,
+                    "needs 12 bytes");
+  ExpectHeaderError(R"({"a":{"dtype":"bf16","shape":[2],"data_offsets":[0,4]}})", 4,
+                    "unsupported dtype");
+  ExpectHeaderError(R"({"__metadata__":{"n":1}})", 0, "not a string");
+  ExpectHeaderError(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 9, "file has");
+  ExpectHeaderError(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8,
+                    "non-negative");
+  ExpectHeaderError(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})",
+                    8, "overflows");
+}
+
+}  // namespace
+}  // namespace adapter_job::safetensors
