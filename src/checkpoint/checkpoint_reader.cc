@@ -14,6 +14,7 @@ CheckpointReader CheckpointReader::Open(const std::filesystem::path& dcp_dir) {
 }
 
 const ReadOnlyFile& CheckpointReader::File(const std::string& relative_path) const {
+  const std::lock_guard lock(files_mutex_);
   auto it = files_.find(relative_path);
   if (it == files_.end()) {
     const auto path = dir_ / relative_path;
@@ -26,6 +27,12 @@ const ReadOnlyFile& CheckpointReader::File(const std::string& relative_path) con
 }
 
 void CheckpointReader::ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& chunk, Tensor& dest,
+                                     std::span<const int64_t> dest_offsets) const {
+  ReadChunkInto(tensor, chunk, dest.data.data(), dest.shape, dest_offsets);
+}
+
+void CheckpointReader::ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& chunk,
+                                     std::byte* dest, std::span<const int64_t> dest_shape,
                                      std::span<const int64_t> dest_offsets) const {
   const StorageLocation& location = metadata_.Locate(tensor, chunk);
   const ReadOnlyFile& file = File(location.relative_path);
@@ -50,14 +57,20 @@ void CheckpointReader::ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& 
           Fail("stored with shape {}, but .metadata says {}", ShapeToString(decoded.view.shape),
                ShapeToString(chunk.sizes));
         }
+        // Callers may drop the stacked layer axis: the chunk's shape then loses its leading 1.
+        StridedView view = decoded.view;
+        while (view.shape.size() > dest_shape.size() && view.shape.front() == 1) {
+          view.shape.erase(view.shape.begin());
+          view.strides.erase(view.strides.begin());
+        }
         if (decoded.big_endian) {
           Tensor swapped = ToContiguous(decoded.view);
           SwapByteOrder(swapped);
-          const StridedView view{swapped.dtype, swapped.shape, ContiguousStrides(swapped.shape),
-                                 swapped.data.data()};
-          CopyIntoBlock(view, dest, dest_offsets);
+          view.base = swapped.data.data();
+          view.strides = ContiguousStrides(view.shape);
+          CopyIntoBlock(view, dest, dest_shape, dest_offsets);
         } else {
-          CopyIntoBlock(decoded.view, dest, dest_offsets);
+          CopyIntoBlock(view, dest, dest_shape, dest_offsets);
         }
       });
 }

@@ -4,8 +4,14 @@
 #include <string>
 #include <vector>
 
+namespace adapter_job::dist {
+class MpiWorld;
+}
+
 namespace adapter_job::cli {
 
+int RunExport(const dist::MpiWorld& world, const std::vector<std::string>& args);
+int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args);
 int RunInspect(const std::vector<std::string>& args);
 int RunVersion(const std::vector<std::string>& args);
 

@@ -165,6 +165,23 @@ void OutputFile::Write(std::span<const std::byte> bytes) {
 
 void OutputFile::Write(std::string_view text) { Write(std::as_bytes(std::span(text))); }
 
+void OutputFile::Resize(uint64_t size) {
+  if (::ftruncate(fd_.get(), static_cast<off_t>(size)) != 0) FailErrno("cannot resize", temp_path_);
+}
+
+void OutputFile::WriteAt(uint64_t offset, std::span<const std::byte> bytes) {
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::pwrite(fd_.get(), bytes.data() + done, bytes.size() - done,
+                               static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      FailErrno("cannot write", temp_path_);
+    }
+    done += static_cast<std::size_t>(n);
+  }
+}
+
 void OutputFile::Commit() && {
   if (::fsync(fd_.get()) != 0) FailErrno("cannot fsync", temp_path_);
   fd_.Close(temp_path_);

@@ -83,12 +83,16 @@ void CopyStrided(const StridedView& src, std::byte* dst_base,
 
 }  // namespace
 
-void CopyIntoBlock(const StridedView& source, Tensor& dest, std::span<const int64_t> dest_offsets) {
-  const auto dest_strides = ContiguousStrides(dest.shape);
+void CopyIntoBlock(const StridedView& source, std::byte* dest, std::span<const int64_t> dest_shape,
+                   std::span<const int64_t> dest_offsets) {
+  const auto dest_strides = ContiguousStrides(dest_shape);
   int64_t base = 0;
   for (std::size_t d = 0; d < dest_offsets.size(); ++d) base += dest_offsets[d] * dest_strides[d];
-  CopyStrided(source, dest.data.data() + base * static_cast<int64_t>(ItemSize(dest.dtype)),
-              dest_strides);
+  CopyStrided(source, dest + base * static_cast<int64_t>(ItemSize(source.dtype)), dest_strides);
+}
+
+void CopyIntoBlock(const StridedView& source, Tensor& dest, std::span<const int64_t> dest_offsets) {
+  CopyIntoBlock(source, dest.data.data(), dest.shape, dest_offsets);
 }
 
 Tensor ToContiguous(const StridedView& source) {

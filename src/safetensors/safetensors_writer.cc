@@ -13,14 +13,28 @@ TensorRef Ref(std::string name, const Tensor& tensor) {
   return TensorRef{std::move(name), tensor.dtype, tensor.shape, tensor.data};
 }
 
-std::string SerializeHeader(std::vector<TensorRef>& tensors,
-                            const std::optional<std::map<std::string, std::string>>& metadata) {
-  std::stable_sort(tensors.begin(), tensors.end(), [](const TensorRef& a, const TensorRef& b) {
+namespace {
+
+// The reference's order: dtype descending (its Dtype enum order, which DType mirrors), then name.
+template <typename T>
+void SortIntoFileOrder(std::vector<T>& tensors) {
+  std::stable_sort(tensors.begin(), tensors.end(), [](const T& a, const T& b) {
     if (a.dtype != b.dtype) return a.dtype > b.dtype;
     return a.name < b.name;
   });
+}
+
+uint64_t SpecBytes(const TensorSpec& t) {
+  return CheckedMul(CheckedNumel(t.shape, "tensor shape"), ItemSize(t.dtype), "tensor bytes");
+}
+
+}  // namespace
+
+std::string SerializeHeader(std::vector<TensorSpec>& specs,
+                            const std::optional<std::map<std::string, std::string>>& metadata) {
+  SortIntoFileOrder(specs);
   std::vector<std::string_view> names;
-  for (const auto& t : tensors) names.push_back(t.name);
+  for (const auto& t : specs) names.push_back(t.name);
   std::sort(names.begin(), names.end());
   if (auto dup = std::adjacent_find(names.begin(), names.end()); dup != names.end()) {
     Fail("tensor name '{}' appears twice", *dup);
@@ -33,17 +47,12 @@ std::string SerializeHeader(std::vector<TensorRef>& tensors,
     header["__metadata__"] = std::move(m);
   }
   uint64_t offset = 0;
-  for (const auto& t : tensors) {
+  for (const auto& t : specs) {
     if (t.name == "__metadata__") Fail("'__metadata__' is reserved and cannot name a tensor");
     const auto dtype_name = SafetensorsName(t.dtype);
     if (!dtype_name)
       Fail("tensor '{}': safetensors has no dtype for {}", t.name, TorchName(t.dtype));
-    const uint64_t bytes =
-        CheckedMul(CheckedNumel(t.shape, "tensor shape"), ItemSize(t.dtype), "tensor bytes");
-    if (bytes != t.data.size()) {
-      Fail("tensor '{}': shape {} needs {} bytes, given {}", t.name, ShapeToString(t.shape), bytes,
-           t.data.size());
-    }
+    const uint64_t bytes = SpecBytes(t);
     nlohmann::ordered_json entry;
     entry["dtype"] = *dtype_name;
     entry["shape"] = t.shape;
@@ -64,11 +73,56 @@ std::string SerializeHeader(std::vector<TensorRef>& tensors,
   return out + json;
 }
 
+StreamWriter::StreamWriter(const std::filesystem::path& path, std::vector<TensorSpec> specs,
+                           const std::optional<std::map<std::string, std::string>>& metadata,
+                           bool overwrite)
+    : path_(path), file_(OutputFile::Create(path, overwrite)) {
+  const std::string header =
+      WithContext([&] { return path.string(); }, [&] { return SerializeHeader(specs, metadata); });
+  uint64_t offset = header.size();
+  for (const auto& spec : specs) {
+    const uint64_t bytes = SpecBytes(spec);
+    slots_[spec.name] = Slot{offset, bytes, false};
+    offset += bytes;
+  }
+  file_size_ = offset;
+  file_.Resize(file_size_);
+  file_.WriteAt(0, std::as_bytes(std::span(header)));
+}
+
+void StreamWriter::Write(const std::string& name, std::span<const std::byte> data) {
+  const auto it = slots_.find(name);
+  if (it == slots_.end()) Fail("{}: tensor '{}' was not planned", path_.string(), name);
+  Slot& slot = it->second;
+  if (slot.written) Fail("{}: tensor '{}' written twice", path_.string(), name);
+  if (data.size() != slot.size) {
+    Fail("{}: tensor '{}' has {} bytes, planned {}", path_.string(), name, data.size(), slot.size);
+  }
+  file_.WriteAt(slot.offset, data);
+  slot.written = true;
+}
+
+void StreamWriter::Commit() && {
+  for (const auto& [name, slot] : slots_) {
+    if (!slot.written) Fail("{}: tensor '{}' was never written", path_.string(), name);
+  }
+  std::move(file_).Commit();
+}
+
 void Write(const std::filesystem::path& path, std::vector<TensorRef> tensors,
            const std::optional<std::map<std::string, std::string>>& metadata, bool overwrite) {
   WithContext([&] { return path.string(); },
               [&] {
-                const std::string header = SerializeHeader(tensors, metadata);
+                SortIntoFileOrder(tensors);
+                std::vector<TensorSpec> specs;
+                for (const auto& t : tensors) {
+                  specs.push_back({t.name, t.dtype, t.shape});
+                  if (SpecBytes(specs.back()) != t.data.size()) {
+                    Fail("tensor '{}': shape {} needs {} bytes, given {}", t.name,
+                         ShapeToString(t.shape), SpecBytes(specs.back()), t.data.size());
+                  }
+                }
+                const std::string header = SerializeHeader(specs, metadata);
                 OutputFile out = OutputFile::Create(path, overwrite);
                 out.Write(header);
                 for (const auto& t : tensors) out.Write(t.data);

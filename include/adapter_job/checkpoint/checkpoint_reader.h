@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <span>
 #include <string>
 
@@ -26,6 +27,10 @@ class CheckpointReader {
   // Reads one chunk into `dest` (a tensor of `tensor.dtype`) at `dest_offsets`.
   void ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& chunk, Tensor& dest,
                      std::span<const int64_t> dest_offsets) const;
+  // The same into a contiguous buffer of `dest_shape` that the caller owns.
+  void ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& chunk, std::byte* dest,
+                     std::span<const int64_t> dest_shape,
+                     std::span<const int64_t> dest_offsets) const;
   // Assembles the whole global tensor from all of its chunks.
   Tensor ReadTensor(const TensorMeta& tensor) const;
 
@@ -35,10 +40,19 @@ class CheckpointReader {
  private:
   CheckpointReader(std::filesystem::path dir, DcpMetadata metadata)
       : dir_(std::move(dir)), metadata_(std::move(metadata)) {}
+
+ public:
+  CheckpointReader(CheckpointReader&& other) noexcept
+      : dir_(std::move(other.dir_)),
+        metadata_(std::move(other.metadata_)),
+        files_(std::move(other.files_)) {}
+
+ private:
   const ReadOnlyFile& File(const std::string& relative_path) const;
 
   std::filesystem::path dir_;
   DcpMetadata metadata_;
+  mutable std::mutex files_mutex_;  // reads may run on a prefetch thread
   mutable std::map<std::string, ReadOnlyFile> files_;
 };
 

@@ -28,8 +28,13 @@ class Error : public std::runtime_error {
   const char* what() const noexcept override { return message_.c_str(); }
   virtual ExitCode exit_code() const { return ExitCode::kInternal; }
 
+  // Raised where other MPI ranks may be blocked waiting on this one: main() must abort them all.
+  void MarkAbortPeers() { abort_peers_ = true; }
+  bool abort_peers() const { return abort_peers_; }
+
  private:
   std::string message_;
+  bool abort_peers_ = false;
 };
 
 // The input (checkpoint, model, config file, command line) is malformed or inconsistent.

@@ -84,6 +84,9 @@ class OutputFile {
 
   void Write(std::span<const std::byte> bytes);
   void Write(std::string_view text);
+  // Positional writes for files filled out of order; Resize() first sets the final size.
+  void Resize(uint64_t size);
+  void WriteAt(uint64_t offset, std::span<const std::byte> bytes);
   void Commit() &&;
 
  private:

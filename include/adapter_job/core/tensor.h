@@ -37,6 +37,9 @@ std::string ShapeToString(std::span<const int64_t> shape);
 // Copies `source` into the block of `dest` that starts at `dest_offsets` (one per dimension).
 // The caller has checked that the block lies inside `dest`.
 void CopyIntoBlock(const StridedView& source, Tensor& dest, std::span<const int64_t> dest_offsets);
+// The same into a contiguous tensor of `dest_shape` at `dest` that someone else owns.
+void CopyIntoBlock(const StridedView& source, std::byte* dest, std::span<const int64_t> dest_shape,
+                   std::span<const int64_t> dest_offsets);
 
 Tensor ToContiguous(const StridedView& source);
 

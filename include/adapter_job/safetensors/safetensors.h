@@ -55,6 +55,13 @@ class File {
   Header header_;
 };
 
+// A tensor's entry in the header.
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> shape;
+};
+
 // A tensor to write; `data` is contiguous row-major little-endian and must outlive the call.
 struct TensorRef {
   std::string name;
@@ -64,11 +71,35 @@ struct TensorRef {
 };
 TensorRef Ref(std::string name, const Tensor& tensor);
 
-// The header bytes (length prefix included) that the reference writer produces for `tensors`:
-// entries sorted by dtype (largest first, in safetensors' Dtype order) then by name, and the
-// JSON space-padded to a multiple of 8. Reorders `tensors` into file order.
-std::string SerializeHeader(std::vector<TensorRef>& tensors,
+// The header bytes (length prefix included) that the reference writer produces: entries sorted
+// by dtype (largest first, in safetensors' Dtype order) then by name, and the JSON space-padded
+// to a multiple of 8. Sorts `specs` into file order.
+std::string SerializeHeader(std::vector<TensorSpec>& specs,
                             const std::optional<std::map<std::string, std::string>>& metadata);
+
+// Writes a file whose tensors arrive one at a time and in any order: the header (and so every
+// tensor's place) is fixed up front from the specs, and each tensor is written into its slot.
+class StreamWriter {
+ public:
+  StreamWriter(const std::filesystem::path& path, std::vector<TensorSpec> specs,
+               const std::optional<std::map<std::string, std::string>>& metadata, bool overwrite);
+
+  void Write(const std::string& name, std::span<const std::byte> data);
+  // Fails unless every tensor was written; then fsyncs and renames into place.
+  void Commit() &&;
+  uint64_t file_size() const { return file_size_; }
+
+ private:
+  struct Slot {
+    uint64_t offset = 0;
+    uint64_t size = 0;
+    bool written = false;
+  };
+  std::filesystem::path path_;
+  OutputFile file_;
+  std::map<std::string, Slot> slots_;
+  uint64_t file_size_ = 0;
+};
 
 // Writes through a temporary file that is fsynced and renamed into place.
 void Write(const std::filesystem::path& path, std::vector<TensorRef> tensors,

@@ -1,0 +1,77 @@
+// Which adapter tensors a Megatron checkpoint holds, layer by layer, and which training shard
+// (tensor-parallel rank tp, pipeline stage pp) wrote each chunk. Every rank computes the same
+// layout from `.metadata` alone, so no sizes ever need to be exchanged.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "adapter_job/checkpoint/dcp_metadata.h"
+#include "adapter_job/checkpoint/run_directory.h"
+
+namespace adapter_job::checkpoint {
+
+enum class AdapterParam { kLinearIn, kLinearOut, kMagnitude };
+std::string_view AdapterParamName(AdapterParam param);
+
+// "decoder.layers[.<i>].<module>.adapter[.<canonical>].<param>".
+struct AdapterKey {
+  std::string module;     // e.g. "self_attention.linear_qkv"
+  std::string canonical;  // CanonicalLoRA's "adapter_q" etc.; empty otherwise
+  AdapterParam param = AdapterParam::kLinearIn;
+  std::optional<int64_t> layer;  // per-layer keys carry the layer; stacked keys do not
+};
+
+// nullopt for keys that are not adapter weights (base weights, optimizer state, RNG state);
+// throws FormatError for an adapter key whose structure we do not know.
+std::optional<AdapterKey> ParseAdapterKey(std::string_view fqn);
+
+// One adapter tensor as seen from one layer: its per-layer shape (the stacked axis removed).
+struct LayerTensor {
+  const TensorMeta* meta = nullptr;
+  AdapterKey key;
+  std::vector<int64_t> shape;
+  uint64_t nbytes = 0;
+  uint64_t offset_in_layer = 0;  // byte offset of this tensor in the assembled layer buffer
+};
+
+// One stored chunk of one layer tensor and the training shard that owns it.
+struct LayerChunk {
+  std::size_t tensor_index = 0;  // into LayerLayout::tensors
+  const ChunkMeta* chunk = nullptr;
+  int tp = 0;
+  std::vector<int64_t> offsets_in_layer;  // chunk offsets with the stacked axis removed
+  std::vector<int64_t> sizes_in_layer;
+  uint64_t nbytes = 0;
+};
+
+struct LayerLayout {
+  int64_t layer = 0;  // global layer index
+  int pp_stage = 0;
+  std::vector<LayerTensor> tensors;  // sorted by key
+  std::vector<LayerChunk> chunks;    // sorted by (tp, tensor, offsets)
+  uint64_t nbytes = 0;               // the assembled layer buffer
+};
+
+struct AdapterLayout {
+  int tensor_parallel = 1;
+  int pipeline_parallel = 1;
+  int virtual_pipeline = 1;
+  int64_t num_layers = 0;
+  std::vector<LayerLayout> layers;  // by global layer index
+  int shard_count() const { return tensor_parallel * pipeline_parallel; }
+  int ShardOf(int tp, int pp) const { return pp * tensor_parallel + tp; }
+};
+
+// Groups the adapter tensors of `metadata` by layer and assigns each chunk to the (tp, pp) shard
+// the training TPxPP of `model` implies, checking the chunk layout agrees with it.
+AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model);
+
+// The pipeline stage that owns `layer`, as Megatron assigns them (even split, interleaved when
+// the virtual pipeline size is above 1).
+int StageOfLayer(int64_t layer, int64_t num_layers, int pipeline_parallel, int virtual_pipeline);
+
+}  // namespace adapter_job::checkpoint

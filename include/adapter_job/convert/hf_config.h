@@ -1,0 +1,33 @@
+// The base model's HuggingFace config.json: the dimensions the adapter must agree with.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "adapter_job/core/dtype.h"
+
+namespace adapter_job::convert {
+
+struct HfModelConfig {
+  std::filesystem::path path;  // the config.json read
+  std::string architecture;    // architectures[0]
+  std::string model_type;
+  int64_t hidden_size = 0;
+  int64_t num_attention_heads = 0;
+  int64_t num_key_value_heads = 0;
+  int64_t head_dim = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_hidden_layers = 0;
+  int64_t vocab_size = 0;
+  bool tie_word_embeddings = false;
+  std::optional<DType> dtype;  // "dtype" (transformers 5) or "torch_dtype" (4)
+  nlohmann::json raw;
+};
+
+// Reads `<model_dir>/config.json`; throws FormatError naming the file and the missing key.
+HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir);
+
+}  // namespace adapter_job::convert

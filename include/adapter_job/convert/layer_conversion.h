@@ -1,0 +1,50 @@
+// Megatron adapter tensors of one layer -> HuggingFace PEFT tensors. The conversion is planned
+// from shapes alone (so the output file's header is known before any data arrives) and then
+// applied to each assembled layer: every output is a set of row ranges of one Megatron tensor.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "adapter_job/checkpoint/adapter_layout.h"
+#include "adapter_job/checkpoint/run_directory.h"
+#include "adapter_job/convert/hf_config.h"
+#include "adapter_job/convert/model_family.h"
+#include "adapter_job/core/tensor.h"
+
+namespace adapter_job::convert {
+
+struct ConversionSettings {
+  const ModelFamily* family = nullptr;
+  HfModelConfig model;
+  checkpoint::AdapterKind kind = checkpoint::AdapterKind::kLoRA;
+  int training_tensor_parallel = 1;  // undoes the TP-interleaved DoRA fc1 magnitude
+  std::optional<DType> dtype;        // output dtype; the checkpoint's when unset
+};
+
+struct OutputTensor {
+  std::string
+      name;  // PEFT key, e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+  std::string module;  // e.g. model.layers.0.self_attn.q_proj
+  std::string leaf;    // e.g. q_proj
+  checkpoint::AdapterParam param = checkpoint::AdapterParam::kLinearIn;
+  std::size_t source = 0;                         // index into LayerLayout::tensors
+  std::vector<std::pair<int64_t, int64_t>> rows;  // [begin, end) rows of the source; empty: all
+  std::vector<int64_t> shape;
+  DType dtype = DType::kBFloat16;
+};
+
+// Throws FormatError when a key has no mapping in the family, when shapes contradict the HF
+// config, or when an HF module lacks lora_A, lora_B or (DoRA) its magnitude.
+std::vector<OutputTensor> PlanLayerConversion(const checkpoint::LayerLayout& layer,
+                                              const ConversionSettings& settings);
+
+// `layer_buffer` holds the layer's Megatron tensors back to back (LayerTensor::offset_in_layer).
+Tensor MaterializeOutput(const OutputTensor& output, const checkpoint::LayerLayout& layer,
+                         std::span<const std::byte> layer_buffer);
+
+}  // namespace adapter_job::convert

@@ -1,0 +1,67 @@
+// How a model family's Megatron modules map to HuggingFace modules: data, not code. Adding a
+// family that reuses the existing fused layouts means adding a table entry.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace adapter_job::convert {
+
+// The layout of a fused Megatron projection, and so how its adapter splits.
+enum class Fusion {
+  kNone,      // one HF module; tensors pass through
+  kQkv,       // linear_qkv: rows interleaved per query group [q heads of g, k_g, v_g]
+  kGatedMlp,  // linear_fc1: rows [gate; up]
+};
+
+// Whether the base layer is column- or row-parallel decides how its adapter is TP-sharded.
+enum class Parallelism { kColumn, kRow };
+
+// A width in terms of the HF config: hidden, q heads x head_dim, kv heads x head_dim, ffn.
+enum class Width { kHidden, kQuery, kKeyValue, kFfn };
+
+// A HuggingFace linear module inside a layer and its (in, out) widths.
+struct HfModule {
+  std::string path;  // e.g. "self_attn.q_proj"
+  Width in = Width::kHidden;
+  Width out = Width::kHidden;
+};
+
+struct ModuleMapping {
+  std::string megatron;  // path inside a layer, e.g. "self_attention.linear_qkv"
+  Fusion fusion = Fusion::kNone;
+  Parallelism parallelism = Parallelism::kColumn;
+  std::vector<HfModule> hf;  // in split order
+  std::string peft_target;   // run_config.yaml target_modules name, e.g. "linear_qkv"
+};
+
+// CanonicalLoRA keeps one adapter per HF projection inside the fused Megatron module.
+struct CanonicalMapping {
+  std::string megatron;  // e.g. "self_attention.linear_qkv"
+  std::string adapter;   // e.g. "adapter_q"
+  HfModule hf;
+  // Megatron-Bridge saves every linear_out under a linear_fc1 base through the SwiGLU sharded
+  // factory: TP rank i's rows are halved into chunks i and i + TP, which permutes the rows of a
+  // canonical gate/up adapter at TP > 1 (peft/utils.py ParallelLinearAdapter.sharded_state_dict).
+  bool swiglu_sharded = false;
+};
+
+struct ModelFamily {
+  std::string name;
+  std::vector<std::string> architectures;  // config.json "architectures" / "model_type" values
+  std::vector<std::string> model_types;
+  std::string hf_layers_prefix;  // e.g. "model.layers"
+  std::vector<ModuleMapping> modules;
+  std::vector<CanonicalMapping> canonical;
+
+  const ModuleMapping* FindModule(std::string_view megatron) const;
+  const CanonicalMapping* FindCanonical(std::string_view megatron, std::string_view adapter) const;
+};
+
+const std::vector<ModelFamily>& SupportedFamilies();
+
+// By config.json `architectures[0]` or `model_type`; throws FormatError listing what is supported.
+const ModelFamily& FamilyFor(const std::string& architecture, const std::string& model_type);
+
+}  // namespace adapter_job::convert

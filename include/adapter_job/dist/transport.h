@@ -1,0 +1,79 @@
+// How ranks move adapter bytes: collectives inside groups of world ranks plus point-to-point
+// transfers to rank 0. Two backends implement it: MPI (host memory, any machine) and NCCL (GPU
+// memory through pinned host staging). All calls are blocking for the caller.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "adapter_job/core/error.h"
+
+namespace adapter_job::dist {
+
+class MpiWorld;
+
+// MPI, NCCL or CUDA failed.
+class DistError : public Error {
+ public:
+  using Error::Error;
+  ExitCode exit_code() const override { return ExitCode::kInfrastructure; }
+};
+
+class GroupCommunicator {
+ public:
+  virtual ~GroupCommunicator() = default;
+  virtual int rank() const = 0;  // within the group
+  virtual int size() const = 0;
+  // Collective: every member passes `send` of one size; `recv` receives size() x send.size()
+  // bytes, member by member in group-rank order.
+  virtual void AllGather(std::span<const std::byte> send, std::span<std::byte> recv) = 0;
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual std::string_view name() const = 0;
+  // Called by every world rank in `members` (sorted, unique), in the same order on all of them.
+  virtual std::unique_ptr<GroupCommunicator> CreateGroup(const std::vector<int>& members) = 0;
+  // Matched pairs in the same order on both sides.
+  virtual void Send(std::span<const std::byte> data, int dest) = 0;
+  virtual void Recv(std::span<std::byte> data, int source) = 0;
+};
+
+enum class Backend { kAuto, kMpi, kNccl };
+Backend ParseBackend(std::string_view name);  // "auto" | "mpi" | "nccl"
+
+// Collective over the world: picks NCCL for kAuto only when every rank sees a GPU and NCCL was
+// built in; an explicit kNccl that cannot work is an error on every rank.
+std::unique_ptr<Transport> MakeTransport(const MpiWorld& world, Backend backend);
+
+std::unique_ptr<Transport> MakeMpiTransport(const MpiWorld& world);
+std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld& world);
+
+// Another rank failed and has reported why; this rank ends quietly with the same exit code.
+class PeerFailure : public Error {
+ public:
+  PeerFailure(int rank, ExitCode code)
+      : Error("rank " + std::to_string(rank) + " failed"), code_(code) {}
+  ExitCode exit_code() const override { return code_; }
+
+ private:
+  ExitCode code_;
+};
+
+// Collective helpers on the world (MPI), used for agreement and reports.
+bool AllRanksAgree(const MpiWorld& world, bool local);
+
+// Collective: runs `step` on every rank, then agrees on the outcome so that a failure on any
+// rank ends every rank without a hang. The lowest failing rank rethrows its own error (the one
+// message the user sees); every other rank throws PeerFailure with that error's exit code.
+void RunAgreed(const MpiWorld& world, const std::function<void()>& step);
+std::vector<uint64_t> GatherToRoot(const MpiWorld& world, uint64_t value);
+void Barrier(const MpiWorld& world);
+
+}  // namespace adapter_job::dist

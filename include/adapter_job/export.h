@@ -1,0 +1,89 @@
+// The library behind `adapter_job export` and `adapter_job stream`, mirroring Megatron-Bridge's
+// programmatic API (AutoBridge.export_adapter_ckpt, save_hf_adapter, export_adapter_weights).
+// Functions taking an MpiWorld are collective: every rank calls them with the same options.
+#pragma once
+
+#include <filesystem>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "adapter_job/core/tensor.h"
+#include "adapter_job/dist/transport.h"
+#include "adapter_job/writer/adapter_config.h"
+
+namespace adapter_job {
+
+namespace dist {
+class MpiWorld;
+}
+
+struct ExportOptions {
+  // A local HF model directory (its config.json gives the dims) or a model id, which is then
+  // only recorded as base_model_name_or_path (dims come from run_config.yaml).
+  std::string hf_model_id;
+  // The top-level run directory or an iter_* directory.
+  std::filesystem::path checkpoint;
+  std::filesystem::path output = "./my_adapter";
+  std::optional<DType> dtype;  // nullopt: keep the checkpoint's dtype (as Megatron-Bridge does)
+  bool overwrite = false;
+  dist::Backend backend = dist::Backend::kAuto;
+};
+
+struct StageTimes {
+  double plan = 0;
+  double read = 0;         // rank 0's own reads
+  double communicate = 0;  // rank 0's waits on other ranks
+  double convert_write = 0;
+  double total = 0;
+};
+
+struct ExportReport {
+  std::filesystem::path output;
+  std::string backend;
+  int ranks = 1;
+  int tensor_parallel = 1;
+  int pipeline_parallel = 1;
+  int virtual_pipeline = 1;
+  std::string adapter_kind;
+  int64_t layers = 0;
+  uint64_t tensors = 0;
+  uint64_t tensor_bytes = 0;
+  uint64_t file_bytes = 0;
+  std::vector<uint64_t> bytes_read_per_rank;
+  std::vector<uint64_t> expected_bytes_per_rank;  // the rank's own shards' storage
+  StageTimes seconds;
+
+  nlohmann::ordered_json ToJson() const;
+  std::string Summary() const;  // human-readable, several lines
+};
+
+// Exports the checkpoint's adapter as a PEFT directory (adapter_model.safetensors +
+// adapter_config.json). Valid on rank 0 only; other ranks get an empty report.
+ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& world);
+
+// HF-named adapter tensors one at a time (names as HF modules have them, e.g.
+// model.layers.0.self_attn.q_proj.lora_A.weight); `sink` runs on rank 0.
+struct NamedTensor {
+  std::string name;
+  Tensor tensor;
+};
+struct StreamedTensorInfo {
+  std::string name;
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> shape;
+};
+// `announce` runs on rank 0 once, before the first tensor, with everything that will follow.
+ExportReport StreamAdapterWeights(
+    const ExportOptions& options, const dist::MpiWorld& world,
+    const std::function<void(const std::vector<StreamedTensorInfo>&)>& announce,
+    const std::function<void(const NamedTensor&)>& sink);
+
+// Writes an in-memory adapter (PEFT-named tensors) as a PEFT directory.
+void SaveHfAdapter(const std::vector<NamedTensor>& tensors,
+                   const writer::AdapterConfigInputs& config, const std::filesystem::path& output,
+                   bool overwrite);
+
+}  // namespace adapter_job

@@ -1,0 +1,34 @@
+// adapter_config.json as PEFT reads it. Only keys PEFT >= 0.9 knows, so every PEFT that can load
+// a DoRA adapter loads ours without an "unexpected keyword" warning.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace adapter_job::writer {
+
+struct AdaptedModule {
+  std::string module;  // e.g. "model.layers.3.mlp.down_proj"
+  std::string leaf;    // e.g. "down_proj"
+  int64_t rank = 0;
+};
+
+struct AdapterConfigInputs {
+  std::string base_model_name_or_path;
+  int64_t r = 0;              // the default rank (peft.dim)
+  nlohmann::json lora_alpha;  // as typed in run_config.yaml
+  nlohmann::json lora_dropout;
+  bool use_dora = false;
+  std::vector<AdaptedModule> modules;
+};
+
+// Megatron-Bridge's key order (build_adapter_config_dict); `rank_pattern` lists the modules
+// whose rank differs from `r`; `target_modules` is the sorted set of leaf names.
+nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& inputs);
+
+// The text Python's json.dump(obj, f, indent=2) writes (ASCII-only, no trailing newline).
+std::string ToPythonJson(const nlohmann::ordered_json& value);
+
+}  // namespace adapter_job::writer

@@ -1,0 +1,222 @@
+#include "adapter_job/checkpoint/adapter_layout.h"
+
+#include <algorithm>
+#include <charconv>
+#include <map>
+
+#include "adapter_job/core/checked_math.h"
+#include "adapter_job/core/error.h"
+#include "adapter_job/core/tensor.h"
+
+namespace adapter_job::checkpoint {
+namespace {
+
+constexpr std::string_view kLayersPrefix = "decoder.layers.";
+constexpr std::string_view kAdapter = ".adapter.";
+
+std::optional<int64_t> ParseIndex(std::string_view text) {
+  int64_t value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size() || value < 0) return std::nullopt;
+  return value;
+}
+
+// Which dimension of a per-layer tensor the chunks split, and the shard index of each chunk.
+int TensorParallelRank(const LayerTensor& tensor, const std::vector<int64_t>& offsets,
+                       const std::vector<int64_t>& sizes, int tp_size, const std::string& fqn) {
+  int split_dim = -1;
+  for (std::size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] == tensor.shape[d]) continue;
+    if (split_dim >= 0) Fail("'{}': chunks split more than one dimension", fqn);
+    split_dim = static_cast<int>(d);
+  }
+  if (split_dim < 0) return 0;  // replicated across TP: written once, by tp rank 0
+  const int64_t extent = sizes[static_cast<std::size_t>(split_dim)];
+  const int64_t whole = tensor.shape[static_cast<std::size_t>(split_dim)];
+  const int64_t pieces = extent > 0 ? whole / extent : 0;
+  if (extent <= 0 || whole % extent != 0 || (pieces != tp_size && pieces != 2 * tp_size)) {
+    Fail(
+        "'{}': chunks of {} rows split dimension {} of size {} into {} pieces, which does not "
+        "match tensor_model_parallel_size {} (expected {} pieces, or {} for a SwiGLU fc1)",
+        fqn, extent, split_dim, whole, extent > 0 ? whole / extent : 0, tp_size, tp_size,
+        2 * tp_size);
+  }
+  // Megatron's SwiGLU factory stores tp rank i's [gate_i; up_i] as chunks i and i + tp of 2tp.
+  return static_cast<int>((offsets[static_cast<std::size_t>(split_dim)] / extent) % tp_size);
+}
+
+}  // namespace
+
+std::string_view AdapterParamName(AdapterParam param) {
+  switch (param) {
+    case AdapterParam::kLinearIn:
+      return "linear_in.weight";
+    case AdapterParam::kLinearOut:
+      return "linear_out.weight";
+    case AdapterParam::kMagnitude:
+      return "weight_magnitude";
+  }
+  return "?";
+}
+
+std::optional<AdapterKey> ParseAdapterKey(std::string_view fqn) {
+  const auto adapter_at = fqn.find(kAdapter);
+  if (adapter_at == std::string_view::npos) return std::nullopt;
+  if (fqn.substr(0, kLayersPrefix.size()) != kLayersPrefix) {
+    // Optimizer state repeats the parameter names under its own prefix.
+    if (fqn.starts_with("optimizer.")) return std::nullopt;
+    Fail("adapter '{}' is outside decoder.layers; only transformer-layer adapters can be exported",
+         fqn);
+  }
+  AdapterKey key;
+  std::string_view module = fqn.substr(kLayersPrefix.size(), adapter_at - kLayersPrefix.size());
+  if (const auto dot = module.find('.'); dot != std::string_view::npos) {
+    if (auto layer = ParseIndex(module.substr(0, dot))) {
+      key.layer = layer;
+      module.remove_prefix(dot + 1);
+    }
+  }
+  key.module = std::string(module);
+  std::string_view rest = fqn.substr(adapter_at + kAdapter.size());
+  if (rest.starts_with("adapter_")) {
+    const auto dot = rest.find('.');
+    if (dot == std::string_view::npos) Fail("adapter key '{}' ends after its adapter name", fqn);
+    key.canonical = std::string(rest.substr(0, dot));
+    rest.remove_prefix(dot + 1);
+  }
+  if (rest == "linear_in.weight") {
+    key.param = AdapterParam::kLinearIn;
+  } else if (rest == "linear_out.weight") {
+    key.param = AdapterParam::kLinearOut;
+  } else if (rest == "weight_magnitude") {
+    key.param = AdapterParam::kMagnitude;
+  } else {
+    Fail(
+        "adapter key '{}' has an unknown parameter '{}' (expected linear_in.weight, "
+        "linear_out.weight or weight_magnitude)",
+        fqn, rest);
+  }
+  return key;
+}
+
+int StageOfLayer(int64_t layer, int64_t num_layers, int pipeline_parallel, int virtual_pipeline) {
+  const int64_t chunks = int64_t{pipeline_parallel} * virtual_pipeline;
+  const int64_t per_chunk = num_layers / chunks;
+  return static_cast<int>((layer / per_chunk) % pipeline_parallel);
+}
+
+AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model) {
+  AdapterLayout layout;
+  layout.tensor_parallel = static_cast<int>(model.tensor_parallel);
+  layout.pipeline_parallel = static_cast<int>(model.pipeline_parallel);
+  layout.virtual_pipeline = static_cast<int>(model.virtual_pipeline_parallel.value_or(1));
+  if (layout.virtual_pipeline < 1) Fail("virtual_pipeline_model_parallel_size must be positive");
+
+  // Collect adapter tensors and the layer count they imply.
+  struct Found {
+    const TensorMeta* meta;
+    AdapterKey key;
+  };
+  std::vector<Found> found;
+  std::optional<int64_t> stacked_layers;
+  int64_t per_layer_count = 0;
+  for (const auto& tensor : metadata.tensors) {
+    auto key = ParseAdapterKey(tensor.fqn);
+    if (!key) continue;
+    if (key->layer) {
+      per_layer_count = std::max(per_layer_count, *key->layer + 1);
+    } else {
+      if (tensor.size.empty()) Fail("stacked adapter '{}' has no layer axis", tensor.fqn);
+      if (stacked_layers && *stacked_layers != tensor.size[0]) {
+        Fail("stacked adapter '{}' has {} layers but others have {}", tensor.fqn, tensor.size[0],
+             *stacked_layers);
+      }
+      stacked_layers = tensor.size[0];
+    }
+    found.push_back({&tensor, std::move(*key)});
+  }
+  if (found.empty()) Fail("the checkpoint holds no adapter tensors (no key contains '.adapter.')");
+  layout.num_layers =
+      model.num_layers.value_or(std::max(stacked_layers.value_or(0), per_layer_count));
+  if (stacked_layers && *stacked_layers != layout.num_layers) {
+    Fail("stacked adapters have {} layers but run_config.yaml model.num_layers is {}",
+         *stacked_layers, layout.num_layers);
+  }
+  if (per_layer_count > layout.num_layers) {
+    Fail("an adapter names layer {} but run_config.yaml model.num_layers is {}",
+         per_layer_count - 1, layout.num_layers);
+  }
+  const int64_t stage_chunks = int64_t{layout.pipeline_parallel} * layout.virtual_pipeline;
+  if (layout.num_layers % stage_chunks != 0) {
+    Fail("{} layers do not split evenly over pipeline_model_parallel_size {} x virtual {}",
+         layout.num_layers, layout.pipeline_parallel, layout.virtual_pipeline);
+  }
+
+  layout.layers.resize(static_cast<std::size_t>(layout.num_layers));
+  for (int64_t l = 0; l < layout.num_layers; ++l) {
+    auto& layer = layout.layers[static_cast<std::size_t>(l)];
+    layer.layer = l;
+    layer.pp_stage =
+        StageOfLayer(l, layout.num_layers, layout.pipeline_parallel, layout.virtual_pipeline);
+  }
+
+  std::sort(found.begin(), found.end(),
+            [](const Found& a, const Found& b) { return a.meta->fqn < b.meta->fqn; });
+  for (const auto& [meta, key] : found) {
+    ValidateChunkLayout(*meta);
+    const bool stacked = !key.layer.has_value();
+    const std::vector<int64_t> shape(meta->size.begin() + (stacked ? 1 : 0), meta->size.end());
+    const uint64_t nbytes =
+        CheckedMul(CheckedNumel(shape, "adapter shape"), ItemSize(meta->dtype), "adapter bytes");
+    for (const auto& chunk : meta->chunks) {
+      const int64_t l = stacked ? chunk.offsets[0] : *key.layer;
+      if (stacked && chunk.sizes[0] != 1) {
+        Fail("'{}': chunk at {} spans {} layers; expected one chunk per layer", meta->fqn,
+             ShapeToString(chunk.offsets), chunk.sizes[0]);
+      }
+      if (l >= layout.num_layers) Fail("'{}': layer {} is beyond num_layers", meta->fqn, l);
+      auto& layer = layout.layers[static_cast<std::size_t>(l)];
+      auto it = std::find_if(layer.tensors.begin(), layer.tensors.end(),
+                             [&](const LayerTensor& t) { return t.meta == meta; });
+      if (it == layer.tensors.end()) {
+        layer.tensors.push_back({meta, key, shape, nbytes, 0});
+        it = layer.tensors.end() - 1;
+      }
+      LayerChunk c;
+      c.tensor_index = static_cast<std::size_t>(it - layer.tensors.begin());
+      c.chunk = &chunk;
+      c.offsets_in_layer.assign(chunk.offsets.begin() + (stacked ? 1 : 0), chunk.offsets.end());
+      c.sizes_in_layer.assign(chunk.sizes.begin() + (stacked ? 1 : 0), chunk.sizes.end());
+      c.nbytes = CheckedNumel(c.sizes_in_layer, "chunk") * ItemSize(meta->dtype);
+      c.tp = TensorParallelRank(*it, c.offsets_in_layer, c.sizes_in_layer, layout.tensor_parallel,
+                                meta->fqn);
+      layer.chunks.push_back(std::move(c));
+    }
+  }
+  for (auto& layer : layout.layers) {
+    uint64_t offset = 0;
+    for (auto& t : layer.tensors) {
+      t.offset_in_layer = offset;
+      offset += t.nbytes;
+    }
+    layer.nbytes = offset;
+    std::sort(layer.chunks.begin(), layer.chunks.end(),
+              [](const LayerChunk& a, const LayerChunk& b) {
+                return std::tie(a.tp, a.tensor_index, a.offsets_in_layer) <
+                       std::tie(b.tp, b.tensor_index, b.offsets_in_layer);
+              });
+  }
+  // Layers that carry adapters carry the same ones (per-layer keys may target a subset of layers).
+  const LayerLayout* reference = nullptr;
+  for (const auto& layer : layout.layers) {
+    if (layer.tensors.empty()) continue;
+    if (reference == nullptr) reference = &layer;
+    if (layer.tensors.size() != reference->tensors.size()) {
+      Fail("layer {} has {} adapter tensors but layer {} has {}", layer.layer, layer.tensors.size(),
+           reference->layer, reference->tensors.size());
+    }
+  }
+  return layout;
+}
+
+}  // namespace adapter_job::checkpoint

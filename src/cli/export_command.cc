@@ -1,0 +1,61 @@
+// `adapter_job export` (the default command) and `adapter_job stream`.
+#include <fmt/format.h>
+
+#include <iostream>
+#include <optional>
+
+#include "adapter_job/core/file.h"
+#include "adapter_job/dist/mpi_world.h"
+#include "adapter_job/safetensors/safetensors.h"
+#include "commands.h"
+#include "export_options.h"
+
+namespace adapter_job::cli {
+namespace {
+
+void WriteReport(const ExportCommandLine& cl, const ExportReport& report) {
+  std::cout << report.Summary() << std::flush;
+  if (cl.report_path) {
+    OutputFile out = OutputFile::Create(*cl.report_path, /*overwrite=*/true);
+    out.Write(report.ToJson().dump(2) + "\n");
+    std::move(out).Commit();
+  }
+}
+
+}  // namespace
+
+int RunExport(const dist::MpiWorld& world, const std::vector<std::string>& args) {
+  const ExportCommandLine cl = ParseExportCommandLine(args, /*stream=*/false);
+  if (cl.help) {
+    if (world.rank() == 0) std::cout << cl.help_text;
+    return 0;
+  }
+  const ExportReport report = ExportAdapter(cl.options, world);
+  if (world.rank() == 0) WriteReport(cl, report);
+  return 0;
+}
+
+int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args) {
+  const ExportCommandLine cl = ParseExportCommandLine(args, /*stream=*/true);
+  if (cl.help) {
+    if (world.rank() == 0) std::cout << cl.help_text;
+    return 0;
+  }
+  // Like stream_adapter_weights.py: raw HF names, one file, each tensor written as it arrives.
+  std::optional<safetensors::StreamWriter> file;
+  const ExportReport report = StreamAdapterWeights(
+      cl.options, world,
+      [&](const std::vector<StreamedTensorInfo>& infos) {
+        std::vector<safetensors::TensorSpec> specs;
+        for (const auto& i : infos) specs.push_back({i.name, i.dtype, i.shape});
+        file.emplace(*cl.stream_output, std::move(specs), std::nullopt, cl.options.overwrite);
+      },
+      [&](const NamedTensor& t) { file->Write(t.name, t.tensor.data); });
+  if (world.rank() == 0) {
+    std::move(*file).Commit();
+    WriteReport(cl, report);
+  }
+  return 0;
+}
+
+}  // namespace adapter_job::cli

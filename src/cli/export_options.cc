@@ -1,0 +1,107 @@
+#include "export_options.h"
+
+#include <boost/program_options.hpp>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "adapter_job/core/error.h"
+
+namespace adapter_job::cli {
+namespace {
+
+namespace po = boost::program_options;
+namespace fs = std::filesystem;
+
+// config/export.ini: $ADAPTER_JOB_CONFIG_DIR, else the installed copy, else the source tree's.
+std::optional<fs::path> DefaultsFile() {
+  std::vector<fs::path> candidates;
+  if (const char* dir = std::getenv("ADAPTER_JOB_CONFIG_DIR")) candidates.emplace_back(dir);
+  candidates.emplace_back(ADAPTER_JOB_INSTALLED_CONFIG_DIR);
+  candidates.emplace_back(ADAPTER_JOB_SOURCE_CONFIG_DIR);
+  for (const auto& dir : candidates) {
+    if (fs::exists(dir / "export.ini")) return dir / "export.ini";
+  }
+  return std::nullopt;
+}
+
+void ParseIni(const fs::path& file, const po::options_description& options, po::variables_map& vm) {
+  std::ifstream in(file);
+  if (!in) Fail("cannot read config file '{}'", file.string());
+  try {
+    po::store(po::parse_config_file(in, options), vm);
+  } catch (const po::error& e) {
+    Fail("{}: {}", file.string(), e.what());
+  }
+}
+
+std::optional<DType> ParseDType(const std::string& name) {
+  if (name == "auto") return std::nullopt;
+  if (name == "bf16" || name == "bfloat16") return DType::kBFloat16;
+  if (name == "fp16" || name == "float16") return DType::kFloat16;
+  if (name == "fp32" || name == "float32") return DType::kFloat32;
+  Fail("--dtype must be auto, bf16, fp16 or fp32, not '{}'", name);
+}
+
+}  // namespace
+
+ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, bool stream) {
+  po::options_description options(stream ? "adapter_job stream [options]"
+                                         : "adapter_job export [options]");
+  // clang-format off
+  options.add_options()
+    ("help,h", "show this help")
+    ("config", po::value<std::string>(), "INI file with any of these options (key = value)")
+    ("hf-model-id", po::value<std::string>(),
+     "base model: a local HF model directory (config.json is read) or a model id string")
+    ("megatron-peft-checkpoint", po::value<std::string>(),
+     "Megatron-Bridge checkpoint: the top-level run directory or an iter_* directory")
+    ("output-hf-path", po::value<std::string>()->default_value("./my_adapter"),
+     "PEFT adapter directory to write")
+    ("dtype", po::value<std::string>()->default_value("auto"), "auto | bf16 | fp16 | fp32")
+    ("backend", po::value<std::string>()->default_value("auto"), "auto | nccl | mpi")
+    ("overwrite", po::value<bool>()->default_value(false)->implicit_value(true)->zero_tokens(),
+     "replace an existing output directory")
+    ("report", po::value<std::string>(), "also write the run report as JSON to this file")
+    ("trust-remote-code", po::value<bool>()->default_value(false)->implicit_value(true)->zero_tokens(),
+     "accepted for compatibility with Megatron-Bridge's script; no code is ever loaded");
+  if (stream) {
+    options.add_options()("output", po::value<std::string>(),
+                          "safetensors file for the HF-named adapter tensors");
+  }
+  // clang-format on
+
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(options).run(), vm);
+  if (vm.count("config")) ParseIni(vm["config"].as<std::string>(), options, vm);
+  if (const auto defaults = DefaultsFile()) ParseIni(*defaults, options, vm);
+  po::notify(vm);
+
+  ExportCommandLine cl;
+  if (vm.count("help")) {
+    std::ostringstream text;
+    text << options;
+    cl.help = true;
+    cl.help_text = text.str();
+    return cl;
+  }
+  if (!vm.count("hf-model-id")) throw po::error("the option '--hf-model-id' is required");
+  if (!vm.count("megatron-peft-checkpoint")) {
+    throw po::error("the option '--megatron-peft-checkpoint' is required");
+  }
+  cl.options.hf_model_id = vm["hf-model-id"].as<std::string>();
+  cl.options.checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
+  cl.options.output = vm["output-hf-path"].as<std::string>();
+  cl.options.dtype = ParseDType(vm["dtype"].as<std::string>());
+  cl.options.backend = dist::ParseBackend(vm["backend"].as<std::string>());
+  cl.options.overwrite = vm["overwrite"].as<bool>();
+  if (vm.count("report")) cl.report_path = vm["report"].as<std::string>();
+  if (stream) {
+    if (!vm.count("output")) throw po::error("the option '--output' is required");
+    cl.stream_output = vm["output"].as<std::string>();
+  }
+  return cl;
+}
+
+}  // namespace adapter_job::cli

@@ -1,0 +1,69 @@
+#include "adapter_job/convert/hf_config.h"
+
+#include "adapter_job/core/error.h"
+#include "adapter_job/core/file.h"
+
+namespace adapter_job::convert {
+namespace {
+
+int64_t RequireInt(const nlohmann::json& j, const char* key) {
+  if (!j.contains(key) || !j[key].is_number_integer() || j[key].get<int64_t>() <= 0) {
+    Fail("'{}' must be a positive integer", key);
+  }
+  return j[key].get<int64_t>();
+}
+
+}  // namespace
+
+HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir) {
+  HfModelConfig c;
+  c.path = model_dir / "config.json";
+  return WithContext(
+      [&] { return c.path.string(); },
+      [&] {
+        try {
+          c.raw = nlohmann::json::parse(ReadTextFile(c.path));
+        } catch (const nlohmann::json::exception& e) {
+          Fail("not valid JSON: {}", e.what());
+        }
+        if (!c.raw.is_object()) Fail("expected a JSON object");
+        // Multimodal configs nest the language model under text_config.
+        const nlohmann::json& j = c.raw.contains("text_config") &&
+                                          c.raw["text_config"].is_object() &&
+                                          !c.raw.contains("hidden_size")
+                                      ? c.raw["text_config"]
+                                      : c.raw;
+        if (c.raw.contains("architectures") && c.raw["architectures"].is_array() &&
+            !c.raw["architectures"].empty() && c.raw["architectures"][0].is_string()) {
+          c.architecture = c.raw["architectures"][0].get<std::string>();
+        }
+        c.model_type = j.value("model_type", c.raw.value("model_type", std::string()));
+        c.hidden_size = RequireInt(j, "hidden_size");
+        c.num_attention_heads = RequireInt(j, "num_attention_heads");
+        c.num_key_value_heads =
+            j.contains("num_key_value_heads") && !j["num_key_value_heads"].is_null()
+                ? RequireInt(j, "num_key_value_heads")
+                : c.num_attention_heads;
+        c.head_dim = j.contains("head_dim") && !j["head_dim"].is_null()
+                         ? RequireInt(j, "head_dim")
+                         : c.hidden_size / c.num_attention_heads;
+        c.intermediate_size = RequireInt(j, "intermediate_size");
+        c.num_hidden_layers = RequireInt(j, "num_hidden_layers");
+        c.vocab_size = RequireInt(j, "vocab_size");
+        c.tie_word_embeddings =
+            c.raw.value("tie_word_embeddings", j.value("tie_word_embeddings", false));
+        if (c.num_attention_heads % c.num_key_value_heads != 0) {
+          Fail("num_attention_heads {} is not a multiple of num_key_value_heads {}",
+               c.num_attention_heads, c.num_key_value_heads);
+        }
+        for (const char* key : {"dtype", "torch_dtype"}) {
+          if (c.raw.contains(key) && c.raw[key].is_string()) {
+            c.dtype = DTypeFromTorchName(c.raw[key].get<std::string>());
+            if (c.dtype) break;
+          }
+        }
+        return c;
+      });
+}
+
+}  // namespace adapter_job::convert

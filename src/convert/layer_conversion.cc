@@ -1,0 +1,233 @@
+// The splits are Megatron-Bridge's (models/conversion/param_mapping.py split_qkv_weights,
+// peft_bridge.py _split_fused_fc1_linear_out_weight); see shared notes megatron-bridge-export.md
+// §2.3 and §2.6. Splitting rows of lora_B (and of the DoRA magnitude, one norm per output row) is
+// exact: the row-split of s·B·A equals per-projection LoRAs that share A.
+#include "adapter_job/convert/layer_conversion.h"
+
+#include <cstring>
+#include <map>
+
+#include "adapter_job/core/dtype_cast.h"
+#include "adapter_job/core/error.h"
+
+namespace adapter_job::convert {
+namespace {
+
+using checkpoint::AdapterParam;
+using checkpoint::LayerLayout;
+using checkpoint::LayerTensor;
+using Rows = std::vector<std::pair<int64_t, int64_t>>;
+
+int64_t WidthOf(Width width, const HfModelConfig& m) {
+  switch (width) {
+    case Width::kHidden:
+      return m.hidden_size;
+    case Width::kQuery:
+      return m.num_attention_heads * m.head_dim;
+    case Width::kKeyValue:
+      return m.num_key_value_heads * m.head_dim;
+    case Width::kFfn:
+      return m.intermediate_size;
+  }
+  return 0;
+}
+
+std::string_view Suffix(AdapterParam param) {
+  switch (param) {
+    case AdapterParam::kLinearIn:
+      return ".lora_A.weight";
+    case AdapterParam::kLinearOut:
+      return ".lora_B.weight";
+    case AdapterParam::kMagnitude:
+      return ".lora_magnitude_vector";
+  }
+  return "";
+}
+
+// Rows of each part of a fused output: QKV per query group, gate/up halves (or, for the DoRA
+// fc1 magnitude that Megatron stores TP-interleaved [g0; u0; g1; u1; ...], per TP block).
+std::vector<Rows> SplitRows(Fusion fusion, AdapterParam param, const ConversionSettings& s) {
+  const auto& m = s.model;
+  if (fusion == Fusion::kQkv) {
+    const int64_t d = m.head_dim;
+    const int64_t groups = m.num_key_value_heads;
+    const int64_t heads_per_group = m.num_attention_heads / groups;
+    std::vector<Rows> parts(3);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t base = g * (heads_per_group + 2) * d;
+      parts[0].push_back({base, base + heads_per_group * d});
+      parts[1].push_back({base + heads_per_group * d, base + (heads_per_group + 1) * d});
+      parts[2].push_back({base + (heads_per_group + 1) * d, base + (heads_per_group + 2) * d});
+    }
+    return parts;
+  }
+  if (fusion == Fusion::kGatedMlp) {
+    const int64_t f = m.intermediate_size;
+    if (param != AdapterParam::kMagnitude) return {{{0, f}}, {{f, 2 * f}}};
+    const int64_t tp = s.training_tensor_parallel;
+    if (f % tp != 0) Fail("ffn size {} is not divisible by the training TP {}", f, tp);
+    const int64_t slice = f / tp;
+    std::vector<Rows> parts(2);
+    for (int64_t i = 0; i < tp; ++i) {
+      parts[0].push_back({2 * i * slice, (2 * i + 1) * slice});
+      parts[1].push_back({(2 * i + 1) * slice, (2 * i + 2) * slice});
+    }
+    return parts;
+  }
+  return {{}};
+}
+
+// Stored rows are [first halves of every TP rank's rows; second halves]; true order is rank by
+// rank.
+Rows UndoSwigluSharding(int64_t rows, int64_t tp) {
+  if (rows % (2 * tp) != 0) Fail("{} rows cannot be split into 2 x {} SwiGLU chunks", rows, tp);
+  const int64_t quarter = rows / (2 * tp);
+  Rows out;
+  for (int64_t i = 0; i < tp; ++i) {
+    out.push_back({i * quarter, (i + 1) * quarter});
+    out.push_back({(tp + i) * quarter, (tp + i + 1) * quarter});
+  }
+  return out;
+}
+
+void ExpectShape(const LayerTensor& t, const std::vector<int64_t>& expected, const HfModelConfig& m,
+                 std::string_view why) {
+  if (t.shape != expected) {
+    Fail("'{}' has per-layer shape {} but {} in {} implies {} ({})", t.meta->fqn,
+         ShapeToString(t.shape), "the model config", m.path.string(), ShapeToString(expected), why);
+  }
+}
+
+}  // namespace
+
+std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
+                                              const ConversionSettings& s) {
+  const ModelFamily& family = *s.family;
+  const std::string layer_prefix = fmt::format("{}.{}.", family.hf_layers_prefix, layer.layer);
+  std::vector<OutputTensor> outputs;
+  // HF module -> which params it received, to catch incomplete adapters.
+  std::map<std::string, std::map<AdapterParam, int64_t>> received;
+
+  for (std::size_t index = 0; index < layer.tensors.size(); ++index) {
+    const LayerTensor& t = layer.tensors[index];
+    const auto& key = t.key;
+    if (key.param == AdapterParam::kMagnitude && s.kind != checkpoint::AdapterKind::kDoRA) {
+      Fail("'{}' is a DoRA magnitude but run_config.yaml peft._target_ is not DoRA", t.meta->fqn);
+    }
+    std::vector<HfModule> targets;
+    Fusion fusion = Fusion::kNone;
+    bool swiglu_sharded = false;
+    if (!key.canonical.empty()) {
+      const CanonicalMapping* c = family.FindCanonical(key.module, key.canonical);
+      if (c == nullptr) {
+        Fail(
+            "'{}': {} has no adapter '{}' in the {} family (known: adapter_q/k/v on "
+            "self_attention.linear_qkv, adapter_gate/up on mlp.linear_fc1)",
+            t.meta->fqn, key.module, key.canonical, family.name);
+      }
+      targets = {c->hf};
+      swiglu_sharded = c->swiglu_sharded;
+    } else {
+      const ModuleMapping* mapping = family.FindModule(key.module);
+      if (mapping == nullptr) {
+        std::string known;
+        for (const auto& m : family.modules) known += (known.empty() ? "" : ", ") + m.megatron;
+        Fail("'{}': module '{}' has no HuggingFace mapping in the {} family (known: {})",
+             t.meta->fqn, key.module, family.name, known);
+      }
+      targets = mapping->hf;
+      fusion = mapping->fusion;
+    }
+
+    // Shapes must agree with the HF config: [r, in] for A, [out, r] for B, [out] for m.
+    int64_t out_rows = 0;
+    for (const auto& target : targets) out_rows += WidthOf(target.out, s.model);
+    const int64_t in_width = WidthOf(targets.front().in, s.model);
+    switch (key.param) {
+      case AdapterParam::kLinearIn:
+        if (t.shape.size() != 2)
+          Fail("'{}' should be 2-D, found {}", t.meta->fqn, ShapeToString(t.shape));
+        ExpectShape(t, {t.shape[0], in_width}, s.model, "lora_A is [rank, in_features]");
+        break;
+      case AdapterParam::kLinearOut:
+        if (t.shape.size() != 2)
+          Fail("'{}' should be 2-D, found {}", t.meta->fqn, ShapeToString(t.shape));
+        ExpectShape(t, {out_rows, t.shape[1]}, s.model, "lora_B is [out_features, rank]");
+        break;
+      case AdapterParam::kMagnitude:
+        ExpectShape(t, {out_rows}, s.model, "the DoRA magnitude is [out_features]");
+        break;
+    }
+
+    std::vector<Rows> parts = key.param == AdapterParam::kLinearIn
+                                  ? std::vector<Rows>(targets.size())
+                                  : SplitRows(fusion, key.param, s);
+    if (swiglu_sharded && key.param == AdapterParam::kLinearOut) {
+      parts = {UndoSwigluSharding(out_rows, s.training_tensor_parallel)};
+    }
+    for (std::size_t p = 0; p < targets.size(); ++p) {
+      OutputTensor out;
+      out.module = layer_prefix + targets[p].path;
+      out.leaf = targets[p].path.substr(targets[p].path.rfind('.') + 1);
+      out.param = key.param;
+      out.name = "base_model.model." + out.module + std::string(Suffix(key.param));
+      out.source = index;
+      out.rows = parts[p];
+      out.shape = t.shape;
+      if (!out.rows.empty()) {
+        out.shape[0] = 0;
+        for (const auto& [begin, end] : out.rows) out.shape[0] += end - begin;
+      }
+      out.dtype = s.dtype.value_or(t.meta->dtype);
+      const int64_t rank_dim = key.param == AdapterParam::kLinearIn    ? t.shape[0]
+                               : key.param == AdapterParam::kLinearOut ? t.shape[1]
+                                                                       : -1;
+      if (!received[out.module].emplace(key.param, rank_dim).second) {
+        Fail("two adapter tensors map to '{}'{} (from '{}')", out.module, Suffix(key.param),
+             t.meta->fqn);
+      }
+      outputs.push_back(std::move(out));
+    }
+  }
+
+  for (const auto& [module, params] : received) {
+    const bool has_a = params.contains(AdapterParam::kLinearIn);
+    const bool has_b = params.contains(AdapterParam::kLinearOut);
+    if (!has_a || !has_b) {
+      Fail("layer {}: '{}' has lora_{} but no lora_{}", layer.layer, module, has_a ? "A" : "B",
+           has_a ? "B" : "A");
+    }
+    if (params.at(AdapterParam::kLinearIn) != params.at(AdapterParam::kLinearOut)) {
+      Fail("layer {}: '{}' has lora_A of rank {} but lora_B of rank {}", layer.layer, module,
+           params.at(AdapterParam::kLinearIn), params.at(AdapterParam::kLinearOut));
+    }
+    if (s.kind == checkpoint::AdapterKind::kDoRA && !params.contains(AdapterParam::kMagnitude)) {
+      Fail("layer {}: DoRA adapter '{}' has no weight_magnitude in the checkpoint", layer.layer,
+           module);
+    }
+  }
+  return outputs;
+}
+
+Tensor MaterializeOutput(const OutputTensor& output, const LayerLayout& layer,
+                         std::span<const std::byte> layer_buffer) {
+  const LayerTensor& source = layer.tensors[output.source];
+  const auto bytes = layer_buffer.subspan(source.offset_in_layer, source.nbytes);
+  Tensor out;
+  out.dtype = source.meta->dtype;
+  out.shape = output.shape;
+  if (output.rows.empty()) {
+    out.data.assign(bytes.begin(), bytes.end());
+  } else {
+    const std::size_t row_bytes = source.nbytes / static_cast<std::size_t>(source.shape[0]);
+    out.data.reserve(static_cast<std::size_t>(output.shape[0]) * row_bytes);
+    for (const auto& [begin, end] : output.rows) {
+      const auto first = bytes.begin() + static_cast<std::ptrdiff_t>(begin * row_bytes);
+      out.data.insert(out.data.end(), first,
+                      first + static_cast<std::ptrdiff_t>((end - begin) * row_bytes));
+    }
+  }
+  return CastTensor(out, output.dtype);
+}
+
+}  // namespace adapter_job::convert

@@ -1,0 +1,172 @@
+#include <mpi.h>
+
+#include <climits>
+
+#include "adapter_job/dist/mpi_world.h"
+#include "adapter_job/dist/transport.h"
+
+namespace adapter_job::dist {
+namespace {
+
+// MPI counts are ints: large buffers travel as chunks of at most this many bytes.
+constexpr std::size_t kMaxMessage = std::size_t{1} << 30;
+constexpr int kLayerTag = 7;
+
+void Check(int rc, const char* call) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int length = 0;
+  MPI_Error_string(rc, text, &length);
+  Fail<DistError>("{} failed: {}", call, std::string(text, static_cast<std::size_t>(length)));
+}
+
+// Owns an MPI communicator (MPI_Comm is a pointer in Open MPI and an int in MPICH).
+class MpiComm {
+ public:
+  explicit MpiComm(MPI_Comm comm) : comm_(comm) {}
+  MpiComm(const MpiComm&) = delete;
+  MpiComm& operator=(const MpiComm&) = delete;
+  ~MpiComm() {
+    if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  }
+  MPI_Comm get() const { return comm_; }
+
+ private:
+  MPI_Comm comm_;
+};
+
+class MpiGroup final : public GroupCommunicator {
+ public:
+  explicit MpiGroup(MPI_Comm comm) : comm_(comm) {
+    Check(MPI_Comm_rank(comm, &rank_), "MPI_Comm_rank");
+    Check(MPI_Comm_size(comm, &size_), "MPI_Comm_size");
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  void AllGather(std::span<const std::byte> send, std::span<std::byte> recv) override {
+    if (recv.size() != send.size() * static_cast<std::size_t>(size_)) {
+      Fail<DistError>("AllGather: receive buffer of {} bytes for {} x {}", recv.size(), size_,
+                      send.size());
+    }
+    if (send.size() <= kMaxMessage) {
+      Check(MPI_Allgather(send.data(), static_cast<int>(send.size()), MPI_BYTE, recv.data(),
+                          static_cast<int>(send.size()), MPI_BYTE, comm_.get()),
+            "MPI_Allgather");
+      return;
+    }
+    // Huge contributions: gather each member's block by broadcast, in slices.
+    for (int member = 0; member < size_; ++member) {
+      std::byte* block = recv.data() + static_cast<std::size_t>(member) * send.size();
+      if (member == rank_) std::copy(send.begin(), send.end(), block);
+      for (std::size_t at = 0; at < send.size(); at += kMaxMessage) {
+        const int n = static_cast<int>(std::min(kMaxMessage, send.size() - at));
+        Check(MPI_Bcast(block + at, n, MPI_BYTE, member, comm_.get()), "MPI_Bcast");
+      }
+    }
+  }
+
+ private:
+  MpiComm comm_;
+  int rank_ = 0;
+  int size_ = 1;
+};
+
+class MpiTransport final : public Transport {
+ public:
+  MpiTransport() {
+    MPI_Comm dup;
+    Check(MPI_Comm_dup(MPI_COMM_WORLD, &dup), "MPI_Comm_dup");
+    world_ = std::make_unique<MpiComm>(dup);
+  }
+  std::string_view name() const override { return "mpi"; }
+
+  std::unique_ptr<GroupCommunicator> CreateGroup(const std::vector<int>& members) override {
+    MPI_Group world_group, group;
+    Check(MPI_Comm_group(world_->get(), &world_group), "MPI_Comm_group");
+    Check(MPI_Group_incl(world_group, static_cast<int>(members.size()), members.data(), &group),
+          "MPI_Group_incl");
+    MPI_Comm comm;
+    // Collective over the members only; the tag keeps concurrent creations apart.
+    const int rc = MPI_Comm_create_group(world_->get(), group, members.front(), &comm);
+    MPI_Group_free(&group);
+    MPI_Group_free(&world_group);
+    Check(rc, "MPI_Comm_create_group");
+    return std::make_unique<MpiGroup>(comm);
+  }
+
+  void Send(std::span<const std::byte> data, int dest) override {
+    std::size_t at = 0;
+    do {
+      const int n = static_cast<int>(std::min(kMaxMessage, data.size() - at));
+      Check(MPI_Send(data.data() + at, n, MPI_BYTE, dest, kLayerTag, world_->get()), "MPI_Send");
+      at += static_cast<std::size_t>(n);
+    } while (at < data.size());
+  }
+
+  void Recv(std::span<std::byte> data, int source) override {
+    std::size_t at = 0;
+    do {
+      const int n = static_cast<int>(std::min(kMaxMessage, data.size() - at));
+      Check(MPI_Recv(data.data() + at, n, MPI_BYTE, source, kLayerTag, world_->get(),
+                     MPI_STATUS_IGNORE),
+            "MPI_Recv");
+      at += static_cast<std::size_t>(n);
+    } while (at < data.size());
+  }
+
+ private:
+  std::unique_ptr<MpiComm> world_;
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> MakeMpiTransport(const MpiWorld&) {
+  return std::make_unique<MpiTransport>();
+}
+
+bool AllRanksAgree(const MpiWorld&, bool local) {
+  int in = local ? 1 : 0;
+  int out = 0;
+  Check(MPI_Allreduce(&in, &out, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
+  return out == 1;
+}
+
+std::vector<uint64_t> GatherToRoot(const MpiWorld& world, uint64_t value) {
+  std::vector<uint64_t> all(world.rank() == 0 ? static_cast<std::size_t>(world.size()) : 0);
+  Check(MPI_Gather(&value, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, 0, MPI_COMM_WORLD),
+        "MPI_Gather");
+  return all;
+}
+
+void RunAgreed(const MpiWorld& world, const std::function<void()>& step) {
+  std::exception_ptr error;
+  int code = 0;
+  try {
+    step();
+  } catch (const Error& e) {
+    error = std::current_exception();
+    code = static_cast<int>(e.exit_code());
+  } catch (const std::exception&) {
+    error = std::current_exception();
+    code = static_cast<int>(ExitCode::kInternal);
+  }
+  // The lowest failing rank speaks for everyone.
+  int mine = error ? world.rank() : INT_MAX;
+  int first = INT_MAX;
+  Check(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
+  if (first == INT_MAX) return;
+  Check(MPI_Bcast(&code, 1, MPI_INT, first, MPI_COMM_WORLD), "MPI_Bcast");
+  if (first == world.rank()) std::rethrow_exception(error);
+  throw PeerFailure(first, static_cast<ExitCode>(code));
+}
+
+void Barrier(const MpiWorld&) { Check(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
+
+Backend ParseBackend(std::string_view name) {
+  if (name == "auto") return Backend::kAuto;
+  if (name == "mpi") return Backend::kMpi;
+  if (name == "nccl") return Backend::kNccl;
+  Fail("--backend must be auto, nccl or mpi, not '{}'", name);
+}
+
+}  // namespace adapter_job::dist

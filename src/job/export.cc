@@ -1,0 +1,316 @@
+// The export job: plan on every rank from the metadata alone, gather layers to rank 0, convert
+// and write each layer as it arrives into a staged output directory, commit at the end.
+#include "adapter_job/export.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <map>
+
+#include "adapter_job/checkpoint/adapter_layout.h"
+#include "adapter_job/checkpoint/checkpoint_reader.h"
+#include "adapter_job/checkpoint/run_directory.h"
+#include "adapter_job/convert/hf_config.h"
+#include "adapter_job/convert/layer_conversion.h"
+#include "adapter_job/core/error.h"
+#include "adapter_job/core/file.h"
+#include "adapter_job/dist/layer_gather.h"
+#include "adapter_job/dist/mpi_world.h"
+#include "adapter_job/safetensors/safetensors.h"
+#include "adapter_job/writer/staged_directory.h"
+
+namespace adapter_job {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// When --hf-model-id is not a local directory, the dims come from run_config.yaml and the
+// Megatron GPT layout maps like Llama's (as Megatron-Bridge's GPTModelProvider does).
+convert::HfModelConfig ModelConfigFromRunConfig(const checkpoint::RunDirectory& run) {
+  const auto& m = run.model;
+  const auto need = [&](const std::optional<int64_t>& v, const char* key) {
+    if (!v) {
+      Fail(
+          "--hf-model-id is not a local directory, and {} has no model.{} to take the model "
+          "dimensions from",
+          run.run_config_path ? run.run_config_path->string() : "the checkpoint", key);
+    }
+    return *v;
+  };
+  convert::HfModelConfig c;
+  c.path = run.run_config_path.value_or(run.iteration_dir / "run_config.yaml");
+  c.architecture = "LlamaForCausalLM";
+  c.model_type = "llama";
+  c.hidden_size = need(m.hidden_size, "hidden_size");
+  c.num_attention_heads = need(m.num_attention_heads, "num_attention_heads");
+  c.num_key_value_heads = m.num_query_groups.value_or(c.num_attention_heads);
+  c.head_dim = m.kv_channels.value_or(c.hidden_size / c.num_attention_heads);
+  c.intermediate_size = need(m.ffn_hidden_size, "ffn_hidden_size");
+  c.num_hidden_layers = need(m.num_layers, "num_layers");
+  return c;
+}
+
+struct Plan {
+  Plan() = default;
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+
+  checkpoint::RunDirectory run;
+  std::optional<checkpoint::CheckpointReader> reader;
+  checkpoint::AdapterLayout layout;
+  convert::ConversionSettings settings;
+  std::vector<std::vector<convert::OutputTensor>> outputs;  // per layer
+  dist::ShardOwnership owners;
+};
+
+// Built in place: the layout points into the reader's metadata, so a Plan never moves.
+std::unique_ptr<Plan> MakePlan(const ExportOptions& options, int world_size, int rank) {
+  auto owned = std::make_unique<Plan>();
+  Plan& plan = *owned;
+  plan.run = checkpoint::OpenRunDirectory(options.checkpoint);
+  if (!plan.run.peft) {
+    Fail(
+        "no run_config.yaml with a peft: section in or above '{}': the adapter's dim, alpha and "
+        "kind are unknown",
+        plan.run.iteration_dir.string());
+  }
+  plan.reader.emplace(checkpoint::CheckpointReader::Open(plan.run.iteration_dir));
+  plan.layout = checkpoint::PlanAdapterLayout(plan.reader->metadata(), plan.run.model);
+
+  const fs::path model_dir(options.hf_model_id);
+  plan.settings.model = fs::is_directory(model_dir) ? convert::ReadHfConfig(model_dir)
+                                                    : ModelConfigFromRunConfig(plan.run);
+  if (plan.settings.model.num_hidden_layers != plan.layout.num_layers) {
+    Fail("{} says {} layers but the checkpoint has {}", plan.settings.model.path.string(),
+         plan.settings.model.num_hidden_layers, plan.layout.num_layers);
+  }
+  plan.settings.family =
+      &convert::FamilyFor(plan.settings.model.architecture, plan.settings.model.model_type);
+  plan.settings.kind = plan.run.peft->kind;
+  plan.settings.training_tensor_parallel = plan.layout.tensor_parallel;
+  plan.settings.dtype = options.dtype;
+  for (const auto& layer : plan.layout.layers) {
+    plan.outputs.push_back(convert::PlanLayerConversion(layer, plan.settings));
+  }
+  plan.owners = dist::ShardOwnership::Assign(plan.layout.shard_count(), world_size);
+
+  // Fail before any collective if a shard this rank owns is missing or short.
+  const auto mine = plan.owners.ShardsOf(rank);
+  for (const auto& layer : plan.layout.layers) {
+    for (const auto& chunk : layer.chunks) {
+      const int shard = plan.layout.ShardOf(chunk.tp, layer.pp_stage);
+      if (std::find(mine.begin(), mine.end(), shard) == mine.end()) continue;
+      const auto& meta = *layer.tensors[chunk.tensor_index].meta;
+      const auto& location = plan.reader->metadata().Locate(meta, *chunk.chunk);
+      const fs::path file = plan.run.iteration_dir / location.relative_path;
+      std::error_code ec;
+      const auto size = fs::file_size(file, ec);
+      if (ec)
+        Fail("shard file '{}' (holding '{}') cannot be read: {}", file.string(), meta.fqn,
+             ec.message());
+      if (location.offset + location.length > size) {
+        Fail("shard file '{}' is truncated: '{}' needs bytes [{}, {}) but the file has {}",
+             file.string(), meta.fqn, location.offset, location.offset + location.length, size);
+      }
+    }
+  }
+  return owned;
+}
+
+std::vector<safetensors::TensorSpec> FileSpecs(const Plan& plan, bool peft_names) {
+  std::vector<safetensors::TensorSpec> specs;
+  for (const auto& layer_outputs : plan.outputs) {
+    for (const auto& out : layer_outputs) {
+      specs.push_back(
+          {peft_names ? out.name : out.name.substr(std::string("base_model.model.").size()),
+           out.dtype, out.shape});
+    }
+  }
+  return specs;
+}
+
+// Runs the collective pipeline; `consume` sees every output tensor on rank 0, layer by layer.
+ExportReport RunPipeline(
+    const ExportOptions& options, const dist::MpiWorld& world,
+    const std::function<void(Plan&)>& prepare_rank0,
+    const std::function<void(const convert::OutputTensor&, const Tensor&)>& consume,
+    const std::function<void(Plan&)>& finish_rank0) {
+  const auto start = Clock::now();
+  ExportReport report;
+  std::unique_ptr<Plan> owned_plan;
+  dist::RunAgreed(world, [&] {
+    owned_plan = MakePlan(options, world.size(), world.rank());
+    if (world.rank() == 0) prepare_rank0(*owned_plan);
+  });
+  Plan& plan = *owned_plan;
+  report.seconds.plan = Since(start);
+
+  std::unique_ptr<dist::Transport> transport;
+  dist::RunAgreed(world, [&] { transport = dist::MakeTransport(world, options.backend); });
+
+  double convert_seconds = 0;
+  dist::GatherStats stats;
+  // Past this point ranks wait on each other: a failure must take every rank down (main aborts).
+  try {
+    stats = dist::GatherLayers(
+        plan.layout, *plan.reader, plan.owners, *transport, world.rank(),
+        [&](const checkpoint::LayerLayout& layer, std::span<const std::byte> buffer) {
+          const auto convert_start = Clock::now();
+          for (const auto& out : plan.outputs[static_cast<std::size_t>(layer.layer)]) {
+            const Tensor tensor = convert::MaterializeOutput(out, layer, buffer);
+            report.tensor_bytes += tensor.nbytes();
+            ++report.tensors;
+            consume(out, tensor);
+          }
+          convert_seconds += Since(convert_start);
+        });
+  } catch (Error& e) {
+    e.MarkAbortPeers();
+    throw;
+  } catch (const std::exception& e) {
+    Error error(fmt::format("while gathering layers: {}", e.what()));
+    error.MarkAbortPeers();
+    throw error;
+  }
+
+  // Report what each rank read before committing, so a mismatch is never published.
+  report.bytes_read_per_rank = dist::GatherToRoot(world, plan.reader->bytes_read());
+  report.expected_bytes_per_rank =
+      dist::ExpectedBytesPerRank(plan.layout, plan.reader->metadata(), plan.owners, world.size());
+  dist::RunAgreed(world, [&] {
+    if (world.rank() == 0) finish_rank0(plan);
+  });
+
+  report.output = fs::absolute(options.output).lexically_normal();
+  report.backend = std::string(transport->name());
+  report.ranks = world.size();
+  report.tensor_parallel = plan.layout.tensor_parallel;
+  report.pipeline_parallel = plan.layout.pipeline_parallel;
+  report.virtual_pipeline = plan.layout.virtual_pipeline;
+  report.adapter_kind = std::string(checkpoint::AdapterKindName(plan.settings.kind));
+  report.layers = plan.layout.num_layers;
+  report.seconds.read = stats.read_seconds;
+  report.seconds.communicate = stats.communicate_seconds;
+  report.seconds.convert_write = convert_seconds;
+  report.seconds.total = Since(start);
+  return report;
+}
+
+}  // namespace
+
+ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& world) {
+  std::optional<writer::StagedDirectory> staged;
+  std::optional<safetensors::StreamWriter> weights;
+  uint64_t file_bytes = 0;
+  ExportReport report = RunPipeline(
+      options, world,
+      [&](Plan& plan) {
+        staged.emplace(writer::StagedDirectory::Create(options.output, options.overwrite));
+        weights.emplace(staged->path() / "adapter_model.safetensors", FileSpecs(plan, true),
+                        std::nullopt,
+                        /*overwrite=*/false);
+        file_bytes = weights->file_size();
+      },
+      [&](const convert::OutputTensor& out, const Tensor& tensor) {
+        weights->Write(out.name, tensor.data);
+      },
+      [&](Plan& plan) {
+        std::move(*weights).Commit();
+        writer::AdapterConfigInputs config;
+        config.base_model_name_or_path = options.hf_model_id;
+        config.r = plan.run.peft->dim;
+        config.lora_alpha = plan.run.peft->alpha;
+        config.lora_dropout = plan.run.peft->dropout;
+        config.use_dora = plan.settings.kind == checkpoint::AdapterKind::kDoRA;
+        for (const auto& layer_outputs : plan.outputs) {
+          for (const auto& out : layer_outputs) {
+            if (out.param == checkpoint::AdapterParam::kLinearIn) {
+              config.modules.push_back({out.module, out.leaf, out.shape[0]});
+            }
+          }
+        }
+        OutputFile json = OutputFile::Create(staged->path() / "adapter_config.json", false);
+        json.Write(writer::ToPythonJson(writer::BuildAdapterConfig(config)));
+        std::move(json).Commit();
+        std::move(*staged).Commit();
+      });
+  report.file_bytes = file_bytes;
+  return report;
+}
+
+ExportReport StreamAdapterWeights(
+    const ExportOptions& options, const dist::MpiWorld& world,
+    const std::function<void(const std::vector<StreamedTensorInfo>&)>& announce,
+    const std::function<void(const NamedTensor&)>& sink) {
+  return RunPipeline(
+      options, world,
+      [&](Plan& plan) {
+        std::vector<StreamedTensorInfo> infos;
+        for (auto& spec : FileSpecs(plan, /*peft_names=*/false)) {
+          infos.push_back({std::move(spec.name), spec.dtype, std::move(spec.shape)});
+        }
+        announce(infos);
+      },
+      [&](const convert::OutputTensor& out, const Tensor& tensor) {
+        sink(NamedTensor{out.name.substr(std::string("base_model.model.").size()), tensor});
+      },
+      [](Plan&) {});
+}
+
+void SaveHfAdapter(const std::vector<NamedTensor>& tensors,
+                   const writer::AdapterConfigInputs& config, const fs::path& output,
+                   bool overwrite) {
+  writer::StagedDirectory staged = writer::StagedDirectory::Create(output, overwrite);
+  std::vector<safetensors::TensorRef> refs;
+  for (const auto& t : tensors) refs.push_back(safetensors::Ref(t.name, t.tensor));
+  safetensors::Write(staged.path() / "adapter_model.safetensors", std::move(refs), std::nullopt,
+                     false);
+  OutputFile json = OutputFile::Create(staged.path() / "adapter_config.json", false);
+  json.Write(writer::ToPythonJson(writer::BuildAdapterConfig(config)));
+  std::move(json).Commit();
+  std::move(staged).Commit();
+}
+
+nlohmann::ordered_json ExportReport::ToJson() const {
+  nlohmann::ordered_json j;
+  j["output"] = output.string();
+  j["backend"] = backend;
+  j["ranks"] = ranks;
+  j["tensor_model_parallel_size"] = tensor_parallel;
+  j["pipeline_model_parallel_size"] = pipeline_parallel;
+  j["virtual_pipeline_model_parallel_size"] = virtual_pipeline;
+  j["adapter"] = adapter_kind;
+  j["layers"] = layers;
+  j["tensors"] = tensors;
+  j["tensor_bytes"] = tensor_bytes;
+  j["file_bytes"] = file_bytes;
+  j["bytes_read_per_rank"] = bytes_read_per_rank;
+  j["expected_bytes_per_rank"] = expected_bytes_per_rank;
+  j["seconds"] = {{"plan", seconds.plan},
+                  {"read", seconds.read},
+                  {"communicate", seconds.communicate},
+                  {"convert_write", seconds.convert_write},
+                  {"total", seconds.total}};
+  return j;
+}
+
+std::string ExportReport::Summary() const {
+  std::string read;
+  for (std::size_t r = 0; r < bytes_read_per_rank.size(); ++r) {
+    read += fmt::format("{}{}: {}", r ? ", " : "", r, bytes_read_per_rank[r]);
+  }
+  return fmt::format(
+      "exported {} adapter: {} layers, {} tensors, {} bytes -> {}\n"
+      "ranks {} ({} backend) over TP {} x PP {}{}; bytes read per rank: {}\n"
+      "seconds: plan {:.3f}, read {:.3f}, communicate {:.3f}, convert+write {:.3f}, total {:.3f}\n",
+      adapter_kind, layers, tensors, tensor_bytes, output.string(), ranks, backend, tensor_parallel,
+      pipeline_parallel, virtual_pipeline > 1 ? fmt::format(" (VPP {})", virtual_pipeline) : "",
+      read, seconds.plan, seconds.read, seconds.communicate, seconds.convert_write, seconds.total);
+}
+
+}  // namespace adapter_job

@@ -1,0 +1,41 @@
+#include "adapter_job/writer/adapter_config.h"
+
+#include <set>
+
+namespace adapter_job::writer {
+
+nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& in) {
+  std::set<std::string> targets;
+  nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();
+  for (const auto& m : in.modules) {
+    targets.insert(m.leaf);
+    if (m.rank != in.r) rank_pattern[m.module] = m.rank;
+  }
+  nlohmann::ordered_json c;
+  c["peft_type"] = "LORA";
+  c["auto_mapping"] = nullptr;
+  c["base_model_name_or_path"] = in.base_model_name_or_path;
+  c["bias"] = "none";
+  c["fan_in_fan_out"] = false;
+  c["inference_mode"] = true;
+  c["init_lora_weights"] = true;
+  c["lora_alpha"] = in.lora_alpha;
+  c["lora_dropout"] = in.lora_dropout;
+  c["modules_to_save"] = nullptr;
+  c["r"] = in.r;
+  c["rank_pattern"] = std::move(rank_pattern);
+  c["alpha_pattern"] = nlohmann::ordered_json::object();
+  c["target_modules"] = std::vector<std::string>(targets.begin(), targets.end());
+  c["task_type"] = "CAUSAL_LM";
+  c["use_dora"] = in.use_dora;
+  c["use_rslora"] = false;
+  return c;
+}
+
+std::string ToPythonJson(const nlohmann::ordered_json& value) {
+  // nlohmann's indented form matches json.dump(indent=2): ": " and "," separators, empty
+  // containers as {} and [], shortest round-trip floats with ".0"; ensure_ascii as Python's.
+  return value.dump(2, ' ', /*ensure_ascii=*/true);
+}
+
+}  // namespace adapter_job::writer
