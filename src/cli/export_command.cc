@@ -42,16 +42,19 @@ int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args)
     return 0;
   }
   // Like stream_adapter_weights.py: raw HF names, one file, each tensor written as it arrives.
-  std::optional<safetensors::StreamWriter> file;
+  std::optional<OutputFile> file;
+  std::optional<safetensors::StreamWriter> writer;
   const ExportReport report = StreamAdapterWeights(
       cl.options, world,
       [&](const std::vector<StreamedTensorInfo>& infos) {
         std::vector<safetensors::TensorSpec> specs;
         for (const auto& i : infos) specs.push_back({i.name, i.dtype, i.shape});
-        file.emplace(*cl.stream_output, std::move(specs), std::nullopt, cl.options.overwrite);
+        file.emplace(OutputFile::Create(*cl.stream_output, cl.options.overwrite));
+        writer.emplace(*file, std::move(specs), std::nullopt);
       },
-      [&](const NamedTensor& t) { file->Write(t.name, t.tensor.data); });
+      [&](const NamedTensor& t) { writer->Write(t.name, t.tensor.data); });
   if (world.rank() == 0) {
+    writer->Finish();
     std::move(*file).Commit();
     WriteReport(cl, report);
   }

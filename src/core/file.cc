@@ -118,34 +118,48 @@ MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
 }
 
-OutputFile::OutputFile(std::filesystem::path final_path, std::filesystem::path temp_path,
-                       UniqueFd fd, bool overwrite)
-    : final_path_(std::move(final_path)),
+OutputFile::OutputFile(UniqueFd fd, std::filesystem::path temp_path,
+                       std::filesystem::path final_path, bool overwrite)
+    : fd_(std::move(fd)),
       temp_path_(std::move(temp_path)),
-      fd_(std::move(fd)),
+      final_path_(std::move(final_path)),
       overwrite_(overwrite) {}
+
+OutputFile OutputFile::CreateUnnamed(const std::filesystem::path& dir) {
+  UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644));
+  if (fd.valid()) return OutputFile(std::move(fd), {}, {}, false);
+  if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+    FailErrno("cannot create a file in", dir);
+  // No O_TMPFILE here: a hidden, uniquely named file instead.
+  std::string pattern = (dir / ".adapter_job.tmp-XXXXXX").string();
+  UniqueFd named(::mkostemp(pattern.data(), O_CLOEXEC));
+  if (!named.valid()) FailErrno("cannot create a file in", dir);
+  const mode_t mask = ::umask(0);
+  ::umask(mask);
+  ::fchmod(named.get(), 0644 & ~mask);
+  return OutputFile(std::move(named), pattern, {}, false);
+}
 
 OutputFile OutputFile::Create(const std::filesystem::path& final_path, bool overwrite) {
   if (!overwrite && std::filesystem::exists(final_path)) {
     Fail<FormatError>("'{}' already exists (pass --overwrite to replace it)", final_path.string());
   }
-  std::filesystem::path temp_path = final_path;
-  temp_path += ".tmp." + std::to_string(::getpid());
-  UniqueFd fd(::open(temp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (!fd.valid()) FailErrno("cannot create", temp_path);
-  return OutputFile(final_path, std::move(temp_path), std::move(fd), overwrite);
+  const auto dir = final_path.has_parent_path() ? final_path.parent_path() : ".";
+  OutputFile file = CreateUnnamed(dir);
+  file.final_path_ = final_path;
+  file.overwrite_ = overwrite;
+  return file;
 }
 
 OutputFile::OutputFile(OutputFile&& other) noexcept
-    : final_path_(std::move(other.final_path_)),
+    : fd_(std::move(other.fd_)),
       temp_path_(std::move(other.temp_path_)),
-      fd_(std::move(other.fd_)),
+      final_path_(std::move(other.final_path_)),
       overwrite_(other.overwrite_),
       committed_(std::exchange(other.committed_, true)) {}
 
 OutputFile::~OutputFile() {
   if (!committed_ && !temp_path_.empty()) {
-    fd_ = UniqueFd();
     std::error_code ignored;
     std::filesystem::remove(temp_path_, ignored);
   }
@@ -157,7 +171,7 @@ void OutputFile::Write(std::span<const std::byte> bytes) {
     const ssize_t n = ::write(fd_.get(), bytes.data() + done, bytes.size() - done);
     if (n < 0) {
       if (errno == EINTR) continue;
-      FailErrno("cannot write", temp_path_);
+      FailErrno("cannot write", final_path_);
     }
     done += static_cast<std::size_t>(n);
   }
@@ -166,7 +180,8 @@ void OutputFile::Write(std::span<const std::byte> bytes) {
 void OutputFile::Write(std::string_view text) { Write(std::as_bytes(std::span(text))); }
 
 void OutputFile::Resize(uint64_t size) {
-  if (::ftruncate(fd_.get(), static_cast<off_t>(size)) != 0) FailErrno("cannot resize", temp_path_);
+  if (::ftruncate(fd_.get(), static_cast<off_t>(size)) != 0)
+    FailErrno("cannot resize", final_path_);
 }
 
 void OutputFile::WriteAt(uint64_t offset, std::span<const std::byte> bytes) {
@@ -176,25 +191,36 @@ void OutputFile::WriteAt(uint64_t offset, std::span<const std::byte> bytes) {
                                static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      FailErrno("cannot write", temp_path_);
+      FailErrno("cannot write", final_path_);
     }
     done += static_cast<std::size_t>(n);
   }
 }
 
-void OutputFile::Commit() && {
-  if (::fsync(fd_.get()) != 0) FailErrno("cannot fsync", temp_path_);
-  fd_.Close(temp_path_);
-  if (!overwrite_) {
-    // link(2) refuses an existing target, so a file that appeared meanwhile is never replaced.
-    if (::link(temp_path_.c_str(), final_path_.c_str()) != 0)
-      FailErrno("cannot create", final_path_);
-    std::filesystem::remove(temp_path_);
-  } else if (::rename(temp_path_.c_str(), final_path_.c_str()) != 0) {
-    FailErrno("cannot rename into", final_path_);
+void OutputFile::CommitAs(const std::filesystem::path& final_path, bool overwrite) && {
+  if (::fsync(fd_.get()) != 0) FailErrno("cannot fsync", final_path);
+  // An O_TMPFILE file is linked in through its /proc descriptor; a named one is linked directly.
+  const std::string source =
+      temp_path_.empty() ? "/proc/self/fd/" + std::to_string(fd_.get()) : temp_path_.string();
+  const int follow = temp_path_.empty() ? AT_SYMLINK_FOLLOW : 0;
+  if (!overwrite) {
+    // link(2) refuses an existing target, so nothing that appeared meanwhile is replaced.
+    if (::linkat(AT_FDCWD, source.c_str(), AT_FDCWD, final_path.c_str(), follow) != 0) {
+      FailErrno("cannot create", final_path);
+    }
+  } else {
+    std::filesystem::path staged = final_path;
+    staged += ".tmp." + std::to_string(::getpid());
+    if (::linkat(AT_FDCWD, source.c_str(), AT_FDCWD, staged.c_str(), follow) != 0) {
+      FailErrno("cannot create", staged);
+    }
+    if (::rename(staged.c_str(), final_path.c_str()) != 0)
+      FailErrno("cannot rename into", final_path);
   }
+  if (!temp_path_.empty()) ::unlink(temp_path_.c_str());
+  fd_.Close(final_path);
   committed_ = true;
-  FsyncDirectory(final_path_.has_parent_path() ? final_path_.parent_path() : ".");
+  FsyncDirectory(final_path.has_parent_path() ? final_path.parent_path() : ".");
 }
 
 void FsyncDirectory(const std::filesystem::path& dir) {

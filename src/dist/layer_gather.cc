@@ -5,7 +5,10 @@
 #include "adapter_job/dist/layer_gather.h"
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <future>
 #include <map>
 #include <memory>
@@ -63,6 +66,24 @@ std::vector<std::byte> ReadContribution(const LayerLayout& layer, const Contribu
     at += chunk->nbytes;
   }
   return packed;
+}
+
+// Test hook for fault tests: ADAPTER_JOB_TEST_KILL_RANK=<rank>:<layer> makes that rank die by
+// SIGKILL on reaching that layer, as a node failure would.
+std::optional<int64_t> KillAtLayer(int world_rank) {
+  const char* spec = std::getenv("ADAPTER_JOB_TEST_KILL_RANK");
+  if (spec == nullptr) return std::nullopt;
+  const std::string_view text(spec);
+  const auto colon = text.find(':');
+  int rank = -1;
+  int64_t layer = -1;
+  if (colon == std::string_view::npos ||
+      std::from_chars(text.data(), text.data() + colon, rank).ec != std::errc() ||
+      std::from_chars(text.data() + colon + 1, text.data() + text.size(), layer).ec !=
+          std::errc()) {
+    return std::nullopt;
+  }
+  return rank == world_rank ? std::optional(layer) : std::nullopt;
 }
 
 }  // namespace
@@ -150,8 +171,10 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
   std::future<std::pair<std::vector<std::byte>, double>> prefetch;
   if (!mine.empty()) prefetch = std::async(std::launch::async, read, mine[next_read++]);
 
+  const std::optional<int64_t> kill_at = KillAtLayer(world_rank);
   std::vector<std::byte> layer_buffer;
   for (const auto& layer : layout.layers) {
+    if (kill_at == layer.layer) std::raise(SIGKILL);
     Stage& stage = stages[static_cast<std::size_t>(layer.pp_stage)];
     const int leader = stage.members.front();
     const bool member = !stage.my_tps.empty();

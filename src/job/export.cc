@@ -201,9 +201,28 @@ ExportReport RunPipeline(
   return report;
 }
 
+// Megatron's peft settings plus the rank of every adapted module (for rank_pattern).
+writer::AdapterConfigInputs AdapterConfigFor(const Plan& plan, const ExportOptions& options) {
+  writer::AdapterConfigInputs config;
+  config.base_model_name_or_path = options.hf_model_id;
+  config.r = plan.run.peft->dim;
+  config.lora_alpha = plan.run.peft->alpha;
+  config.lora_dropout = plan.run.peft->dropout;
+  config.use_dora = plan.settings.kind == checkpoint::AdapterKind::kDoRA;
+  for (const auto& layer_outputs : plan.outputs) {
+    for (const auto& out : layer_outputs) {
+      if (out.param == checkpoint::AdapterParam::kLinearIn) {
+        config.modules.push_back({out.module, out.leaf, out.shape[0]});
+      }
+    }
+  }
+  return config;
+}
+
 }  // namespace
 
 ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& world) {
+  // Rank 0 only: the staged output and the weights file filled layer by layer.
   std::optional<writer::StagedDirectory> staged;
   std::optional<safetensors::StreamWriter> weights;
   uint64_t file_bytes = 0;
@@ -211,32 +230,18 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
       options, world,
       [&](Plan& plan) {
         staged.emplace(writer::StagedDirectory::Create(options.output, options.overwrite));
-        weights.emplace(staged->path() / "adapter_model.safetensors", FileSpecs(plan, true),
-                        std::nullopt,
-                        /*overwrite=*/false);
+        weights.emplace(staged->AddFile("adapter_model.safetensors"), FileSpecs(plan, true),
+                        std::nullopt);
         file_bytes = weights->file_size();
       },
       [&](const convert::OutputTensor& out, const Tensor& tensor) {
         weights->Write(out.name, tensor.data);
       },
       [&](Plan& plan) {
-        std::move(*weights).Commit();
-        writer::AdapterConfigInputs config;
-        config.base_model_name_or_path = options.hf_model_id;
-        config.r = plan.run.peft->dim;
-        config.lora_alpha = plan.run.peft->alpha;
-        config.lora_dropout = plan.run.peft->dropout;
-        config.use_dora = plan.settings.kind == checkpoint::AdapterKind::kDoRA;
-        for (const auto& layer_outputs : plan.outputs) {
-          for (const auto& out : layer_outputs) {
-            if (out.param == checkpoint::AdapterParam::kLinearIn) {
-              config.modules.push_back({out.module, out.leaf, out.shape[0]});
-            }
-          }
-        }
-        OutputFile json = OutputFile::Create(staged->path() / "adapter_config.json", false);
-        json.Write(writer::ToPythonJson(writer::BuildAdapterConfig(config)));
-        std::move(json).Commit();
+        weights->Finish();
+        staged->AddFile("adapter_config.json")
+            .Write(
+                writer::ToPythonJson(writer::BuildAdapterConfig(AdapterConfigFor(plan, options))));
         std::move(*staged).Commit();
       });
   report.file_bytes = file_bytes;
@@ -266,13 +271,14 @@ void SaveHfAdapter(const std::vector<NamedTensor>& tensors,
                    const writer::AdapterConfigInputs& config, const fs::path& output,
                    bool overwrite) {
   writer::StagedDirectory staged = writer::StagedDirectory::Create(output, overwrite);
-  std::vector<safetensors::TensorRef> refs;
-  for (const auto& t : tensors) refs.push_back(safetensors::Ref(t.name, t.tensor));
-  safetensors::Write(staged.path() / "adapter_model.safetensors", std::move(refs), std::nullopt,
-                     false);
-  OutputFile json = OutputFile::Create(staged.path() / "adapter_config.json", false);
-  json.Write(writer::ToPythonJson(writer::BuildAdapterConfig(config)));
-  std::move(json).Commit();
+  std::vector<safetensors::TensorSpec> specs;
+  for (const auto& t : tensors) specs.push_back({t.name, t.tensor.dtype, t.tensor.shape});
+  safetensors::StreamWriter weights(staged.AddFile("adapter_model.safetensors"), std::move(specs),
+                                    std::nullopt);
+  for (const auto& t : tensors) weights.Write(t.name, t.tensor.data);
+  weights.Finish();
+  staged.AddFile("adapter_config.json")
+      .Write(writer::ToPythonJson(writer::BuildAdapterConfig(config)));
   std::move(staged).Commit();
 }
 

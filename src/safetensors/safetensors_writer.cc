@@ -73,12 +73,10 @@ std::string SerializeHeader(std::vector<TensorSpec>& specs,
   return out + json;
 }
 
-StreamWriter::StreamWriter(const std::filesystem::path& path, std::vector<TensorSpec> specs,
-                           const std::optional<std::map<std::string, std::string>>& metadata,
-                           bool overwrite)
-    : path_(path), file_(OutputFile::Create(path, overwrite)) {
-  const std::string header =
-      WithContext([&] { return path.string(); }, [&] { return SerializeHeader(specs, metadata); });
+StreamWriter::StreamWriter(OutputFile& file, std::vector<TensorSpec> specs,
+                           const std::optional<std::map<std::string, std::string>>& metadata)
+    : file_(file) {
+  const std::string header = SerializeHeader(specs, metadata);
   uint64_t offset = header.size();
   for (const auto& spec : specs) {
     const uint64_t bytes = SpecBytes(spec);
@@ -92,21 +90,19 @@ StreamWriter::StreamWriter(const std::filesystem::path& path, std::vector<Tensor
 
 void StreamWriter::Write(const std::string& name, std::span<const std::byte> data) {
   const auto it = slots_.find(name);
-  if (it == slots_.end()) Fail("{}: tensor '{}' was not planned", path_.string(), name);
+  if (it == slots_.end()) Fail("tensor '{}' was not planned", name);
   Slot& slot = it->second;
-  if (slot.written) Fail("{}: tensor '{}' written twice", path_.string(), name);
-  if (data.size() != slot.size) {
-    Fail("{}: tensor '{}' has {} bytes, planned {}", path_.string(), name, data.size(), slot.size);
-  }
+  if (slot.written) Fail("tensor '{}' written twice", name);
+  if (data.size() != slot.size)
+    Fail("tensor '{}' has {} bytes, planned {}", name, data.size(), slot.size);
   file_.WriteAt(slot.offset, data);
   slot.written = true;
 }
 
-void StreamWriter::Commit() && {
+void StreamWriter::Finish() const {
   for (const auto& [name, slot] : slots_) {
-    if (!slot.written) Fail("{}: tensor '{}' was never written", path_.string(), name);
+    if (!slot.written) Fail("tensor '{}' was never written", name);
   }
-  std::move(file_).Commit();
 }
 
 void Write(const std::filesystem::path& path, std::vector<TensorRef> tensors,

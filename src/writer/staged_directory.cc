@@ -9,7 +9,6 @@
 #include <cstring>
 
 #include "adapter_job/core/error.h"
-#include "adapter_job/core/file.h"
 
 namespace adapter_job::writer {
 
@@ -23,61 +22,54 @@ StagedDirectory StagedDirectory::Create(const fs::path& target, bool overwrite) 
   if (fs::exists(absolute) && !fs::is_directory(absolute)) {
     Fail("output '{}' exists and is not a directory", absolute.string());
   }
-  const fs::path parent = absolute.parent_path();
   std::error_code ec;
-  fs::create_directories(parent, ec);
-  if (ec) Fail<IoError>("cannot create '{}': {}", parent.string(), ec.message());
-  std::string pattern =
-      (parent / ("." + absolute.filename().string() + ".partial-XXXXXX")).string();
-  if (::mkdtemp(pattern.data()) == nullptr) {
-    Fail<IoError>("cannot create a staging directory in '{}': {}", parent.string(),
-                  std::strerror(errno));
-  }
-  // mkdtemp makes it private (0700); the output should get the permissions mkdir would give it.
-  const mode_t mask = ::umask(0);
-  ::umask(mask);
-  ::chmod(pattern.c_str(), 0777 & ~mask);
-  return StagedDirectory(absolute, pattern, overwrite);
+  fs::create_directories(absolute.parent_path(), ec);
+  if (ec) Fail<IoError>("cannot create '{}': {}", absolute.parent_path().string(), ec.message());
+  return StagedDirectory(absolute, overwrite);
 }
 
-StagedDirectory::StagedDirectory(StagedDirectory&& other) noexcept
-    : target_(std::move(other.target_)),
-      staging_(std::move(other.staging_)),
-      overwrite_(other.overwrite_),
-      committed_(std::exchange(other.committed_, true)) {}
-
-StagedDirectory::~StagedDirectory() {
-  if (!committed_ && !staging_.empty()) {
-    std::error_code ignored;
-    fs::remove_all(staging_, ignored);
-  }
+OutputFile& StagedDirectory::AddFile(std::string name) {
+  files_.emplace_back(std::move(name), OutputFile::CreateUnnamed(target_.parent_path()));
+  return files_.back().second;
 }
 
 void StagedDirectory::Commit() && {
-  FsyncDirectory(staging_);
-  fs::path previous;
-  if (fs::exists(target_)) {
-    if (!overwrite_)
-      Fail("output '{}' appeared while exporting; not replacing it", target_.string());
-    previous = staging_;
-    previous += ".previous";
-    if (::rename(target_.c_str(), previous.c_str()) != 0) {
-      Fail<IoError>("cannot move the existing '{}' aside: {}", target_.string(),
-                    std::strerror(errno));
+  const fs::path parent = target_.parent_path();
+  std::string staging = (parent / ("." + target_.filename().string() + ".partial-XXXXXX")).string();
+  if (::mkdtemp(staging.data()) == nullptr) {
+    Fail<IoError>("cannot create a staging directory in '{}': {}", parent.string(),
+                  std::strerror(errno));
+  }
+  // mkdtemp makes it private (0700); the output gets the permissions mkdir would give it.
+  const mode_t mask = ::umask(0);
+  ::umask(mask);
+  ::chmod(staging.c_str(), 0777 & ~mask);
+  try {
+    for (auto& [name, file] : files_) std::move(file).CommitAs(fs::path(staging) / name, false);
+    FsyncDirectory(staging);
+    fs::path previous;
+    if (fs::exists(target_)) {
+      if (!overwrite_)
+        Fail("output '{}' appeared while exporting; not replacing it", target_.string());
+      previous = staging + ".previous";
+      if (::rename(target_.c_str(), previous.c_str()) != 0) {
+        Fail<IoError>("cannot move the existing '{}' aside: {}", target_.string(),
+                      std::strerror(errno));
+      }
     }
-  }
-  // RENAME_NOREPLACE: never replace something that appeared at the target meanwhile.
-  if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, target_.c_str(), RENAME_NOREPLACE) != 0) {
-    const int saved = errno;
-    if (!previous.empty()) ::rename(previous.c_str(), target_.c_str());
-    Fail<IoError>("cannot rename '{}' to '{}': {}", staging_.string(), target_.string(),
-                  std::strerror(saved));
-  }
-  committed_ = true;
-  FsyncDirectory(target_.parent_path());
-  if (!previous.empty()) {
+    // RENAME_NOREPLACE: never replace something that appeared at the target meanwhile.
+    if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, target_.c_str(), RENAME_NOREPLACE) != 0) {
+      const int saved = errno;
+      if (!previous.empty()) ::rename(previous.c_str(), target_.c_str());
+      Fail<IoError>("cannot rename '{}' to '{}': {}", staging, target_.string(),
+                    std::strerror(saved));
+    }
+    FsyncDirectory(parent);
+    if (!previous.empty()) fs::remove_all(previous);
+  } catch (...) {
     std::error_code ignored;
-    fs::remove_all(previous, ignored);
+    fs::remove_all(staging, ignored);
+    throw;
   }
 }
 

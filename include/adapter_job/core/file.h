@@ -72,12 +72,16 @@ class MappedFile {
   std::size_t size_ = 0;
 };
 
-// Writes to a temporary file beside `final_path`; Commit() fsyncs it, renames it into place and
-// fsyncs the directory. Destroyed uncommitted, it removes the temporary file.
+// A file that appears under its final name only once complete and on disk. Until Commit() it
+// is anonymous (O_TMPFILE) where the file system allows, so a killed process leaves nothing
+// behind; elsewhere (e.g. some network file systems) it is a hidden temporary that the
+// destructor removes.
 class OutputFile {
  public:
   // Fails if `final_path` exists and `overwrite` is false.
   static OutputFile Create(const std::filesystem::path& final_path, bool overwrite);
+  // A file in `dir` whose name is given at CommitAs().
+  static OutputFile CreateUnnamed(const std::filesystem::path& dir);
   OutputFile(OutputFile&& other) noexcept;
   OutputFile& operator=(OutputFile&&) = delete;
   ~OutputFile();
@@ -87,15 +91,19 @@ class OutputFile {
   // Positional writes for files filled out of order; Resize() first sets the final size.
   void Resize(uint64_t size);
   void WriteAt(uint64_t offset, std::span<const std::byte> bytes);
-  void Commit() &&;
+
+  // fsyncs the data, links it in under `final_path` (replacing an existing file only when
+  // `overwrite`), and fsyncs the directory.
+  void CommitAs(const std::filesystem::path& final_path, bool overwrite) &&;
+  void Commit() && { std::move(*this).CommitAs(final_path_, overwrite_); }
 
  private:
-  OutputFile(std::filesystem::path final_path, std::filesystem::path temp_path, UniqueFd fd,
+  OutputFile(UniqueFd fd, std::filesystem::path temp_path, std::filesystem::path final_path,
              bool overwrite);
 
-  std::filesystem::path final_path_;
-  std::filesystem::path temp_path_;
   UniqueFd fd_;
+  std::filesystem::path temp_path_;  // empty for an O_TMPFILE file
+  std::filesystem::path final_path_;
   bool overwrite_ = false;
   bool committed_ = false;
 };

@@ -81,12 +81,13 @@ std::string SerializeHeader(std::vector<TensorSpec>& specs,
 // tensor's place) is fixed up front from the specs, and each tensor is written into its slot.
 class StreamWriter {
  public:
-  StreamWriter(const std::filesystem::path& path, std::vector<TensorSpec> specs,
-               const std::optional<std::map<std::string, std::string>>& metadata, bool overwrite);
+  // Writes the header into `file` (which must outlive this) and sizes it.
+  StreamWriter(OutputFile& file, std::vector<TensorSpec> specs,
+               const std::optional<std::map<std::string, std::string>>& metadata);
 
   void Write(const std::string& name, std::span<const std::byte> data);
-  // Fails unless every tensor was written; then fsyncs and renames into place.
-  void Commit() &&;
+  // Fails unless every tensor was written; the caller then commits the file.
+  void Finish() const;
   uint64_t file_size() const { return file_size_; }
 
  private:
@@ -95,8 +96,7 @@ class StreamWriter {
     uint64_t size = 0;
     bool written = false;
   };
-  std::filesystem::path path_;
-  OutputFile file_;
+  OutputFile& file_;
   std::map<std::string, Slot> slots_;
   uint64_t file_size_ = 0;
 };
