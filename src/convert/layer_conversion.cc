@@ -209,25 +209,34 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
   return outputs;
 }
 
-Tensor MaterializeOutput(const OutputTensor& output, const LayerLayout& layer,
-                         std::span<const std::byte> layer_buffer) {
+std::vector<std::span<const std::byte>> OutputPieces(const OutputTensor& output,
+                                                     const LayerLayout& layer,
+                                                     std::span<const std::byte> layer_buffer) {
   const LayerTensor& source = layer.tensors[output.source];
   const auto bytes = layer_buffer.subspan(source.offset_in_layer, source.nbytes);
-  Tensor out;
-  out.dtype = source.meta->dtype;
-  out.shape = output.shape;
-  if (output.rows.empty()) {
-    out.data.assign(bytes.begin(), bytes.end());
-  } else {
-    const std::size_t row_bytes = source.nbytes / static_cast<std::size_t>(source.shape[0]);
-    out.data.reserve(static_cast<std::size_t>(output.shape[0]) * row_bytes);
-    for (const auto& [begin, end] : output.rows) {
-      const auto first = bytes.begin() + static_cast<std::ptrdiff_t>(begin * row_bytes);
-      out.data.insert(out.data.end(), first,
-                      first + static_cast<std::ptrdiff_t>((end - begin) * row_bytes));
-    }
+  if (output.rows.empty()) return {bytes};
+  const std::size_t row_bytes = source.nbytes / static_cast<std::size_t>(source.shape[0]);
+  std::vector<std::span<const std::byte>> pieces;
+  for (const auto& [begin, end] : output.rows) {
+    pieces.push_back(bytes.subspan(static_cast<std::size_t>(begin) * row_bytes,
+                                   static_cast<std::size_t>(end - begin) * row_bytes));
   }
-  return CastTensor(out, output.dtype);
+  return pieces;
+}
+
+bool NeedsCast(const OutputTensor& output, const LayerLayout& layer) {
+  return layer.tensors[output.source].meta->dtype != output.dtype;
+}
+
+Tensor MaterializeOutput(const OutputTensor& output, const LayerLayout& layer,
+                         std::span<const std::byte> layer_buffer) {
+  Tensor out;
+  out.dtype = layer.tensors[output.source].meta->dtype;
+  out.shape = output.shape;
+  for (const auto& piece : OutputPieces(output, layer, layer_buffer)) {
+    out.data.insert(out.data.end(), piece.begin(), piece.end());
+  }
+  return NeedsCast(output, layer) ? CastTensor(out, output.dtype) : out;
 }
 
 }  // namespace adapter_job::convert

@@ -3,9 +3,12 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <memory>
 
@@ -194,6 +197,32 @@ void OutputFile::WriteAt(uint64_t offset, std::span<const std::byte> bytes) {
       FailErrno("cannot write", final_path_);
     }
     done += static_cast<std::size_t>(n);
+  }
+}
+
+void OutputFile::WriteAt(uint64_t offset, std::span<const std::span<const std::byte>> pieces) {
+  std::vector<iovec> iov;
+  for (const auto& piece : pieces) {
+    iov.push_back({const_cast<std::byte*>(piece.data()), piece.size()});
+  }
+  std::size_t first = 0;
+  while (first < iov.size()) {
+    const int count = static_cast<int>(std::min<std::size_t>(iov.size() - first, IOV_MAX));
+    ssize_t n = ::pwritev(fd_.get(), iov.data() + first, count, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      FailErrno("cannot write", final_path_);
+    }
+    offset += static_cast<uint64_t>(n);
+    // Skip what was written, possibly ending inside an iovec.
+    while (n > 0 && first < iov.size()) {
+      const auto step = std::min<std::size_t>(static_cast<std::size_t>(n), iov[first].iov_len);
+      iov[first].iov_base = static_cast<std::byte*>(iov[first].iov_base) + step;
+      iov[first].iov_len -= step;
+      n -= static_cast<ssize_t>(step);
+      if (iov[first].iov_len == 0) ++first;
+    }
+    while (first < iov.size() && iov[first].iov_len == 0) ++first;
   }
 }
 

@@ -22,6 +22,22 @@ using checkpoint::AdapterLayout;
 using checkpoint::LayerChunk;
 using checkpoint::LayerLayout;
 
+// Uninitialized bytes: every byte of a layer buffer is written by exactly one chunk (chunks tile
+// their tensors), so zero-filling megabytes per layer would be wasted work.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(std::size_t size)
+      : data_(std::make_unique_for_overwrite<std::byte[]>(size)), size_(size) {}
+  std::byte* data() const { return data_.get(); }
+  std::size_t size() const { return size_; }
+  std::span<std::byte> span() const { return {data_.get(), size_}; }
+
+ private:
+  std::unique_ptr<std::byte[]> data_;
+  std::size_t size_ = 0;
+};
+
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
@@ -54,9 +70,9 @@ Contribution ContributionOf(const LayerLayout& layer, const std::vector<int>& my
   return c;
 }
 
-std::vector<std::byte> ReadContribution(const LayerLayout& layer, const Contribution& contribution,
-                                        const checkpoint::CheckpointReader& reader) {
-  std::vector<std::byte> packed(contribution.nbytes);
+Buffer ReadContribution(const LayerLayout& layer, const Contribution& contribution,
+                        const checkpoint::CheckpointReader& reader) {
+  Buffer packed(contribution.nbytes);
   uint64_t at = 0;
   for (const LayerChunk* chunk : contribution.chunks) {
     const auto& tensor = layer.tensors[chunk->tensor_index];
@@ -155,24 +171,53 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
       stage.group = transport.CreateGroup(stage.members);
   }
 
+  // Which tp ranks each stage member holds, in group-rank order (members are sorted world ranks).
+  const auto tps_by_member = [&](const Stage& stage, int pp) {
+    std::vector<std::vector<int>> tps(stage.members.size());
+    for (int tp = 0; tp < layout.tensor_parallel; ++tp) {
+      const int owner = owners.owner[static_cast<std::size_t>(layout.ShardOf(tp, pp))];
+      const auto pos =
+          std::find(stage.members.begin(), stage.members.end(), owner) - stage.members.begin();
+      tps[static_cast<std::size_t>(pos)].push_back(tp);
+    }
+    return tps;
+  };
+
+  // What this rank reads for a layer: the whole layer, assembled in place, when it owns the
+  // stage alone; otherwise its packed contribution to the stage's all-gather.
+  struct Prepared {
+    Buffer bytes;
+    double seconds = 0;
+  };
+  const auto read = [&](const LayerLayout* layer) {
+    const auto start = std::chrono::steady_clock::now();
+    const Stage& stage = stages[static_cast<std::size_t>(layer->pp_stage)];
+    Prepared prepared;
+    if (stage.group == nullptr) {
+      prepared.bytes = Buffer(layer->nbytes);
+      for (const auto& chunk : layer->chunks) {
+        const auto& tensor = layer->tensors[chunk.tensor_index];
+        reader.ReadChunkInto(*tensor.meta, *chunk.chunk,
+                             prepared.bytes.data() + tensor.offset_in_layer, tensor.shape,
+                             chunk.offsets_in_layer);
+      }
+    } else {
+      prepared.bytes = ReadContribution(*layer, ContributionOf(*layer, stage.my_tps), reader);
+    }
+    prepared.seconds = Seconds(start);
+    return prepared;
+  };
+
   // The layers this rank reads, in order; the next one is read while the current one travels.
   std::vector<const LayerLayout*> mine;
   for (const auto& layer : layout.layers) {
     if (!stages[static_cast<std::size_t>(layer.pp_stage)].my_tps.empty()) mine.push_back(&layer);
   }
-  const auto read = [&](const LayerLayout* layer) {
-    const auto start = std::chrono::steady_clock::now();
-    auto packed = ReadContribution(
-        *layer, ContributionOf(*layer, stages[static_cast<std::size_t>(layer->pp_stage)].my_tps),
-        reader);
-    return std::pair(std::move(packed), Seconds(start));
-  };
   std::size_t next_read = 0;
-  std::future<std::pair<std::vector<std::byte>, double>> prefetch;
+  std::future<Prepared> prefetch;
   if (!mine.empty()) prefetch = std::async(std::launch::async, read, mine[next_read++]);
 
   const std::optional<int64_t> kill_at = KillAtLayer(world_rank);
-  std::vector<std::byte> layer_buffer;
   for (const auto& layer : layout.layers) {
     if (kill_at == layer.layer) std::raise(SIGKILL);
     Stage& stage = stages[static_cast<std::size_t>(layer.pp_stage)];
@@ -180,64 +225,53 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
     const bool member = !stage.my_tps.empty();
     if (!member && world_rank != 0) continue;
 
-    layer_buffer.assign(layer.nbytes, std::byte{0});
+    Buffer layer_buffer;
     if (member) {
-      auto [packed, read_seconds] = prefetch.get();
-      stats.read_seconds += read_seconds;
+      Prepared prepared = prefetch.get();
+      stats.read_seconds += prepared.seconds;
       if (next_read < mine.size())
         prefetch = std::async(std::launch::async, read, mine[next_read++]);
 
       const auto start = std::chrono::steady_clock::now();
-      // Each member's contribution, in group-rank order (members are sorted world ranks).
-      std::vector<std::vector<int>> tps_of_member(stage.members.size());
-      for (int tp = 0; tp < layout.tensor_parallel; ++tp) {
-        const int owner =
-            owners.owner[static_cast<std::size_t>(layout.ShardOf(tp, layer.pp_stage))];
-        const auto pos =
-            std::find(stage.members.begin(), stage.members.end(), owner) - stage.members.begin();
-        tps_of_member[static_cast<std::size_t>(pos)].push_back(tp);
-      }
-      std::vector<std::vector<std::byte>> contributions;
-      if (stage.group) {
-        // Contributions differ in size (replicated tensors live on tp 0): pad to the largest.
-        uint64_t widest = 0;
-        for (const auto& tps : tps_of_member)
-          widest = std::max(widest, ContributionOf(layer, tps).nbytes);
-        packed.resize(widest);
-        std::vector<std::byte> gathered(widest * stage.members.size());
-        stage.group->AllGather(packed, gathered);
-        for (std::size_t m = 0; m < stage.members.size(); ++m) {
-          contributions.emplace_back(
-              gathered.begin() + static_cast<std::ptrdiff_t>(m * widest),
-              gathered.begin() + static_cast<std::ptrdiff_t>((m + 1) * widest));
-        }
+      if (stage.group == nullptr) {
+        layer_buffer = std::move(prepared.bytes);
       } else {
-        contributions.push_back(std::move(packed));
-      }
-      if (world_rank == leader) {
-        for (std::size_t m = 0; m < contributions.size(); ++m) {
-          const Contribution c = ContributionOf(layer, tps_of_member[m]);
-          uint64_t at = 0;
-          for (const LayerChunk* chunk : c.chunks) {
-            PlaceChunk(layer, *chunk, std::span(contributions[m]).subspan(at, chunk->nbytes),
-                       layer_buffer);
-            at += chunk->nbytes;
+        // Contributions differ in size (replicated tensors live on tp 0): pad to the largest.
+        const auto tps = tps_by_member(stage, layer.pp_stage);
+        uint64_t widest = 0;
+        for (const auto& member_tps : tps)
+          widest = std::max(widest, ContributionOf(layer, member_tps).nbytes);
+        Buffer send(widest);
+        std::copy_n(prepared.bytes.data(), prepared.bytes.size(), send.data());
+        std::fill(send.data() + prepared.bytes.size(), send.data() + widest, std::byte{0});
+        Buffer gathered(widest * stage.members.size());
+        stage.group->AllGather(send.span(), gathered.span());
+        if (world_rank == leader) {
+          layer_buffer = Buffer(layer.nbytes);
+          for (std::size_t m = 0; m < tps.size(); ++m) {
+            uint64_t at = m * widest;
+            for (const LayerChunk* chunk : ContributionOf(layer, tps[m]).chunks) {
+              PlaceChunk(layer, *chunk, gathered.span().subspan(at, chunk->nbytes),
+                         layer_buffer.span());
+              at += chunk->nbytes;
+            }
           }
         }
-        if (leader != 0) {
-          transport.Send(layer_buffer, 0);
-          ++stats.layers_sent;
-        }
+      }
+      if (world_rank == leader && leader != 0) {
+        transport.Send(layer_buffer.span(), 0);
+        ++stats.layers_sent;
       }
       stats.communicate_seconds += Seconds(start);
     }
     if (world_rank == 0) {
       if (leader != 0) {
         const auto start = std::chrono::steady_clock::now();
-        transport.Recv(layer_buffer, leader);
+        layer_buffer = Buffer(layer.nbytes);
+        transport.Recv(layer_buffer.span(), leader);
         stats.communicate_seconds += Seconds(start);
       }
-      consume(layer, layer_buffer);
+      consume(layer, layer_buffer.span());
     }
   }
   return stats;

@@ -118,13 +118,30 @@ class MpiTransport final : public Transport {
   std::unique_ptr<MpiComm> world_;
 };
 
+// A world of one, without MPI: nothing ever travels.
+class LocalTransport final : public Transport {
+ public:
+  std::string_view name() const override { return "local"; }
+  std::unique_ptr<GroupCommunicator> CreateGroup(const std::vector<int>&) override {
+    Fail<DistError>("a single process has no groups");
+  }
+  void Send(std::span<const std::byte>, int) override {
+    Fail<DistError>("a single process cannot send");
+  }
+  void Recv(std::span<std::byte>, int) override {
+    Fail<DistError>("a single process cannot receive");
+  }
+};
+
 }  // namespace
 
-std::unique_ptr<Transport> MakeMpiTransport(const MpiWorld&) {
+std::unique_ptr<Transport> MakeMpiTransport(const MpiWorld& world) {
+  if (!world.uses_mpi()) return std::make_unique<LocalTransport>();
   return std::make_unique<MpiTransport>();
 }
 
-bool AllRanksAgree(const MpiWorld&, bool local) {
+bool AllRanksAgree(const MpiWorld& world, bool local) {
+  if (!world.uses_mpi()) return local;
   int in = local ? 1 : 0;
   int out = 0;
   Check(MPI_Allreduce(&in, &out, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
@@ -132,6 +149,7 @@ bool AllRanksAgree(const MpiWorld&, bool local) {
 }
 
 std::vector<uint64_t> GatherToRoot(const MpiWorld& world, uint64_t value) {
+  if (!world.uses_mpi()) return {value};
   std::vector<uint64_t> all(world.rank() == 0 ? static_cast<std::size_t>(world.size()) : 0);
   Check(MPI_Gather(&value, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, 0, MPI_COMM_WORLD),
         "MPI_Gather");
@@ -150,6 +168,10 @@ void RunAgreed(const MpiWorld& world, const std::function<void()>& step) {
     error = std::current_exception();
     code = static_cast<int>(ExitCode::kInternal);
   }
+  if (!world.uses_mpi()) {
+    if (error) std::rethrow_exception(error);
+    return;
+  }
   // The lowest failing rank speaks for everyone.
   int mine = error ? world.rank() : INT_MAX;
   int first = INT_MAX;
@@ -160,7 +182,9 @@ void RunAgreed(const MpiWorld& world, const std::function<void()>& step) {
   throw PeerFailure(first, static_cast<ExitCode>(code));
 }
 
-void Barrier(const MpiWorld&) { Check(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
+void Barrier(const MpiWorld& world) {
+  if (world.uses_mpi()) Check(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
+}
 
 Backend ParseBackend(std::string_view name) {
   if (name == "auto") return Backend::kAuto;

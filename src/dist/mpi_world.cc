@@ -1,6 +1,7 @@
 #include "adapter_job/dist/mpi_world.h"
 
 #include <mpi.h>
+#include <unistd.h>
 
 #include <cstdlib>
 
@@ -8,7 +9,29 @@
 
 namespace adapter_job::dist {
 
+namespace {
+
+// Variables the common launchers set in every process they start.
+bool LaunchedByMpi() {
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK",
+                           "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE"}) {
+    if (std::getenv(name) != nullptr) return true;
+  }
+  // srun without an MPI plugin still starts several tasks: let MPI sort them out.
+  const char* tasks = std::getenv("SLURM_NTASKS");
+  return tasks != nullptr && std::atoi(tasks) > 1;
+}
+
+}  // namespace
+
 MpiWorld::MpiWorld(int& argc, char**& argv) {
+  if (!LaunchedByMpi()) {
+    char name[256] = {};
+    ::gethostname(name, sizeof name - 1);
+    host_ = name;
+    return;
+  }
+  uses_mpi_ = true;
   int provided = 0;
   if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
     Fail<IoError>("MPI_Init_thread failed");
@@ -24,13 +47,14 @@ MpiWorld::MpiWorld(int& argc, char**& argv) {
 }
 
 MpiWorld::~MpiWorld() {
+  if (!uses_mpi_) return;
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) MPI_Finalize();
 }
 
 void MpiWorld::Abort(int exit_code) const {
-  MPI_Abort(MPI_COMM_WORLD, exit_code);
+  if (uses_mpi_) MPI_Abort(MPI_COMM_WORLD, exit_code);
   std::_Exit(exit_code);  // MPI_Abort should not return
 }
 

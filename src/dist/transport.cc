@@ -6,6 +6,8 @@
 namespace adapter_job::dist {
 
 std::unique_ptr<Transport> MakeTransport(const MpiWorld& world, Backend backend) {
+  // One process moves nothing between ranks: no transport to set up, whatever was asked.
+  if (!world.uses_mpi()) return MakeMpiTransport(world);
   if (backend == Backend::kMpi) return MakeMpiTransport(world);
   const AcceleratorInfo info = ProbeAccelerators();
   const bool usable = info.built_with_cuda && info.device_count > 0;

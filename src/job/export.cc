@@ -134,11 +134,25 @@ std::vector<safetensors::TensorSpec> FileSpecs(const Plan& plan, bool peft_names
   return specs;
 }
 
+// One output tensor as it leaves the pipeline on rank 0: its bytes, in consecutive pieces that
+// point into the layer buffer (or into `cast` when the dtype changes).
+struct OutputBytes {
+  std::vector<std::span<const std::byte>> pieces;
+  Tensor cast;
+  Tensor ToTensor(const convert::OutputTensor& out) const {
+    Tensor t;
+    t.dtype = out.dtype;
+    t.shape = out.shape;
+    for (const auto& piece : pieces) t.data.insert(t.data.end(), piece.begin(), piece.end());
+    return t;
+  }
+};
+
 // Runs the collective pipeline; `consume` sees every output tensor on rank 0, layer by layer.
 ExportReport RunPipeline(
     const ExportOptions& options, const dist::MpiWorld& world,
     const std::function<void(Plan&)>& prepare_rank0,
-    const std::function<void(const convert::OutputTensor&, const Tensor&)>& consume,
+    const std::function<void(const convert::OutputTensor&, const OutputBytes&)>& consume,
     const std::function<void(Plan&)>& finish_rank0) {
   const auto start = Clock::now();
   ExportReport report;
@@ -162,10 +176,16 @@ ExportReport RunPipeline(
         [&](const checkpoint::LayerLayout& layer, std::span<const std::byte> buffer) {
           const auto convert_start = Clock::now();
           for (const auto& out : plan.outputs[static_cast<std::size_t>(layer.layer)]) {
-            const Tensor tensor = convert::MaterializeOutput(out, layer, buffer);
-            report.tensor_bytes += tensor.nbytes();
+            OutputBytes bytes;
+            if (convert::NeedsCast(out, layer)) {
+              bytes.cast = convert::MaterializeOutput(out, layer, buffer);
+              bytes.pieces = {bytes.cast.data};
+            } else {
+              bytes.pieces = convert::OutputPieces(out, layer, buffer);
+            }
+            for (const auto& piece : bytes.pieces) report.tensor_bytes += piece.size();
             ++report.tensors;
-            consume(out, tensor);
+            consume(out, bytes);
           }
           convert_seconds += Since(convert_start);
         });
@@ -234,8 +254,8 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
                         std::nullopt);
         file_bytes = weights->file_size();
       },
-      [&](const convert::OutputTensor& out, const Tensor& tensor) {
-        weights->Write(out.name, tensor.data);
+      [&](const convert::OutputTensor& out, const OutputBytes& bytes) {
+        weights->Write(out.name, bytes.pieces);
       },
       [&](Plan& plan) {
         weights->Finish();
@@ -261,8 +281,9 @@ ExportReport StreamAdapterWeights(
         }
         announce(infos);
       },
-      [&](const convert::OutputTensor& out, const Tensor& tensor) {
-        sink(NamedTensor{out.name.substr(std::string("base_model.model.").size()), tensor});
+      [&](const convert::OutputTensor& out, const OutputBytes& bytes) {
+        sink(NamedTensor{out.name.substr(std::string("base_model.model.").size()),
+                         bytes.ToTensor(out)});
       },
       [](Plan&) {});
 }

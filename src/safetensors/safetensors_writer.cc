@@ -89,13 +89,20 @@ StreamWriter::StreamWriter(OutputFile& file, std::vector<TensorSpec> specs,
 }
 
 void StreamWriter::Write(const std::string& name, std::span<const std::byte> data) {
+  const std::span<const std::byte> pieces[] = {data};
+  Write(name, pieces);
+}
+
+void StreamWriter::Write(const std::string& name,
+                         std::span<const std::span<const std::byte>> pieces) {
   const auto it = slots_.find(name);
   if (it == slots_.end()) Fail("tensor '{}' was not planned", name);
   Slot& slot = it->second;
   if (slot.written) Fail("tensor '{}' written twice", name);
-  if (data.size() != slot.size)
-    Fail("tensor '{}' has {} bytes, planned {}", name, data.size(), slot.size);
-  file_.WriteAt(slot.offset, data);
+  uint64_t size = 0;
+  for (const auto& piece : pieces) size += piece.size();
+  if (size != slot.size) Fail("tensor '{}' has {} bytes, planned {}", name, size, slot.size);
+  file_.WriteAt(slot.offset, pieces);
   slot.written = true;
 }
 

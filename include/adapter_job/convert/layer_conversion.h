@@ -43,7 +43,14 @@ struct OutputTensor {
 std::vector<OutputTensor> PlanLayerConversion(const checkpoint::LayerLayout& layer,
                                               const ConversionSettings& settings);
 
-// `layer_buffer` holds the layer's Megatron tensors back to back (LayerTensor::offset_in_layer).
+// The output's bytes as spans of `layer_buffer` (which holds the layer's Megatron tensors back to
+// back, see LayerTensor::offset_in_layer), in the source dtype: no copy is made.
+std::vector<std::span<const std::byte>> OutputPieces(const OutputTensor& output,
+                                                     const checkpoint::LayerLayout& layer,
+                                                     std::span<const std::byte> layer_buffer);
+bool NeedsCast(const OutputTensor& output, const checkpoint::LayerLayout& layer);
+
+// The output as a tensor of its own, cast to its dtype.
 Tensor MaterializeOutput(const OutputTensor& output, const checkpoint::LayerLayout& layer,
                          std::span<const std::byte> layer_buffer);
 

@@ -91,6 +91,8 @@ class OutputFile {
   // Positional writes for files filled out of order; Resize() first sets the final size.
   void Resize(uint64_t size);
   void WriteAt(uint64_t offset, std::span<const std::byte> bytes);
+  // Writes `pieces` back to back from `offset` (pwritev: no gathering copy).
+  void WriteAt(uint64_t offset, std::span<const std::span<const std::byte>> pieces);
 
   // fsyncs the data, links it in under `final_path` (replacing an existing file only when
   // `overwrite`), and fsyncs the directory.

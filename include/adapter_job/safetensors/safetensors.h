@@ -86,6 +86,8 @@ class StreamWriter {
                const std::optional<std::map<std::string, std::string>>& metadata);
 
   void Write(const std::string& name, std::span<const std::byte> data);
+  // The tensor's bytes given as consecutive pieces.
+  void Write(const std::string& name, std::span<const std::span<const std::byte>> pieces);
   // Fails unless every tensor was written; the caller then commits the file.
   void Finish() const;
   uint64_t file_size() const { return file_size_; }

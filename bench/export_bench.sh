@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Export benchmark (issue: Llama-3-8B-shaped, rank-16, all-linear LoRA at TP2xPP2):
+# wall time and peak RSS per rank with 1, 2 and 4 ranks, beside the I/O floor (cat of the same
+# .distcp bytes to /dev/null). Page cache warm for both. Prints a Markdown table.
+#   bench/export_bench.sh [WORKDIR]   (default: bench/work; the checkpoint is made once, ~70 MB)
+# Env: SHAPE=8b|70b (70b: 80 layers, hidden 8192, ffn 28672, 64 heads, 8 KV heads, rank 64),
+#      RANKS="1 2 4", REPEAT=5, BACKEND=auto|mpi|nccl, BIN=build/src/cli/adapter_job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+WORK=${1:-bench/work}
+SHAPE=${SHAPE:-8b}
+RANKS=${RANKS:-"1 2 4"}
+REPEAT=${REPEAT:-5}
+BACKEND=${BACKEND:-auto}
+BIN=${BIN:-build/src/cli/adapter_job}
+PYTHON=${PYTHON:-python3}
+
+case $SHAPE in
+  8b) dims=(--layers 32 --hidden 4096 --heads 32 --query-groups 8 --head-dim 128 --ffn 14336 --dim 16 --alpha 32) ;;
+  70b) dims=(--layers 80 --hidden 8192 --heads 64 --query-groups 8 --head-dim 128 --ffn 28672 --dim 64 --alpha 128) ;;
+  *) echo "SHAPE must be 8b or 70b" >&2; exit 2 ;;
+esac
+ckpt=$WORK/$SHAPE/megatron_ckpt
+model=$WORK/$SHAPE/hf_config
+mkdir -p "$WORK/$SHAPE"
+if [[ ! -f $ckpt/latest_checkpointed_iteration.txt ]]; then
+  "$PYTHON" tests/fixtures/megatron_checkpoint.py --out "$ckpt" --tp 2 --pp 2 "${dims[@]}" --no-expected >/dev/null
+fi
+if [[ ! -f $model/config.json ]]; then
+  # The export reads only config.json: no weights needed.
+  "$PYTHON" - "$model" "${dims[@]}" <<'PY'
+import sys, transformers
+out, args = sys.argv[1], sys.argv[2:]
+a = dict(zip(args[::2], map(int, args[1::2])))
+transformers.LlamaConfig(hidden_size=a["--hidden"], intermediate_size=a["--ffn"], num_hidden_layers=a["--layers"],
+    num_attention_heads=a["--heads"], num_key_value_heads=a["--query-groups"], head_dim=a["--head-dim"],
+    vocab_size=128256, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(out)
+PY
+fi
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+now() { date +%s.%N; }
+
+distcp=("$ckpt"/iter_*/__*.distcp)
+bytes=$(cat "${distcp[@]}" | wc -c)
+cat "${distcp[@]}" >/dev/null  # warm the page cache
+floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >/dev/null; e=$(now); echo "$e - $s" | bc -l; done | median)
+
+echo "| ranks | wall s (median of $REPEAT) | x floor | peak RSS per rank (MiB) |"
+echo "|---:|---:|---:|---|"
+echo "| cat floor | $(printf %.4f "$floor") | 1.00 | - |"
+for n in $RANKS; do
+  out=$WORK/$SHAPE/out-$n
+  walls=()
+  for _ in $(seq "$REPEAT"); do
+    rm -rf "$out" "$WORK/$SHAPE"/rss.*
+    s=$(now)
+    mpirun --oversubscribe -np "$n" sh -c 'exec /usr/bin/time -f %M -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' \
+      "$WORK/$SHAPE/rss" "$BIN" export --hf-model-id "$model" --megatron-peft-checkpoint "$ckpt" \
+      --output-hf-path "$out" --backend "$BACKEND" >/dev/null
+    e=$(now)
+    walls+=("$(echo "$e - $s" | bc -l)")
+  done
+  wall=$(printf '%s\n' "${walls[@]}" | median)
+  rss=$(for r in $(seq 0 $((n - 1))); do echo $(( $(tail -1 "$WORK/$SHAPE/rss.$r") / 1024 )); done | paste -sd, -)
+  echo "| $n | $(printf %.3f "$wall") | $(printf %.1f "$(echo "$wall / $floor" | bc -l)") | $rss |"
+done
+echo
+echo "checkpoint: $SHAPE, $(( bytes / 1024 / 1024 )) MiB of .distcp in ${#distcp[@]} files; adapter $(du -b "$out/adapter_model.safetensors" | cut -f1) bytes"
