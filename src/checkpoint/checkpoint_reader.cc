@@ -1,5 +1,7 @@
 #include "adapter_job/checkpoint/checkpoint_reader.h"
 
+#include <memory>
+
 #include "adapter_job/checkpoint/torch_save.h"
 #include "adapter_job/core/error.h"
 
@@ -46,8 +48,15 @@ void CheckpointReader::ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& 
         if (!location.transform_descriptors.empty()) {
           Fail("stream transform '{}' is not supported", location.transform_descriptors.front());
         }
-        const std::vector<std::byte> blob = file.Read(location.offset, location.length);
-        const TorchSaveArchive archive = OpenTorchSave(blob);
+        // Uninitialized: pread fills every byte, and zero-filling first would double the cost.
+        if (location.length > file.size()) {
+          Fail("'{}' is truncated: need {} bytes at offset {} but the file has {} bytes",
+               file.path().string(), location.length, location.offset, file.size());
+        }
+        const auto blob = std::make_unique_for_overwrite<std::byte[]>(location.length);
+        const std::span<std::byte> bytes(blob.get(), location.length);
+        file.ReadExact(location.offset, bytes);
+        const TorchSaveArchive archive = OpenTorchSave(bytes);
         const DecodedTensor decoded = DecodeTorchSaveTensor(archive);
         if (decoded.view.dtype != tensor.dtype) {
           Fail("stored as {}, but .metadata says {}", TorchName(decoded.view.dtype),
