@@ -1,6 +1,7 @@
 // `adapter_job export` (the default command) and `adapter_job stream`.
 #include <fmt/format.h>
 
+#include <filesystem>
 #include <iostream>
 #include <optional>
 
@@ -44,7 +45,7 @@ int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args)
   // Like stream_adapter_weights.py: raw HF names, one file, each tensor written as it arrives.
   std::optional<OutputFile> file;
   std::optional<safetensors::StreamWriter> writer;
-  const ExportReport report = StreamAdapterWeights(
+  ExportReport report = StreamAdapterWeights(
       cl.options, world,
       [&](const std::vector<StreamedTensorInfo>& infos) {
         std::vector<safetensors::TensorSpec> specs;
@@ -56,6 +57,7 @@ int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args)
   if (world.rank() == 0) {
     writer->Finish();
     std::move(*file).Commit();
+    report.output = std::filesystem::absolute(*cl.stream_output).lexically_normal();
     WriteReport(cl, report);
   }
   return 0;

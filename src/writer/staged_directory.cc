@@ -22,19 +22,24 @@ StagedDirectory StagedDirectory::Create(const fs::path& target, bool overwrite) 
   if (fs::exists(absolute) && !fs::is_directory(absolute)) {
     Fail("output '{}' exists and is not a directory", absolute.string());
   }
-  std::error_code ec;
-  fs::create_directories(absolute.parent_path(), ec);
-  if (ec) Fail<IoError>("cannot create '{}': {}", absolute.parent_path().string(), ec.message());
-  return StagedDirectory(absolute, overwrite);
+  fs::path anchor = absolute.parent_path();
+  while (!fs::exists(anchor) && anchor.has_parent_path() && anchor != anchor.parent_path()) {
+    anchor = anchor.parent_path();
+  }
+  if (!fs::is_directory(anchor)) Fail("'{}' is not a directory", anchor.string());
+  return StagedDirectory(absolute, anchor, overwrite);
 }
 
 OutputFile& StagedDirectory::AddFile(std::string name) {
-  files_.emplace_back(std::move(name), OutputFile::CreateUnnamed(target_.parent_path()));
+  files_.emplace_back(std::move(name), OutputFile::CreateUnnamed(anchor_));
   return files_.back().second;
 }
 
 void StagedDirectory::Commit() && {
   const fs::path parent = target_.parent_path();
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  if (ec) Fail<IoError>("cannot create '{}': {}", parent.string(), ec.message());
   std::string staging = (parent / ("." + target_.filename().string() + ".partial-XXXXXX")).string();
   if (::mkdtemp(staging.data()) == nullptr) {
     Fail<IoError>("cannot create a staging directory in '{}': {}", parent.string(),

@@ -1,6 +1,7 @@
 // An output directory that appears complete or not at all. Its files are written unnamed (see
-// OutputFile) beside the target; Commit() names them inside a fresh hidden directory and renames
-// that into place, so a run that fails or is killed leaves no directory behind.
+// OutputFile) in the nearest existing ancestor of the target; Commit() creates the missing
+// parents, names the files inside a fresh hidden directory and renames that into place, so a run
+// that fails or is killed leaves no directory behind, not even a parent.
 #pragma once
 
 #include <deque>
@@ -27,10 +28,11 @@ class StagedDirectory {
   void Commit() &&;
 
  private:
-  StagedDirectory(std::filesystem::path target, bool overwrite)
-      : target_(std::move(target)), overwrite_(overwrite) {}
+  StagedDirectory(std::filesystem::path target, std::filesystem::path anchor, bool overwrite)
+      : target_(std::move(target)), anchor_(std::move(anchor)), overwrite_(overwrite) {}
 
   std::filesystem::path target_;
+  std::filesystem::path anchor_;  // the nearest existing ancestor: files wait there, unnamed
   bool overwrite_ = false;
   std::deque<std::pair<std::string, OutputFile>> files_;
 };

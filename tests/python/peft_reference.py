@@ -1,0 +1,196 @@
+"""The independent reference an exported adapter is held to: plain PyTorch and stock PEFT, none of the exporter's logic.
+
+* ``merged_reference_logits``: takes Megatron's global adapter tensors in their live layout (stacked
+  ``decoder.layers.<sub>`` [L, ...] or per-layer ``decoder.layers.<i>.<sub>``), splits the fused Megatron modules
+  itself (linear_qkv rows per query group ``[q heads of g; k_g; v_g]``, linear_fc1 rows ``[gate; up]``), merges
+  ``W + alpha/dim * B @ A`` (DoRA: ``m / ||W + sBA||_row * (W + sBA)``) into an fp32 copy of the HF base model and
+  runs it.
+* ``peft_logits``: stock ``PeftModel.from_pretrained`` on an adapter directory, recording every warning and
+  comparing the file's tensor names with the names PEFT expects, both ways.
+
+For a generated checkpoint the live layout is ``{**written.tensors, **written.true_order}`` (see
+tests/fixtures/megatron_checkpoint.py): the stored tensors, with the ones Megatron stores permuted replaced by their
+true order. Megatron-Bridge's ``megatron_adapter_tensors.safetensors`` already holds the live tensors.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# The 16 tokens of shared/fixtures/megatron-bridge/*/lora/logits.safetensors (byte-level tokenizer, vocab 256).
+REFERENCE_TOKENS = [1, 17, 42, 99, 128, 200, 255, 3, 64, 77, 5, 250, 31, 9, 180, 2]
+
+STACK = "decoder.layers."
+
+# Megatron adapter prefix below a layer -> (HF parent module, HF leaf modules, how B's rows and m split)
+ADAPTER_MODULES = {
+    "self_attention.linear_qkv.adapter.": ("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv"),
+    "self_attention.linear_qkv.adapter.adapter_q.": ("self_attn", ("q_proj",), None),
+    "self_attention.linear_qkv.adapter.adapter_k.": ("self_attn", ("k_proj",), None),
+    "self_attention.linear_qkv.adapter.adapter_v.": ("self_attn", ("v_proj",), None),
+    "self_attention.linear_proj.adapter.": ("self_attn", ("o_proj",), None),
+    "mlp.linear_fc1.adapter.": ("mlp", ("gate_proj", "up_proj"), "halves"),
+    "mlp.linear_fc1.adapter.adapter_gate.": ("mlp", ("gate_proj",), None),
+    "mlp.linear_fc1.adapter.adapter_up.": ("mlp", ("up_proj",), None),
+    "mlp.linear_fc2.adapter.": ("mlp", ("down_proj",), None),
+}
+
+
+def tokens(vocab: int = 256, n: int = 16, seed: int = 0) -> torch.Tensor:
+    """[1, n] token ids: Megatron-Bridge's reference tokens where they fit the vocab, else seeded random ones."""
+    if n == len(REFERENCE_TOKENS) and vocab > max(REFERENCE_TOKENS):
+        return torch.tensor([REFERENCE_TOKENS])
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def load_base(hf_dir) -> torch.nn.Module:
+    """The HF Llama in fp32 (an exact upcast of bf16 weights), eval mode."""
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    return model.eval()
+
+
+@torch.no_grad()
+def logits_of(model, token_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=token_ids).logits.float()
+
+
+def hf_config(hf_dir) -> dict:
+    return json.loads((Path(hf_dir) / "config.json").read_text())
+
+
+def per_layer(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], torch.Tensor]:
+    """{(layer, key below the layer): fp32 tensor} from stacked or per-layer Megatron keys."""
+    out = {}
+    for key, t in tensors.items():
+        if not key.startswith(STACK):
+            raise KeyError(f"not a decoder layer key: {key}")
+        rest = key[len(STACK):]
+        head, _, tail = rest.partition(".")
+        if head.isdigit():
+            out[(int(head), tail)] = t.float()
+        else:
+            for i in range(t.shape[0]):
+                out[(i, rest)] = t[i].float()
+    return out
+
+
+def split_rows(t: torch.Tensor, how: str | None, nq: int, ng: int, d: int, qkv_split: str) -> list[torch.Tensor]:
+    """Rows of a fused Megatron output (B [out, r] or a magnitude [out]) per HF module."""
+    if how is None:
+        return [t]
+    if how == "halves":
+        gate, up = t.chunk(2, dim=0)
+        return [gate, up]
+    assert how == "qkv"
+    assert t.shape[0] == (nq + 2 * ng) * d, (t.shape, nq, ng, d)
+    if qkv_split == "contiguous":  # deliberately wrong for ng > 1: only for self-checks that tests can fail
+        return list(t.split([nq * d, ng * d, ng * d], dim=0))
+    hpg = nq // ng
+    groups = t.reshape(ng, hpg + 2, d, *t.shape[1:])      # per query group: hpg q heads, one k head, one v head
+    q = groups[:, :hpg].reshape(nq * d, *t.shape[1:])
+    k = groups[:, hpg].reshape(ng * d, *t.shape[1:])
+    v = groups[:, hpg + 1].reshape(ng * d, *t.shape[1:])
+    return [q, k, v]
+
+
+def hf_adapters(tensors: dict[str, torch.Tensor], nq: int, ng: int, head_dim: int,
+                qkv_split: str = "grouped") -> dict[str, dict[str, torch.Tensor | None]]:
+    """{HF module path: {"A": [r, in], "B": [out, r], "m": [out] or None}} from Megatron's live tensors."""
+    layered = per_layer(tensors)
+    out = {}
+    for (layer, sub), a in sorted(layered.items()):
+        if not sub.endswith("linear_in.weight"):
+            continue
+        prefix = sub[: -len("linear_in.weight")]
+        if prefix not in ADAPTER_MODULES:
+            raise KeyError(f"unknown adapter module {prefix!r}")
+        parent, leaves, how = ADAPTER_MODULES[prefix]
+        b = layered[(layer, prefix + "linear_out.weight")]
+        m = layered.get((layer, prefix + "weight_magnitude"))
+        bs = split_rows(b, how, nq, ng, head_dim, qkv_split)
+        ms = split_rows(m, how, nq, ng, head_dim, qkv_split) if m is not None else [None] * len(leaves)
+        for leaf, bi, mi in zip(leaves, bs, ms):
+            out[f"model.layers.{layer}.{parent}.{leaf}"] = {"A": a, "B": bi, "m": mi}
+    known = {(layer, p + s) for layer, sub in layered for p in ADAPTER_MODULES
+             for s in ("linear_in.weight", "linear_out.weight", "weight_magnitude")}
+    stray = sorted(k for k in layered if k not in known)
+    if stray:
+        raise KeyError(f"unexpected Megatron adapter tensors: {stray[:4]}")
+    return out
+
+
+def merge_into(model, adapters: dict, kind: str, alpha, dim: int, expected_out: dict[str, int] | None = None) -> None:
+    """W <- W + s*B@A per module, in fp32; DoRA then rescales each row to the magnitude m."""
+    s = float(alpha) / dim
+    with torch.no_grad():
+        for path, p in adapters.items():
+            linear = model.get_submodule(path)
+            w = linear.weight.detach().float()
+            a, b, m = p["A"], p["B"], p["m"]
+            assert a.shape == (dim, w.shape[1]) and b.shape == (w.shape[0], dim), (path, a.shape, b.shape, w.shape)
+            if expected_out is not None:
+                assert w.shape[0] == expected_out[path.rsplit(".", 1)[1]], (path, w.shape)
+            merged = w + s * (b @ a)
+            if kind == "dora":
+                assert m is not None and m.shape == (w.shape[0],), f"{path}: DoRA needs a magnitude [out]"
+                merged = (m / merged.norm(dim=1))[:, None] * merged
+            else:
+                assert m is None, f"{path}: magnitude in a {kind} checkpoint"
+            linear.weight.copy_(merged)
+
+
+def merged_reference_logits(hf_dir, megatron_tensors: dict[str, torch.Tensor], kind: str, alpha, dim: int,
+                            token_ids: torch.Tensor | None = None, nq: int | None = None, ng: int | None = None,
+                            head_dim: int | None = None, ffn: int | None = None,
+                            qkv_split: str = "grouped") -> torch.Tensor:
+    """Logits of the HF base with the Megatron adapters merged in fp32 (dims default to the HF config's).
+
+    ``megatron_tensors`` must be the live layout; Megatron's TP is then irrelevant (the stored permutations that
+    depend on it are already undone)."""
+    cfg = hf_config(hf_dir)
+    nq = nq or cfg["num_attention_heads"]
+    ng = ng or cfg.get("num_key_value_heads") or nq
+    head_dim = head_dim or cfg.get("head_dim") or cfg["hidden_size"] // nq
+    ffn = ffn or cfg["intermediate_size"]
+    hidden = cfg["hidden_size"]
+    expected_out = {"q_proj": nq * head_dim, "k_proj": ng * head_dim, "v_proj": ng * head_dim, "o_proj": hidden,
+                    "gate_proj": ffn, "up_proj": ffn, "down_proj": hidden}
+    model = load_base(hf_dir)
+    merge_into(model, hf_adapters(megatron_tensors, nq, ng, head_dim, qkv_split), kind, alpha, dim, expected_out)
+    return logits_of(model, token_ids if token_ids is not None else tokens(cfg["vocab_size"]))
+
+
+@dataclass
+class PeftLoad:
+    logits: torch.Tensor
+    warnings: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)      # PEFT expects them, the file lacks them
+    unexpected: list[str] = field(default_factory=list)   # in the file, PEFT has no such parameter
+
+
+def peft_logits(hf_dir, adapter_dir, token_ids: torch.Tensor | None = None) -> PeftLoad:
+    """Stock PEFT on the adapter: logits, every warning raised while loading, missing and unexpected keys."""
+    from peft import PeftModel, get_peft_model_state_dict
+    base = load_base(hf_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+    on_disk = set(load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    if token_ids is None:
+        token_ids = tokens(hf_config(hf_dir)["vocab_size"])
+    return PeftLoad(logits=logits_of(model, token_ids),
+                    warnings=[f"{w.category.__name__}: {w.message}" for w in caught],
+                    missing=sorted(expected - on_disk), unexpected=sorted(on_disk - expected))
+
+
+def live_tensors(written) -> dict[str, torch.Tensor]:
+    """A generated checkpoint's global tensors in the live layout: stored ones, permuted ones in true order."""
+    return {**written.tensors, **written.true_order}
