@@ -1,0 +1,74 @@
+"""The command line: options from INI files, priorities, the implicit export command, usage errors."""
+from safetensors import safe_open
+
+from conftest import run
+
+HF = "hf_base"
+CKPT = "tp1pp1/lora/megatron_ckpt"
+
+
+def dtypes(path):
+    with safe_open(path, "pt") as f:
+        return {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def test_config_file_sets_options_and_command_line_wins(adapter_job_bin, mb_fixtures, tmp_path):
+    ini = tmp_path / "export.ini"
+    ini.write_text(f"hf-model-id = {mb_fixtures / HF}\n"
+                   f"megatron-peft-checkpoint = {mb_fixtures / CKPT}\n"
+                   f"output-hf-path = {tmp_path / 'from_ini'}\n"
+                   "dtype = fp32\n")
+    run([adapter_job_bin, "export", "--config", ini])
+    assert dtypes(tmp_path / "from_ini" / "adapter_model.safetensors") == {"F32"}
+
+    run([adapter_job_bin, "export", "--config", ini, "--dtype", "bf16",
+         "--output-hf-path", tmp_path / "from_cli"])
+    assert dtypes(tmp_path / "from_cli" / "adapter_model.safetensors") == {"BF16"}
+
+
+def test_export_is_the_default_command_and_accepts_trust_remote_code(adapter_job_bin, mb_fixtures, tmp_path):
+    out = tmp_path / "adapter"
+    proc = run([adapter_job_bin, "--hf-model-id", mb_fixtures / HF, "--megatron-peft-checkpoint",
+                mb_fixtures / CKPT, "--output-hf-path", out, "--trust-remote-code"])
+    assert "exported LoRA adapter: 4 layers, 56 tensors" in proc.stdout
+    assert (out / "adapter_config.json").exists()
+
+
+def test_usage_errors(adapter_job_bin, mb_fixtures, tmp_path):
+    cases = [
+        (["export", "--megatron-peft-checkpoint", mb_fixtures / CKPT], "'--hf-model-id' is required"),
+        (["export", "--no-such-option"], "unrecognised option '--no-such-option'"),
+        (["export", "--hf-model-id", "x", "--megatron-peft-checkpoint", "y", "--dtype", "int8"], "--dtype"),
+        (["export", "--hf-model-id", "x", "--megatron-peft-checkpoint", "y", "--backend", "gloo"], "--backend"),
+        (["export", "--config", tmp_path / "missing.ini"], "missing.ini"),
+        (["frobnicate"], "unknown command 'frobnicate'"),
+        (["inspect"], "missing the checkpoint path"),
+    ]
+    for args, message in cases:
+        proc = run([adapter_job_bin, *args], check=False)
+        assert proc.returncode == 2, (args, proc.returncode, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+
+
+def test_help_and_version(adapter_job_bin):
+    for command in ("export", "stream", "inspect", "version"):
+        proc = run([adapter_job_bin, command, "--help"])
+        assert "--help" in proc.stdout
+    assert run([adapter_job_bin, "version"]).stdout.startswith("adapter_job ")
+
+
+def test_dtype_conversions_match_torch(adapter_job_bin, mb_fixtures, tmp_path):
+    """--dtype rounds like torch's .to(): bf16 -> fp16 (round to nearest even, subnormals) and fp32."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dcp_helpers import bits
+
+    reference = load_file(mb_fixtures / "tp1pp1/lora/mb_export_adapter/adapter_model.safetensors")
+    for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
+        out = tmp_path / name
+        run([adapter_job_bin, "export", "--hf-model-id", mb_fixtures / HF, "--megatron-peft-checkpoint",
+             mb_fixtures / CKPT, "--output-hf-path", out, "--dtype", name])
+        ours = load_file(out / "adapter_model.safetensors")
+        for key, want in reference.items():
+            assert torch.equal(bits(ours[key]), bits(want.to(dtype))), (name, key)
