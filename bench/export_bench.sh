@@ -51,32 +51,37 @@ floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >/dev/null; e
 copy_floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >"$WORK/$SHAPE/copy"; sync "$WORK/$SHAPE/copy"; e=$(now); echo "$e - $s" | bc -l; done | median)
 rm -f "$WORK/$SHAPE/copy"
 
-echo "| run | wall s (median of $REPEAT) | x read floor | peak RSS per rank (MiB) |"
-echo "|---|---:|---:|---|"
-echo "| floor: cat .distcp > /dev/null | $(printf %.4f "$floor") | 1.0 | - |"
-echo "| floor: cat .distcp > file; sync | $(printf %.4f "$copy_floor") | $(printf %.1f "$(echo "$copy_floor / $floor" | bc -l)") | - |"
+echo "| run | wall s (median of $REPEAT) | x read floor | in-job s (rank 0) | peak RSS per rank (MiB) |"
+echo "|---|---:|---:|---:|---|"
+echo "| floor: cat .distcp > /dev/null | $(printf %.4f "$floor") | 1.0 | - | - |"
+echo "| floor: cat .distcp > file; sync | $(printf %.4f "$copy_floor") | $(printf %.1f "$(echo "$copy_floor / $floor" | bc -l)") | - | - |"
 export_args=(export --hf-model-id "$model" --megatron-peft-checkpoint "$ckpt" --backend "$BACKEND")
 # `direct`: one process started without mpirun (no MPI at all); N: mpirun -np N.
 for n in direct $RANKS; do
   out=$WORK/$SHAPE/out-$n
   walls=()
+  jobs=()
   for _ in $(seq "$REPEAT"); do
     rm -rf "$out" "$WORK/$SHAPE"/rss.*
     s=$(now)
     if [[ $n == direct ]]; then
-      /usr/bin/time -f %M -o "$WORK/$SHAPE/rss.0" "$BIN" "${export_args[@]}" --output-hf-path "$out" >/dev/null
+      /usr/bin/time -f %M -o "$WORK/$SHAPE/rss.0" "$BIN" "${export_args[@]}" --output-hf-path "$out" \
+        --report "$WORK/$SHAPE/report.json" >/dev/null
     else
       mpirun --oversubscribe -np "$n" sh -c 'exec /usr/bin/time -f %M -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' \
-        "$WORK/$SHAPE/rss" "$BIN" "${export_args[@]}" --output-hf-path "$out" >/dev/null
+        "$WORK/$SHAPE/rss" "$BIN" "${export_args[@]}" --output-hf-path "$out" \
+        --report "$WORK/$SHAPE/report.json" >/dev/null
     fi
     e=$(now)
     walls+=("$(echo "$e - $s" | bc -l)")
+    jobs+=("$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["seconds"]["total"])' "$WORK/$SHAPE/report.json")")
   done
   wall=$(printf '%s\n' "${walls[@]}" | median)
+  job=$(printf '%s\n' "${jobs[@]}" | median)
   count=$([[ $n == direct ]] && echo 1 || echo "$n")
   rss=$(for r in $(seq 0 $((count - 1))); do echo $(( $(tail -1 "$WORK/$SHAPE/rss.$r") / 1024 )); done | paste -sd, -)
   label=$([[ $n == direct ]] && echo "adapter_job export (1 process, no mpirun)" || echo "mpirun -np $n adapter_job export")
-  echo "| $label | $(printf %.3f "$wall") | $(printf %.1f "$(echo "$wall / $floor" | bc -l)") | $rss |"
+  echo "| $label | $(printf %.3f "$wall") | $(printf %.1f "$(echo "$wall / $floor" | bc -l)") | $(printf %.3f "$job") | $rss |"
 done
 echo
 echo "checkpoint: $SHAPE, $(( bytes / 1024 / 1024 )) MiB of .distcp in ${#distcp[@]} files; adapter $(du -b "$out/adapter_model.safetensors" | cut -f1) bytes"
