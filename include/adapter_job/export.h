@@ -12,6 +12,7 @@
 
 #include "adapter_job/core/tensor.h"
 #include "adapter_job/dist/transport.h"
+#include "adapter_job/verify/verify.h"
 #include "adapter_job/writer/adapter_config.h"
 
 namespace adapter_job {
@@ -30,6 +31,9 @@ struct ExportOptions {
   std::optional<DType> dtype;  // nullopt: keep the checkpoint's dtype (as Megatron-Bridge does)
   bool overwrite = false;
   dist::Backend backend = dist::Backend::kAuto;
+  // Verify on rank 0 before publishing (prompts, top-k, device; the paths are filled in). A
+  // failed verification publishes the adapter as `<output>.unverified` instead.
+  std::optional<verify::VerifyOptions> verify;
 };
 
 struct StageTimes {
@@ -37,6 +41,7 @@ struct StageTimes {
   double read = 0;         // rank 0's own reads
   double communicate = 0;  // rank 0's waits on other ranks
   double convert_write = 0;
+  double verify = 0;
   double total = 0;
 };
 
@@ -55,6 +60,9 @@ struct ExportReport {
   std::vector<uint64_t> bytes_read_per_rank;
   std::vector<uint64_t> expected_bytes_per_rank;  // the rank's own shards' storage
   StageTimes seconds;
+  std::optional<verify::VerificationReport> verification;
+  std::optional<std::string> verification_skipped;  // why, when it was asked for but could not run
+  std::filesystem::path published;                  // output, or output.unverified
 
   nlohmann::ordered_json ToJson() const;
   std::string Summary() const;  // human-readable, several lines

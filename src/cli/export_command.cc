@@ -10,6 +10,7 @@
 #include "adapter_job/safetensors/safetensors.h"
 #include "commands.h"
 #include "export_options.h"
+#include "verify_options.h"
 
 namespace adapter_job::cli {
 namespace {
@@ -32,8 +33,15 @@ int RunExport(const dist::MpiWorld& world, const std::vector<std::string>& args)
     return 0;
   }
   const ExportReport report = ExportAdapter(cl.options, world);
-  if (world.rank() == 0) WriteReport(cl, report);
-  return 0;
+  if (world.rank() != 0) return 0;
+  WriteReport(cl, report);
+  if (report.verification_skipped)
+    std::cout << "verification skipped: " << *report.verification_skipped << "\n";
+  if (!report.verification) return 0;
+  const int code = ReportVerification(*report.verification, cl.values);
+  if (code != 0)
+    std::cout << "the adapter was NOT published; it is in " << report.published.string() << "\n";
+  return code;
 }
 
 int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args) {

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "adapter_job/core/error.h"
+#include "verify_options.h"
 
 namespace adapter_job::cli {
 namespace {
@@ -69,6 +70,12 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   if (stream) {
     options.add_options()("output", po::value<std::string>(),
                           "safetensors file for the HF-named adapter tensors");
+  } else {
+    options.add_options()(
+        "verify", po::value<bool>()->default_value(true)->implicit_value(true)->zero_tokens(),
+        "verify the adapter's logits before publishing it (the default)")(
+        "no-verify", po::bool_switch(), "skip verification");
+    AddVerifyOptions(options);
   }
   // clang-format on
 
@@ -100,7 +107,12 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   if (stream) {
     if (!vm.count("output")) throw po::error("the option '--output' is required");
     cl.stream_output = vm["output"].as<std::string>();
+  } else if (vm["verify"].as<bool>() && !vm["no-verify"].as<bool>()) {
+    verify::VerifyOptions verify;
+    ReadVerifyOptions(vm, verify);
+    cl.options.verify = verify;
   }
+  cl.values = vm;
   return cl;
 }
 

@@ -2,6 +2,7 @@
 // line, an optional --config INI file, and the defaults in config/export.ini, in that priority.
 #pragma once
 
+#include <boost/program_options/variables_map.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@ struct ExportCommandLine {
   std::optional<std::string> stream_output;  // `stream --output`
   bool help = false;
   std::string help_text;
+  boost::program_options::variables_map values;  // for the verification options
 };
 
 ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, bool stream);

@@ -18,6 +18,7 @@ constexpr const char* kUsage = R"(usage: adapter_job [command] [options]
 commands:
   export         (default) export a Megatron-Bridge LoRA/DoRA checkpoint as a HuggingFace PEFT adapter
   stream         write the HF-named adapter tensors into one safetensors file
+  verify         compare a PEFT adapter's logits with the base model and the Megatron merge
   inspect CKPT   list the tensors, shards and PEFT settings of a Megatron torch_dist checkpoint
   version        print versions and the GPUs this process can use
 
@@ -67,6 +68,9 @@ int main(int argc, char** argv) {
   bool abort_peers = false;
   if (command == "inspect")
     return Guarded(command, 0, &abort_peers, [&] { return adapter_job::cli::RunInspect(args); });
+  if (command == "verify") {
+    return Guarded(command, 0, &abort_peers, [&] { return adapter_job::cli::RunVerify(args); });
+  }
   if (command == "version" || command == "--version") {
     return Guarded(command, 0, &abort_peers, [&] { return adapter_job::cli::RunVersion(args); });
   }

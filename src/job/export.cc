@@ -262,8 +262,34 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
         staged->AddFile("adapter_config.json")
             .Write(
                 writer::ToPythonJson(writer::BuildAdapterConfig(AdapterConfigFor(plan, options))));
-        std::move(*staged).Commit();
+        staged->Stage();
       });
+  if (world.rank() != 0) return report;
+
+  // Verify the files as written, before anyone can see them.
+  report.published = staged->target();
+  if (options.verify) {
+    if (!fs::is_directory(options.hf_model_id)) {
+      report.verification_skipped =
+          "--hf-model-id is not a local directory, so there are no base weights";
+    } else {
+      const auto verify_start = Clock::now();
+      verify::VerifyOptions v = *options.verify;
+      v.hf_model = options.hf_model_id;
+      v.base_model_name = options.hf_model_id;
+      v.adapter = staged->Stage();
+      v.megatron_checkpoint = options.checkpoint;
+      report.verification = verify::VerifyWithPlugin(v);
+      report.verification->adapter_path = staged->target().string();
+      report.seconds.verify = Since(verify_start);
+    }
+  }
+  if (report.verification && !report.verification->passed()) {
+    report.published = staged->Reject(".unverified");
+  } else {
+    staged->Publish();
+  }
+  report.seconds.total += report.seconds.verify;
   report.file_bytes = file_bytes;
   return report;
 }
@@ -300,7 +326,7 @@ void SaveHfAdapter(const std::vector<NamedTensor>& tensors,
   weights.Finish();
   staged.AddFile("adapter_config.json")
       .Write(writer::ToPythonJson(writer::BuildAdapterConfig(config)));
-  std::move(staged).Commit();
+  staged.Publish();
 }
 
 nlohmann::ordered_json ExportReport::ToJson() const {
@@ -322,7 +348,11 @@ nlohmann::ordered_json ExportReport::ToJson() const {
                   {"read", seconds.read},
                   {"communicate", seconds.communicate},
                   {"convert_write", seconds.convert_write},
+                  {"verify", seconds.verify},
                   {"total", seconds.total}};
+  j["published"] = published.string();
+  if (verification) j["verification"] = verification->ToJson();
+  if (verification_skipped) j["verification_skipped"] = *verification_skipped;
   return j;
 }
 

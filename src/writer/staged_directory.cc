@@ -35,7 +35,8 @@ OutputFile& StagedDirectory::AddFile(std::string name) {
   return files_.back().second;
 }
 
-void StagedDirectory::Commit() && {
+const fs::path& StagedDirectory::Stage() {
+  if (!staging_.empty()) return staging_;
   const fs::path parent = target_.parent_path();
   std::error_code ec;
   fs::create_directories(parent, ec);
@@ -45,36 +46,64 @@ void StagedDirectory::Commit() && {
     Fail<IoError>("cannot create a staging directory in '{}': {}", parent.string(),
                   std::strerror(errno));
   }
+  staging_ = staging;
   // mkdtemp makes it private (0700); the output gets the permissions mkdir would give it.
   const mode_t mask = ::umask(0);
   ::umask(mask);
   ::chmod(staging.c_str(), 0777 & ~mask);
-  try {
-    for (auto& [name, file] : files_) std::move(file).CommitAs(fs::path(staging) / name, false);
-    FsyncDirectory(staging);
-    fs::path previous;
-    if (fs::exists(target_)) {
-      if (!overwrite_)
-        Fail("output '{}' appeared while exporting; not replacing it", target_.string());
-      previous = staging + ".previous";
-      if (::rename(target_.c_str(), previous.c_str()) != 0) {
-        Fail<IoError>("cannot move the existing '{}' aside: {}", target_.string(),
-                      std::strerror(errno));
-      }
+  for (auto& [name, file] : files_) std::move(file).CommitAs(staging_ / name, false);
+  FsyncDirectory(staging_);
+  return staging_;
+}
+
+void StagedDirectory::MoveTo(const fs::path& destination, bool replace) {
+  fs::path previous;
+  if (fs::exists(destination)) {
+    if (!replace)
+      Fail("output '{}' appeared while exporting; not replacing it", destination.string());
+    previous = staging_.string() + ".previous";
+    if (::rename(destination.c_str(), previous.c_str()) != 0) {
+      Fail<IoError>("cannot move the existing '{}' aside: {}", destination.string(),
+                    std::strerror(errno));
     }
-    // RENAME_NOREPLACE: never replace something that appeared at the target meanwhile.
-    if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, target_.c_str(), RENAME_NOREPLACE) != 0) {
-      const int saved = errno;
-      if (!previous.empty()) ::rename(previous.c_str(), target_.c_str());
-      Fail<IoError>("cannot rename '{}' to '{}': {}", staging, target_.string(),
-                    std::strerror(saved));
-    }
-    FsyncDirectory(parent);
-    if (!previous.empty()) fs::remove_all(previous);
-  } catch (...) {
+  }
+  // RENAME_NOREPLACE: never replace something that appeared at the destination meanwhile.
+  if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, destination.c_str(), RENAME_NOREPLACE) !=
+      0) {
+    const int saved = errno;
+    if (!previous.empty()) ::rename(previous.c_str(), destination.c_str());
+    Fail<IoError>("cannot rename '{}' to '{}': {}", staging_.string(), destination.string(),
+                  std::strerror(saved));
+  }
+  staging_.clear();
+  FsyncDirectory(destination.parent_path());
+  if (!previous.empty()) fs::remove_all(previous);
+}
+
+void StagedDirectory::Publish() {
+  Stage();
+  MoveTo(target_, overwrite_);
+}
+
+fs::path StagedDirectory::Reject(std::string_view suffix) {
+  Stage();
+  fs::path destination = target_;
+  destination += suffix;
+  MoveTo(destination, /*replace=*/true);
+  return destination;
+}
+
+StagedDirectory::StagedDirectory(StagedDirectory&& other) noexcept
+    : target_(std::move(other.target_)),
+      anchor_(std::move(other.anchor_)),
+      overwrite_(other.overwrite_),
+      files_(std::move(other.files_)),
+      staging_(std::exchange(other.staging_, {})) {}
+
+StagedDirectory::~StagedDirectory() {
+  if (!staging_.empty()) {
     std::error_code ignored;
-    fs::remove_all(staging, ignored);
-    throw;
+    fs::remove_all(staging_, ignored);
   }
 }
 

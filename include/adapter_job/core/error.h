@@ -51,6 +51,16 @@ class IoError : public Error {
   ExitCode exit_code() const override { return ExitCode::kInfrastructure; }
 };
 
+// An error that crossed a boundary (a plugin, another rank) with its exit code.
+class CodedError : public Error {
+ public:
+  CodedError(const std::string& message, ExitCode code) : Error(message), code_(code) {}
+  ExitCode exit_code() const override { return code_; }
+
+ private:
+  ExitCode code_;
+};
+
 template <typename E = FormatError, typename... Args>
 [[noreturn]] void Fail(fmt::format_string<Args...> format, Args&&... args) {
   throw E(fmt::format(format, std::forward<Args>(args)...));

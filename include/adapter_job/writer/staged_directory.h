@@ -23,9 +23,17 @@ class StagedDirectory {
   // A new file that will be `target/name`; it stays valid until Commit.
   OutputFile& AddFile(std::string name);
 
-  // An existing target (allowed by `overwrite`) is moved aside first and removed only once the
-  // new one is in place.
-  void Commit() &&;
+  // Names the files inside a fresh hidden directory beside the target and returns its path, so
+  // the complete output can be checked before anyone sees it.
+  const std::filesystem::path& Stage();
+  // Stages if needed and renames into place. An existing target (allowed by `overwrite`) is moved
+  // aside first and removed only once the new one is in place.
+  void Publish();
+  // Stages if needed and renames to `<target><suffix>` instead (replacing an older one there).
+  std::filesystem::path Reject(std::string_view suffix);
+
+  StagedDirectory(StagedDirectory&& other) noexcept;
+  ~StagedDirectory();  // removes a staged directory that was neither published nor rejected
 
  private:
   StagedDirectory(std::filesystem::path target, std::filesystem::path anchor, bool overwrite)
@@ -34,7 +42,10 @@ class StagedDirectory {
   std::filesystem::path target_;
   std::filesystem::path anchor_;  // the nearest existing ancestor: files wait there, unnamed
   bool overwrite_ = false;
+  void MoveTo(const std::filesystem::path& destination, bool replace);
+
   std::deque<std::pair<std::string, OutputFile>> files_;
+  std::filesystem::path staging_;
 };
 
 }  // namespace adapter_job::writer

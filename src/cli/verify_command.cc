@@ -1,0 +1,100 @@
+// `adapter_job verify`: Megatron-Bridge's verify_adapter.py flags, our checks.
+#include <boost/program_options.hpp>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "adapter_job/core/error.h"
+#include "adapter_job/core/file.h"
+#include "adapter_job/verify/verify.h"
+#include "commands.h"
+#include "verify_options.h"
+
+namespace adapter_job::cli {
+
+namespace po = boost::program_options;
+
+void AddVerifyOptions(po::options_description& options) {
+  // clang-format off
+  options.add_options()
+    ("prompt", po::value<std::vector<std::string>>(),
+     "prompt to compare logits on (repeatable; default \"The capital of France is\")")
+    ("prompts-file", po::value<std::string>(), "file with one prompt per line")
+    ("prompt-ids", po::value<std::vector<std::string>>(),
+     "a prompt as comma-separated token ids (repeatable)")
+    ("top-k", po::value<int>()->default_value(5), "how many top tokens must agree")
+    ("verify-device", po::value<std::string>()->default_value("auto"), "auto | cuda | cpu")
+    ("verify-h5", po::value<std::string>(), "write every variant's logits to this HDF5 file");
+  // clang-format on
+}
+
+void ReadVerifyOptions(const po::variables_map& vm, verify::VerifyOptions& options) {
+  if (vm.count("prompt")) options.prompts = vm["prompt"].as<std::vector<std::string>>();
+  if (vm.count("prompts-file")) {
+    std::istringstream lines(ReadTextFile(vm["prompts-file"].as<std::string>()));
+    for (std::string line; std::getline(lines, line);) {
+      if (!line.empty()) options.prompts.push_back(line);
+    }
+  }
+  if (vm.count("prompt-ids")) {
+    for (const auto& text : vm["prompt-ids"].as<std::vector<std::string>>()) {
+      std::vector<int64_t> ids;
+      std::istringstream in(text);
+      for (std::string item; std::getline(in, item, ',');) {
+        try {
+          ids.push_back(std::stoll(item));
+        } catch (const std::exception&) {
+          Fail("--prompt-ids '{}': '{}' is not a token id", text, item);
+        }
+      }
+      options.prompt_ids.push_back(std::move(ids));
+    }
+  }
+  options.top_k = vm["top-k"].as<int>();
+  if (options.top_k < 1) Fail("--top-k must be at least 1");
+  options.device = vm["verify-device"].as<std::string>();
+}
+
+int ReportVerification(const verify::VerificationReport& report, const po::variables_map& vm) {
+  std::cout << report.Table() << std::flush;
+  if (vm.count("verify-h5")) verify::WriteHdf5(report, vm["verify-h5"].as<std::string>());
+  return report.passed() ? 0 : static_cast<int>(ExitCode::kVerificationFailed);
+}
+
+int RunVerify(const std::vector<std::string>& args) {
+  po::options_description options("adapter_job verify [options]");
+  // clang-format off
+  options.add_options()
+    ("help,h", "show this help")
+    ("hf-model-id", po::value<std::string>(), "the base model's local HF directory")
+    ("hf-adapter-path", po::value<std::string>(), "the PEFT adapter directory to verify")
+    ("megatron-peft-checkpoint", po::value<std::string>(),
+     "also compare against the checkpoint's adapter merged in Megatron's layout")
+    ("report", po::value<std::string>(), "write the verification report as JSON to this file");
+  // clang-format on
+  AddVerifyOptions(options);
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(options).run(), vm);
+  po::notify(vm);
+  if (vm.count("help")) {
+    std::cout << options;
+    return 0;
+  }
+  if (!vm.count("hf-model-id")) throw po::error("the option '--hf-model-id' is required");
+  if (!vm.count("hf-adapter-path")) throw po::error("the option '--hf-adapter-path' is required");
+  verify::VerifyOptions verify;
+  verify.hf_model = vm["hf-model-id"].as<std::string>();
+  verify.adapter = vm["hf-adapter-path"].as<std::string>();
+  if (vm.count("megatron-peft-checkpoint"))
+    verify.megatron_checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
+  ReadVerifyOptions(vm, verify);
+  const verify::VerificationReport report = verify::VerifyWithPlugin(verify);
+  if (vm.count("report")) {
+    OutputFile out = OutputFile::Create(vm["report"].as<std::string>(), /*overwrite=*/true);
+    out.Write(report.ToJson().dump(2) + "\n");
+    std::move(out).Commit();
+  }
+  return ReportVerification(report, vm);
+}
+
+}  // namespace adapter_job::cli

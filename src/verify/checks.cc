@@ -1,0 +1,105 @@
+// Thresholds are for float32 math. Two correct computations of the same logits (PEFT's
+// W·x + s·B·A·x against a merged W') differ by float32 rounding, about 1e-6 of the logit scale per
+// layer; every fault this verification exists to catch (k/v swapped, a contiguous QKV split,
+// gate/up swapped, a dropped DoRA magnitude, alpha ignored) moves logits by 1e-2 to 1 of it.
+#include "checks.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace adapter_job::verify {
+namespace {
+
+constexpr double kEffectFloor = 1e-4;      // an adapter that moves no logit by this did nothing
+constexpr double kMaxDiffRelative = 1e-3;  // of the largest |logit|
+constexpr double kMeanDiffRelative = 1e-4;
+constexpr double kMinCosine = 1.0 - 1e-6;
+constexpr double kTieRelative = 1e-4;  // near-ties: logits closer than this may swap ranks
+
+CheckResult Check(std::string name, double figure, std::string relation, double threshold,
+                  std::string detail) {
+  const bool passed = relation == "<="   ? figure <= threshold
+                      : relation == ">=" ? figure >= threshold
+                                         : figure == threshold;
+  return {std::move(name), passed, figure, threshold, std::move(relation), std::move(detail)};
+}
+
+// Top-k ids agree when every rank holds the same id, or the ids at ranks that differ have logits
+// within the tie tolerance of each other in the reference (so either order is right).
+std::pair<bool, std::string> TopKAgree(const at::Tensor& ours, const at::Tensor& reference, int k,
+                                       double tolerance) {
+  const auto [ref_values, ref_ids] = reference.topk(k);
+  const auto [our_values, our_ids] = ours.topk(k);
+  for (int i = 0; i < k; ++i) {
+    const int64_t a = our_ids[i].item<int64_t>();
+    const int64_t b = ref_ids[i].item<int64_t>();
+    if (a == b) continue;
+    const double gap = std::abs(reference[a].item<double>() - reference[b].item<double>());
+    if (gap > tolerance) {
+      return {false, fmt::format("rank {}: token {} vs {} (reference logits differ by {:.3g})",
+                                 i + 1, a, b, gap)};
+    }
+  }
+  return {true, ""};
+}
+
+}  // namespace
+
+std::vector<CheckResult> RunChecks(const CheckInputs& in) {
+  std::vector<CheckResult> checks;
+
+  double effect = 0;
+  for (const auto& p : in.prompts)
+    effect = std::max(effect, (p.peft - p.base).abs().max().item<double>());
+  checks.push_back(Check("adapter_changes_logits", effect, ">=", kEffectFloor,
+                         "max |PEFT - base| over every prompt and position"));
+
+  checks.push_back(Check(
+      "adapter_tensors_all_applied", static_cast<double>(in.unused_tensors), "==", 0,
+      in.unused_tensors ? "unused: " + in.first_unused : "every tensor maps to a targeted module"));
+  checks.push_back(Check("adapter_tensors_none_missing", static_cast<double>(in.missing_tensors),
+                         "==", 0,
+                         in.missing_tensors ? "missing: " + in.first_missing
+                                            : "every targeted module has its tensors"));
+
+  if (in.prompts.empty() || !in.prompts.front().merged) return checks;
+
+  double max_diff = 0, sum_diff = 0, count = 0, scale = 1, min_cosine = 1;
+  bool topk_ok = true;
+  std::string topk_detail =
+      fmt::format("top-{} ids of PEFT equal merged at the last position", in.top_k);
+  for (std::size_t i = 0; i < in.prompts.size(); ++i) {
+    const auto& p = in.prompts[i];
+    const at::Tensor diff = (p.peft - *p.merged).abs();
+    max_diff = std::max(max_diff, diff.max().item<double>());
+    sum_diff += diff.sum().item<double>();
+    count += static_cast<double>(diff.numel());
+    scale = std::max(scale, p.merged->abs().max().item<double>());
+    const at::Tensor cosine = at::cosine_similarity(p.peft, *p.merged, 1);
+    min_cosine = std::min(min_cosine, cosine.min().item<double>());
+    if (topk_ok) {
+      const int64_t last = p.peft.size(0) - 1;
+      const int k = static_cast<int>(std::min<int64_t>(in.top_k, p.peft.size(1)));
+      const at::Tensor reference = p.merged->index({last});
+      const double tolerance = kTieRelative * std::max(1.0, reference.abs().max().item<double>());
+      auto [agree, why] = TopKAgree(p.peft.index({last}), reference, k, tolerance);
+      if (!agree) {
+        topk_ok = false;
+        topk_detail = fmt::format("prompt {}: {}", i, why);
+      }
+    }
+  }
+  checks.push_back(Check("peft_vs_merged_topk", topk_ok ? 1 : 0, "==", 1, topk_detail));
+  checks.push_back(
+      Check("peft_vs_merged_max_abs_diff", max_diff, "<=", kMaxDiffRelative * scale,
+            fmt::format("every logit of every prompt; largest |logit| {:.3g}", scale)));
+  checks.push_back(Check("peft_vs_merged_mean_abs_diff", count > 0 ? sum_diff / count : 0,
+                         "<=", kMeanDiffRelative * scale, "mean over every logit of every prompt"));
+  checks.push_back(Check("peft_vs_merged_min_cosine", min_cosine, ">=", kMinCosine,
+                         "cosine similarity of the logit vectors, lowest over positions"));
+  return checks;
+}
+
+}  // namespace adapter_job::verify

@@ -1,0 +1,148 @@
+// Megatron's adapter semantics (Megatron-Bridge peft/lora_layers.py, dora_layers.py,
+// canonical_lora.py): y = W x + (alpha/dim)·B·A·x on each TP rank's local rows of the fused
+// projection; DoRA rescales those local rows by magnitude / row norm.
+#include "megatron_adapter.h"
+
+#include <map>
+
+#include "adapter_job/core/error.h"
+#include "hf_weights.h"
+#include "lora_merge.h"
+
+namespace adapter_job::verify {
+namespace {
+
+using at::indexing::Slice;
+using checkpoint::AdapterParam;
+
+struct Parts {
+  std::optional<at::Tensor> a, b, m;
+};
+
+// linear_qkv rows: for each query group g, its q heads, then k_g, then v_g (d rows each head).
+at::Tensor FuseQkv(const LayerWeights& w, int64_t groups, int64_t d) {
+  const int64_t per_group = w.q_proj.size(0) / groups;
+  std::vector<at::Tensor> rows;
+  for (int64_t g = 0; g < groups; ++g) {
+    rows.push_back(w.q_proj.index({Slice(g * per_group, (g + 1) * per_group)}));
+    rows.push_back(w.k_proj.index({Slice(g * d, (g + 1) * d)}));
+    rows.push_back(w.v_proj.index({Slice(g * d, (g + 1) * d)}));
+  }
+  return at::cat(rows, 0);
+}
+
+void SplitQkv(const at::Tensor& fused, LayerWeights& w, int64_t groups, int64_t d) {
+  const int64_t per_group = w.q_proj.size(0) / groups;
+  const int64_t stride = per_group + 2 * d;
+  std::vector<at::Tensor> q, k, v;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t base = g * stride;
+    q.push_back(fused.index({Slice(base, base + per_group)}));
+    k.push_back(fused.index({Slice(base + per_group, base + per_group + d)}));
+    v.push_back(fused.index({Slice(base + per_group + d, base + stride)}));
+  }
+  w.q_proj = at::cat(q, 0);
+  w.k_proj = at::cat(k, 0);
+  w.v_proj = at::cat(v, 0);
+}
+
+// The global rows of TP rank `rank`'s local linear_fc1 output [gate_rank; up_rank].
+at::Tensor LocalFc1Rows(int64_t ffn, int64_t tp, int64_t rank, const at::Device& device) {
+  const int64_t slice = ffn / tp;
+  return at::cat({at::arange(rank * slice, (rank + 1) * slice),
+                  at::arange(ffn + rank * slice, ffn + (rank + 1) * slice)})
+      .to(device);
+}
+
+}  // namespace
+
+std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(const std::filesystem::path& checkpoint,
+                                                       const convert::HfModelConfig& model) {
+  auto run = checkpoint::OpenRunDirectory(checkpoint);
+  if (!run.peft) Fail("'{}' has no run_config.yaml peft: section", run.iteration_dir.string());
+  auto reader = checkpoint::CheckpointReader::Open(run.iteration_dir);
+  std::unique_ptr<MegatronAdapter> adapter(new MegatronAdapter(std::move(run), std::move(reader)));
+  adapter->layout_ =
+      checkpoint::PlanAdapterLayout(adapter->reader_.metadata(), adapter->run_.model);
+  adapter->model_ = model;
+  adapter->scale_ =
+      adapter->run_.peft->alpha.get<double>() / static_cast<double>(adapter->run_.peft->dim);
+  return adapter;
+}
+
+void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& device) const {
+  const auto& layout = layout_.layers.at(static_cast<std::size_t>(layer));
+  // Read every adapter tensor of the layer, assembled from all of its chunks.
+  std::map<std::pair<std::string, std::string>, Parts> adapters;
+  for (std::size_t index = 0; index < layout.tensors.size(); ++index) {
+    const auto& t = layout.tensors[index];
+    Tensor host = Tensor::Zeros(t.meta->dtype, t.shape);
+    for (const auto& chunk : layout.chunks) {
+      if (chunk.tensor_index == index) {
+        reader_.ReadChunkInto(*t.meta, *chunk.chunk, host, chunk.offsets_in_layer);
+      }
+    }
+    const at::Tensor tensor =
+        at::from_blob(host.data.data(), host.shape, at::TensorOptions().dtype(ToTorch(host.dtype)))
+            .to(device, at::kFloat, false, /*copy=*/true);
+    Parts& parts = adapters[{t.key.module, t.key.canonical}];
+    (t.key.param == AdapterParam::kLinearIn    ? parts.a
+     : t.key.param == AdapterParam::kLinearOut ? parts.b
+                                               : parts.m) = tensor;
+  }
+
+  const int64_t d = model_.head_dim;
+  const int64_t groups = model_.num_key_value_heads;
+  const int64_t ffn = model_.intermediate_size;
+  const int64_t tp = layout_.tensor_parallel;
+  for (const auto& [key, p] : adapters) {
+    const auto& [module, canonical] = key;
+    if (!p.a || !p.b)
+      Fail("layer {}: {} {} lacks linear_in or linear_out", layer, module, canonical);
+    if (module == "self_attention.linear_qkv" && canonical.empty()) {
+      SplitQkv(MergeAdapter(FuseQkv(w, groups, d), *p.a, *p.b, scale_, p.m), w, groups, d);
+    } else if (module == "mlp.linear_fc1" && canonical.empty()) {
+      // Each TP rank merges its local [gate_i; up_i] rows; its magnitude slice is stored in that
+      // local order, one rank after the other.
+      at::Tensor fused = at::cat({w.gate_proj, w.up_proj}, 0);
+      at::Tensor merged = fused.clone();
+      const int64_t local = 2 * ffn / tp;
+      for (int64_t rank = 0; rank < tp; ++rank) {
+        const at::Tensor rows = LocalFc1Rows(ffn, tp, rank, device);
+        std::optional<at::Tensor> m;
+        if (p.m) m = p.m->index({Slice(rank * local, (rank + 1) * local)});
+        merged.index_put_({rows},
+                          MergeAdapter(fused.index({rows}), *p.a, p.b->index({rows}), scale_, m));
+      }
+      w.gate_proj = merged.index({Slice(0, ffn)});
+      w.up_proj = merged.index({Slice(ffn, 2 * ffn)});
+    } else if (module == "mlp.linear_fc1" &&
+               (canonical == "adapter_gate" || canonical == "adapter_up")) {
+      // Saved through the SwiGLU sharded factory: rank i's rows are stored as chunks i and i + TP
+      // of 2·TP; put them back in rank order.
+      const int64_t quarter = ffn / (2 * tp);
+      std::vector<at::Tensor> rows;
+      for (int64_t rank = 0; rank < tp; ++rank) {
+        rows.push_back(p.b->index({Slice(rank * quarter, (rank + 1) * quarter)}));
+        rows.push_back(p.b->index({Slice((tp + rank) * quarter, (tp + rank + 1) * quarter)}));
+      }
+      at::Tensor& target = canonical == "adapter_gate" ? w.gate_proj : w.up_proj;
+      target = MergeAdapter(target, *p.a, at::cat(rows, 0), scale_, p.m);
+    } else {
+      static const std::map<std::pair<std::string, std::string>, std::string> kUnfused = {
+          {{"self_attention.linear_proj", ""}, "self_attn.o_proj"},
+          {{"mlp.linear_fc2", ""}, "mlp.down_proj"},
+          {{"self_attention.linear_qkv", "adapter_q"}, "self_attn.q_proj"},
+          {{"self_attention.linear_qkv", "adapter_k"}, "self_attn.k_proj"},
+          {{"self_attention.linear_qkv", "adapter_v"}, "self_attn.v_proj"},
+      };
+      const auto it = kUnfused.find(key);
+      if (it == kUnfused.end())
+        Fail("layer {}: no Megatron semantics known for {} {}", layer, module, canonical);
+      at::Tensor& target = w.Linear(it->second);
+      target = MergeAdapter(target, *p.a, *p.b, scale_, p.m);
+    }
+  }
+}
+
+}  // namespace adapter_job::verify

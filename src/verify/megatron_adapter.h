@@ -1,0 +1,41 @@
+// The Megatron-merged variant: the adapter tensors read from the checkpoint itself and merged
+// into the base weights in Megatron's fused layout (linear_qkv interleaved per query group,
+// linear_fc1 = [gate; up], each TP rank's local rows as Megatron holds them), converted to the HF
+// layout only afterwards. It shares nothing with the exporter's conversion, so a wrong split
+// there shows up as a difference from the PEFT variant.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <memory>
+#include <optional>
+
+#include "adapter_job/checkpoint/adapter_layout.h"
+#include "adapter_job/checkpoint/checkpoint_reader.h"
+#include "adapter_job/checkpoint/run_directory.h"
+#include "adapter_job/convert/hf_config.h"
+#include "llama.h"
+
+namespace adapter_job::verify {
+
+class MegatronAdapter {
+ public:
+  static std::unique_ptr<MegatronAdapter> Open(const std::filesystem::path& checkpoint,
+                                               const convert::HfModelConfig& model);
+
+  // Replaces the adapted linear weights of `layer` in `weights` by their Megatron-merged values.
+  void Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const;
+
+ private:
+  MegatronAdapter(checkpoint::RunDirectory run, checkpoint::CheckpointReader reader)
+      : run_(std::move(run)), reader_(std::move(reader)) {}
+
+  checkpoint::RunDirectory run_;
+  checkpoint::CheckpointReader reader_;
+  checkpoint::AdapterLayout layout_;
+  convert::HfModelConfig model_;
+  double scale_ = 1.0;
+};
+
+}  // namespace adapter_job::verify

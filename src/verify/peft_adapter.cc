@@ -1,0 +1,158 @@
+// Matching rules from PEFT 0.21 (tuners_utils.check_target_module_exists, utils/other.py
+// get_pattern_key, save_and_load.py): a target name matches a module equal to it or ending with
+// "." + name, a string target is a full-match regex, rank/alpha patterns match "(.*\.)?(key)$".
+#include "peft_adapter.h"
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <regex>
+
+#include "adapter_job/core/error.h"
+#include "adapter_job/core/file.h"
+#include "lora_merge.h"
+
+namespace adapter_job::verify {
+namespace {
+
+constexpr std::string_view kPrefix = "base_model.model.";
+const char* const kLinearModules[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                      "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                      "mlp.down_proj"};
+
+bool Targets(const nlohmann::json& targets, const std::string& module) {
+  if (targets.is_string()) return std::regex_match(module, std::regex(targets.get<std::string>()));
+  if (!targets.is_array()) return false;
+  for (const auto& t : targets) {
+    const std::string name = t.get<std::string>();
+    if (module == name || (module.size() > name.size() && module.ends_with("." + name)))
+      return true;
+  }
+  return false;
+}
+
+template <typename T>
+T PatternValue(const nlohmann::json& config, const char* pattern_key, const std::string& module,
+               T fallback) {
+  if (!config.contains(pattern_key) || !config[pattern_key].is_object()) return fallback;
+  for (const auto& [key, value] : config[pattern_key].items()) {
+    if (std::regex_match(module, std::regex("(.*\\.)?(" + key + ")")))
+      return value.template get<T>();
+  }
+  return fallback;
+}
+
+TensorStat StatOf(const std::string& name, const at::Tensor& t, DType dtype) {
+  TensorStat s;
+  s.name = name;
+  s.shape = t.sizes().vec();
+  s.dtype = std::string(SafetensorsName(dtype).value_or("?"));
+  const at::Tensor f = t.to(at::kDouble);
+  s.mean = f.mean().item<double>();
+  s.std = f.numel() > 1 ? f.std().item<double>() : 0.0;
+  s.max_abs = f.abs().max().item<double>();
+  s.frobenius_norm = f.norm().item<double>();
+  return s;
+}
+
+}  // namespace
+
+PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights& base,
+                              int64_t num_layers) {
+  PeftAdapter adapter;
+  const auto config_path = dir / "adapter_config.json";
+  nlohmann::json config;
+  WithContext([&] { return config_path.string(); },
+              [&] {
+                try {
+                  config = nlohmann::json::parse(ReadTextFile(config_path));
+                } catch (const nlohmann::json::exception& e) {
+                  Fail("not valid JSON: {}", e.what());
+                }
+                if (!config.is_object() || config.value("peft_type", "") != "LORA")
+                  Fail("peft_type is not LORA");
+                if (!config.contains("target_modules")) Fail("no target_modules");
+              });
+  const int64_t r = config.value("r", int64_t{8});
+  const double alpha = config.value("lora_alpha", 8.0);
+  const bool rslora = config.value("use_rslora", false);
+  const bool dora = config.value("use_dora", false);
+
+  // Every targeted module of the base model, as PEFT would wrap them.
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    for (const char* linear : kLinearModules) {
+      const std::string module = fmt::format("model.layers.{}.{}", layer, linear);
+      if (!base.Has(module + ".weight") || !Targets(config["target_modules"], module)) continue;
+      Module m;
+      const auto rank = PatternValue<int64_t>(config, "rank_pattern", module, r);
+      const auto module_alpha = PatternValue<double>(config, "alpha_pattern", module, alpha);
+      m.scale = rslora ? module_alpha / std::sqrt(static_cast<double>(rank)) : module_alpha / rank;
+      adapter.modules_.emplace(module, std::move(m));
+    }
+  }
+
+  const auto weights_path = dir / "adapter_model.safetensors";
+  const safetensors::File file = safetensors::File::Open(weights_path);
+  for (const auto& entry : file.header().tensors) {
+    ++adapter.tensor_count_;
+    const auto bytes = file.Data(entry);
+    const at::Tensor tensor = at::from_blob(const_cast<std::byte*>(bytes.data()), entry.shape,
+                                            at::TensorOptions().dtype(ToTorch(entry.dtype)))
+                                  .to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+    adapter.stats_.push_back(StatOf(entry.name, tensor, entry.dtype));
+
+    std::string key = entry.name;
+    if (!key.starts_with(kPrefix)) {
+      adapter.unused_.push_back(entry.name);
+      continue;
+    }
+    key = key.substr(kPrefix.size());
+    // PEFT strips the adapter name; ".default" may survive in hand-made files.
+    if (const auto at = key.find(".default"); at != std::string::npos) key.erase(at, 8);
+    std::optional<at::Tensor>* slot = nullptr;
+    bool is_magnitude = false;
+    std::string module;
+    for (const auto& [suffix, which] : {std::pair{".lora_A.weight", 0},
+                                        {".lora_B.weight", 1},
+                                        {".lora_magnitude_vector.weight", 2},
+                                        {".lora_magnitude_vector", 2}}) {
+      if (key.ends_with(suffix)) {
+        module = key.substr(0, key.size() - std::string_view(suffix).size());
+        const auto it = adapter.modules_.find(module);
+        if (it != adapter.modules_.end()) {
+          slot = which == 0   ? &it->second.lora_a
+                 : which == 1 ? &it->second.lora_b
+                              : &it->second.magnitude;
+        }
+        is_magnitude = which == 2;
+        break;
+      }
+    }
+    // A magnitude without use_dora is silently ignored by PEFT: count it as unused.
+    if (slot == nullptr || (is_magnitude && !dora)) {
+      adapter.unused_.push_back(entry.name);
+      continue;
+    }
+    *slot = tensor;
+  }
+  for (const auto& [module, m] : adapter.modules_) {
+    if (!m.lora_a) adapter.missing_.push_back(module + ".lora_A.weight");
+    if (!m.lora_b) adapter.missing_.push_back(module + ".lora_B.weight");
+    if (dora && !m.magnitude) adapter.missing_.push_back(module + ".lora_magnitude_vector");
+  }
+  return adapter;
+}
+
+void PeftAdapter::Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const {
+  const std::string prefix = fmt::format("model.layers.{}.", layer);
+  for (const char* linear : kLinearModules) {
+    const auto it = modules_.find(prefix + linear);
+    if (it == modules_.end() || !it->second.lora_a || !it->second.lora_b) continue;
+    const Module& m = it->second;
+    std::optional<at::Tensor> magnitude;
+    if (m.magnitude) magnitude = m.magnitude->to(device);
+    at::Tensor& w = weights.Linear(linear);
+    w = MergeAdapter(w, m.lora_a->to(device), m.lora_b->to(device), m.scale, magnitude);
+  }
+}
+
+}  // namespace adapter_job::verify

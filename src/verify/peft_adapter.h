@@ -1,0 +1,46 @@
+// The PEFT variant: built only from the files the export wrote, matched to the base model's
+// modules by name the way PEFT's loader does, so a misnamed or unused tensor shows up here.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "adapter_job/verify/report.h"
+#include "hf_weights.h"
+#include "llama.h"
+
+namespace adapter_job::verify {
+
+class PeftAdapter {
+ public:
+  // Reads adapter_config.json and adapter_model.safetensors from `dir`; `base` tells which modules
+  // exist. Throws FormatError for files that do not parse.
+  static PeftAdapter Open(const std::filesystem::path& dir, const HfWeights& base,
+                          int64_t num_layers);
+
+  // Replaces the adapted linear weights of `layer` in `weights` by their merged values.
+  void Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const;
+
+  const std::vector<std::string>& unused_tensors() const { return unused_; }
+  const std::vector<std::string>& missing_tensors() const { return missing_; }
+  const std::vector<TensorStat>& stats() const { return stats_; }
+  std::size_t tensor_count() const { return tensor_count_; }
+
+ private:
+  struct Module {
+    std::optional<at::Tensor> lora_a, lora_b, magnitude;
+    double scale = 1.0;
+  };
+  std::map<std::string, Module> modules_;  // "model.layers.3.self_attn.q_proj"
+  std::vector<std::string> unused_;
+  std::vector<std::string> missing_;
+  std::vector<TensorStat> stats_;
+  std::size_t tensor_count_ = 0;
+};
+
+}  // namespace adapter_job::verify

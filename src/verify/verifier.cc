@@ -1,0 +1,179 @@
+// One pass over the layers: each layer's base weights are read once and serve all variants; only
+// one layer's weights are on the device at a time, next to the embedding and output head.
+#include <ATen/ATen.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/core/InferenceMode.h>
+
+#include <chrono>
+
+#include "adapter_job/convert/hf_config.h"
+#include "adapter_job/core/error.h"
+#include "adapter_job/verify/tokenizer.h"
+#include "adapter_job/verify/verify.h"
+#include "checks.h"
+#include "hf_weights.h"
+#include "llama.h"
+#include "megatron_adapter.h"
+#include "peft_adapter.h"
+
+namespace adapter_job::verify {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool CudaAvailable() { return at::hasCUDA() && at::detail::getCUDAHooks().getNumGPUs() > 0; }
+
+at::Device PickDevice(const std::string& name) {
+  if (name == "cpu") return at::kCPU;
+  if (name == "cuda") {
+    if (!CudaAvailable()) Fail("--verify-device cuda: no CUDA device is available");
+    return at::Device(at::kCUDA, 0);
+  }
+  if (name != "auto") Fail("--verify-device must be auto, cuda or cpu, not '{}'", name);
+  return CudaAvailable() ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
+}
+
+LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const at::Device& device) {
+  const std::string p = fmt::format("model.layers.{}.", layer);
+  const auto get = [&](const std::string& name) { return base.Get(p + name, device, at::kFloat); };
+  LayerWeights w;
+  w.q_proj = get("self_attn.q_proj.weight");
+  w.k_proj = get("self_attn.k_proj.weight");
+  w.v_proj = get("self_attn.v_proj.weight");
+  w.o_proj = get("self_attn.o_proj.weight");
+  w.gate_proj = get("mlp.gate_proj.weight");
+  w.up_proj = get("mlp.up_proj.weight");
+  w.down_proj = get("mlp.down_proj.weight");
+  w.input_layernorm = get("input_layernorm.weight");
+  w.post_attention_layernorm = get("post_attention_layernorm.weight");
+  return w;
+}
+
+std::vector<float> ToVector(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kCPU, at::kFloat).contiguous();
+  return {c.data_ptr<float>(), c.data_ptr<float>() + c.numel()};
+}
+
+VariantTopK TopK(const std::string& variant, const at::Tensor& logits, int k,
+                 const Tokenizer* tokenizer) {
+  const at::Tensor last = logits.index({logits.size(0) - 1});
+  const at::Tensor probs = at::softmax(last, 0);
+  const auto [values, ids] = last.topk(std::min<int64_t>(k, last.size(0)));
+  VariantTopK out{variant, {}};
+  for (int64_t i = 0; i < ids.size(0); ++i) {
+    const int64_t id = ids[i].item<int64_t>();
+    out.tokens.push_back({id, tokenizer ? tokenizer->TokenText(id) : "", values[i].item<float>(),
+                          probs[id].item<float>()});
+  }
+  return out;
+}
+
+}  // namespace
+
+VerificationReport Verify(const VerifyOptions& options) {
+  const auto start = std::chrono::steady_clock::now();
+  c10::InferenceMode inference;
+  const at::Device device = PickDevice(options.device);
+  const convert::HfModelConfig config = convert::ReadHfConfig(options.hf_model);
+  const LlamaSettings settings = MakeLlamaSettings(config);
+  const HfWeights base = HfWeights::Open(options.hf_model);
+  const PeftAdapter peft = PeftAdapter::Open(options.adapter, base, config.num_hidden_layers);
+  std::unique_ptr<MegatronAdapter> megatron;
+  if (options.megatron_checkpoint)
+    megatron = MegatronAdapter::Open(*options.megatron_checkpoint, config);
+
+  std::optional<Tokenizer> tokenizer;
+  if (fs::exists(options.hf_model / "tokenizer.json"))
+    tokenizer = Tokenizer::FromFile(options.hf_model / "tokenizer.json");
+  VerificationReport report;
+  report.base_model =
+      options.base_model_name.empty() ? options.hf_model.string() : options.base_model_name;
+  report.adapter_path = options.adapter.string();
+  report.device = device.str();
+  report.compute_dtype = "float32";
+  report.top_k = options.top_k;
+  report.adapter_tensors = peft.stats();
+
+  std::vector<std::string> prompts = options.prompts;
+  std::vector<std::vector<int64_t>> prompt_ids = options.prompt_ids;
+  if (prompts.empty() && prompt_ids.empty()) {
+    if (tokenizer) {
+      prompts.push_back(kDefaultPrompt);
+    } else {
+      // No tokenizer and no prompt: 16 ids spread over the vocabulary stand in for text.
+      std::vector<int64_t> ids;
+      for (int64_t i = 1; i <= 16; ++i) ids.push_back(i * 7919 % config.vocab_size);
+      prompt_ids.push_back(std::move(ids));
+    }
+  }
+  for (const auto& text : prompts) {
+    if (!tokenizer)
+      Fail("'{}' has no tokenizer.json to encode the prompt; pass --prompt-ids",
+           options.hf_model.string());
+    report.prompts.push_back({text, tokenizer->Encode(text), {}, {}});
+  }
+  for (const auto& ids : prompt_ids) report.prompts.push_back({"", ids, {}, {}});
+  for (const auto& p : report.prompts) {
+    if (p.token_ids.empty()) Fail("prompt '{}' encodes to no tokens", p.prompt);
+    for (int64_t id : p.token_ids) {
+      if (id < 0 || id >= config.vocab_size)
+        Fail("token id {} is outside the vocabulary of {}", id, config.vocab_size);
+    }
+  }
+
+  // Hidden states: [variant][prompt], variants base, peft, merged.
+  const std::size_t variants = megatron ? 3 : 2;
+  std::vector<std::vector<at::Tensor>> hidden(variants);
+  {
+    const at::Tensor embed = base.Get("model.embed_tokens.weight", device, at::kFloat);
+    for (const auto& p : report.prompts) {
+      const at::Tensor ids = at::tensor(p.token_ids, at::kLong).to(device);
+      for (auto& h : hidden) h.push_back(embed.index_select(0, ids));
+    }
+  }
+  for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
+    const LayerWeights base_weights = LoadLayer(base, layer, device);
+    LayerWeights peft_weights = base_weights;
+    peft.Apply(layer, peft_weights, device);
+    std::vector<const LayerWeights*> per_variant = {&base_weights, &peft_weights};
+    LayerWeights merged_weights;
+    if (megatron) {
+      merged_weights = base_weights;
+      megatron->Apply(layer, merged_weights, device);
+      per_variant.push_back(&merged_weights);
+    }
+    for (std::size_t v = 0; v < variants; ++v) {
+      for (auto& h : hidden[v]) h = DecoderLayer(h, *per_variant[v], settings);
+    }
+  }
+
+  const at::Tensor norm = base.Get("model.norm.weight", device, at::kFloat);
+  const std::string head = base.Has("lm_head.weight") && !config.tie_word_embeddings
+                               ? "lm_head.weight"
+                               : "model.embed_tokens.weight";
+  const at::Tensor lm_head = base.Get(head, device, at::kFloat);
+  CheckInputs inputs;
+  inputs.top_k = options.top_k;
+  const char* const names[] = {"base", "peft", "merged"};
+  for (std::size_t i = 0; i < report.prompts.size(); ++i) {
+    PromptLogits logits;
+    for (std::size_t v = 0; v < variants; ++v) {
+      const at::Tensor out =
+          at::matmul(RmsNorm(hidden[v][i], norm, settings.rms_norm_eps), lm_head.t()).to(at::kCPU);
+      (v == 0 ? logits.base : v == 1 ? logits.peft : logits.merged.emplace()) = out;
+      report.prompts[i].logits.push_back({names[v], out.sizes().vec(), ToVector(out)});
+      report.prompts[i].top_k.push_back(
+          TopK(names[v], out, options.top_k, tokenizer ? &*tokenizer : nullptr));
+    }
+    inputs.prompts.push_back(std::move(logits));
+  }
+  inputs.unused_tensors = peft.unused_tensors().size();
+  inputs.missing_tensors = peft.missing_tensors().size();
+  if (!peft.unused_tensors().empty()) inputs.first_unused = peft.unused_tensors().front();
+  if (!peft.missing_tensors().empty()) inputs.first_missing = peft.missing_tensors().front();
+  report.checks = RunChecks(inputs);
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return report;
+}
+
+}  // namespace adapter_job::verify
