@@ -73,10 +73,11 @@ struct VerificationReport {
   std::string Table() const;              // the readable summary printed on rank 0
 };
 
-// verification.h5 (layout documented in README.md): /prompts/<i>/{token_ids, logits/<variant>,
-// top_k/<variant>/{ids, logits, probabilities}} with the prompt text as an attribute;
-// /checks/{name, passed, figure, threshold} as datasets; /adapter_tensors/{name, shape, mean, std,
-// max_abs, frobenius_norm}; file attributes base_model, adapter_path, device, compute_dtype, passed.
+// verification.h5, laid out as README.md ("verification.h5") documents: /prompts/<i>/{token_ids,
+// logits/<variant>, top_k/<variant>/{ids, logits, probabilities, text}} with the prompt text as an
+// attribute; /checks/{name, passed, figure, threshold, relation, detail}; /adapter_tensors/{name,
+// dtype, shape, mean, std, max_abs, frobenius_norm}; root attributes base_model, adapter_path,
+// device, compute_dtype, top_k, passed, seconds. Written to a temporary file and renamed.
 void WriteHdf5(const VerificationReport& report, const std::filesystem::path& path);
 
 }  // namespace adapter_job::verify
