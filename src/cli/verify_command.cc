@@ -14,6 +14,39 @@ namespace adapter_job::cli {
 
 namespace po = boost::program_options;
 
+namespace {
+
+// "20GiB", "512MiB", "1e9" or a plain number of bytes.
+uint64_t ParseBytes(const std::string& text) {
+  std::size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    Fail("--verify-max-gpu-mem '{}' is not a size", text);
+  }
+  const std::string unit = text.substr(used);
+  double scale = 1;
+  if (unit == "KiB")
+    scale = 1024.0;
+  else if (unit == "MiB")
+    scale = 1024.0 * 1024;
+  else if (unit == "GiB")
+    scale = 1024.0 * 1024 * 1024;
+  else if (unit == "KB")
+    scale = 1e3;
+  else if (unit == "MB")
+    scale = 1e6;
+  else if (unit == "GB")
+    scale = 1e9;
+  else if (!unit.empty() && unit != "B")
+    Fail("--verify-max-gpu-mem '{}': unknown unit '{}'", text, unit);
+  if (value <= 0) Fail("--verify-max-gpu-mem must be positive");
+  return static_cast<uint64_t>(value * scale);
+}
+
+}  // namespace
+
 void AddVerifyOptions(po::options_description& options) {
   // clang-format off
   options.add_options()
@@ -24,7 +57,9 @@ void AddVerifyOptions(po::options_description& options) {
      "a prompt as comma-separated token ids (repeatable)")
     ("top-k", po::value<int>()->default_value(5), "how many top tokens must agree")
     ("verify-device", po::value<std::string>()->default_value("auto"), "auto | cuda | cpu")
-    ("verify-h5", po::value<std::string>(), "write every variant's logits to this HDF5 file");
+    ("verify-h5", po::value<std::string>(), "write every variant's logits to this HDF5 file")
+    ("verify-max-gpu-mem", po::value<std::string>(),
+     "most device memory for weights, e.g. 20GiB (layers are streamed one at a time)");
   // clang-format on
 }
 
@@ -53,6 +88,8 @@ void ReadVerifyOptions(const po::variables_map& vm, verify::VerifyOptions& optio
   options.top_k = vm["top-k"].as<int>();
   if (options.top_k < 1) Fail("--top-k must be at least 1");
   options.device = vm["verify-device"].as<std::string>();
+  if (vm.count("verify-max-gpu-mem"))
+    options.max_device_bytes = ParseBytes(vm["verify-max-gpu-mem"].as<std::string>());
 }
 
 int ReportVerification(const verify::VerificationReport& report, const po::variables_map& vm) {

@@ -121,6 +121,31 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
   }
 
+  // Layers stream through the device one at a time: what must fit is the embedding and head and
+  // one layer per variant, in float32.
+  if (options.max_device_bytes) {
+    const auto bytes_of = [&](const std::string& name) {
+      uint64_t n = 4;
+      for (int64_t d : base.Shape(name)) n *= static_cast<uint64_t>(d);
+      return n;
+    };
+    uint64_t layer = 0;
+    for (const char* m : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}) {
+      layer += bytes_of(fmt::format("model.layers.0.{}.weight", m));
+    }
+    const bool tied = !base.Has("lm_head.weight") || config.tie_word_embeddings;
+    const uint64_t needed =
+        bytes_of("model.embed_tokens.weight") * (tied ? 1 : 2) + layer * (megatron ? 3 : 2);
+    if (needed > *options.max_device_bytes) {
+      Fail(
+          "verification needs {} bytes of device memory (embedding, head and one layer per variant "
+          "in "
+          "float32) but --verify-max-gpu-mem allows {}",
+          needed, *options.max_device_bytes);
+    }
+  }
+
   // Hidden states: [variant][prompt], variants base, peft, merged.
   const std::size_t variants = megatron ? 3 : 2;
   std::vector<std::vector<at::Tensor>> hidden(variants);

@@ -22,6 +22,9 @@ struct VerifyOptions {
   std::vector<std::vector<int64_t>> prompt_ids;
   int top_k = 5;
   std::string device = "auto";  // auto | cuda | cpu
+  // Weights held on the device at once: the embedding and output head, plus one layer in each
+  // variant. Layers are always streamed; a model whose single layer cannot fit is refused.
+  std::optional<uint64_t> max_device_bytes;
 };
 
 // Default prompt when none is given, as Megatron-Bridge's verify_adapter.py.
