@@ -23,6 +23,15 @@ namespace {
   Fail<IoError>("{} '{}': {}", action, path.string(), std::strerror(saved));
 }
 
+// A path the user named that does not exist is bad input; other failures are the system's.
+[[noreturn]] void FailOpen(const std::filesystem::path& path) {
+  const int saved = errno;
+  if (saved == ENOENT || saved == ENOTDIR) {
+    Fail<FormatError>("'{}' does not exist", path.string());
+  }
+  Fail<IoError>("cannot open '{}': {}", path.string(), std::strerror(saved));
+}
+
 }  // namespace
 
 UniqueFd::UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
@@ -52,7 +61,7 @@ ReadOnlyFile::ReadOnlyFile(std::filesystem::path path, UniqueFd fd, uint64_t siz
 
 ReadOnlyFile ReadOnlyFile::Open(const std::filesystem::path& path) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid()) FailErrno("cannot open", path);
+  if (!fd.valid()) FailOpen(path);
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) FailErrno("cannot stat", path);
   if (!S_ISREG(st.st_mode)) Fail<IoError>("'{}' is not a regular file", path.string());
@@ -96,7 +105,7 @@ MappedFile MappedFile::Open(const std::filesystem::path& path) {
   const ReadOnlyFile file = ReadOnlyFile::Open(path);
   if (file.size() == 0) return MappedFile(path, nullptr, 0);
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid()) FailErrno("cannot open", path);
+  if (!fd.valid()) FailOpen(path);
   void* data = ::mmap(nullptr, file.size(), PROT_READ, MAP_PRIVATE, fd.get(), 0);
   if (data == MAP_FAILED) FailErrno("cannot map", path);
   return MappedFile(path, static_cast<const std::byte*>(data), file.size());

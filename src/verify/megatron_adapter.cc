@@ -57,7 +57,8 @@ at::Tensor LocalFc1Rows(int64_t ffn, int64_t tp, int64_t rank, const at::Device&
 }  // namespace
 
 std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(const std::filesystem::path& checkpoint,
-                                                       const convert::HfModelConfig& model) {
+                                                       const convert::HfModelConfig& model,
+                                                       at::ScalarType adapter_dtype) {
   auto run = checkpoint::OpenRunDirectory(checkpoint);
   if (!run.peft) Fail("'{}' has no run_config.yaml peft: section", run.iteration_dir.string());
   auto reader = checkpoint::CheckpointReader::Open(run.iteration_dir);
@@ -65,6 +66,7 @@ std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(const std::filesystem::pa
   adapter->layout_ =
       checkpoint::PlanAdapterLayout(adapter->reader_.metadata(), adapter->run_.model);
   adapter->model_ = model;
+  adapter->adapter_dtype_ = adapter_dtype;
   adapter->scale_ =
       adapter->run_.peft->alpha.get<double>() / static_cast<double>(adapter->run_.peft->dim);
   return adapter;
@@ -84,7 +86,8 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
     }
     const at::Tensor tensor =
         at::from_blob(host.data.data(), host.shape, at::TensorOptions().dtype(ToTorch(host.dtype)))
-            .to(device, at::kFloat, false, /*copy=*/true);
+            .to(device, adapter_dtype_, false, /*copy=*/true)
+            .to(at::kFloat);
     Parts& parts = adapters[{t.key.module, t.key.canonical}];
     (t.key.param == AdapterParam::kLinearIn    ? parts.a
      : t.key.param == AdapterParam::kLinearOut ? parts.b

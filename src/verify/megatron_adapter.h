@@ -21,8 +21,11 @@ namespace adapter_job::verify {
 
 class MegatronAdapter {
  public:
+  // `adapter_dtype`: the dtype the exported adapter stores; the checkpoint's tensors are rounded
+  // to it first, as the export legitimately does (a float32 checkpoint exported as bf16).
   static std::unique_ptr<MegatronAdapter> Open(const std::filesystem::path& checkpoint,
-                                               const convert::HfModelConfig& model);
+                                               const convert::HfModelConfig& model,
+                                               at::ScalarType adapter_dtype);
 
   // Replaces the adapted linear weights of `layer` in `weights` by their Megatron-merged values.
   void Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const;
@@ -36,6 +39,7 @@ class MegatronAdapter {
   checkpoint::AdapterLayout layout_;
   convert::HfModelConfig model_;
   double scale_ = 1.0;
+  at::ScalarType adapter_dtype_ = at::kFloat;
 };
 
 }  // namespace adapter_job::verify

@@ -93,7 +93,9 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
   const auto weights_path = dir / "adapter_model.safetensors";
   const safetensors::File file = safetensors::File::Open(weights_path);
   for (const auto& entry : file.header().tensors) {
-    ++adapter.tensor_count_;
+    if (adapter.tensor_count_++ == 0 || ItemSize(entry.dtype) > at::elementSize(adapter.storage_dtype_)) {
+      adapter.storage_dtype_ = ToTorch(entry.dtype);
+    }
     const auto bytes = file.Data(entry);
     const at::Tensor tensor = at::from_blob(const_cast<std::byte*>(bytes.data()), entry.shape,
                                             at::TensorOptions().dtype(ToTorch(entry.dtype)))

@@ -30,6 +30,8 @@ class PeftAdapter {
   const std::vector<std::string>& missing_tensors() const { return missing_; }
   const std::vector<TensorStat>& stats() const { return stats_; }
   std::size_t tensor_count() const { return tensor_count_; }
+  // The dtype the file stores its tensors in (the widest, if they differ).
+  at::ScalarType storage_dtype() const { return storage_dtype_; }
 
  private:
   struct Module {
@@ -41,6 +43,7 @@ class PeftAdapter {
   std::vector<std::string> missing_;
   std::vector<TensorStat> stats_;
   std::size_t tensor_count_ = 0;
+  at::ScalarType storage_dtype_ = at::kFloat;
 };
 
 }  // namespace adapter_job::verify

@@ -80,7 +80,7 @@ VerificationReport Verify(const VerifyOptions& options) {
   const PeftAdapter peft = PeftAdapter::Open(options.adapter, base, config.num_hidden_layers);
   std::unique_ptr<MegatronAdapter> megatron;
   if (options.megatron_checkpoint)
-    megatron = MegatronAdapter::Open(*options.megatron_checkpoint, config);
+    megatron = MegatronAdapter::Open(*options.megatron_checkpoint, config, peft.storage_dtype());
 
   std::optional<Tokenizer> tokenizer;
   if (fs::exists(options.hf_model / "tokenizer.json"))
