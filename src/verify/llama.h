@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <string>
 
 #include "adapter_job/convert/hf_config.h"
@@ -23,6 +24,11 @@ struct LlamaSettings {
 // Reads rms_norm_eps and the RoPE parameters (transformers 5 `rope_parameters` or 4's
 // `rope_theta`/`rope_scaling`) from the config; throws for rope types other than default/llama3.
 LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config);
+
+// The linear modules of a decoder layer, by their HF paths.
+inline constexpr std::array<const char*, 7> kDecoderLinears = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
 
 // The linear weights of one decoder layer ([out, in], as in HF) and its two norms.
 struct LayerWeights {

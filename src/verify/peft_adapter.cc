@@ -15,9 +15,6 @@ namespace adapter_job::verify {
 namespace {
 
 constexpr std::string_view kPrefix = "base_model.model.";
-const char* const kLinearModules[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                      "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
-                                      "mlp.down_proj"};
 
 bool Targets(const nlohmann::json& targets, const std::string& module) {
   if (targets.is_string()) return std::regex_match(module, std::regex(targets.get<std::string>()));
@@ -79,7 +76,7 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
 
   // Every targeted module of the base model, as PEFT would wrap them.
   for (int64_t layer = 0; layer < num_layers; ++layer) {
-    for (const char* linear : kLinearModules) {
+    for (const char* linear : kDecoderLinears) {
       const std::string module = fmt::format("model.layers.{}.{}", layer, linear);
       if (!base.Has(module + ".weight") || !Targets(config["target_modules"], module)) continue;
       Module m;
@@ -93,7 +90,8 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
   const auto weights_path = dir / "adapter_model.safetensors";
   const safetensors::File file = safetensors::File::Open(weights_path);
   for (const auto& entry : file.header().tensors) {
-    if (adapter.tensor_count_++ == 0 || ItemSize(entry.dtype) > at::elementSize(adapter.storage_dtype_)) {
+    if (adapter.tensor_count_++ == 0 ||
+        ItemSize(entry.dtype) > at::elementSize(adapter.storage_dtype_)) {
       adapter.storage_dtype_ = ToTorch(entry.dtype);
     }
     const auto bytes = file.Data(entry);
@@ -146,7 +144,7 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
 
 void PeftAdapter::Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const {
   const std::string prefix = fmt::format("model.layers.{}.", layer);
-  for (const char* linear : kLinearModules) {
+  for (const char* linear : kDecoderLinears) {
     const auto it = modules_.find(prefix + linear);
     if (it == modules_.end() || !it->second.lora_a || !it->second.lora_b) continue;
     const Module& m = it->second;

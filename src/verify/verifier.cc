@@ -35,17 +35,11 @@ at::Device PickDevice(const std::string& name) {
 
 LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const at::Device& device) {
   const std::string p = fmt::format("model.layers.{}.", layer);
-  const auto get = [&](const std::string& name) { return base.Get(p + name, device, at::kFloat); };
   LayerWeights w;
-  w.q_proj = get("self_attn.q_proj.weight");
-  w.k_proj = get("self_attn.k_proj.weight");
-  w.v_proj = get("self_attn.v_proj.weight");
-  w.o_proj = get("self_attn.o_proj.weight");
-  w.gate_proj = get("mlp.gate_proj.weight");
-  w.up_proj = get("mlp.up_proj.weight");
-  w.down_proj = get("mlp.down_proj.weight");
-  w.input_layernorm = get("input_layernorm.weight");
-  w.post_attention_layernorm = get("post_attention_layernorm.weight");
+  for (const char* linear : kDecoderLinears)
+    w.Linear(linear) = base.Get(p + linear + ".weight", device, at::kFloat);
+  w.input_layernorm = base.Get(p + "input_layernorm.weight", device, at::kFloat);
+  w.post_attention_layernorm = base.Get(p + "post_attention_layernorm.weight", device, at::kFloat);
   return w;
 }
 
@@ -130,10 +124,8 @@ VerificationReport Verify(const VerifyOptions& options) {
       return n;
     };
     uint64_t layer = 0;
-    for (const char* m : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                          "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}) {
-      layer += bytes_of(fmt::format("model.layers.0.{}.weight", m));
-    }
+    for (const char* linear : kDecoderLinears)
+      layer += bytes_of(fmt::format("model.layers.0.{}.weight", linear));
     const bool tied = !base.Has("lm_head.weight") || config.tie_word_embeddings;
     const uint64_t needed =
         bytes_of("model.embed_tokens.weight") * (tied ? 1 : 2) + layer * (megatron ? 3 : 2);
