@@ -269,9 +269,15 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
   // Verify the files as written, before anyone can see them.
   report.published = staged->target();
   if (options.verify) {
-    if (!fs::is_directory(options.hf_model_id)) {
+    const fs::path model_dir(options.hf_model_id);
+    if (!fs::is_directory(model_dir)) {
       report.verification_skipped =
           "--hf-model-id is not a local directory, so there are no base weights";
+    } else if (!fs::exists(model_dir / "model.safetensors") &&
+               !fs::exists(model_dir / "model.safetensors.index.json")) {
+      report.verification_skipped = fmt::format(
+          "'{}' has no model.safetensors or model.safetensors.index.json to verify with",
+          model_dir.string());
     } else {
       const auto verify_start = Clock::now();
       verify::VerifyOptions v = *options.verify;
