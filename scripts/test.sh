@@ -8,6 +8,8 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 scripts/install.sh
 ADAPTER_JOB_SKIP_INSTALL=1 BUILD_DIR=build scripts/build.sh
 (cd build && ctest --output-on-failure -j"$(nproc)")
+# Which checks caught each fault planted in an exported adapter (tests/python/test_verify.py).
+[[ ! -f build/verification_mutations.txt ]] || cat build/verification_mutations.txt
 
 if [[ ${ADAPTER_JOB_SKIP_SANITIZERS:-0} != 1 ]]; then
   ADAPTER_JOB_SKIP_INSTALL=1 BUILD_DIR=build-asan SANITIZE=address,undefined scripts/build.sh

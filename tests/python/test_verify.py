@@ -377,6 +377,10 @@ def mutations(store) -> dict[str, MutationResult]:
     table = "\n".join(["", f"mutation summary ({MUTATION_SUBJECT}: DoRA, nq 8, ng 2, head_dim 8, TP 2, fp32):"]
                       + [r.row() for r in results.values()])
     print(table)
+    # Recorded beside the build, where scripts/test.sh prints it after the run.
+    build_dir = os.environ.get("ADAPTER_JOB_BUILD_DIR")
+    if build_dir:
+        (Path(build_dir) / "verification_mutations.txt").write_text(table.lstrip("\n") + "\n")
     store.mutation_table = table
     return results
 
