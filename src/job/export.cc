@@ -198,7 +198,7 @@ ExportReport RunPipeline(
     throw error;
   }
 
-  // Report what each rank read before committing, so a mismatch is never published.
+  // Collective, so gathered while every rank still takes part (rank 0 then finishes alone).
   report.bytes_read_per_rank = dist::GatherToRoot(world, plan.reader->bytes_read());
   report.expected_bytes_per_rank =
       dist::ExpectedBytesPerRank(plan.layout, plan.reader->metadata(), plan.owners, world.size());
