@@ -9,12 +9,19 @@ std::unique_ptr<Transport> MakeTransport(const MpiWorld& world, Backend backend)
   // One process moves nothing between ranks: no transport to set up, whatever was asked.
   if (!world.uses_mpi()) return MakeMpiTransport(world);
   if (backend == Backend::kMpi) return MakeMpiTransport(world);
+  // NCCL needs a GPU of its own for every rank: no two ranks of a host may share one.
   const AcceleratorInfo info = ProbeAccelerators();
-  const bool usable = info.built_with_cuda && info.device_count > 0;
+  const int ranks_here = RanksOnThisHost(world);
+  const bool usable = info.built_with_cuda && info.device_count >= ranks_here;
   const bool everywhere = AllRanksAgree(world, usable);
   if (backend == Backend::kNccl && !everywhere) {
-    Fail<DistError>("--backend nccl needs a GPU on every rank{}",
-                    usable ? "" : ": " + info.unavailable_reason);
+    std::string why;
+    if (!usable) {
+      why = fmt::format(": {} ranks on {} and {} GPUs there", ranks_here, world.host(),
+                        info.device_count);
+      if (info.device_count == 0) why += " (" + info.unavailable_reason + ")";
+    }
+    Fail<DistError>("--backend nccl needs a GPU of its own for every rank{}", why);
   }
   return everywhere ? MakeNcclTransport(world) : MakeMpiTransport(world);
 }
