@@ -3,10 +3,9 @@
 // JSON for schedulers and HDF5 (verification.h5) for analysis. No libtorch here.
 #pragma once
 
-#include <nlohmann/json.hpp>
-
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -39,12 +38,12 @@ struct PromptResult {
 };
 
 struct CheckResult {
-  std::string name;       // e.g. "peft_vs_merged_max_abs_logit_diff"
+  std::string name;  // e.g. "peft_vs_merged_max_abs_logit_diff"
   bool passed = false;
-  double figure = 0;      // the measured value
-  double threshold = 0;   // the bound it is held to
-  std::string relation;   // how figure compares to threshold to pass: "<=", ">=" or "=="
-  std::string detail;     // one line for people, e.g. which prompt and token decided it
+  double figure = 0;     // the measured value
+  double threshold = 0;  // the bound it is held to
+  std::string relation;  // how figure compares to threshold to pass: "<=", ">=" or "=="
+  std::string detail;    // one line for people, e.g. which prompt and token decided it
 };
 
 struct TensorStat {
@@ -60,8 +59,8 @@ struct TensorStat {
 struct VerificationReport {
   std::string base_model;
   std::string adapter_path;
-  std::string device;        // "cuda:0" | "cpu"
-  std::string compute_dtype; // "float32" by default
+  std::string device;         // "cuda:0" | "cpu"
+  std::string compute_dtype;  // "float32" by default
   int top_k = 5;
   std::vector<PromptResult> prompts;
   std::vector<CheckResult> checks;
