@@ -182,15 +182,16 @@ void RunAgreed(const MpiWorld& world, const std::function<void()>& step) {
   throw PeerFailure(first, static_cast<ExitCode>(code));
 }
 
-int RanksOnThisHost(const MpiWorld& world) {
-  if (!world.uses_mpi()) return 1;
+HostPlacement PlaceOnHost(const MpiWorld& world) {
+  HostPlacement placement;
+  if (!world.uses_mpi()) return placement;
   MPI_Comm local;
   Check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local),
         "MPI_Comm_split_type");
-  int size = 1;
-  MPI_Comm_size(local, &size);
+  MPI_Comm_rank(local, &placement.local_rank);
+  MPI_Comm_size(local, &placement.local_size);
   MPI_Comm_free(&local);
-  return size;
+  return placement;
 }
 
 void Barrier(const MpiWorld& world) {

@@ -180,23 +180,12 @@ class NcclTransport final : public Transport {
   StagingBuffers staging_;
 };
 
-// One GPU per rank on each host: the node-local rank picks the device.
-void SelectDevice() {
-  MPI_Comm local;
-  MpiCheck(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local),
-           "MPI_Comm_split_type");
-  int local_rank = 0;
-  MPI_Comm_rank(local, &local_rank);
-  MPI_Comm_free(&local);
-  int devices = 0;
-  CudaCheck(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
-  CudaCheck(cudaSetDevice(local_rank % devices), "cudaSetDevice");
-}
-
 }  // namespace
 
-std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld&) {
-  SelectDevice();
+// One GPU per rank on each host (MakeTransport checked there are enough): the host-local rank
+// picks the device.
+std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld& world) {
+  CudaCheck(cudaSetDevice(PlaceOnHost(world).local_rank), "cudaSetDevice");
   return std::make_unique<NcclTransport>(MPI_COMM_WORLD);
 }
 

@@ -11,7 +11,7 @@ std::unique_ptr<Transport> MakeTransport(const MpiWorld& world, Backend backend)
   if (backend == Backend::kMpi) return MakeMpiTransport(world);
   // NCCL needs a GPU of its own for every rank: no two ranks of a host may share one.
   const AcceleratorInfo info = ProbeAccelerators();
-  const int ranks_here = RanksOnThisHost(world);
+  const int ranks_here = PlaceOnHost(world).local_size;
   const bool usable = info.built_with_cuda && info.device_count >= ranks_here;
   const bool everywhere = AllRanksAgree(world, usable);
   if (backend == Backend::kNccl && !everywhere) {

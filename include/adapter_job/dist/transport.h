@@ -75,7 +75,11 @@ bool AllRanksAgree(const MpiWorld& world, bool local);
 void RunAgreed(const MpiWorld& world, const std::function<void()>& step);
 std::vector<uint64_t> GatherToRoot(const MpiWorld& world, uint64_t value);
 void Barrier(const MpiWorld& world);
-// How many ranks of the world run on this host.
-int RanksOnThisHost(const MpiWorld& world);
+// This rank's place among the ranks of the world that run on its host.
+struct HostPlacement {
+  int local_rank = 0;
+  int local_size = 1;
+};
+HostPlacement PlaceOnHost(const MpiWorld& world);
 
 }  // namespace adapter_job::dist
