@@ -59,6 +59,7 @@ struct ExportReport {
   uint64_t file_bytes = 0;
   std::vector<uint64_t> bytes_read_per_rank;
   std::vector<uint64_t> expected_bytes_per_rank;  // the rank's own shards' storage
+  std::vector<uint64_t> peak_rss_bytes_per_rank;  // each process's peak resident memory
   StageTimes seconds;
   std::optional<verify::VerificationReport> verification;
   std::optional<std::string> verification_skipped;  // why, when it was asked for but could not run

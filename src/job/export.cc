@@ -13,6 +13,7 @@
 #include "adapter_job/convert/hf_config.h"
 #include "adapter_job/convert/layer_conversion.h"
 #include "adapter_job/core/error.h"
+#include "adapter_job/core/process_memory.h"
 #include "adapter_job/core/file.h"
 #include "adapter_job/dist/layer_gather.h"
 #include "adapter_job/dist/mpi_world.h"
@@ -202,6 +203,7 @@ ExportReport RunPipeline(
   report.bytes_read_per_rank = dist::GatherToRoot(world, plan.reader->bytes_read());
   report.expected_bytes_per_rank =
       dist::ExpectedBytesPerRank(plan.layout, plan.reader->metadata(), plan.owners, world.size());
+  report.peak_rss_bytes_per_rank = dist::GatherToRoot(world, PeakResidentBytes());
   dist::RunAgreed(world, [&] {
     if (world.rank() == 0) finish_rank0(plan);
   });
@@ -218,6 +220,8 @@ ExportReport RunPipeline(
   report.seconds.communicate = stats.communicate_seconds;
   report.seconds.convert_write = convert_seconds;
   report.seconds.total = Since(start);
+  // Rank 0 went on alone (finishing the output): its own peak is read again now.
+  if (!report.peak_rss_bytes_per_rank.empty()) report.peak_rss_bytes_per_rank[0] = PeakResidentBytes();
   return report;
 }
 
@@ -350,6 +354,7 @@ nlohmann::ordered_json ExportReport::ToJson() const {
   j["file_bytes"] = file_bytes;
   j["bytes_read_per_rank"] = bytes_read_per_rank;
   j["expected_bytes_per_rank"] = expected_bytes_per_rank;
+  j["peak_rss_bytes_per_rank"] = peak_rss_bytes_per_rank;
   j["seconds"] = {{"plan", seconds.plan},
                   {"read", seconds.read},
                   {"communicate", seconds.communicate},

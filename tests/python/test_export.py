@@ -76,6 +76,9 @@ def check_bytes_read(report: dict, iter_dir: Path, np: int, tp: int, pp: int) ->
     assert sum(read) == sum(per_file.values()), "every adapter chunk is read exactly once"
     if np == tp * pp:  # rank r reads exactly what training rank r wrote
         assert read == [per_file[f"__{r}_0.distcp"] for r in range(np)]
+    # Every rank reports its own peak memory, and none holds more than a small process does.
+    rss = report["peak_rss_bytes_per_rank"]
+    assert len(rss) == np and all(1 << 20 < b < 512 << 20 for b in rss), rss
 
 
 # ---------------------------------------------------------------------------------------------------------------
