@@ -1,0 +1,88 @@
+"""The GPU path: the NCCL backend and CUDA verification, held to the MPI backend and CPU verification.
+
+Each case exports one generated checkpoint twice with the same `mpirun -np N`: once over MPI with
+verification on the CPU, once over NCCL (a GPU per rank) with verification on `cuda:0`. The two
+adapters must be byte-identical, both verifications must pass, and their logits (all variants, from
+each run's verification.h5) must agree to float32 rounding. Stock PEFT on the NCCL export must also
+match the independent fp32 merge of peft_reference.py.
+
+A machine without a CUDA GPU skips this whole module; ctest then lists the test as skipped (its
+SKIP_REGULAR_EXPRESSION matches the reason), never as passed. A layout needing more GPUs than
+the machine has skips with the count in the reason.
+"""
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import run
+from megatron_checkpoint import CheckpointConfig, write_checkpoint
+from peft_reference import REFERENCE_TOKENS, live_tensors, merged_reference_logits, peft_logits
+from tiny_llama import TinyLlamaConfig, build_tiny_llama
+
+GPUS = torch.cuda.device_count()
+if GPUS == 0:
+    pytest.skip("GPU tests not run: no CUDA GPU on this machine", allow_module_level=True)
+
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-x", "NCCL_NVLS_ENABLE=0"]
+TOKENS = torch.tensor([REFERENCE_TOKENS])
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+LOGITS_RTOL = 1e-4  # float32 on different devices: measured 5e-7 (docs/GPU.md)
+PEFT_ATOL = 1e-4
+# Eight heads in four query groups, so TP 4 still gives each rank a whole group.
+DIMS = dict(num_layers=4, hidden=128, heads=8, query_groups=4, head_dim=16, ffn=256)
+BASE = TinyLlamaConfig(layers=4, hidden=128, heads=8, kv_heads=4, head_dim=16, ffn=256)
+
+# (kind, TP, PP, ranks): the three 4-GPU layouts, and fewer ranks than TP x PP.
+CASES = [("lora", 2, 2, 4), ("dora", 4, 1, 4), ("canonical_lora", 1, 4, 4), ("dora", 2, 2, 2)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return build_tiny_llama(BASE, tmp_path_factory.mktemp("gpu") / "base")
+
+
+def export(binary, ranks, base, ckpt, out, backend, device):
+    report = out.with_suffix(".json")
+    proc = run([*MPIRUN, "-np", ranks, binary, "export", "--hf-model-id", base, "--megatron-peft-checkpoint", ckpt,
+                "--output-hf-path", out, "--backend", backend, "--verify-device", device,
+                "--verify-h5", out.with_suffix(".h5"), "--report", report], timeout=300)
+    return json.loads(report.read_text()), proc
+
+
+def logits(h5_path):
+    with h5py.File(h5_path, "r") as f:
+        return {v: f[f"prompts/0/logits/{v}"][()] for v in ("base", "peft", "merged")}
+
+
+@pytest.mark.parametrize("kind,tp,pp,ranks", CASES, ids=[f"{k}-tp{t}pp{p}-np{n}" for k, t, p, n in CASES])
+def test_nccl_export_and_cuda_verification_match_mpi_and_cpu(adapter_job_bin, base, tmp_path, kind, tp, pp, ranks):
+    if ranks > GPUS:
+        pytest.skip(f"needs {ranks} GPUs, this machine has {GPUS}")
+    cfg = CheckpointConfig(out=tmp_path / "ckpt", base_model=base, kind=kind, tp=tp, pp=pp, **DIMS)
+    written = write_checkpoint(cfg)
+
+    mpi, _ = export(adapter_job_bin, ranks, base, written.root, tmp_path / "mpi", "mpi", "cpu")
+    nccl, proc = export(adapter_job_bin, ranks, base, written.root, tmp_path / "nccl", "nccl", "cuda")
+    assert (mpi["backend"], nccl["backend"]) == ("mpi", "nccl")
+    assert nccl["verification"]["device"].startswith("cuda"), nccl["verification"]["device"]
+    assert mpi["verification"]["device"] == "cpu"
+    assert mpi["verification"]["passed"] and nccl["verification"]["passed"], proc.stdout
+
+    for name in ADAPTER_FILES:
+        assert (tmp_path / "nccl" / name).read_bytes() == (tmp_path / "mpi" / name).read_bytes(), name
+
+    cuda, cpu = logits(tmp_path / "nccl.h5"), logits(tmp_path / "mpi.h5")
+    for variant in cpu:
+        scale = np.abs(cpu[variant]).max()
+        worst = np.abs(cuda[variant] - cpu[variant]).max() / scale
+        assert worst < LOGITS_RTOL, f"{variant}: CUDA vs CPU logits differ by {worst:.2e} of their scale"
+
+    peft = peft_logits(base, tmp_path / "nccl", TOKENS)
+    assert peft.warnings == [] and peft.missing == [] and peft.unexpected == []
+    reference = merged_reference_logits(base, live_tensors(written), kind, cfg.alpha, cfg.dim, TOKENS,
+                                        nq=cfg.heads, ng=cfg.query_groups, head_dim=cfg.head_dim, ffn=cfg.ffn)
+    diff = (peft.logits - reference).abs().max().item()
+    assert diff < PEFT_ATOL, f"PEFT on the NCCL export vs the fp32 merged reference: max |diff| {diff:.3g}"
