@@ -69,6 +69,7 @@ for n in direct $RANKS; do
       /usr/bin/time -f %M -o "$WORK/$SHAPE/rss.0" "$BIN" "${export_args[@]}" --output-hf-path "$out" \
         --report "$WORK/$SHAPE/report.json" >/dev/null
     else
+      # shellcheck disable=SC2016  # expanded by the inner sh, per rank
       mpirun --oversubscribe -np "$n" sh -c 'exec /usr/bin/time -f %M -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' \
         "$WORK/$SHAPE/rss" "$BIN" "${export_args[@]}" --output-hf-path "$out" \
         --report "$WORK/$SHAPE/report.json" >/dev/null

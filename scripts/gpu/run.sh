@@ -1,13 +1,33 @@
 #!/usr/bin/env bash
-# Run ON the GPU machine (device call with carry: [".gpu-carry"]): unpacks the carried .debs into
-# a prefix inside the tree (never over /), builds against the image's libtorch, Open MPI, NCCL,
-# HDF5 and CUDA, runs the tests and the GPU checks, and leaves logs in $OUT.
-#   scripts/gpu/run.sh [ctest regex]
+# Run ON a GPU machine (device call with carry: [".gpu-carry"], made by scripts/gpu/fetch.sh here):
+# unpacks the carried .debs into a prefix inside the tree (never over /), builds against the
+# image's libtorch, Open MPI, NCCL, HDF5 and CUDA, then runs the stages asked for:
+#   tests         ctest -L gpu (must run, not skip), the whole suite, and the NCCL-vs-MPI and
+#                 CUDA-vs-CPU checks on Megatron-Bridge's own TP2xPP2 checkpoint
+#   bench-export  bench/gpu_bench.sh export (8B and 70B shapes, TP2xPP2, -np 4)
+#   bench-verify  bench/gpu_bench.sh verify (8B shape, one GPU)
+#   all           the three, in that order (about 12 minutes on 4 H100s: more than one device call
+#                 allows, so split it over two calls on the same machine)
+#   scripts/gpu/run.sh [tests|bench-export|bench-verify|all]...   (default: tests)
+# Logs and results go to $OUT: summary.md (what passed, the benchmark tables) and logs.tar.gz.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+LOGS=/tmp/adapter_job-gpu-logs
+mkdir -p "$OUT" "$LOGS"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
+[[ $# -gt 0 ]] || set -- tests
+[[ $* == all ]] && set -- tests bench-export bench-verify
+SUMMARY=$OUT/summary.md
+status=0
+note() { echo "$*" | tee -a "$SUMMARY"; }
+finish() {
+  cp -r bench/results "$LOGS/" 2>/dev/null
+  tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
+  exit $status
+}
+trap finish EXIT
+
 prefix=$PWD/.gpu-carry/prefix
 rm -rf "$prefix" && mkdir -p "$prefix"
 for deb in .gpu-carry/debs/*.deb; do dpkg-deb -x "$deb" "$prefix"; done
@@ -18,46 +38,67 @@ export LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export ADAPTER_JOB_SHARED=$PWD/.gpu-carry/shared
 torch_prefix=$(python3 -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
 
-{
-  nvidia-smi -L
-  cmake -S . -B build-gpu -G Ninja -DADAPTER_JOB_WERROR=ON \
-    -DCMAKE_PREFIX_PATH="$torch_prefix" -DBoost_DIR="$libdir/cmake/Boost-1.74.0" \
-    -DADAPTER_JOB_SHARED_DIR="$ADAPTER_JOB_SHARED" -DPython3_EXECUTABLE="$(command -v python3)"
-} >"$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j"$(nproc)" >"$OUT/build.log" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.log" | head -60; exit 1; }
-echo "build ok"
-build-gpu/src/cli/adapter_job version | tee "$OUT/version.txt"
-
-(cd build-gpu && ctest --output-on-failure --timeout 240 -j8 ${1:+-R "$1"}) >"$OUT/ctest.log" 2>&1
-echo "ctest exit $?"; grep -E "tests passed|tests failed|\*\*\*Failed" "$OUT/ctest.log"
-
-# GPU checks: the NCCL backend gives the MPI backend's bytes, and CUDA verification the CPU's logits.
-F=$ADAPTER_JOB_SHARED/fixtures/megatron-bridge
+note "## GPU run $(date -u +%Y-%m-%dT%H:%MZ): $*"
+nvidia-smi -L | tee -a "$SUMMARY"
+start=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DADAPTER_JOB_WERROR=ON \
+  -DCMAKE_PREFIX_PATH="$torch_prefix" -DBoost_DIR="$libdir/cmake/Boost-1.74.0" \
+  -DADAPTER_JOB_SHARED_DIR="$ADAPTER_JOB_SHARED" -DPython3_EXECUTABLE="$(command -v python3)" \
+  >"$LOGS/configure.log" 2>&1 || { tail -40 "$LOGS/configure.log"; status=1; exit; }
+cmake --build build-gpu -j"$(nproc)" >"$LOGS/build.log" 2>&1 ||
+  { grep -E "error|Error" -A3 "$LOGS/build.log" | head -60; status=1; exit; }
+note "build ok ($(($(date +%s) - start)) s)"
 B=build-gpu/src/cli/adapter_job
-gpus=$(nvidia-smi -L | wc -l)
-status=0
-for backend in mpi nccl; do
-  rm -rf "/tmp/gpu-$backend"
-  mpirun --oversubscribe -np "$gpus" $B export --hf-model-id "$F/hf_base" \
-    --megatron-peft-checkpoint "$F/tp2pp2/lora/megatron_ckpt" --output-hf-path "/tmp/gpu-$backend" \
-    --backend "$backend" --verify-device cuda --verify-h5 "$OUT/verify-cuda-$backend.h5" \
-    --report "$OUT/report-$backend.json" >"$OUT/export-$backend.log" 2>&1 || status=1
-  tail -3 "$OUT/export-$backend.log"
-done
-cmp /tmp/gpu-mpi/adapter_model.safetensors /tmp/gpu-nccl/adapter_model.safetensors &&
-  cmp /tmp/gpu-mpi/adapter_config.json /tmp/gpu-nccl/adapter_config.json &&
-  echo "NCCL output == MPI output" || status=1
-$B verify --hf-model-id "$F/hf_base" --hf-adapter-path /tmp/gpu-mpi \
-  --megatron-peft-checkpoint "$F/tp2pp2/lora/megatron_ckpt" --verify-device cpu \
-  --verify-h5 "$OUT/verify-cpu.h5" >"$OUT/verify-cpu.log" 2>&1 || status=1
-python3 - "$OUT/verify-cuda-nccl.h5" "$OUT/verify-cpu.h5" <<'PY' || status=1
+$B version | tee -a "$SUMMARY"
+
+run_tests() {
+  # The GPU label first: on this machine it must run, never skip.
+  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 600) >"$LOGS/ctest-gpu.log" 2>&1 || status=1
+  if grep -q "Skipped" "$LOGS/ctest-gpu.log"; then note "GPU tests SKIPPED on a GPU machine"; status=1; fi
+  note "ctest -L gpu: $(grep -E "tests passed|tests failed" "$LOGS/ctest-gpu.log")"
+  grep -E "PASSED|FAILED|SKIPPED|passed|failed" "$LOGS/ctest-gpu.log" | tail -5
+  (cd build-gpu && ctest -LE gpu --output-on-failure --timeout 300 -j"$(($(nproc) / 4))") >"$LOGS/ctest.log" 2>&1 || status=1
+  note "ctest (the rest): $(grep -E "tests passed|tests failed" "$LOGS/ctest.log")"
+  grep -E "\*\*\*Failed|Timeout" "$LOGS/ctest.log" | tee -a "$SUMMARY"
+
+  # Megatron-Bridge's own checkpoint: NCCL gives the MPI backend's bytes, CUDA the CPU's logits.
+  local F=$ADAPTER_JOB_SHARED/fixtures/megatron-bridge backend gpus
+  gpus=$(nvidia-smi -L | wc -l)
+  for backend in mpi nccl; do
+    rm -rf "/tmp/gpu-$backend"
+    mpirun --oversubscribe -np "$gpus" -x NCCL_NVLS_ENABLE $B export --hf-model-id "$F/hf_base" \
+      --megatron-peft-checkpoint "$F/tp2pp2/lora/megatron_ckpt" --output-hf-path "/tmp/gpu-$backend" \
+      --backend "$backend" --verify-device cuda --verify-h5 "$LOGS/verify-cuda-$backend.h5" \
+      --report "$LOGS/report-$backend.json" >"$LOGS/export-$backend.log" 2>&1 || status=1
+  done
+  if cmp /tmp/gpu-mpi/adapter_model.safetensors /tmp/gpu-nccl/adapter_model.safetensors &&
+    cmp /tmp/gpu-mpi/adapter_config.json /tmp/gpu-nccl/adapter_config.json; then
+    note "Megatron-Bridge TP2xPP2, -np $gpus: NCCL output == MPI output"
+  else
+    note "Megatron-Bridge TP2xPP2: NCCL output DIFFERS from MPI output"; status=1
+  fi
+  $B verify --hf-model-id "$F/hf_base" --hf-adapter-path /tmp/gpu-mpi \
+    --megatron-peft-checkpoint "$F/tp2pp2/lora/megatron_ckpt" --verify-device cpu \
+    --verify-h5 "$LOGS/verify-cpu.h5" >"$LOGS/verify-cpu.log" 2>&1 || status=1
+  python3 - "$LOGS/verify-cuda-nccl.h5" "$LOGS/verify-cpu.h5" <<'PY' | tee -a "$SUMMARY" || status=1
 import sys, h5py, numpy as np
 with h5py.File(sys.argv[1]) as g, h5py.File(sys.argv[2]) as c:
     worst = 0.0
     for v in ("base", "peft", "merged"):
         a, b = g[f"prompts/0/logits/{v}"][()], c[f"prompts/0/logits/{v}"][()]
         worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
-    print(f"CUDA vs CPU verification logits: max relative difference {worst:.2e}")
+    print(f"Megatron-Bridge TP2xPP2: CUDA vs CPU verification logits, max relative difference {worst:.2e}")
     sys.exit(0 if worst < 1e-4 else 1)
 PY
-exit $status
+}
+
+for stage in "$@"; do
+  t=$(date +%s)
+  case $stage in
+    tests) run_tests ;;
+    bench-export) BIN=$B bash bench/gpu_bench.sh export 2>&1 | tee -a "$SUMMARY" || status=1 ;;
+    bench-verify) BIN=$B bash bench/gpu_bench.sh verify 2>&1 | tee -a "$SUMMARY" || status=1 ;;
+    *) echo "unknown stage '$stage'" >&2; status=2; exit ;;
+  esac
+  note "stage $stage: $(($(date +%s) - t)) s, status so far $status"
+done
