@@ -50,6 +50,9 @@ cmake --build build-gpu -j"$(nproc)" >"$LOGS/build.log" 2>&1 ||
 note "build ok ($(($(date +%s) - start)) s)"
 B=build-gpu/src/cli/adapter_job
 $B version | tee -a "$SUMMARY"
+# The export benchmark's ranks: one per GPU, 4 at most (TP2xPP2 checkpoints).
+gpus=$(nvidia-smi -L | wc -l)
+export RANKS=${RANKS:-$((gpus < 4 ? gpus : 4))}
 
 run_tests() {
   # The GPU label first: on this machine it must run, never skip.
@@ -62,8 +65,7 @@ run_tests() {
   grep -E "\*\*\*Failed|Timeout" "$LOGS/ctest.log" | tee -a "$SUMMARY"
 
   # Megatron-Bridge's own checkpoint: NCCL gives the MPI backend's bytes, CUDA the CPU's logits.
-  local F=$ADAPTER_JOB_SHARED/fixtures/megatron-bridge backend gpus
-  gpus=$(nvidia-smi -L | wc -l)
+  local F=$ADAPTER_JOB_SHARED/fixtures/megatron-bridge backend
   for backend in mpi nccl; do
     rm -rf "/tmp/gpu-$backend"
     mpirun --oversubscribe -np "$gpus" -x NCCL_NVLS_ENABLE $B export --hf-model-id "$F/hf_base" \
