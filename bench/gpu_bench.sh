@@ -32,7 +32,8 @@ mkdir -p "$WORK" "$RESULTS"
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 now() { date +%s.%N; }
-ratio() { printf %.1f "$(echo "$1 / $2" | bc -l)"; }
+calc() { awk "BEGIN {printf \"%.6f\", $1}"; }  # bc is not on every image
+ratio() { printf %.1f "$(calc "$1 / $2")"; }
 json() { "$PYTHON" -c 'import json,sys; d=json.load(open(sys.argv[1]))
 for k in sys.argv[2].split("."): d=d[int(k)] if isinstance(d, list) else d[k]
 print(d if not isinstance(d, list) else ",".join(map(str, d)))' "$1" "$2"; }
@@ -81,8 +82,8 @@ export_bench() {
   local table=$RESULTS/export-$shape.md
   local bytes floor copy_floor
   bytes=$(cat "${distcp[@]}" | wc -c)
-  floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >/dev/null; e=$(now); echo "$e - $s" | bc -l; done | median)
-  copy_floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >"$dir/copy"; sync "$dir/copy"; e=$(now); echo "$e - $s" | bc -l; done | median)
+  floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >/dev/null; e=$(now); calc "$e - $s"; done | median)
+  copy_floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >"$dir/copy"; sync "$dir/copy"; e=$(now); calc "$e - $s"; done | median)
   rm -f "$dir/copy"
   {
     echo "| run | wall s (median of $REPEAT) | x read floor | in-job s (rank 0) | peak host RSS per rank (MiB) | peak GPU memory per process (MiB) |"
@@ -102,7 +103,7 @@ export_bench() {
         --report "$RESULTS/export-$shape-$backend.json" >"$dir/log-$backend" 2>&1
       e=$(now)
       [[ $i == 1 ]] && gpu_sampler_stop "$dir/gpu-$backend"
-      walls+=("$(echo "$e - $s" | bc -l)")
+      walls+=("$(calc "$e - $s")")
       jobs+=("$(json "$RESULTS/export-$shape-$backend.json" seconds.total)")
     done
     local wall job
@@ -118,7 +119,7 @@ export_bench() {
     "$PYTHON" bench/reference_export.py --hf-model "$dir/hf" --checkpoint "$ckpt" --out "$dir/out-ref" \
       >"$RESULTS/export-$shape-reference.json" 2>"$dir/log-reference"
     e=$(now)
-    ref_walls+=("$(echo "$e - $s" | bc -l)")
+    ref_walls+=("$(calc "$e - $s")")
   done
   local ref same
   ref=$(printf '%s\n' "${ref_walls[@]}" | median)
@@ -143,11 +144,11 @@ verify_bench() {
   local weights=("$dir"/hf/*.safetensors) bytes read floors=() walls=() jobs=() ref_walls=()
   bytes=$(cat "${weights[@]}" | wc -c)
   cat "${weights[@]}" >/dev/null  # warm the page cache
-  read=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${weights[@]}" >/dev/null; e=$(now); echo "$e - $s" | bc -l; done | median)
+  read=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${weights[@]}" >/dev/null; e=$(now); calc "$e - $s"; done | median)
   if [[ $DEVICE == cuda ]]; then
     for _ in $(seq "$REPEAT"); do
       "$PYTHON" bench/read_h2d_floor.py "$dir/hf" >"$RESULTS/verify-$shape-floor.json"
-      floors+=("$(echo "$(json_line "$RESULTS/verify-$shape-floor.json" cuda_init) + $(json_line "$RESULTS/verify-$shape-floor.json" read_h2d)" | bc -l)")
+      floors+=("$(calc "$(json_line "$RESULTS/verify-$shape-floor.json" cuda_init) + $(json_line "$RESULTS/verify-$shape-floor.json" read_h2d)")")
     done
   else
     floors=("$read")
@@ -162,7 +163,7 @@ verify_bench() {
       --report "$RESULTS/verify-$shape-ours.json" >"$dir/log-verify" 2>&1 || { cat "$dir/log-verify"; return 1; }
     e=$(now)
     [[ $i == 1 ]] && gpu_sampler_stop "$dir/gpu-verify"
-    walls+=("$(echo "$e - $s" | bc -l)")
+    walls+=("$(calc "$e - $s")")
     jobs+=("$(json "$RESULTS/verify-$shape-ours.json" seconds)")
   done
   for i in $(seq "$REPEAT_REF"); do
@@ -172,7 +173,7 @@ verify_bench() {
       --device "$DEVICE" >"$RESULTS/verify-$shape-reference.json" 2>"$dir/log-reference-verify"
     e=$(now)
     [[ $i == 1 ]] && gpu_sampler_stop "$dir/gpu-reference"
-    ref_walls+=("$(echo "$e - $s" | bc -l)")
+    ref_walls+=("$(calc "$e - $s")")
   done
   local wall job ref
   wall=$(printf '%s\n' "${walls[@]}" | median)
