@@ -57,7 +57,7 @@ export RANKS=${RANKS:-$((gpus < 4 ? gpus : 4))}
 run_tests() {
   # The GPU label first: on this machine it must run, never skip.
   (cd build-gpu && ctest -L gpu -V --timeout 600) >"$LOGS/ctest-gpu.log" 2>&1 || status=1
-  if grep -q "Skipped" "$LOGS/ctest-gpu.log"; then note "GPU tests SKIPPED on a GPU machine"; status=1; fi
+  if grep -q "\*\*\*Skipped" "$LOGS/ctest-gpu.log"; then note "GPU tests SKIPPED on a GPU machine"; status=1; fi
   note "ctest -L gpu: $(grep -E "tests passed|tests failed" "$LOGS/ctest-gpu.log")"
   grep -E "SKIPPED|[0-9]+ (passed|failed|skipped)" "$LOGS/ctest-gpu.log" | tee -a "$SUMMARY"
   (cd build-gpu && ctest -LE gpu --output-on-failure --timeout 300 -j"$(($(nproc) / 4))") >"$LOGS/ctest.log" 2>&1 || status=1
