@@ -32,7 +32,7 @@ mkdir -p "$WORK" "$RESULTS"
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 now() { date +%s.%N; }
-calc() { awk "BEGIN {printf \"%.6f\", $1}"; }  # bc is not on every image
+calc() { awk "BEGIN {printf \"%.6f\\n\", $1}"; }  # bc is not on every image
 ratio() { printf %.1f "$(calc "$1 / $2")"; }
 json() { "$PYTHON" -c 'import json,sys; d=json.load(open(sys.argv[1]))
 for k in sys.argv[2].split("."): d=d[int(k)] if isinstance(d, list) else d[k]
@@ -112,6 +112,23 @@ export_bench() {
     [[ -z $ours_best ]] && ours_best=$wall
     echo "| adapter_job export, mpirun -np $RANKS, $backend backend | $(printf %.3f "$wall") | $(ratio "$wall" "$floor") | $(printf %.3f "$job") | $(json "$RESULTS/export-$shape-$backend.json" peak_rss_bytes_per_rank | mib) | $(cat "$dir/gpu-$backend") |" >>"$table"
   done
+  # What the launcher alone costs, and the same export as one process without it.
+  local launch direct_walls=()
+  launch=$(for _ in $(seq "$REPEAT"); do s=$(now); mpirun --oversubscribe -np "$RANKS" true; e=$(now); calc "$e - $s"; done | median)
+  for _ in $(seq "$REPEAT"); do
+    rm -rf "$dir/out-direct"
+    s=$(now)
+    "$BIN" export --hf-model-id "$dir/hf" --megatron-peft-checkpoint "$ckpt" --output-hf-path "$dir/out-direct" \
+      --no-verify --report "$RESULTS/export-$shape-direct.json" >"$dir/log-direct" 2>&1
+    e=$(now)
+    direct_walls+=("$(calc "$e - $s")")
+  done
+  local direct
+  direct=$(printf '%s\n' "${direct_walls[@]}" | median)
+  {
+    echo "| launcher alone: mpirun -np $RANKS true | $(printf %.3f "$launch") | - | - | - | - |"
+    echo "| adapter_job export, 1 process (no mpirun) | $(printf %.3f "$direct") | $(ratio "$direct" "$floor") | $(printf %.3f "$(json "$RESULTS/export-$shape-direct.json" seconds.total)") | $(json "$RESULTS/export-$shape-direct.json" peak_rss_bytes_per_rank | mib) | - |"
+  } >>"$table"
   local ref_walls=()
   for _ in $(seq "$REPEAT_REF"); do
     rm -rf "$dir/out-ref"

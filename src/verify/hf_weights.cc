@@ -95,10 +95,16 @@ at::Tensor HfWeights::Get(const std::string& name, const at::Device& device,
   // from_blob over the read-only mapping; .to() makes the copy before anything could write.
   const at::Tensor view = at::from_blob(const_cast<std::byte*>(bytes.data()), entry->shape,
                                         at::TensorOptions().dtype(ToTorch(entry->dtype)));
-  if (device.is_cpu()) return view.to(dtype, /*non_blocking=*/false, /*copy=*/true);
-  // Across in the stored dtype, converted on the device: ATen would otherwise convert on the host
-  // first and move float32, twice the bytes of bf16.
-  return view.to(device, view.scalar_type(), /*non_blocking=*/false, /*copy=*/true).to(dtype);
+  // On a device: across in the stored dtype, converted there. ATen would otherwise convert on the
+  // host first and move float32, twice the bytes of bf16.
+  at::Tensor copy = device.is_cpu()
+                        ? view.to(dtype, /*non_blocking=*/false, /*copy=*/true)
+                        : view.to(device, view.scalar_type(), /*non_blocking=*/false, /*copy=*/true)
+                              .to(dtype);
+  // Each weight is read once: its pages need not stay mapped (the process would otherwise
+  // grow to the size of the model).
+  file->Release(*entry);
+  return copy;
 }
 
 }  // namespace adapter_job::verify
