@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
-#include <cstdint>
 #include <cstring>
 #include <memory>
 
@@ -110,14 +109,6 @@ MappedFile MappedFile::Open(const std::filesystem::path& path) {
   void* data = ::mmap(nullptr, file.size(), PROT_READ, MAP_PRIVATE, fd.get(), 0);
   if (data == MAP_FAILED) FailErrno("cannot map", path);
   return MappedFile(path, static_cast<const std::byte*>(data), file.size());
-}
-
-void MappedFile::Release(std::span<const std::byte> range) const {
-  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto first = (reinterpret_cast<uintptr_t>(range.data()) + page - 1) / page * page;
-  const auto end = (reinterpret_cast<uintptr_t>(range.data()) + range.size()) / page * page;
-  // Advice only: a failure leaves the pages mapped, which costs memory, not correctness.
-  if (end > first) ::madvise(reinterpret_cast<void*>(first), end - first, MADV_DONTNEED);
 }
 
 MappedFile::MappedFile(MappedFile&& other) noexcept

@@ -62,10 +62,6 @@ class MappedFile {
 
   const std::filesystem::path& path() const { return path_; }
   std::span<const std::byte> bytes() const { return {data_, size_}; }
-  // Unmaps the whole pages inside `range` (part of bytes()) from this process; they stay in the
-  // page cache and map back if read again. A reader that streams a file through once keeps its
-  // resident memory to what it still holds, not the whole file.
-  void Release(std::span<const std::byte> range) const;
 
  private:
   MappedFile(std::filesystem::path path, const std::byte* data, std::size_t size)

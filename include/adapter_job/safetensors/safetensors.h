@@ -47,8 +47,6 @@ class File {
   const TensorEntry* Find(std::string_view name) const;
   const TensorEntry& Get(std::string_view name) const;  // throws FormatError naming file and key
   std::span<const std::byte> Data(const TensorEntry& entry) const;
-  // Unmaps the tensor's pages once its bytes have been copied out (see MappedFile::Release).
-  void Release(const TensorEntry& entry) const { map_.Release(Data(entry)); }
   StridedView View(const TensorEntry& entry) const;
 
  private:
