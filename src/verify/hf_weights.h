@@ -1,7 +1,8 @@
 // The base model's weights, read from its safetensors files one tensor at a time, so a model
 // larger than memory can still be walked layer by layer. Headers come from a mapping; tensor
-// bytes are read with pread (several threads for large tensors) into pinned memory when bound for
-// a GPU: page faults on a mapping of many GiB cost more than the reading itself, above all in VMs.
+// bytes are read with pread (several threads for large pieces), for a GPU through two reused
+// pinned buffers: page faults on a mapping of many GiB, or on fresh host memory, cost more than
+// the reading itself, above all in VMs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,12 +28,17 @@ class HfWeights {
   std::vector<int64_t> Shape(const std::string& name) const;
 
  private:
+  static constexpr uint64_t kStagingBytes = 64ULL << 20;
+  at::Tensor CopyToDevice(const ReadOnlyFile& file, uint64_t offset, uint64_t size,
+                          const at::Device& device) const;
+
   struct Shard {
     safetensors::File file;  // the header, and where each tensor's bytes are
     ReadOnlyFile data;
   };
   std::vector<std::unique_ptr<Shard>> shards_;
   std::map<std::string, std::pair<const Shard*, const safetensors::TensorEntry*>> location_;
+  mutable std::vector<at::Tensor> staging_;  // two pinned buffers, made on first use
 };
 
 at::ScalarType ToTorch(DType dtype);
