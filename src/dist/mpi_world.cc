@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <cstdlib>
-#include <string_view>
 
 #include "adapter_job/core/error.h"
 
@@ -23,18 +22,6 @@ bool LaunchedByMpi() {
   return tasks != nullptr && std::atoi(tasks) > 1;
 }
 
-// Open MPI's MPI_Init probes every network stack it was built with (UCX, OFI, openib): 0.2 s on
-// the CI VM, more on GPU hosts where UCX also starts CUDA. When the launcher says every rank runs
-// on this host, shared memory is all the job needs. The user's own choice (an OMPI_MCA_*
-// variable, or mpirun --mca, which sets one) wins.
-void PreferSharedMemoryOnOneHost() {
-  const char* size = std::getenv("OMPI_COMM_WORLD_SIZE");
-  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-  if (size == nullptr || local == nullptr || std::string_view(size) != local) return;
-  ::setenv("OMPI_MCA_pml", "ob1", /*overwrite=*/0);
-  ::setenv("OMPI_MCA_btl", "self,vader", /*overwrite=*/0);
-}
-
 }  // namespace
 
 MpiWorld::MpiWorld(int& argc, char**& argv) {
@@ -45,7 +32,6 @@ MpiWorld::MpiWorld(int& argc, char**& argv) {
     return;
   }
   uses_mpi_ = true;
-  PreferSharedMemoryOnOneHost();
   int provided = 0;
   if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
     Fail<IoError>("MPI_Init_thread failed");
