@@ -13,8 +13,8 @@
 #include "adapter_job/convert/hf_config.h"
 #include "adapter_job/convert/layer_conversion.h"
 #include "adapter_job/core/error.h"
-#include "adapter_job/core/process_memory.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/process_memory.h"
 #include "adapter_job/dist/layer_gather.h"
 #include "adapter_job/dist/mpi_world.h"
 #include "adapter_job/safetensors/safetensors.h"
@@ -221,7 +221,8 @@ ExportReport RunPipeline(
   report.seconds.convert_write = convert_seconds;
   report.seconds.total = Since(start);
   // Rank 0 went on alone (finishing the output): its own peak is read again now.
-  if (!report.peak_rss_bytes_per_rank.empty()) report.peak_rss_bytes_per_rank[0] = PeakResidentBytes();
+  if (!report.peak_rss_bytes_per_rank.empty())
+    report.peak_rss_bytes_per_rank[0] = PeakResidentBytes();
   return report;
 }
 

@@ -1,8 +1,8 @@
 #include "hf_weights.h"
 
-#include <nlohmann/json.hpp>
 #include <algorithm>
 #include <future>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <vector>
 
@@ -25,9 +25,8 @@ void ReadInParallel(const ReadOnlyFile& file, uint64_t offset, std::span<std::by
   std::vector<std::future<void>> reads;
   for (uint64_t at = 0; at < out.size(); at += step) {
     const auto piece = out.subspan(at, std::min(step, out.size() - at));
-    reads.push_back(std::async(std::launch::async, [&file, offset, at, piece] {
-      file.ReadExact(offset + at, piece);
-    }));
+    reads.push_back(std::async(std::launch::async,
+                               [&file, offset, at, piece] { file.ReadExact(offset + at, piece); }));
   }
   for (auto& read : reads) read.get();  // rethrows a failed read
 }
@@ -93,8 +92,8 @@ HfWeights HfWeights::Open(const fs::path& model_dir) {
     Fail("'{}' has neither model.safetensors nor model.safetensors.index.json", model_dir.string());
   }
   for (const auto& shard : shards) {
-    weights.shards_.push_back(std::make_unique<Shard>(
-        Shard{safetensors::File::Open(shard), ReadOnlyFile::Open(shard)}));
+    weights.shards_.push_back(
+        std::make_unique<Shard>(Shard{safetensors::File::Open(shard), ReadOnlyFile::Open(shard)}));
     const Shard* opened = weights.shards_.back().get();
     for (const auto& entry : opened->file.header().tensors) {
       if (!weights.location_.emplace(entry.name, std::pair{opened, &entry}).second) {
@@ -138,8 +137,8 @@ at::Tensor HfWeights::CopyToDevice(const ReadOnlyFile& file, uint64_t offset, ui
       staging_.push_back(at::empty({static_cast<int64_t>(kStagingBytes)},
                                    at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
   }
-  at::Tensor out = at::empty({static_cast<int64_t>(size)},
-                             at::TensorOptions().dtype(at::kByte).device(device));
+  at::Tensor out =
+      at::empty({static_cast<int64_t>(size)}, at::TensorOptions().dtype(at::kByte).device(device));
   const auto read_piece = [&](uint64_t start) {
     const uint64_t n = std::min(kStagingBytes, size - start);
     at::Tensor& buffer = staging_[(start / kStagingBytes) % 2];
