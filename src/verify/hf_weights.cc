@@ -23,10 +23,11 @@ void ReadInParallel(const ReadOnlyFile& file, uint64_t offset, std::span<std::by
   if (pieces == 1) return file.ReadExact(offset, out);
   const uint64_t step = (out.size() + pieces - 1) / pieces;
   std::vector<std::future<void>> reads;
-  for (uint64_t at = 0; at < out.size(); at += step) {
-    const auto piece = out.subspan(at, std::min(step, out.size() - at));
-    reads.push_back(std::async(std::launch::async,
-                               [&file, offset, at, piece] { file.ReadExact(offset + at, piece); }));
+  for (uint64_t start = 0; start < out.size(); start += step) {
+    const auto piece = out.subspan(start, std::min(step, out.size() - start));
+    reads.push_back(std::async(std::launch::async, [&file, offset, start, piece] {
+      file.ReadExact(offset + start, piece);
+    }));
   }
   for (auto& read : reads) read.get();  // rethrows a failed read
 }
