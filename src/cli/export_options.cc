@@ -3,10 +3,10 @@
 #include <boost/program_options.hpp>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 
 #include "adapter_job/core/error.h"
+#include "layered_options.h"
 #include "verify_options.h"
 
 namespace adapter_job::cli {
@@ -16,25 +16,15 @@ namespace po = boost::program_options;
 namespace fs = std::filesystem;
 
 // config/export.ini: $ADAPTER_JOB_CONFIG_DIR, else the installed copy, else the source tree's.
-std::optional<fs::path> DefaultsFile() {
+std::vector<fs::path> DefaultsFile() {
   std::vector<fs::path> candidates;
   if (const char* dir = std::getenv("ADAPTER_JOB_CONFIG_DIR")) candidates.emplace_back(dir);
   candidates.emplace_back(ADAPTER_JOB_INSTALLED_CONFIG_DIR);
   candidates.emplace_back(ADAPTER_JOB_SOURCE_CONFIG_DIR);
   for (const auto& dir : candidates) {
-    if (fs::exists(dir / "export.ini")) return dir / "export.ini";
+    if (fs::exists(dir / "export.ini")) return {dir / "export.ini"};
   }
-  return std::nullopt;
-}
-
-void ParseIni(const fs::path& file, const po::options_description& options, po::variables_map& vm) {
-  std::ifstream in(file);
-  if (!in) Fail("cannot read config file '{}'", file.string());
-  try {
-    po::store(po::parse_config_file(in, options), vm);
-  } catch (const po::error& e) {
-    Fail("{}: {}", file.string(), e.what());
-  }
+  return {};
 }
 
 std::optional<DType> ParseDType(const std::string& name) {
@@ -54,6 +44,8 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   options.add_options()
     ("help,h", "show this help")
     ("config", po::value<std::string>(), "INI file with any of these options (key = value)")
+    ("print-config", po::bool_switch(),
+     "print the effective settings and where each comes from, as an INI file, and exit")
     ("hf-model-id", po::value<std::string>(),
      "base model: a local HF model directory (config.json is read) or a model id string")
     ("megatron-peft-checkpoint", po::value<std::string>(),
@@ -79,11 +71,8 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   }
   // clang-format on
 
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(options).run(), vm);
-  if (vm.count("config")) ParseIni(vm["config"].as<std::string>(), options, vm);
-  if (const auto defaults = DefaultsFile()) ParseIni(*defaults, options, vm);
-  po::notify(vm);
+  const LayeredOptions layered = ParseLayered(args, options, DefaultsFile());
+  const po::variables_map& vm = layered.merged;
 
   ExportCommandLine cl;
   if (vm.count("help")) {
@@ -91,6 +80,11 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
     text << options;
     cl.help = true;
     cl.help_text = text.str();
+    return cl;
+  }
+  if (vm["print-config"].as<bool>()) {
+    cl.help = true;  // print and exit, like --help
+    cl.help_text = PrintConfig(layered, options, {"help", "config", "print-config"});
     return cl;
   }
   if (!vm.count("hf-model-id")) throw po::error("the option '--hf-model-id' is required");

@@ -72,3 +72,39 @@ def test_dtype_conversions_match_torch(adapter_job_bin, mb_fixtures, tmp_path):
         ours = load_file(out / "adapter_model.safetensors")
         for key, want in reference.items():
             assert torch.equal(bits(ours[key]), bits(want.to(dtype))), (name, key)
+
+
+def settings(text):
+    """{key: ([values], source)} from --print-config output, read as configparser-free INI lines."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key_value, source = line.split("  # ", 1)
+        key, value = (part.strip() for part in key_value.split("=", 1))
+        values, _ = out.get(key, ([], None))
+        out[key] = (values + [value], source)
+    return out
+
+
+def test_print_config_names_each_source_and_round_trips(adapter_job_bin, repo_root, tmp_path):
+    ini = tmp_path / "mine.ini"
+    ini.write_text("dtype = fp32\nbackend = nccl\nprompt = from the file\n")
+    proc = run([adapter_job_bin, "export", "--print-config", "--config", ini, "--backend", "mpi",
+                "--hf-model-id", "/models/base"])
+    got = settings(proc.stdout)
+    assert got["hf-model-id"] == (["/models/base"], "command line")
+    assert got["backend"] == (["mpi"], "command line")              # the command line beats --config
+    assert got["dtype"] == (["fp32"], f"--config {ini}")
+    assert got["prompt"] == (["from the file"], f"--config {ini}")
+    assert got["overwrite"] == (["false"], f"defaults {repo_root / 'config' / 'export.ini'}")
+    assert got["top-k"] == (["5"], "built-in default")
+    assert "# megatron-peft-checkpoint is not set" in proc.stdout
+    assert not (tmp_path / "my_adapter").exists() and "exported" not in proc.stdout
+
+    # What it prints is a config file that gives the same settings.
+    again = tmp_path / "printed.ini"
+    again.write_text(proc.stdout)
+    reread = settings(run([adapter_job_bin, "export", "--print-config", "--config", again]).stdout)
+    assert {k: v for k, (v, _) in reread.items()} == {k: v for k, (v, _) in got.items()}
+    assert reread["backend"][1] == f"--config {again}"

@@ -1,0 +1,84 @@
+#include "layered_options.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <fstream>
+
+#include "adapter_job/core/error.h"
+
+namespace adapter_job::cli {
+namespace {
+
+namespace po = boost::program_options;
+namespace fs = std::filesystem;
+
+po::parsed_options ParseIni(const fs::path& file, const po::options_description& options) {
+  std::ifstream in(file);
+  if (!in) Fail("cannot read config file '{}'", file.string());
+  try {
+    return po::parse_config_file(in, options);
+  } catch (const po::error& e) {
+    Fail("{}: {}", file.string(), e.what());
+  }
+}
+
+void AddLayer(LayeredOptions& layered, std::string source, const po::parsed_options& parsed) {
+  OptionLayer layer{std::move(source), {}};
+  po::store(parsed, layer.values);
+  // store() keeps the first value it sees: higher layers are stored first.
+  po::store(parsed, layered.merged);
+  layered.layers.push_back(std::move(layer));
+}
+
+// The values --print-config can show; an option of another type prints as "(set)".
+std::vector<std::string> ValueTexts(const boost::any& value) {
+  if (const auto* s = boost::any_cast<std::string>(&value)) return {*s};
+  if (const auto* b = boost::any_cast<bool>(&value)) return {*b ? "true" : "false"};
+  if (const auto* i = boost::any_cast<int>(&value)) return {std::to_string(*i)};
+  if (const auto* v = boost::any_cast<std::vector<std::string>>(&value)) return *v;
+  return {"(set)"};
+}
+
+}  // namespace
+
+LayeredOptions ParseLayered(const std::vector<std::string>& args,
+                            const po::options_description& options,
+                            const std::vector<fs::path>& defaults_files) {
+  LayeredOptions layered;
+  AddLayer(layered, "command line", po::command_line_parser(args).options(options).run());
+  const auto& from_command_line = layered.layers.front().values;
+  if (from_command_line.count("config")) {
+    const fs::path config = from_command_line["config"].as<std::string>();
+    AddLayer(layered, "--config " + config.string(), ParseIni(config, options));
+  }
+  for (const auto& file : defaults_files)
+    AddLayer(layered, "defaults " + file.string(), ParseIni(file, options));
+  po::notify(layered.merged);
+  return layered;
+}
+
+std::string PrintConfig(const LayeredOptions& layered, const po::options_description& options,
+                        const std::vector<std::string>& skip) {
+  std::string out = "# adapter_job: effective settings (command line > --config > defaults)\n";
+  for (const auto& option : options.options()) {
+    const std::string& key = option->long_name();
+    if (std::find(skip.begin(), skip.end(), key) != skip.end()) continue;
+    std::string source = "built-in default";
+    for (const auto& layer : layered.layers) {
+      if (layer.values.count(key) && !layer.values[key].defaulted()) {
+        source = layer.source;
+        break;
+      }
+    }
+    if (!layered.merged.count(key)) {
+      out += fmt::format("# {} is not set\n", key);
+      continue;
+    }
+    for (const auto& text : ValueTexts(layered.merged[key].value()))
+      out += fmt::format("{} = {}  # {}\n", key, text, source);
+  }
+  return out;
+}
+
+}  // namespace adapter_job::cli

@@ -1,0 +1,34 @@
+// Options from several places, in priority order (the command line, then --config FILE, then the
+// installed defaults, then each option's built-in default), remembering where each value came from
+// so that --print-config can say so.
+#pragma once
+
+#include <boost/program_options.hpp>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace adapter_job::cli {
+
+struct OptionLayer {
+  std::string source;  // "command line", "--config FILE", "defaults FILE"
+  boost::program_options::variables_map values;
+};
+
+struct LayeredOptions {
+  std::vector<OptionLayer> layers;               // highest priority first
+  boost::program_options::variables_map merged;  // what the command uses
+};
+
+// Parses `args`, then the --config file they name (if any), then `defaults_file` (if any).
+LayeredOptions ParseLayered(const std::vector<std::string>& args,
+                            const boost::program_options::options_description& options,
+                            const std::vector<std::filesystem::path>& defaults_files);
+
+// The effective settings as an INI file that --config accepts, each with its source in a comment;
+// options in `skip` (like help) are left out.
+std::string PrintConfig(const LayeredOptions& layered,
+                        const boost::program_options::options_description& options,
+                        const std::vector<std::string>& skip);
+
+}  // namespace adapter_job::cli
