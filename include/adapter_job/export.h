@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "adapter_job/core/progress.h"
 #include "adapter_job/core/tensor.h"
 #include "adapter_job/dist/transport.h"
 #include "adapter_job/verify/verify.h"
@@ -34,6 +35,7 @@ struct ExportOptions {
   // Verify on rank 0 before publishing (prompts, top-k, device; the paths are filled in). A
   // failed verification publishes the adapter as `<output>.unverified` instead.
   std::optional<verify::VerifyOptions> verify;
+  ProgressSink progress;  // on rank 0, after every layer written (and verified)
 };
 
 struct StageTimes {

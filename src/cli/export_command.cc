@@ -9,14 +9,15 @@
 #include "adapter_job/dist/mpi_world.h"
 #include "adapter_job/safetensors/safetensors.h"
 #include "commands.h"
+#include "console.h"
 #include "export_options.h"
 #include "verify_options.h"
 
 namespace adapter_job::cli {
 namespace {
 
-void WriteReport(const ExportCommandLine& cl, const ExportReport& report) {
-  std::cout << report.Summary() << std::flush;
+void WriteReport(const ExportCommandLine& cl, const ExportReport& report, const Console& console) {
+  console.Result(report.Summary());
   if (cl.report_path) {
     OutputFile out = OutputFile::Create(*cl.report_path, /*overwrite=*/true);
     out.Write(report.ToJson().dump(2) + "\n");
@@ -32,15 +33,20 @@ int RunExport(const dist::MpiWorld& world, const std::vector<std::string>& args)
     if (world.rank() == 0) std::cout << cl.help_text;
     return 0;
   }
-  const ExportReport report = ExportAdapter(cl.options, world);
+  Console console = Console::FromOptions(cl.values, world.rank());
+  ExportOptions options = cl.options;
+  options.progress = console.Progress();
+  const ExportReport report = ExportAdapter(options, world);
   if (world.rank() != 0) return 0;
-  WriteReport(cl, report);
+  WriteReport(cl, report, console);
   if (report.verification_skipped)
-    std::cout << "verification skipped: " << *report.verification_skipped << "\n";
+    console.Log(LogLevel::kWarning, "verification skipped: " + *report.verification_skipped);
   if (!report.verification) return 0;
-  const int code = ReportVerification(*report.verification, cl.values);
-  if (code != 0)
-    std::cout << "the adapter was NOT published; it is in " << report.published.string() << "\n";
+  const int code = ReportVerification(*report.verification, cl.values, console);
+  if (code != 0) {
+    console.Log(LogLevel::kError, "verification FAILED: the adapter was NOT published; it is in " +
+                                      report.published.string());
+  }
   return code;
 }
 
@@ -50,11 +56,14 @@ int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args)
     if (world.rank() == 0) std::cout << cl.help_text;
     return 0;
   }
+  Console console = Console::FromOptions(cl.values, world.rank());
+  ExportOptions options = cl.options;
+  options.progress = console.Progress();
   // Like stream_adapter_weights.py: raw HF names, one file, each tensor written as it arrives.
   std::optional<OutputFile> file;
   std::optional<safetensors::StreamWriter> writer;
   ExportReport report = StreamAdapterWeights(
-      cl.options, world,
+      options, world,
       [&](const std::vector<StreamedTensorInfo>& infos) {
         std::vector<safetensors::TensorSpec> specs;
         for (const auto& i : infos) specs.push_back({i.name, i.dtype, i.shape});
@@ -66,7 +75,7 @@ int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args)
     writer->Finish();
     std::move(*file).Commit();
     report.output = std::filesystem::absolute(*cl.stream_output).lexically_normal();
-    WriteReport(cl, report);
+    WriteReport(cl, report, console);
   }
   return 0;
 }

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "adapter_job/core/error.h"
+#include "console.h"
 #include "layered_options.h"
 #include "verify_options.h"
 
@@ -70,6 +71,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
     AddVerifyOptions(options);
   }
   // clang-format on
+  AddConsoleOptions(options);
 
   const LayeredOptions layered = ParseLayered(args, options, DefaultsFile());
   const po::variables_map& vm = layered.merged;

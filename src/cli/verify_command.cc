@@ -8,6 +8,7 @@
 #include "adapter_job/core/file.h"
 #include "adapter_job/verify/verify.h"
 #include "commands.h"
+#include "console.h"
 #include "verify_options.h"
 
 namespace adapter_job::cli {
@@ -92,8 +93,9 @@ void ReadVerifyOptions(const po::variables_map& vm, verify::VerifyOptions& optio
     options.max_device_bytes = ParseBytes(vm["verify-max-gpu-mem"].as<std::string>());
 }
 
-int ReportVerification(const verify::VerificationReport& report, const po::variables_map& vm) {
-  std::cout << report.Table() << std::flush;
+int ReportVerification(const verify::VerificationReport& report, const po::variables_map& vm,
+                       const Console& console) {
+  console.Result(report.Table());
   if (vm.count("verify-h5")) verify::WriteHdf5(report, vm["verify-h5"].as<std::string>());
   return report.passed() ? 0 : static_cast<int>(ExitCode::kVerificationFailed);
 }
@@ -110,6 +112,7 @@ int RunVerify(const std::vector<std::string>& args) {
     ("report", po::value<std::string>(), "write the verification report as JSON to this file");
   // clang-format on
   AddVerifyOptions(options);
+  AddConsoleOptions(options);
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(options).run(), vm);
   po::notify(vm);
@@ -125,13 +128,15 @@ int RunVerify(const std::vector<std::string>& args) {
   if (vm.count("megatron-peft-checkpoint"))
     verify.megatron_checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
   ReadVerifyOptions(vm, verify);
+  Console console = Console::FromOptions(vm, /*rank=*/0);
+  verify.progress = console.Progress();
   const verify::VerificationReport report = verify::VerifyWithPlugin(verify);
   if (vm.count("report")) {
     OutputFile out = OutputFile::Create(vm["report"].as<std::string>(), /*overwrite=*/true);
     out.Write(report.ToJson().dump(2) + "\n");
     std::move(out).Commit();
   }
-  return ReportVerification(report, vm);
+  return ReportVerification(report, vm, console);
 }
 
 }  // namespace adapter_job::cli

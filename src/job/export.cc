@@ -169,6 +169,7 @@ ExportReport RunPipeline(
   dist::RunAgreed(world, [&] { transport = dist::MakeTransport(world, options.backend); });
 
   double convert_seconds = 0;
+  uint64_t layers_done = 0;
   dist::GatherStats stats;
   // Past this point ranks wait on each other: a failure must take every rank down (main aborts).
   try {
@@ -189,6 +190,11 @@ ExportReport RunPipeline(
             consume(out, bytes);
           }
           convert_seconds += Since(convert_start);
+          if (options.progress) {
+            options.progress({"export", ++layers_done,
+                              static_cast<uint64_t>(plan.layout.num_layers), report.tensors,
+                              report.tensor_bytes});
+          }
         });
   } catch (Error& e) {
     e.MarkAbortPeers();
@@ -290,6 +296,7 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
       v.base_model_name = options.hf_model_id;
       v.adapter = staged->Stage();
       v.megatron_checkpoint = options.checkpoint;
+      if (!v.progress) v.progress = options.progress;
       report.verification = verify::VerifyWithPlugin(v);
       report.verification->adapter_path = staged->target().string();
       report.seconds.verify = Since(verify_start);

@@ -162,6 +162,10 @@ VerificationReport Verify(const VerifyOptions& options) {
     for (std::size_t v = 0; v < variants; ++v) {
       for (auto& h : hidden[v]) h = DecoderLayer(h, *per_variant[v], settings);
     }
+    if (options.progress) {
+      options.progress({"verify", static_cast<uint64_t>(layer + 1),
+                        static_cast<uint64_t>(config.num_hidden_layers), 0, 0});
+    }
   }
 
   const at::Tensor norm = base.Get("model.norm.weight", device, at::kFloat);

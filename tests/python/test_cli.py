@@ -108,3 +108,59 @@ def test_print_config_names_each_source_and_round_trips(adapter_job_bin, repo_ro
     reread = settings(run([adapter_job_bin, "export", "--print-config", "--config", again]).stdout)
     assert {k: v for k, (v, _) in reread.items()} == {k: v for k, (v, _) in got.items()}
     assert reread["backend"][1] == f"--config {again}"
+
+
+def export_args(mb_fixtures, out):
+    return ["export", "--hf-model-id", mb_fixtures / HF, "--megatron-peft-checkpoint",
+            mb_fixtures / "tp2pp2/lora/megatron_ckpt", "--output-hf-path", out, "--verify-device", "cpu"]
+
+
+def test_log_lines_without_a_terminal(adapter_job_bin, mb_fixtures, tmp_path):
+    import re
+    proc = run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", adapter_job_bin,
+                *export_args(mb_fixtures, tmp_path / "a")])
+    lines = proc.stderr.splitlines()
+    stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ info "
+    assert [l for l in lines if re.match(stamp + r"export: 4/4 layers, 56 tensors", l)], proc.stderr
+    assert [l for l in lines if re.match(stamp + r"verify: 4/4 layers", l)], proc.stderr
+    assert not [l for l in lines if "\r" in l], "no redrawing in a log"
+    # Only rank 0 speaks: one final line per stage, not one per rank.
+    assert sum("export: 4/4 layers" in l for l in lines) == 1
+    assert "exported LoRA adapter" in proc.stdout and "verification PASSED" in proc.stdout
+
+
+def test_quiet_and_log_level(adapter_job_bin, mb_fixtures, tmp_path):
+    quiet = run([adapter_job_bin, *export_args(mb_fixtures, tmp_path / "q"), "--quiet"])
+    assert quiet.stdout == "" and quiet.stderr == ""
+    assert (tmp_path / "q" / "adapter_model.safetensors").exists()
+    warn = run([adapter_job_bin, *export_args(mb_fixtures, tmp_path / "w"), "--log-level", "warning"])
+    assert warn.stdout == "" and warn.stderr == ""
+    bad = run([adapter_job_bin, *export_args(mb_fixtures, tmp_path / "b"), "--log-level", "loud"], check=False)
+    assert bad.returncode == 2 and "--log-level must be error, warning, info or debug" in bad.stderr
+    debug = run([adapter_job_bin, *export_args(mb_fixtures, tmp_path / "d"), "--log-level", "debug"])
+    assert sum(" info export: " in l for l in debug.stderr.splitlines()) == 4, "a line per layer"
+
+
+def test_progress_bar_on_a_terminal(adapter_job_bin, mb_fixtures, tmp_path):
+    import os
+    import pty
+    import subprocess
+    leader, follower = pty.openpty()
+    proc = subprocess.run([str(a) for a in [adapter_job_bin, *export_args(mb_fixtures, tmp_path / "t")]],
+                          stdout=subprocess.PIPE, stderr=follower, timeout=120)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.returncode == 0
+    text = shown.decode()
+    assert "\rexport  [" in text or "\r\x1b[Kexport  [" in text, text
+    assert "] 4/4 layers, 56 tensors" in text and "] 4/4 layers, " in text.split("verify")[-1], text
+    assert "#" * 30 in text

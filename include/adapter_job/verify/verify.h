@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "adapter_job/core/progress.h"
 #include "adapter_job/verify/report.h"
 
 namespace adapter_job::verify {
@@ -25,6 +26,7 @@ struct VerifyOptions {
   // Weights held on the device at once: the embedding and output head, plus one layer in each
   // variant. Layers are always streamed; a model whose single layer cannot fit is refused.
   std::optional<uint64_t> max_device_bytes;
+  ProgressSink progress;  // after every layer of the forward pass
 };
 
 // Default prompt when none is given, as Megatron-Bridge's verify_adapter.py.
