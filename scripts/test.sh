@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs every test: the whole suite on the normal build, then again on an
-# ASan+UBSan build, so damaged and hostile inputs are also checked for memory errors.
+# ASan+UBSan build, so damaged and hostile inputs are also checked for memory errors; then the
+# libFuzzer targets for a minute each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -19,4 +20,9 @@ if [[ ${ADAPTER_JOB_SKIP_SANITIZERS:-0} != 1 ]]; then
   (cd build-asan &&
    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
      ctest --output-on-failure -j"$(nproc)")
+fi
+
+# The parsers of untrusted input under libFuzzer, a bounded time each (scripts/fuzz.sh).
+if [[ ${ADAPTER_JOB_SKIP_FUZZ:-0} != 1 ]]; then
+  scripts/fuzz.sh
 fi

@@ -162,7 +162,10 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
 
   std::sort(found.begin(), found.end(),
             [](const Found& a, const Found& b) { return a.meta->fqn < b.meta->fqn; });
-  for (const auto& [meta, key] : found) {
+  for (const Found& entry : found) {
+    // Named copies, not structured bindings: lambdas below capture them (clang < 16 cannot).
+    const TensorMeta* meta = entry.meta;
+    const auto& key = entry.key;
     ValidateChunkLayout(*meta);
     const bool stacked = !key.layer.has_value();
     const std::vector<int64_t> shape(meta->size.begin() + (stacked ? 1 : 0), meta->size.end());

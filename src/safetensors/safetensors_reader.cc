@@ -109,22 +109,20 @@ Header ParseHeader(std::string_view header_bytes, uint64_t file_size) {
   return header;
 }
 
+Header ParseFileHeader(std::span<const std::byte> bytes) {
+  if (bytes.size() < 8) Fail("{} bytes is too small for a safetensors file", bytes.size());
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(bytes[i]) << (8 * i);
+  if (n > kMaxHeaderBytes) Fail("header length {} exceeds the {}-byte limit", n, kMaxHeaderBytes);
+  if (n > bytes.size() - 8) Fail("header length {} runs past the {}-byte file", n, bytes.size());
+  return ParseHeader({reinterpret_cast<const char*>(bytes.data() + 8), n}, bytes.size());
+}
+
 File File::Open(const std::filesystem::path& path) {
   return WithContext([&] { return path.string(); },
                      [&] {
                        MappedFile map = MappedFile::Open(path);
-                       const auto bytes = map.bytes();
-                       if (bytes.size() < 8)
-                         Fail("{} bytes is too small for a safetensors file", bytes.size());
-                       uint64_t n = 0;
-                       for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(bytes[i]) << (8 * i);
-                       if (n > kMaxHeaderBytes)
-                         Fail("header length {} exceeds the {}-byte limit", n, kMaxHeaderBytes);
-                       if (n > bytes.size() - 8)
-                         Fail("header length {} runs past the {}-byte file", n, bytes.size());
-                       const std::string_view text(reinterpret_cast<const char*>(bytes.data() + 8),
-                                                   n);
-                       Header header = ParseHeader(text, bytes.size());
+                       Header header = ParseFileHeader(map.bytes());
                        return File(std::move(map), std::move(header));
                      });
 }

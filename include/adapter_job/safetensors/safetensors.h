@@ -37,6 +37,8 @@ struct Header {
 // match shapes) and more strictly (duplicate names, non-string metadata). `file_size` is the
 // size of the whole file; `header_bytes` the N bytes after the length prefix.
 Header ParseHeader(std::string_view header_bytes, uint64_t file_size);
+// The same, given a whole file's bytes (the 8-byte length, the header, the data).
+Header ParseFileHeader(std::span<const std::byte> file);
 
 class File {
  public:
