@@ -137,7 +137,14 @@ OutputFile::OutputFile(UniqueFd fd, std::filesystem::path temp_path,
       final_path_(std::move(final_path)),
       overwrite_(overwrite) {}
 
-OutputFile OutputFile::CreateUnnamed(const std::filesystem::path& dir) {
+OutputFile OutputFile::CreateUnnamed(const std::filesystem::path& dir,
+                                     const std::filesystem::path& intended) {
+  OutputFile file = OpenUnnamed(dir);
+  file.name_for_errors_ = intended.empty() ? dir : intended;
+  return file;
+}
+
+OutputFile OutputFile::OpenUnnamed(const std::filesystem::path& dir) {
   UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644));
   if (fd.valid()) return OutputFile(std::move(fd), {}, {}, false);
   if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
@@ -157,7 +164,7 @@ OutputFile OutputFile::Create(const std::filesystem::path& final_path, bool over
     Fail<FormatError>("'{}' already exists (pass --overwrite to replace it)", final_path.string());
   }
   const auto dir = final_path.has_parent_path() ? final_path.parent_path() : ".";
-  OutputFile file = CreateUnnamed(dir);
+  OutputFile file = CreateUnnamed(dir, final_path);
   file.final_path_ = final_path;
   file.overwrite_ = overwrite;
   return file;
@@ -167,6 +174,7 @@ OutputFile::OutputFile(OutputFile&& other) noexcept
     : fd_(std::move(other.fd_)),
       temp_path_(std::move(other.temp_path_)),
       final_path_(std::move(other.final_path_)),
+      name_for_errors_(std::move(other.name_for_errors_)),
       overwrite_(other.overwrite_),
       committed_(std::exchange(other.committed_, true)) {}
 
@@ -183,7 +191,7 @@ void OutputFile::Write(std::span<const std::byte> bytes) {
     const ssize_t n = ::write(fd_.get(), bytes.data() + done, bytes.size() - done);
     if (n < 0) {
       if (errno == EINTR) continue;
-      FailErrno("cannot write", final_path_);
+      FailErrno("cannot write", name_for_errors_);
     }
     done += static_cast<std::size_t>(n);
   }
@@ -193,7 +201,7 @@ void OutputFile::Write(std::string_view text) { Write(std::as_bytes(std::span(te
 
 void OutputFile::Resize(uint64_t size) {
   if (::ftruncate(fd_.get(), static_cast<off_t>(size)) != 0)
-    FailErrno("cannot resize", final_path_);
+    FailErrno("cannot resize", name_for_errors_);
 }
 
 void OutputFile::WriteAt(uint64_t offset, std::span<const std::byte> bytes) {
@@ -203,7 +211,7 @@ void OutputFile::WriteAt(uint64_t offset, std::span<const std::byte> bytes) {
                                static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
-      FailErrno("cannot write", final_path_);
+      FailErrno("cannot write", name_for_errors_);
     }
     done += static_cast<std::size_t>(n);
   }
@@ -220,7 +228,7 @@ void OutputFile::WriteAt(uint64_t offset, std::span<const std::span<const std::b
     ssize_t n = ::pwritev(fd_.get(), iov.data() + first, count, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
-      FailErrno("cannot write", final_path_);
+      FailErrno("cannot write", name_for_errors_);
     }
     offset += static_cast<uint64_t>(n);
     // Skip what was written, possibly ending inside an iovec.

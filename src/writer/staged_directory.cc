@@ -31,7 +31,8 @@ StagedDirectory StagedDirectory::Create(const fs::path& target, bool overwrite) 
 }
 
 OutputFile& StagedDirectory::AddFile(std::string name) {
-  files_.emplace_back(std::move(name), OutputFile::CreateUnnamed(anchor_));
+  OutputFile file = OutputFile::CreateUnnamed(anchor_, target_ / name);
+  files_.emplace_back(std::move(name), std::move(file));
   return files_.back().second;
 }
 

@@ -80,8 +80,10 @@ class OutputFile {
  public:
   // Fails if `final_path` exists and `overwrite` is false.
   static OutputFile Create(const std::filesystem::path& final_path, bool overwrite);
-  // A file in `dir` whose name is given at CommitAs().
-  static OutputFile CreateUnnamed(const std::filesystem::path& dir);
+  // A file in `dir` whose name is given at CommitAs(); errors name it `intended` (where it is
+  // meant to go), or `dir` if that is empty.
+  static OutputFile CreateUnnamed(const std::filesystem::path& dir,
+                                  const std::filesystem::path& intended = {});
   OutputFile(OutputFile&& other) noexcept;
   OutputFile& operator=(OutputFile&&) = delete;
   ~OutputFile();
@@ -100,12 +102,14 @@ class OutputFile {
   void Commit() && { std::move(*this).CommitAs(final_path_, overwrite_); }
 
  private:
+  static OutputFile OpenUnnamed(const std::filesystem::path& dir);
   OutputFile(UniqueFd fd, std::filesystem::path temp_path, std::filesystem::path final_path,
              bool overwrite);
 
   UniqueFd fd_;
   std::filesystem::path temp_path_;  // empty for an O_TMPFILE file
   std::filesystem::path final_path_;
+  std::filesystem::path name_for_errors_;
   bool overwrite_ = false;
   bool committed_ = false;
 };

@@ -1,0 +1,81 @@
+"""Faults of the machine rather than the input, under `mpirun -np 4`: a full disk, a shard that cannot be read.
+Each ends with a non-zero exit, one message naming the cause, no partial output, nothing overwritten, and no hang.
+(A rank killed mid-export: test_export_bad_input.py. A checkpoint still being written or failing its
+integrity.json: test_hook.py, where waiting for a complete checkpoint belongs.)"""
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run
+from test_export_bad_input import export, snapshot, writable_copy
+
+INFRA = 4  # ExitCode::kInfrastructure
+
+
+def one_error(proc) -> str:
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    assert "internal error" not in proc.stderr
+    return errors[0]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 128 KiB tmpfs: room for the fixture's bf16 adapter (73 KB), not for its fp32 upcast (138 KB)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk(adapter_job_bin, mb_fixtures, small_disk):
+    out = small_disk / "out" / "adapter"
+    out.parent.mkdir()
+    start = time.monotonic()
+    # fp32 makes the adapter 138 KB: more than the disk holds.
+    proc = export(adapter_job_bin, 4, mb_fixtures / "hf_base", mb_fixtures / "tp2pp2/lora/megatron_ckpt", out,
+                  "--dtype", "fp32", timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == INFRA, f"exit {proc.returncode}\n{proc.stderr}"
+    error = one_error(proc)
+    assert "No space left on device" in error and str(out.parent) in error, error
+    assert snapshot(out) == {}, "partial output or staging left on the full disk"
+    assert not any(small_disk.rglob("*.safetensors"))
+    assert os.statvfs(small_disk).f_bfree * os.statvfs(small_disk).f_frsize > 100 << 10, "space not given back"
+
+
+def test_full_disk_keeps_the_existing_adapter(adapter_job_bin, mb_fixtures, small_disk):
+    out = small_disk / "out" / "adapter"
+    ok = export(adapter_job_bin, 4, mb_fixtures / "hf_base", mb_fixtures / "tp2pp2/lora/megatron_ckpt", out)
+    assert ok.returncode == 0, ok.stderr
+    before = snapshot(out)
+    proc = export(adapter_job_bin, 4, mb_fixtures / "hf_base", mb_fixtures / "tp2pp2/lora/megatron_ckpt", out,
+                  "--dtype", "fp32", "--overwrite", timeout=60)
+    assert proc.returncode == INFRA, proc.stderr
+    assert "No space left on device" in one_error(proc)
+    assert snapshot(out) == before, "the existing adapter was touched"
+
+
+@pytest.mark.parametrize("np", [4, 1])
+def test_unreadable_shard(adapter_job_bin, mb_fixtures, tmp_path, np):
+    """A shard that cannot be read (here: a directory where the file should be; as root, permissions would not
+    stop a read) fails with the OS's reason and the file's name."""
+    ckpt = writable_copy(mb_fixtures / "tp2pp2/lora/megatron_ckpt", tmp_path / "ckpt")
+    shard = next(ckpt.glob("iter_*")) / "__3_0.distcp"
+    shard.unlink()
+    shard.mkdir()
+    out = tmp_path / "outputs" / "adapter"
+    out.parent.mkdir()
+    start = time.monotonic()
+    proc = export(adapter_job_bin, np, mb_fixtures / "hf_base", ckpt, out, timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode != 0
+    error = one_error(proc)
+    assert "__3_0.distcp" in error and ("Is a directory" in error or "not a regular file" in error), error
+    assert snapshot(out) == {}
