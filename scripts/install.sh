@@ -10,6 +10,7 @@ APT_PACKAGES=(
   libhdf5-dev nlohmann-json3-dev libboost-program-options-dev
   libgtest-dev libgmock-dev libyaml-cpp-dev libfmt-dev libzstd-dev libpcre2-dev
   clang-14 libclang-rt-14-dev clang-format
+  slurm-wlm munge shellcheck
 )
 
 missing=()
