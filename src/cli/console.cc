@@ -85,7 +85,9 @@ void Console::Show(const adapter_job::Progress& p) {
   const bool finished = p.done >= p.total;
   std::string figures = fmt::format("{}/{} layers", p.done, p.total);
   if (p.tensors > 0) {
-    figures += fmt::format(", {} tensors, {}", p.tensors, Megabytes(static_cast<double>(p.bytes)));
+    figures += fmt::format(", {} gathered, {} tensors ({}) written",
+                           Megabytes(static_cast<double>(p.bytes_gathered)), p.tensors,
+                           Megabytes(static_cast<double>(p.bytes)));
     if (elapsed > 0) figures += fmt::format(", {}/s", Megabytes(p.bytes / elapsed));
   }
   if (!finished && p.done > 0 && elapsed > 0)

@@ -170,6 +170,7 @@ ExportReport RunPipeline(
 
   double convert_seconds = 0;
   uint64_t layers_done = 0;
+  uint64_t bytes_gathered = 0;
   dist::GatherStats stats;
   // Past this point ranks wait on each other: a failure must take every rank down (main aborts).
   try {
@@ -190,10 +191,11 @@ ExportReport RunPipeline(
             consume(out, bytes);
           }
           convert_seconds += Since(convert_start);
+          bytes_gathered += buffer.size();
           if (options.progress) {
             options.progress({"export", ++layers_done,
-                              static_cast<uint64_t>(plan.layout.num_layers), report.tensors,
-                              report.tensor_bytes});
+                              static_cast<uint64_t>(plan.layout.num_layers), bytes_gathered,
+                              report.tensors, report.tensor_bytes});
           }
         });
   } catch (Error& e) {

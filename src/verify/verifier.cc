@@ -164,7 +164,7 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
     if (options.progress) {
       options.progress({"verify", static_cast<uint64_t>(layer + 1),
-                        static_cast<uint64_t>(config.num_hidden_layers), 0, 0});
+                        static_cast<uint64_t>(config.num_hidden_layers)});
     }
   }
 

@@ -121,7 +121,8 @@ def test_log_lines_without_a_terminal(adapter_job_bin, mb_fixtures, tmp_path):
                 *export_args(mb_fixtures, tmp_path / "a")])
     lines = proc.stderr.splitlines()
     stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ info "
-    assert [l for l in lines if re.match(stamp + r"export: 4/4 layers, 56 tensors", l)], proc.stderr
+    final = stamp + r"export: 4/4 layers, 0\.1 MB gathered, 56 tensors \(0\.1 MB\) written, [0-9.]+ MB/s, [0-9.]+ s$"
+    assert [l for l in lines if re.match(final, l)], proc.stderr
     assert [l for l in lines if re.match(stamp + r"verify: 4/4 layers", l)], proc.stderr
     assert not [l for l in lines if "\r" in l], "no redrawing in a log"
     # Only rank 0 speaks: one final line per stage, not one per rank.
@@ -162,5 +163,6 @@ def test_progress_bar_on_a_terminal(adapter_job_bin, mb_fixtures, tmp_path):
     assert proc.returncode == 0
     text = shown.decode()
     assert "\rexport  [" in text or "\r\x1b[Kexport  [" in text, text
-    assert "] 4/4 layers, 56 tensors" in text and "] 4/4 layers, " in text.split("verify")[-1], text
+    assert "] 4/4 layers, 0.1 MB gathered, 56 tensors (0.1 MB) written" in text, text
+    assert "] 4/4 layers, " in text.split("verify")[-1], text
     assert "#" * 30 in text
