@@ -32,6 +32,8 @@ struct ExportOptions {
   std::optional<DType> dtype;  // nullopt: keep the checkpoint's dtype (as Megatron-Bridge does)
   bool overwrite = false;
   dist::Backend backend = dist::Backend::kAuto;
+  // More model families (*.json, as config/models/) besides the built-in ones.
+  std::vector<std::filesystem::path> model_family_dirs;
   // Verify on rank 0 before publishing (prompts, top-k, device; the paths are filled in). A
   // failed verification publishes the adapter as `<output>.unverified` instead.
   std::optional<verify::VerifyOptions> verify;

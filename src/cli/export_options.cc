@@ -58,6 +58,9 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
     ("overwrite", po::value<bool>()->default_value(false)->implicit_value(true)->zero_tokens(),
      "replace an existing output directory")
     ("report", po::value<std::string>(), "also write the run report as JSON to this file")
+    ("model-families", po::value<std::vector<std::string>>(),
+     "a directory of model family descriptions (*.json, see config/models/README.md) to add to "
+     "the built-in ones (repeatable)")
     ("trust-remote-code", po::value<bool>()->default_value(false)->implicit_value(true)->zero_tokens(),
      "accepted for compatibility with Megatron-Bridge's script; no code is ever loaded");
   if (stream) {
@@ -99,6 +102,10 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   cl.options.dtype = ParseDType(vm["dtype"].as<std::string>());
   cl.options.backend = dist::ParseBackend(vm["backend"].as<std::string>());
   cl.options.overwrite = vm["overwrite"].as<bool>();
+  if (vm.count("model-families")) {
+    for (const auto& dir : vm["model-families"].as<std::vector<std::string>>())
+      cl.options.model_family_dirs.emplace_back(dir);
+  }
   if (vm.count("report")) cl.report_path = vm["report"].as<std::string>();
   if (stream) {
     if (!vm.count("output")) throw po::error("the option '--output' is required");

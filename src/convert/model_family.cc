@@ -1,49 +1,175 @@
-// Module names follow Megatron-Bridge's bridges (models/llama/llama_bridge.py and its peers):
-// linear_qkv -> q/k/v_proj (QKVMapping), linear_proj -> o_proj, linear_fc1 -> gate/up_proj
-// (GatedMLPMapping), linear_fc2 -> down_proj.
 #include "adapter_job/convert/model_family.h"
 
+#include <algorithm>
+#include <nlohmann/json.hpp>
+
 #include "adapter_job/core/error.h"
+#include "adapter_job/core/file.h"
+#include "model_families_builtin.h"
 
 namespace adapter_job::convert {
 namespace {
 
-const HfModule kQProj{"self_attn.q_proj", Width::kHidden, Width::kQuery};
-const HfModule kKProj{"self_attn.k_proj", Width::kHidden, Width::kKeyValue};
-const HfModule kVProj{"self_attn.v_proj", Width::kHidden, Width::kKeyValue};
-const HfModule kOProj{"self_attn.o_proj", Width::kQuery, Width::kHidden};
-const HfModule kGateProj{"mlp.gate_proj", Width::kHidden, Width::kFfn};
-const HfModule kUpProj{"mlp.up_proj", Width::kHidden, Width::kFfn};
-const HfModule kDownProj{"mlp.down_proj", Width::kFfn, Width::kHidden};
+using nlohmann::json;
 
-std::vector<ModuleMapping> LlamaModules() {
-  return {
-      {"self_attention.linear_qkv",
-       Fusion::kQkv,
-       Parallelism::kColumn,
-       {kQProj, kKProj, kVProj},
-       "linear_qkv"},
-      {"self_attention.linear_proj", Fusion::kNone, Parallelism::kRow, {kOProj}, "linear_proj"},
-      {"mlp.linear_fc1",
-       Fusion::kGatedMlp,
-       Parallelism::kColumn,
-       {kGateProj, kUpProj},
-       "linear_fc1"},
-      {"mlp.linear_fc2", Fusion::kNone, Parallelism::kRow, {kDownProj}, "linear_fc2"},
-  };
+const json& Field(const json& j, const char* key, const std::string& where) {
+  if (!j.is_object() || !j.contains(key)) Fail("{}: missing '{}'", where, key);
+  return j[key];
 }
 
-std::vector<CanonicalMapping> LlamaCanonical() {
-  return {
-      {"self_attention.linear_qkv", "adapter_q", kQProj},
-      {"self_attention.linear_qkv", "adapter_k", kKProj},
-      {"self_attention.linear_qkv", "adapter_v", kVProj},
-      {"mlp.linear_fc1", "adapter_gate", kGateProj, /*swiglu_sharded=*/true},
-      {"mlp.linear_fc1", "adapter_up", kUpProj, /*swiglu_sharded=*/true},
-  };
+std::string String(const json& j, const char* key, const std::string& where) {
+  const json& v = Field(j, key, where);
+  if (!v.is_string() || v.get<std::string>().empty())
+    Fail("{}.{}: expected a non-empty string", where, key);
+  return v.get<std::string>();
+}
+
+std::vector<std::string> Strings(const json& j, const char* key, const std::string& where) {
+  std::vector<std::string> out;
+  if (!j.contains(key)) return out;
+  if (!j[key].is_array()) Fail("{}.{}: expected a list of strings", where, key);
+  for (const auto& v : j[key]) {
+    if (!v.is_string()) Fail("{}.{}: expected a list of strings", where, key);
+    out.push_back(v.get<std::string>());
+  }
+  return out;
+}
+
+template <typename Enum, std::size_t N>
+Enum Choice(const json& j, const char* key, const std::string& where,
+            const std::pair<const char*, Enum> (&choices)[N]) {
+  const std::string value = String(j, key, where);
+  std::string names;
+  for (const auto& [name, e] : choices) {
+    if (value == name) return e;
+    names += (names.empty() ? "" : ", ") + std::string(name);
+  }
+  Fail("{}.{}: '{}' is not one of {}", where, key, value, names);
+}
+
+constexpr std::pair<const char*, Width> kWidths[] = {{"hidden", Width::kHidden},
+                                                     {"query", Width::kQuery},
+                                                     {"key_value", Width::kKeyValue},
+                                                     {"ffn", Width::kFfn}};
+constexpr std::pair<const char*, Fusion> kFusions[] = {
+    {"none", Fusion::kNone}, {"qkv", Fusion::kQkv}, {"gated_mlp", Fusion::kGatedMlp}};
+constexpr std::pair<const char*, Parallelism> kParallelisms[] = {{"column", Parallelism::kColumn},
+                                                                 {"row", Parallelism::kRow}};
+
+HfModule ParseHfModule(const json& j, const std::string& where) {
+  return {String(j, "path", where), Choice(j, "in", where, kWidths),
+          Choice(j, "out", where, kWidths)};
 }
 
 }  // namespace
+
+ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
+                             const std::vector<ModelFamily>& known) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    Fail("{}: not valid JSON: {}", source, e.what());
+  }
+  if (!j.is_object()) Fail("{}: expected a JSON object", source);
+  ModelFamily f;
+  f.name = String(j, "family", source);
+  const std::string where = fmt::format("{} (family '{}')", source, f.name);
+  if (j.contains("like")) {
+    const std::string like = String(j, "like", where);
+    const auto it = std::find_if(known.begin(), known.end(),
+                                 [&](const ModelFamily& k) { return k.name == like; });
+    if (it == known.end())
+      Fail("{}: 'like' names '{}', which is not a family defined before it", where, like);
+    f = *it;
+    f.name = String(j, "family", source);
+  }
+  f.architectures = Strings(j, "architectures", where);
+  f.model_types = Strings(j, "model_types", where);
+  if (f.architectures.empty() && f.model_types.empty())
+    Fail("{}: give 'architectures' or 'model_types' to recognise the family by", where);
+  if (j.contains("hf_layers_prefix")) f.hf_layers_prefix = String(j, "hf_layers_prefix", where);
+  if (j.contains("modules")) {
+    const json& modules = j["modules"];
+    if (!modules.is_array()) Fail("{}.modules: expected a list", where);
+    f.modules.clear();
+    for (std::size_t i = 0; i < modules.size(); ++i) {
+      const std::string at = fmt::format("{}.modules[{}]", where, i);
+      ModuleMapping m;
+      m.megatron = String(modules[i], "megatron", at);
+      m.peft_target = String(modules[i], "peft_target", at);
+      m.fusion = Choice(modules[i], "fusion", at, kFusions);
+      m.parallelism = Choice(modules[i], "parallelism", at, kParallelisms);
+      const json& hf = Field(modules[i], "hf", at);
+      if (!hf.is_array() || hf.empty()) Fail("{}.hf: expected a non-empty list", at);
+      for (std::size_t k = 0; k < hf.size(); ++k)
+        m.hf.push_back(ParseHfModule(hf[k], fmt::format("{}.hf[{}]", at, k)));
+      const std::size_t parts = m.fusion == Fusion::kQkv        ? 3
+                                : m.fusion == Fusion::kGatedMlp ? 2
+                                                                : 1;
+      if (m.hf.size() != parts)
+        Fail("{}.hf: a '{}' fusion splits into {} modules, not {}", at,
+             String(modules[i], "fusion", at), parts, m.hf.size());
+      f.modules.push_back(std::move(m));
+    }
+  }
+  if (j.contains("canonical")) {
+    const json& canonical = j["canonical"];
+    if (!canonical.is_array()) Fail("{}.canonical: expected a list", where);
+    f.canonical.clear();
+    for (std::size_t i = 0; i < canonical.size(); ++i) {
+      const std::string at = fmt::format("{}.canonical[{}]", where, i);
+      CanonicalMapping c;
+      c.megatron = String(canonical[i], "megatron", at);
+      c.adapter = String(canonical[i], "adapter", at);
+      c.hf = ParseHfModule(Field(canonical[i], "hf", at), at + ".hf");
+      if (canonical[i].contains("swiglu_sharded")) {
+        if (!canonical[i]["swiglu_sharded"].is_boolean())
+          Fail("{}.swiglu_sharded: expected true or false", at);
+        c.swiglu_sharded = canonical[i]["swiglu_sharded"].get<bool>();
+      }
+      f.canonical.push_back(std::move(c));
+    }
+  }
+  if (f.hf_layers_prefix.empty()) Fail("{}: missing 'hf_layers_prefix'", where);
+  if (f.modules.empty()) Fail("{}: missing 'modules'", where);
+  return f;
+}
+
+std::vector<ModelFamily> LoadModelFamilies(const std::vector<std::filesystem::path>& dirs) {
+  // (source, text): the built-in files, then each directory's, in name order.
+  std::vector<std::pair<std::string, std::string>> sources;
+  for (const auto& [name, text] : BuiltinModelFamilies())
+    sources.emplace_back("built-in config/models/" + name, std::string(text));
+  for (const auto& dir : dirs) {
+    if (!std::filesystem::is_directory(dir))
+      Fail("model family directory '{}' does not exist", dir.string());
+    std::vector<std::filesystem::path> files;
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+      if (entry.path().extension() == ".json") files.push_back(entry.path());
+    }
+    std::sort(files.begin(), files.end());
+    for (const auto& file : files) sources.emplace_back(file.string(), ReadTextFile(file));
+  }
+  std::vector<ModelFamily> families;
+  const auto add = [&](ModelFamily f) {
+    const auto same = std::find_if(families.begin(), families.end(),
+                                   [&](const ModelFamily& k) { return k.name == f.name; });
+    if (same != families.end())
+      *same = std::move(f);
+    else
+      families.push_back(std::move(f));
+  };
+  // Families that stand alone first, then those `like` one of them.
+  for (const bool second : {false, true}) {
+    for (const auto& [source, text] : sources) {
+      const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+      const bool like = j.is_object() && j.contains("like");
+      if (like == second) add(ParseModelFamily(text, source, families));
+    }
+  }
+  return families;
+}
 
 const ModuleMapping* ModelFamily::FindModule(std::string_view megatron) const {
   for (const auto& m : modules) {
@@ -60,34 +186,26 @@ const CanonicalMapping* ModelFamily::FindCanonical(std::string_view megatron,
   return nullptr;
 }
 
-const std::vector<ModelFamily>& SupportedFamilies() {
-  static const std::vector<ModelFamily> families = {
-      {"llama", {"LlamaForCausalLM"}, {"llama"}, "model.layers", LlamaModules(), LlamaCanonical()},
-      {"mistral",
-       {"MistralForCausalLM"},
-       {"mistral"},
-       "model.layers",
-       LlamaModules(),
-       LlamaCanonical()},
-  };
-  return families;
-}
-
-const ModelFamily& FamilyFor(const std::string& architecture, const std::string& model_type) {
-  for (const auto& family : SupportedFamilies()) {
-    for (const auto& a : family.architectures) {
-      if (a == architecture) return family;
-    }
-    for (const auto& t : family.model_types) {
-      if (t == model_type) return family;
-    }
+const ModelFamily& FamilyFor(const std::vector<ModelFamily>& families,
+                             const std::string& architecture, const std::string& model_type) {
+  for (const auto& family : families) {
+    if (std::find(family.architectures.begin(), family.architectures.end(), architecture) !=
+        family.architectures.end())
+      return family;
+  }
+  for (const auto& family : families) {
+    if (std::find(family.model_types.begin(), family.model_types.end(), model_type) !=
+        family.model_types.end())
+      return family;
   }
   std::string supported;
-  for (const auto& family : SupportedFamilies()) {
+  for (const auto& family : families) {
     for (const auto& a : family.architectures) supported += (supported.empty() ? "" : ", ") + a;
   }
-  Fail("model architecture '{}' (model_type '{}') is not supported; supported: {}", architecture,
-       model_type, supported);
+  Fail(
+      "model architecture '{}' (model_type '{}') is not supported; supported: {} (a family "
+      "using the same layouts can be added as a JSON file: config/models/README.md)",
+      architecture, model_type, supported);
 }
 
 }  // namespace adapter_job::convert

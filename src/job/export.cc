@@ -64,6 +64,7 @@ struct Plan {
   checkpoint::RunDirectory run;
   std::optional<checkpoint::CheckpointReader> reader;
   checkpoint::AdapterLayout layout;
+  std::vector<convert::ModelFamily> families;  // settings.family points into it
   convert::ConversionSettings settings;
   std::vector<std::vector<convert::OutputTensor>> outputs;  // per layer
   dist::ShardOwnership owners;
@@ -90,8 +91,9 @@ std::unique_ptr<Plan> MakePlan(const ExportOptions& options, int world_size, int
     Fail("{} says {} layers but the checkpoint has {}", plan.settings.model.path.string(),
          plan.settings.model.num_hidden_layers, plan.layout.num_layers);
   }
-  plan.settings.family =
-      &convert::FamilyFor(plan.settings.model.architecture, plan.settings.model.model_type);
+  plan.families = convert::LoadModelFamilies(options.model_family_dirs);
+  plan.settings.family = &convert::FamilyFor(plan.families, plan.settings.model.architecture,
+                                             plan.settings.model.model_type);
   plan.settings.kind = plan.run.peft->kind;
   plan.settings.training_tensor_parallel = plan.layout.tensor_parallel;
   plan.settings.dtype = options.dtype;

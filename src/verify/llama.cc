@@ -43,6 +43,8 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config) {
                                    : nlohmann::json::object());
   const double theta = Number(rope, "rope_theta", Number(raw, "rope_theta", 10000.0));
   std::string type = rope.value("rope_type", rope.value("type", std::string("default")));
+  if (raw.value("use_sliding_window", false))
+    Fail("{}: use_sliding_window is not supported by verification", config.path.string());
   const double partial =
       Number(rope, "partial_rotary_factor", Number(raw, "partial_rotary_factor", 1.0));
   if (partial != 1.0)
@@ -92,9 +94,17 @@ at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaS
 
   // Attention.
   const at::Tensor h = RmsNorm(x, w.input_layernorm, s.rms_norm_eps);
-  at::Tensor q = at::matmul(h, w.q_proj.t()).view({tokens, s.heads, s.head_dim}).transpose(0, 1);
-  at::Tensor k = at::matmul(h, w.k_proj.t()).view({tokens, s.kv_heads, s.head_dim}).transpose(0, 1);
-  at::Tensor v = at::matmul(h, w.v_proj.t()).view({tokens, s.kv_heads, s.head_dim}).transpose(0, 1);
+  const auto project = [&](const at::Tensor& weight, const at::Tensor& bias, int64_t heads,
+                           const at::Tensor& norm) {
+    at::Tensor out = at::matmul(h, weight.t());
+    if (bias.defined()) out = out + bias;
+    out = out.view({tokens, heads, s.head_dim});
+    if (norm.defined()) out = RmsNorm(out, norm, s.rms_norm_eps);
+    return out.transpose(0, 1);
+  };
+  at::Tensor q = project(w.q_proj, w.q_bias, s.heads, w.q_norm);
+  at::Tensor k = project(w.k_proj, w.k_bias, s.kv_heads, w.k_norm);
+  at::Tensor v = project(w.v_proj, w.v_bias, s.kv_heads, at::Tensor());
 
   const at::Tensor positions = at::arange(tokens, options.dtype(at::kFloat));
   const at::Tensor freqs = at::outer(positions, s.inv_freq.to(x.device()));

@@ -1,5 +1,6 @@
 // A Llama-family forward pass in libtorch, one decoder layer at a time, matching transformers'
-// LlamaForCausalLM: RMSNorm, RoPE (default and Llama-3 scaling), GQA attention, SwiGLU MLP.
+// LlamaForCausalLM: RMSNorm, RoPE (default and Llama-3 scaling), GQA attention, SwiGLU MLP; with
+// Qwen2's q/k/v biases and Qwen3's per-head q/k RMSNorm when the weights have them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,10 +31,13 @@ inline constexpr std::array<const char*, 7> kDecoderLinears = {
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
 
-// The linear weights of one decoder layer ([out, in], as in HF) and its two norms.
+// The linear weights of one decoder layer ([out, in], as in HF) and its two norms; the optional
+// ones are undefined tensors when the model has none.
 struct LayerWeights {
   at::Tensor q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
   at::Tensor input_layernorm, post_attention_layernorm;
+  at::Tensor q_bias, k_bias, v_bias;  // Qwen2
+  at::Tensor q_norm, k_norm;          // Qwen3: RMSNorm over each head's dims
 
   at::Tensor& Linear(const std::string& module);  // "self_attn.q_proj" -> q_proj
 };

@@ -40,6 +40,16 @@ LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const at::Device& d
     w.Linear(linear) = base.Get(p + linear + ".weight", device, at::kFloat);
   w.input_layernorm = base.Get(p + "input_layernorm.weight", device, at::kFloat);
   w.post_attention_layernorm = base.Get(p + "post_attention_layernorm.weight", device, at::kFloat);
+  const auto optional = [&](const std::string& name) {
+    return base.Has(p + name) ? base.Get(p + name, device, at::kFloat) : at::Tensor();
+  };
+  w.q_bias = optional("self_attn.q_proj.bias");
+  w.k_bias = optional("self_attn.k_proj.bias");
+  w.v_bias = optional("self_attn.v_proj.bias");
+  w.q_norm = optional("self_attn.q_norm.weight");
+  w.k_norm = optional("self_attn.k_norm.weight");
+  if (base.Has(p + "self_attn.o_proj.bias") || base.Has(p + "mlp.down_proj.bias"))
+    Fail("the base model has biases on o_proj or the MLP, which verification does not model");
   return w;
 }
 

@@ -49,9 +49,9 @@ def tokens(vocab: int = 256, n: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def load_base(hf_dir) -> torch.nn.Module:
-    """The HF Llama in fp32 (an exact upcast of bf16 weights), eval mode."""
-    from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    """The HF model (its config's class) in fp32 (an exact upcast of bf16 weights), eval mode."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     return model.eval()
 
 

@@ -1,7 +1,9 @@
-// How a model family's Megatron modules map to HuggingFace modules: data, not code. Adding a
-// family that reuses the existing fused layouts means adding a table entry.
+// How a model family's Megatron modules map to HuggingFace modules: data, not code. Each family is
+// a JSON file (config/models/*.json, compiled in; more can be given at run time), so adding a
+// family that reuses the existing fused layouts needs no code.
 #pragma once
 
+#include <filesystem>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -59,9 +61,17 @@ struct ModelFamily {
   const CanonicalMapping* FindCanonical(std::string_view megatron, std::string_view adapter) const;
 };
 
-const std::vector<ModelFamily>& SupportedFamilies();
+// The built-in families (config/models/*.json at build time), then those of every *.json in
+// `dirs`, in order; a later family of the same name replaces an earlier one. Throws FormatError
+// naming the file and key of a malformed description.
+std::vector<ModelFamily> LoadModelFamilies(const std::vector<std::filesystem::path>& dirs = {});
+
+// One family from its JSON text; `like` families are looked up in `known`.
+ModelFamily ParseModelFamily(std::string_view json, const std::string& source,
+                             const std::vector<ModelFamily>& known);
 
 // By config.json `architectures[0]` or `model_type`; throws FormatError listing what is supported.
-const ModelFamily& FamilyFor(const std::string& architecture, const std::string& model_type);
+const ModelFamily& FamilyFor(const std::vector<ModelFamily>& families,
+                             const std::string& architecture, const std::string& model_type);
 
 }  // namespace adapter_job::convert

@@ -1,0 +1,93 @@
+// The model families as data: the built-in files, `like`, families added from a directory, and
+// errors that name the file and the key.
+#include "adapter_job/convert/model_family.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "adapter_job/core/error.h"
+
+namespace adapter_job::convert {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string ErrorOf(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const FormatError& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+TEST(ModelFamily, BuiltInFamiliesAndTheirLookups) {
+  const auto families = LoadModelFamilies();
+  for (const char* arch :
+       {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}) {
+    const ModelFamily& f = FamilyFor(families, arch, "");
+    ASSERT_EQ(f.modules.size(), 4u) << arch;
+    const ModuleMapping* qkv = f.FindModule("self_attention.linear_qkv");
+    ASSERT_NE(qkv, nullptr);
+    EXPECT_EQ(qkv->fusion, Fusion::kQkv);
+    EXPECT_EQ(qkv->hf[1].path, "self_attn.k_proj");
+    EXPECT_EQ(qkv->hf[1].out, Width::kKeyValue);
+    EXPECT_EQ(f.FindModule("mlp.linear_fc2")->parallelism, Parallelism::kRow);
+    EXPECT_TRUE(f.FindCanonical("mlp.linear_fc1", "adapter_up")->swiglu_sharded);
+    EXPECT_EQ(f.hf_layers_prefix, "model.layers");
+  }
+  EXPECT_EQ(FamilyFor(families, "SomethingElse", "qwen2").name, "qwen2");  // by model_type
+  const std::string error = ErrorOf([&] { FamilyFor(families, "GPT2LMHeadModel", "gpt2"); });
+  EXPECT_THAT(error, HasSubstr("'GPT2LMHeadModel'"));
+  EXPECT_THAT(error, HasSubstr("supported: LlamaForCausalLM, MistralForCausalLM"));
+}
+
+TEST(ModelFamily, AFamilyAddedFromADirectoryNeedsNoCode) {
+  const auto dir = std::filesystem::temp_directory_path() / "adapter_job_family_test";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "olmo.json") << R"({"family": "olmo", "architectures": ["OlmoForCausalLM"],
+                                          "like": "llama"})";
+  const auto families = LoadModelFamilies({dir});
+  const ModelFamily& olmo = FamilyFor(families, "OlmoForCausalLM", "olmo");
+  EXPECT_EQ(olmo.name, "olmo");
+  EXPECT_EQ(olmo.modules.size(), 4u);
+  EXPECT_EQ(olmo.canonical.size(), 5u);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ModelFamily, MalformedDescriptionsNameFileAndKey) {
+  const auto families = LoadModelFamilies();
+  const auto error = [&](const std::string& json) {
+    return ErrorOf([&] { ParseModelFamily(json, "x.json", families); });
+  };
+  EXPECT_THAT(error("{"), HasSubstr("x.json: not valid JSON"));
+  EXPECT_THAT(error(R"({"architectures": ["A"]})"), HasSubstr("x.json: missing 'family'"));
+  EXPECT_THAT(error(R"({"family": "f", "architectures": ["A"], "like": "nope"})"),
+              HasSubstr("'like' names 'nope'"));
+  EXPECT_THAT(error(R"({"family": "f", "like": "llama"})"),
+              HasSubstr("give 'architectures' or 'model_types'"));
+  const std::string bad_fusion = R"({"family": "f", "architectures": ["A"],
+      "hf_layers_prefix": "model.layers",
+      "modules": [{"megatron": "m", "peft_target": "m", "fusion": "triple", "parallelism": "row",
+                   "hf": [{"path": "p", "in": "hidden", "out": "hidden"}]}]})";
+  const std::string message = error(bad_fusion);
+  EXPECT_THAT(message, HasSubstr("x.json (family 'f').modules[0].fusion: 'triple'"));
+  EXPECT_THAT(message, HasSubstr("none, qkv, gated_mlp"));
+  const std::string bad_width = R"({"family": "f", "architectures": ["A"],
+      "hf_layers_prefix": "model.layers",
+      "modules": [{"megatron": "m", "peft_target": "m", "fusion": "qkv", "parallelism": "column",
+                   "hf": [{"path": "p", "in": "hidden", "out": "wide"}]}]})";
+  EXPECT_THAT(error(bad_width), HasSubstr("modules[0].hf[0].out: 'wide' is not one of"));
+  const std::string short_split = R"({"family": "f", "architectures": ["A"],
+      "hf_layers_prefix": "model.layers",
+      "modules": [{"megatron": "m", "peft_target": "m", "fusion": "qkv", "parallelism": "column",
+                   "hf": [{"path": "p", "in": "hidden", "out": "query"}]}]})";
+  EXPECT_THAT(error(short_split), HasSubstr("a 'qkv' fusion splits into 3 modules, not 1"));
+}
+
+}  // namespace
+}  // namespace adapter_job::convert
