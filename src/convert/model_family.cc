@@ -131,6 +131,24 @@ ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
       f.canonical.push_back(std::move(c));
     }
   }
+  if (j.contains("forward")) {
+    const json& forward = j["forward"];
+    const std::string at = where + ".forward";
+    if (!forward.is_object()) Fail("{}: expected an object", at);
+    for (const auto& [key, value] : forward.items()) {
+      if (key == "norm_weight_offset" && value.is_number()) {
+        f.forward.norm_weight_offset = value.get<double>();
+      } else if (key == "embedding_scale" && value.is_string() &&
+                 (value == "sqrt_hidden" || value == "none")) {
+        f.forward.scale_embedding = value == "sqrt_hidden";
+      } else {
+        Fail(
+            "{}.{}: expected norm_weight_offset (a number) or embedding_scale (\"sqrt_hidden\" or "
+            "\"none\")",
+            at, key);
+      }
+    }
+  }
   if (f.hf_layers_prefix.empty()) Fail("{}: missing 'hf_layers_prefix'", where);
   if (f.modules.empty()) Fail("{}: missing 'modules'", where);
   return f;

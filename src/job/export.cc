@@ -301,6 +301,7 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
       v.adapter = staged->Stage();
       v.megatron_checkpoint = options.checkpoint;
       if (!v.progress) v.progress = options.progress;
+      v.model_family_dirs = options.model_family_dirs;
       report.verification = verify::VerifyWithPlugin(v);
       report.verification->adapter_path = staged->target().string();
       report.seconds.verify = Since(verify_start);

@@ -1,16 +1,30 @@
-// A Llama-family forward pass in libtorch, one decoder layer at a time, matching transformers'
-// LlamaForCausalLM: RMSNorm, RoPE (default and Llama-3 scaling), GQA attention, SwiGLU MLP; with
-// Qwen2's q/k/v biases and Qwen3's per-head q/k RMSNorm when the weights have them.
+// A Llama-family forward pass in libtorch, one decoder layer at a time, matching transformers:
+// LlamaForCausalLM (RMSNorm, RoPE default/llama3/linear, GQA attention, SwiGLU MLP) and, where the
+// config and weights say so, Qwen2's q/k/v biases, Qwen3's and Gemma 3's per-head q/k norms,
+// Gemma's (1 + weight) norms, scaled embeddings and GeGLU, Gemma 2/3's sandwich norms,
+// soft-capping and sliding-window layers with their own RoPE base.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <array>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "adapter_job/convert/hf_config.h"
+#include "adapter_job/convert/model_family.h"
 
 namespace adapter_job::verify {
+
+enum class Activation { kSilu, kGeluTanh, kGelu };
+
+// What differs between the layers of one model: full or sliding-window attention, and its RoPE.
+struct LayerAttention {
+  at::Tensor inv_freq;  // [head_dim / 2], float32
+  double rope_scaling = 1.0;
+  int64_t window = 0;  // 0: every earlier position; else only the last `window` positions
+};
 
 struct LlamaSettings {
   int64_t hidden = 0;
@@ -18,33 +32,46 @@ struct LlamaSettings {
   int64_t kv_heads = 0;
   int64_t head_dim = 0;
   double rms_norm_eps = 1e-6;
-  at::Tensor inv_freq;  // [head_dim / 2], float32
-  double attention_scaling = 1.0;
+  double norm_weight_offset = 0;  // Gemma: (1 + weight)
+  double embedding_scale = 1;     // Gemma: sqrt(hidden)
+  double attention_scale = 1;     // 1 / sqrt(query_pre_attn_scalar or head_dim)
+  std::optional<double> attention_softcap, final_softcap;
+  Activation activation = Activation::kSilu;
+  std::vector<LayerAttention> layers;
 };
 
-// Reads rms_norm_eps and the RoPE parameters (transformers 5 `rope_parameters` or 4's
-// `rope_theta`/`rope_scaling`) from the config; throws for rope types other than default/llama3.
-LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config);
+// Reads rms_norm_eps, the activation, soft-caps, sliding windows and the RoPE parameters
+// (transformers 5 `rope_parameters`, per layer type where the model has several, or 4's
+// `rope_theta`/`rope_scaling`) from the config; throws for what it does not model.
+LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
+                                const convert::ForwardTraits& traits);
 
 // The linear modules of a decoder layer, by their HF paths.
 inline constexpr std::array<const char*, 7> kDecoderLinears = {
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
 
-// The linear weights of one decoder layer ([out, in], as in HF) and its two norms; the optional
+// The linear weights of one decoder layer ([out, in], as in HF) and its norms; the optional
 // ones are undefined tensors when the model has none.
 struct LayerWeights {
   at::Tensor q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
   at::Tensor input_layernorm, post_attention_layernorm;
   at::Tensor q_bias, k_bias, v_bias;  // Qwen2
-  at::Tensor q_norm, k_norm;          // Qwen3: RMSNorm over each head's dims
+  at::Tensor q_norm, k_norm;          // Qwen3, Gemma 3: RMSNorm over each head's dims
+  // Gemma 2/3: post_attention_layernorm then normalises the attention output, and these wrap
+  // the MLP.
+  at::Tensor pre_feedforward_layernorm, post_feedforward_layernorm;
 
   at::Tensor& Linear(const std::string& module);  // "self_attn.q_proj" -> q_proj
 };
 
-at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps, double offset = 0);
 
 // x: [tokens, hidden] -> [tokens, hidden]; causal attention over positions 0..tokens-1.
-at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaSettings& s);
+at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaSettings& s,
+                        int64_t layer);
+
+// Soft-capping as Gemma 2 does it: cap * tanh(x / cap).
+at::Tensor SoftCap(const at::Tensor& x, const std::optional<double>& cap);
 
 }  // namespace adapter_job::verify

@@ -48,6 +48,8 @@ LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const at::Device& d
   w.v_bias = optional("self_attn.v_proj.bias");
   w.q_norm = optional("self_attn.q_norm.weight");
   w.k_norm = optional("self_attn.k_norm.weight");
+  w.pre_feedforward_layernorm = optional("pre_feedforward_layernorm.weight");
+  w.post_feedforward_layernorm = optional("post_feedforward_layernorm.weight");
   if (base.Has(p + "self_attn.o_proj.bias") || base.Has(p + "mlp.down_proj.bias"))
     Fail("the base model has biases on o_proj or the MLP, which verification does not model");
   return w;
@@ -79,7 +81,10 @@ VerificationReport Verify(const VerifyOptions& options) {
   c10::InferenceMode inference;
   const at::Device device = PickDevice(options.device);
   const convert::HfModelConfig config = convert::ReadHfConfig(options.hf_model);
-  const LlamaSettings settings = MakeLlamaSettings(config);
+  const auto families = convert::LoadModelFamilies(options.model_family_dirs);
+  const convert::ModelFamily& family =
+      convert::FamilyFor(families, config.architecture, config.model_type);
+  const LlamaSettings settings = MakeLlamaSettings(config, family.forward);
   const HfWeights base = HfWeights::Open(options.hf_model);
   const PeftAdapter peft = PeftAdapter::Open(options.adapter, base, config.num_hidden_layers);
   std::unique_ptr<MegatronAdapter> megatron;
@@ -155,7 +160,7 @@ VerificationReport Verify(const VerifyOptions& options) {
     const at::Tensor embed = base.Get("model.embed_tokens.weight", device, at::kFloat);
     for (const auto& p : report.prompts) {
       const at::Tensor ids = at::tensor(p.token_ids, at::kLong).to(device);
-      for (auto& h : hidden) h.push_back(embed.index_select(0, ids));
+      for (auto& h : hidden) h.push_back(embed.index_select(0, ids) * settings.embedding_scale);
     }
   }
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
@@ -170,7 +175,7 @@ VerificationReport Verify(const VerifyOptions& options) {
       per_variant.push_back(&merged_weights);
     }
     for (std::size_t v = 0; v < variants; ++v) {
-      for (auto& h : hidden[v]) h = DecoderLayer(h, *per_variant[v], settings);
+      for (auto& h : hidden[v]) h = DecoderLayer(h, *per_variant[v], settings, layer);
     }
     if (options.progress) {
       options.progress({"verify", static_cast<uint64_t>(layer + 1),
@@ -189,8 +194,11 @@ VerificationReport Verify(const VerifyOptions& options) {
   for (std::size_t i = 0; i < report.prompts.size(); ++i) {
     PromptLogits logits;
     for (std::size_t v = 0; v < variants; ++v) {
-      const at::Tensor out =
-          at::matmul(RmsNorm(hidden[v][i], norm, settings.rms_norm_eps), lm_head.t()).to(at::kCPU);
+      const at::Tensor out = SoftCap(at::matmul(RmsNorm(hidden[v][i], norm, settings.rms_norm_eps,
+                                                        settings.norm_weight_offset),
+                                                lm_head.t()),
+                                     settings.final_softcap)
+                                 .to(at::kCPU);
       (v == 0 ? logits.base : v == 1 ? logits.peft : logits.merged.emplace()) = out;
       report.prompts[i].logits.push_back({names[v], out.sizes().vec(), ToVector(out)});
       report.prompts[i].top_k.push_back(

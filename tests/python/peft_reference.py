@@ -51,7 +51,8 @@ def tokens(vocab: int = 256, n: int = 16, seed: int = 0) -> torch.Tensor:
 def load_base(hf_dir) -> torch.nn.Module:
     """The HF model (its config's class) in fp32 (an exact upcast of bf16 weights), eval mode."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    # Eager attention: the reference math. SDPA skips Gemma 2's attention soft-capping.
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
     return model.eval()
 
 

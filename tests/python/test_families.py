@@ -3,7 +3,9 @@ random weights) and generated TP2 checkpoints. Stock PEFT loads our adapter with
 independent fp32 merge; our verification's forward pass matches transformers' logits and stock PEFT's.
 
 Qwen2 puts a bias on the base q/k/v (the LoRA delta has none); Qwen3 normalises q and k per head and here has a
-head_dim other than hidden / heads; Mistral is Llama's layout under another name."""
+head_dim other than hidden / heads; Mistral is Llama's layout under another name. Gemma scales norms by 1 + weight
+and embeddings by sqrt(hidden), with GeGLU; Gemma 2 adds soft-capping, sandwich norms and (here, 8-token)
+sliding-window layers, which the 96-token prompt reaches past; Gemma 3 adds q/k norms and a RoPE per layer type."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,9 +23,15 @@ FAMILIES = {
     "qwen2": (TinyLlamaConfig(architecture="qwen2"), {"self_attn.q_proj.bias", "self_attn.v_proj.bias"}),
     "qwen3": (TinyLlamaConfig(architecture="qwen3", head_dim=32), {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}),
     "mistral": (TinyLlamaConfig(architecture="mistral"), set()),
+    "gemma": (TinyLlamaConfig(architecture="gemma", tie_word_embeddings=True), set()),
+    "gemma2": (TinyLlamaConfig(architecture="gemma2", tie_word_embeddings=True),
+               {"pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"}),
+    "gemma3": (TinyLlamaConfig(architecture="gemma3", tie_word_embeddings=True),
+               {"pre_feedforward_layernorm.weight", "self_attn.q_norm.weight"}),
 }
 CASES = [("qwen2", "lora", 2, 1), ("qwen2", "dora", 2, 2), ("qwen3", "lora", 2, 1), ("qwen3", "canonical_lora", 2, 2),
-         ("mistral", "lora", 2, 1)]
+         ("mistral", "lora", 2, 1), ("gemma", "lora", 2, 1), ("gemma2", "lora", 2, 1), ("gemma2", "dora", 2, 2),
+         ("gemma3", "lora", 2, 1), ("gemma3", "canonical_lora", 2, 2)]
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,13 @@ struct CanonicalMapping {
   bool swiglu_sharded = false;
 };
 
+// What verification's forward pass needs beyond config.json and the weights (which give biases,
+// q/k norms, sandwich norms, activations, soft-caps and sliding windows).
+struct ForwardTraits {
+  double norm_weight_offset = 0;  // Gemma: RMSNorm scales by (1 + weight)
+  bool scale_embedding = false;   // Gemma: embeddings times sqrt(hidden_size)
+};
+
 struct ModelFamily {
   std::string name;
   std::vector<std::string> architectures;  // config.json "architectures" / "model_type" values
@@ -56,6 +63,7 @@ struct ModelFamily {
   std::string hf_layers_prefix;  // e.g. "model.layers"
   std::vector<ModuleMapping> modules;
   std::vector<CanonicalMapping> canonical;
+  ForwardTraits forward;
 
   const ModuleMapping* FindModule(std::string_view megatron) const;
   const CanonicalMapping* FindCanonical(std::string_view megatron, std::string_view adapter) const;

@@ -27,6 +27,7 @@ struct VerifyOptions {
   // variant. Layers are always streamed; a model whose single layer cannot fit is refused.
   std::optional<uint64_t> max_device_bytes;
   ProgressSink progress;  // after every layer of the forward pass
+  std::vector<std::filesystem::path> model_family_dirs;  // besides the built-in families
 };
 
 // Default prompt when none is given, as Megatron-Bridge's verify_adapter.py.
