@@ -27,7 +27,8 @@ std::string ErrorOf(const std::function<void()>& f) {
 TEST(ModelFamily, BuiltInFamiliesAndTheirLookups) {
   const auto families = LoadModelFamilies();
   for (const char* arch :
-       {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}) {
+       {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+        "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"}) {
     const ModelFamily& f = FamilyFor(families, arch, "");
     ASSERT_EQ(f.modules.size(), 4u) << arch;
     const ModuleMapping* qkv = f.FindModule("self_attention.linear_qkv");
@@ -42,7 +43,10 @@ TEST(ModelFamily, BuiltInFamiliesAndTheirLookups) {
   EXPECT_EQ(FamilyFor(families, "SomethingElse", "qwen2").name, "qwen2");  // by model_type
   const std::string error = ErrorOf([&] { FamilyFor(families, "GPT2LMHeadModel", "gpt2"); });
   EXPECT_THAT(error, HasSubstr("'GPT2LMHeadModel'"));
-  EXPECT_THAT(error, HasSubstr("supported: LlamaForCausalLM, MistralForCausalLM"));
+  EXPECT_THAT(error, HasSubstr("supported: LlamaForCausalLM, "));
+  for (const char* arch : {"MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"})
+    EXPECT_THAT(error, HasSubstr(arch));
 }
 
 TEST(ModelFamily, AFamilyAddedFromADirectoryNeedsNoCode) {
