@@ -126,7 +126,7 @@ def test_unknown_target_module(adapter_job_bin, mb_fixtures, ckpt, outdir, np):
     meta.storage_data = storage
     meta_path.write_bytes(pickle.dumps(meta))
     proc = export(adapter_job_bin, np, mb_fixtures / "hf_base", ckpt, outdir)
-    expect_bad_input(proc, outdir, renamed)
+    expect_bad_input(proc, outdir, renamed, "no HuggingFace mapping in the llama family", "mlp.linear_fc2")
 
 
 def test_existing_output_needs_overwrite(adapter_job_bin, mb_fixtures, outdir):
