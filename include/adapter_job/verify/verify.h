@@ -26,7 +26,7 @@ struct VerifyOptions {
   // Weights held on the device at once: the embedding and output head, plus one layer in each
   // variant. Layers are always streamed; a model whose single layer cannot fit is refused.
   std::optional<uint64_t> max_device_bytes;
-  ProgressSink progress;  // after every layer of the forward pass
+  ProgressSink progress;                                 // after every layer of the forward pass
   std::vector<std::filesystem::path> model_family_dirs;  // besides the built-in families
 };
 
