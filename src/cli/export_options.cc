@@ -16,8 +16,9 @@ namespace {
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
 
-// config/export.ini: $ADAPTER_JOB_CONFIG_DIR, else the installed copy, else the source tree's.
-std::vector<fs::path> DefaultsFile() {
+// config/export.ini, the first found of: $ADAPTER_JOB_CONFIG_DIR, the installed copy, the source
+// tree's (none: no defaults file).
+std::vector<fs::path> DefaultsFiles() {
   std::vector<fs::path> candidates;
   if (const char* dir = std::getenv("ADAPTER_JOB_CONFIG_DIR")) candidates.emplace_back(dir);
   candidates.emplace_back(ADAPTER_JOB_INSTALLED_CONFIG_DIR);
@@ -76,7 +77,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   // clang-format on
   AddConsoleOptions(options);
 
-  const LayeredOptions layered = ParseLayered(args, options, DefaultsFile());
+  const LayeredOptions layered = ParseLayered(args, options, DefaultsFiles());
   const po::variables_map& vm = layered.merged;
 
   ExportCommandLine cl;
