@@ -13,6 +13,23 @@ std::string FormatCudaVersion(int version) {
 
 }  // namespace
 
+std::string DeviceUuid(int device) {
+  cudaDeviceProp properties{};
+  if (cudaGetDeviceProperties(&properties, device) != cudaSuccess) {
+    cudaGetLastError();
+    return {};
+  }
+  const auto* bytes = reinterpret_cast<const unsigned char*>(properties.uuid.bytes);
+  std::string text = "GPU-";
+  constexpr char kHex[] = "0123456789abcdef";
+  for (int i = 0; i < 16; ++i) {
+    if (i == 4 || i == 6 || i == 8 || i == 10) text += '-';
+    text += kHex[bytes[i] >> 4];
+    text += kHex[bytes[i] & 0xf];
+  }
+  return text;
+}
+
 AcceleratorInfo ProbeAccelerators() {
   AcceleratorInfo info;
   info.built_with_cuda = true;

@@ -148,6 +148,49 @@ bool AllRanksAgree(const MpiWorld& world, bool local) {
   return out == 1;
 }
 
+std::string FirstNonEmpty(const MpiWorld& world, const std::string& value) {
+  if (!world.uses_mpi()) return value;
+  const int mine = value.empty() ? INT_MAX : world.rank();
+  int first = INT_MAX;
+  Check(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
+  if (first == INT_MAX) return {};
+  std::string text = first == world.rank() ? value : std::string();
+  int length = static_cast<int>(text.size());
+  Check(MPI_Bcast(&length, 1, MPI_INT, first, MPI_COMM_WORLD), "MPI_Bcast");
+  text.resize(static_cast<std::size_t>(length));
+  Check(MPI_Bcast(text.data(), length, MPI_CHAR, first, MPI_COMM_WORLD), "MPI_Bcast");
+  return text;
+}
+
+std::vector<std::string> AllGatherOnHost(const MpiWorld& world, const std::string& value) {
+  if (!world.uses_mpi()) return {value};
+  MPI_Comm split;
+  Check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &split),
+        "MPI_Comm_split_type");
+  const MpiComm local(split);
+  int size = 0;
+  MPI_Comm_size(local.get(), &size);
+  const int length = static_cast<int>(value.size());
+  std::vector<int> lengths(static_cast<std::size_t>(size));
+  Check(MPI_Allgather(&length, 1, MPI_INT, lengths.data(), 1, MPI_INT, local.get()),
+        "MPI_Allgather");
+  std::vector<int> offsets(lengths.size());
+  int total = 0;
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    offsets[i] = total;
+    total += lengths[i];
+  }
+  std::string all(static_cast<std::size_t>(total), '\0');
+  Check(MPI_Allgatherv(value.data(), length, MPI_CHAR, all.data(), lengths.data(), offsets.data(),
+                       MPI_CHAR, local.get()),
+        "MPI_Allgatherv");
+  std::vector<std::string> values;
+  for (std::size_t i = 0; i < lengths.size(); ++i)
+    values.push_back(
+        all.substr(static_cast<std::size_t>(offsets[i]), static_cast<std::size_t>(lengths[i])));
+  return values;
+}
+
 std::vector<uint64_t> GatherToRoot(const MpiWorld& world, uint64_t value) {
   if (!world.uses_mpi()) return {value};
   std::vector<uint64_t> all(world.rank() == 0 ? static_cast<std::size_t>(world.size()) : 0);
@@ -185,12 +228,12 @@ void RunAgreed(const MpiWorld& world, const std::function<void()>& step) {
 HostPlacement PlaceOnHost(const MpiWorld& world) {
   HostPlacement placement;
   if (!world.uses_mpi()) return placement;
-  MPI_Comm local;
-  Check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &local),
+  MPI_Comm split;
+  Check(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &split),
         "MPI_Comm_split_type");
-  MPI_Comm_rank(local, &placement.local_rank);
-  MPI_Comm_size(local, &placement.local_size);
-  MPI_Comm_free(&local);
+  const MpiComm local(split);
+  MPI_Comm_rank(local.get(), &placement.local_rank);
+  MPI_Comm_size(local.get(), &placement.local_size);
   return placement;
 }
 

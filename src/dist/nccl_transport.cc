@@ -182,10 +182,9 @@ class NcclTransport final : public Transport {
 
 }  // namespace
 
-// One GPU per rank on each host (MakeTransport checked there are enough): the host-local rank
-// picks the device.
-std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld& world) {
-  CudaCheck(cudaSetDevice(PlaceOnHost(world).local_rank), "cudaSetDevice");
+// MakeTransport chose `device` and checked that no other rank of the host drives it.
+std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld&, int device) {
+  CudaCheck(cudaSetDevice(device), "cudaSetDevice");
   return std::make_unique<NcclTransport>(MPI_COMM_WORLD);
 }
 

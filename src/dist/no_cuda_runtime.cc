@@ -8,4 +8,6 @@ AcceleratorInfo ProbeAccelerators() {
   return info;
 }
 
+std::string DeviceUuid(int) { return {}; }
+
 }  // namespace adapter_job::dist

@@ -2,7 +2,7 @@
 
 namespace adapter_job::dist {
 
-std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld&) {
+std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld&, int) {
   Fail<DistError>("this build has no NCCL backend (the CUDA toolkit or NCCL was not found)");
 }
 

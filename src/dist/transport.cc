@@ -4,31 +4,68 @@
 #include "adapter_job/dist/mpi_world.h"
 
 namespace adapter_job::dist {
+namespace {
+
+struct GpuChoice {
+  int device = -1;
+  std::string problem;  // why this rank cannot have a GPU of its own; empty when it can
+};
+
+// Collective over the host. Launchers hand out GPUs two ways: every rank sees all of the host's
+// GPUs (mpirun, srun --gpus-per-node), so host-local rank i takes GPU i; or each rank sees only its
+// own (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES set per rank), so every rank takes its GPU 0.
+// Local rank modulo the visible count covers both; comparing UUIDs across the host's ranks is what
+// tells whether the GPUs really differ, since device numbers are per process.
+GpuChoice ChooseGpu(const MpiWorld& world) {
+  const AcceleratorInfo info = ProbeAccelerators();
+  const HostPlacement here = PlaceOnHost(world);
+  GpuChoice choice;
+  std::string uuid;
+  if (info.device_count > 0) {
+    choice.device = here.local_rank % info.device_count;
+    uuid = DeviceUuid(choice.device);
+  }
+  const std::vector<std::string> uuids = AllGatherOnHost(world, uuid);
+  if (info.device_count == 0) {
+    choice.problem = fmt::format("rank {} on {} sees no GPU ({})", world.rank(), world.host(),
+                                 info.unavailable_reason);
+    return choice;
+  }
+  if (uuid.empty()) {
+    choice.problem = fmt::format("rank {} on {} cannot read the UUID of its GPU {}", world.rank(),
+                                 world.host(), choice.device);
+    return choice;
+  }
+  for (int other = 0; other < here.local_rank; ++other) {
+    if (uuids[static_cast<std::size_t>(other)] != uuid) continue;
+    choice.problem = fmt::format(
+        "{} ranks on {} see {} GPU(s), and host-local ranks {} and {} would both drive {}; start "
+        "at most one rank per GPU, each seeing all of them or only its own (CUDA_VISIBLE_DEVICES)",
+        here.local_size, world.host(), info.device_count, other, here.local_rank, uuid);
+    break;
+  }
+  return choice;
+}
+
+}  // namespace
 
 std::unique_ptr<Transport> MakeTransport(const MpiWorld& world, Backend backend) {
   // One process moves nothing between ranks: no transport to set up, whatever was asked.
   if (!world.uses_mpi()) return MakeMpiTransport(world);
   if (backend == Backend::kMpi) return MakeMpiTransport(world);
-  // NCCL needs a GPU of its own for every rank: no two ranks of a host may share one.
-  const AcceleratorInfo info = ProbeAccelerators();
-  const int ranks_here = PlaceOnHost(world).local_size;
-  const bool usable = info.built_with_cuda && info.device_count >= ranks_here;
-  const bool everywhere = AllRanksAgree(world, usable);
-  if (backend == Backend::kNccl && !everywhere) {
-    std::string why;
-    if (!usable) {
-      why = fmt::format(": {} ranks on {} and {} GPUs there", ranks_here, world.host(),
-                        info.device_count);
-      if (info.device_count == 0) why += " (" + info.unavailable_reason + ")";
-    }
-    Fail<DistError>("--backend nccl needs a GPU of its own for every rank{}", why);
+  const GpuChoice gpu = ChooseGpu(world);
+  const std::string problem = FirstNonEmpty(world, gpu.problem);
+  if (backend == Backend::kNccl) {
+    if (!problem.empty())
+      Fail<DistError>("--backend nccl needs a GPU of its own for every rank: {}", problem);
+    return MakeNcclTransport(world, gpu.device);
   }
-  if (backend == Backend::kNccl) return MakeNcclTransport(world);
   // auto: the shards live in host memory, so on one host MPI's shared memory moves them with one
   // copy, where NCCL adds two host-device copies and about a second of set-up (docs/BENCHMARKS.md:
   // 2.8 s against 1.1 s for an 8B export on 2 GPUs). NCCL pays off between hosts.
-  const bool one_host = ranks_here == world.size();
-  return everywhere && !one_host ? MakeNcclTransport(world) : MakeMpiTransport(world);
+  const bool one_host = PlaceOnHost(world).local_size == world.size();
+  return problem.empty() && !one_host ? MakeNcclTransport(world, gpu.device)
+                                      : MakeMpiTransport(world);
 }
 
 }  // namespace adapter_job::dist

@@ -163,3 +163,15 @@ def test_killed_rank_fails_fast_and_leaves_nothing(adapter_job_bin, mb_fixtures,
     proc = export(adapter_job_bin, 4, mb_fixtures / "hf_base", mb_fixtures / "tp2pp2/lora/megatron_ckpt", outdir)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in outdir.parent.iterdir()) == ["adapter"]
+
+
+def test_forced_nccl_without_gpus_names_the_rank(adapter_job_bin, mb_fixtures, ckpt, outdir):
+    # CUDA_VISIBLE_DEVICES="" hides every GPU, so this holds on GPU machines too.
+    proc = export(adapter_job_bin, 2, mb_fixtures / "hf_base", ckpt, outdir, "--backend", "nccl",
+                  env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 4, f"exit {proc.returncode}\n{proc.stderr}"
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    assert "--backend nccl needs a GPU of its own for every rank: rank 0 on " in errors[0], errors[0]
+    assert "sees no GPU" in errors[0]
+    assert snapshot(outdir) == {}

@@ -86,3 +86,38 @@ def test_nccl_export_and_cuda_verification_match_mpi_and_cpu(adapter_job_bin, ba
                                         nq=cfg.heads, ng=cfg.query_groups, head_dim=cfg.head_dim, ffn=cfg.ffn)
     diff = (peft.logits - reference).abs().max().item()
     assert diff < PEFT_ATOL, f"PEFT on the NCCL export vs the fp32 merged reference: max |diff| {diff:.3g}"
+
+
+def per_rank_gpu_launcher(tmp_path, visible):
+    """A launcher wrapper that shows each rank only the GPU `visible` names for it, the way
+    `srun --gpus-per-task=1` does: every rank then sees one GPU numbered 0."""
+    wrapper = tmp_path / "one_gpu_per_rank.sh"
+    wrapper.write_text(f'#!/bin/sh\nexport CUDA_VISIBLE_DEVICES="{visible}"\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_nccl_with_one_visible_gpu_per_rank(adapter_job_bin, base, tmp_path):
+    if GPUS < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {GPUS}")
+    cfg = CheckpointConfig(out=tmp_path / "ckpt", base_model=base, kind="lora", tp=2, pp=1, **DIMS)
+    written = write_checkpoint(cfg)
+    own = per_rank_gpu_launcher(tmp_path, "$OMPI_COMM_WORLD_LOCAL_RANK")
+    common = ["--hf-model-id", base, "--megatron-peft-checkpoint", written.root, "--verify-device", "cpu"]
+
+    run([*MPIRUN, "-np", 2, adapter_job_bin, "export", *common, "--output-hf-path", tmp_path / "mpi",
+         "--backend", "mpi"], timeout=300)
+    report = tmp_path / "nccl.json"
+    run([*MPIRUN, "-np", 2, own, adapter_job_bin, "export", *common, "--output-hf-path", tmp_path / "nccl",
+         "--backend", "nccl", "--report", report], timeout=300)
+    assert json.loads(report.read_text())["backend"] == "nccl"
+    for name in ADAPTER_FILES:
+        assert (tmp_path / "nccl" / name).read_bytes() == (tmp_path / "mpi" / name).read_bytes(), name
+
+    # Both ranks shown the same GPU 0: NCCL must refuse, naming the shared GPU, and write nothing.
+    shared = per_rank_gpu_launcher(tmp_path, "0")
+    proc = run([*MPIRUN, "-np", 2, shared, adapter_job_bin, "export", *common, "--output-hf-path",
+                tmp_path / "shared", "--backend", "nccl"], timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "would both drive GPU-" in proc.stdout + proc.stderr, proc.stderr
+    assert not (tmp_path / "shared").exists()

@@ -17,4 +17,8 @@ struct AcceleratorInfo {
 
 AcceleratorInfo ProbeAccelerators();
 
+// The device's UUID as nvidia-smi prints it ("GPU-xxxxxxxx-..."): the same physical GPU seen by two
+// processes has the same UUID whatever CUDA_VISIBLE_DEVICES numbered it there. Empty without CUDA.
+std::string DeviceUuid(int device);
+
 }  // namespace adapter_job::dist

@@ -48,12 +48,14 @@ class Transport {
 enum class Backend { kAuto, kMpi, kNccl };
 Backend ParseBackend(std::string_view name);  // "auto" | "mpi" | "nccl"
 
-// Collective over the world: picks NCCL for kAuto only when every rank sees a GPU and NCCL was
-// built in; an explicit kNccl that cannot work is an error on every rank.
+// Collective over the world: picks NCCL for kAuto only when the ranks span hosts and every rank
+// drives a GPU no other rank of its host drives; an explicit kNccl that cannot work is an error on
+// every rank.
 std::unique_ptr<Transport> MakeTransport(const MpiWorld& world, Backend backend);
 
 std::unique_ptr<Transport> MakeMpiTransport(const MpiWorld& world);
-std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld& world);
+// `device`: the CUDA device this rank drives, as numbered in this process.
+std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld& world, int device);
 
 // Another rank failed and has reported why; this rank ends quietly with the same exit code.
 class PeerFailure : public Error {
@@ -68,6 +70,10 @@ class PeerFailure : public Error {
 
 // Collective helpers on the world (MPI), used for agreement and reports.
 bool AllRanksAgree(const MpiWorld& world, bool local);
+// The non-empty `value` of the lowest rank that has one, on every rank; empty if none has.
+std::string FirstNonEmpty(const MpiWorld& world, const std::string& value);
+// Every `value` of the ranks on this rank's host, by host-local rank.
+std::vector<std::string> AllGatherOnHost(const MpiWorld& world, const std::string& value);
 
 // Collective: runs `step` on every rank, then agrees on the outcome so that a failure on any
 // rank ends every rank without a hang. The lowest failing rank rethrows its own error (the one
