@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <map>
+#include <span>
 
 #include "adapter_job/core/checked_math.h"
 #include "adapter_job/core/error.h"
@@ -22,30 +23,66 @@ std::optional<int64_t> ParseIndex(std::string_view text) {
 }
 
 // Which dimension of a per-layer tensor the chunks split, and the shard index of each chunk.
-int TensorParallelRank(const LayerTensor& tensor, const std::vector<int64_t>& offsets,
-                       const std::vector<int64_t>& sizes, int tp_size, const std::string& fqn) {
+int TensorParallelRank(std::span<const int64_t> shape, std::span<const int64_t> offsets,
+                       std::span<const int64_t> sizes, int tp_size, const std::string& fqn,
+                       std::string_view size_name = "tensor_model_parallel_size") {
   int split_dim = -1;
   for (std::size_t d = 0; d < sizes.size(); ++d) {
-    if (sizes[d] == tensor.shape[d]) continue;
+    if (sizes[d] == shape[d]) continue;
     if (split_dim >= 0) Fail("'{}': chunks split more than one dimension", fqn);
     split_dim = static_cast<int>(d);
   }
   if (split_dim < 0) return 0;  // replicated across TP: written once, by tp rank 0
   const int64_t extent = sizes[static_cast<std::size_t>(split_dim)];
-  const int64_t whole = tensor.shape[static_cast<std::size_t>(split_dim)];
+  const int64_t whole = shape[static_cast<std::size_t>(split_dim)];
   const int64_t pieces = extent > 0 ? whole / extent : 0;
   if (extent <= 0 || whole % extent != 0 || (pieces != tp_size && pieces != 2 * tp_size)) {
     Fail(
         "'{}': chunks of {} rows split dimension {} of size {} into {} pieces, which does not "
-        "match tensor_model_parallel_size {} (expected {} pieces, or {} for a SwiGLU fc1)",
-        fqn, extent, split_dim, whole, extent > 0 ? whole / extent : 0, tp_size, tp_size,
+        "match {} {} (expected {} pieces, or {} for a SwiGLU fc1)",
+        fqn, extent, split_dim, whole, extent > 0 ? whole / extent : 0, size_name, tp_size, tp_size,
         2 * tp_size);
   }
   // Megatron's SwiGLU factory stores tp rank i's [gate_i; up_i] as chunks i and i + tp of 2tp.
   return static_cast<int>((offsets[static_cast<std::size_t>(split_dim)] / extent) % tp_size);
 }
 
+// The shard within its stage that wrote a chunk. Expert chunks hold whole experts of one
+// expert-parallel rank (one expert slot each for a shared adapter, all of the rank's experts for
+// per-expert ones), split further by expert TP.
+int SlotOf(const LayerTensor& tensor, const std::vector<int64_t>& offsets,
+           const std::vector<int64_t>& sizes, const AdapterLayout& layout) {
+  const std::string& fqn = tensor.meta->fqn;
+  if (!IsExpertModule(tensor.key.module))
+    return TensorParallelRank(tensor.shape, offsets, sizes, layout.tensor_parallel, fqn);
+  const int etp_size = layout.expert_tensor_parallel;
+  // Without an expert axis (shared adapters before Megatron-Bridge 0.5.1) only expert-parallel
+  // rank 0's copy is saved.
+  constexpr std::string_view kEtp = "expert_tensor_parallel_size";
+  if (tensor.experts == 0)
+    return TensorParallelRank(tensor.shape, offsets, sizes, etp_size, fqn, kEtp);
+  if (tensor.experts % layout.expert_parallel != 0) {
+    Fail("'{}': {} experts do not split over expert_model_parallel_size {}", fqn, tensor.experts,
+         layout.expert_parallel);
+  }
+  const int64_t per_rank = tensor.experts / layout.expert_parallel;
+  const int64_t first = offsets[0];
+  const int64_t last = offsets[0] + sizes[0] - 1;
+  if (first / per_rank != last / per_rank) {
+    Fail(
+        "'{}': a chunk holds experts {} to {}, across expert-parallel ranks of {} experts each "
+        "(expert_model_parallel_size {})",
+        fqn, first, last, per_rank, layout.expert_parallel);
+  }
+  const auto inner = [](const std::vector<int64_t>& v) { return std::span(v).subspan(1); };
+  const int etp =
+      TensorParallelRank(inner(tensor.shape), inner(offsets), inner(sizes), etp_size, fqn, kEtp);
+  return static_cast<int>(first / per_rank) * etp_size + etp;
+}
+
 }  // namespace
+
+bool IsExpertModule(std::string_view module) { return module.starts_with("mlp.experts."); }
 
 std::string_view AdapterParamName(AdapterParam param) {
   switch (param) {
@@ -111,6 +148,9 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
   layout.pipeline_parallel = static_cast<int>(model.pipeline_parallel);
   layout.virtual_pipeline = static_cast<int>(model.virtual_pipeline_parallel.value_or(1));
   if (layout.virtual_pipeline < 1) Fail("virtual_pipeline_model_parallel_size must be positive");
+  layout.expert_parallel = static_cast<int>(model.expert_parallel);
+  layout.expert_tensor_parallel = static_cast<int>(model.expert_tensor_parallel);
+  layout.slots = layout.tensor_parallel;
 
   // Collect adapter tensors and the layer count they imply.
   struct Found {
@@ -132,6 +172,10 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
              *stacked_layers);
       }
       stacked_layers = tensor.size[0];
+    }
+    if (IsExpertModule(key->module)) {
+      layout.slots =
+          std::max(layout.tensor_parallel, layout.expert_parallel * layout.expert_tensor_parallel);
     }
     found.push_back({&tensor, std::move(*key)});
   }
@@ -182,7 +226,10 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
       auto it = std::find_if(layer.tensors.begin(), layer.tensors.end(),
                              [&](const LayerTensor& t) { return t.meta == meta; });
       if (it == layer.tensors.end()) {
-        layer.tensors.push_back({meta, key, shape, nbytes, 0});
+        const std::size_t expert_axis_rank = key.param == AdapterParam::kMagnitude ? 2 : 3;
+        const int64_t experts =
+            IsExpertModule(key.module) && shape.size() == expert_axis_rank ? shape[0] : 0;
+        layer.tensors.push_back({meta, key, experts, shape, nbytes, 0});
         it = layer.tensors.end() - 1;
       }
       LayerChunk c;
@@ -191,8 +238,7 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
       c.offsets_in_layer.assign(chunk.offsets.begin() + (stacked ? 1 : 0), chunk.offsets.end());
       c.sizes_in_layer.assign(chunk.sizes.begin() + (stacked ? 1 : 0), chunk.sizes.end());
       c.nbytes = CheckedNumel(c.sizes_in_layer, "chunk") * ItemSize(meta->dtype);
-      c.tp = TensorParallelRank(*it, c.offsets_in_layer, c.sizes_in_layer, layout.tensor_parallel,
-                                meta->fqn);
+      c.slot = SlotOf(*it, c.offsets_in_layer, c.sizes_in_layer, layout);
       layer.chunks.push_back(std::move(c));
     }
   }
@@ -205,8 +251,8 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
     layer.nbytes = offset;
     std::sort(layer.chunks.begin(), layer.chunks.end(),
               [](const LayerChunk& a, const LayerChunk& b) {
-                return std::tie(a.tp, a.tensor_index, a.offsets_in_layer) <
-                       std::tie(b.tp, b.tensor_index, b.offsets_in_layer);
+                return std::tie(a.slot, a.tensor_index, a.offsets_in_layer) <
+                       std::tie(b.slot, b.tensor_index, b.offsets_in_layer);
               });
   }
   // Layers that carry adapters carry the same ones (per-layer keys may target a subset of layers).

@@ -59,10 +59,10 @@ struct Contribution {
   uint64_t nbytes = 0;
 };
 
-Contribution ContributionOf(const LayerLayout& layer, const std::vector<int>& my_tps) {
+Contribution ContributionOf(const LayerLayout& layer, const std::vector<int>& my_slots) {
   Contribution c;
   for (const auto& chunk : layer.chunks) {
-    if (std::find(my_tps.begin(), my_tps.end(), chunk.tp) != my_tps.end()) {
+    if (std::find(my_slots.begin(), my_slots.end(), chunk.slot) != my_slots.end()) {
       c.chunks.push_back(&chunk);
       c.nbytes += chunk.nbytes;
     }
@@ -124,8 +124,8 @@ std::vector<int> ShardOwnership::ShardsOf(int rank) const {
 
 std::vector<int> StageMembers(const AdapterLayout& layout, const ShardOwnership& owners, int pp) {
   std::vector<int> members;
-  for (int tp = 0; tp < layout.tensor_parallel; ++tp) {
-    members.push_back(owners.owner[static_cast<std::size_t>(layout.ShardOf(tp, pp))]);
+  for (int slot = 0; slot < layout.slots; ++slot) {
+    members.push_back(owners.owner[static_cast<std::size_t>(layout.ShardOf(slot, pp))]);
   }
   std::sort(members.begin(), members.end());
   members.erase(std::unique(members.begin(), members.end()), members.end());
@@ -138,7 +138,7 @@ std::vector<uint64_t> ExpectedBytesPerRank(const AdapterLayout& layout,
   std::vector<uint64_t> bytes(static_cast<std::size_t>(world_size), 0);
   for (const auto& layer : layout.layers) {
     for (const auto& chunk : layer.chunks) {
-      const int shard = layout.ShardOf(chunk.tp, layer.pp_stage);
+      const int shard = layout.ShardOf(chunk.slot, layer.pp_stage);
       const auto& tensor = *layer.tensors[chunk.tensor_index].meta;
       bytes[static_cast<std::size_t>(owners.owner[static_cast<std::size_t>(shard)])] +=
           metadata.Locate(tensor, *chunk.chunk).length;
@@ -151,36 +151,36 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
                          const ShardOwnership& owners, Transport& transport, int world_rank,
                          const LayerConsumer& consume) {
   GatherStats stats;
-  // Per stage: members, my tp ranks in it, and (when shared) the group communicator.
+  // Per stage: members, my slots in it, and (when shared) the group communicator.
   struct Stage {
     std::vector<int> members;
-    std::vector<int> my_tps;
+    std::vector<int> my_slots;
     std::unique_ptr<GroupCommunicator> group;
   };
   std::vector<Stage> stages(static_cast<std::size_t>(layout.pipeline_parallel));
   for (int pp = 0; pp < layout.pipeline_parallel; ++pp) {
     Stage& stage = stages[static_cast<std::size_t>(pp)];
     stage.members = StageMembers(layout, owners, pp);
-    for (int tp = 0; tp < layout.tensor_parallel; ++tp) {
-      if (owners.owner[static_cast<std::size_t>(layout.ShardOf(tp, pp))] == world_rank) {
-        stage.my_tps.push_back(tp);
+    for (int slot = 0; slot < layout.slots; ++slot) {
+      if (owners.owner[static_cast<std::size_t>(layout.ShardOf(slot, pp))] == world_rank) {
+        stage.my_slots.push_back(slot);
       }
     }
     // Groups are created in stage order on every member, as CreateGroup requires.
-    if (!stage.my_tps.empty() && stage.members.size() > 1)
+    if (!stage.my_slots.empty() && stage.members.size() > 1)
       stage.group = transport.CreateGroup(stage.members);
   }
 
-  // Which tp ranks each stage member holds, in group-rank order (members are sorted world ranks).
-  const auto tps_by_member = [&](const Stage& stage, int pp) {
-    std::vector<std::vector<int>> tps(stage.members.size());
-    for (int tp = 0; tp < layout.tensor_parallel; ++tp) {
-      const int owner = owners.owner[static_cast<std::size_t>(layout.ShardOf(tp, pp))];
+  // Which slots each stage member holds, in group-rank order (members are sorted world ranks).
+  const auto slots_by_member = [&](const Stage& stage, int pp) {
+    std::vector<std::vector<int>> slots(stage.members.size());
+    for (int slot = 0; slot < layout.slots; ++slot) {
+      const int owner = owners.owner[static_cast<std::size_t>(layout.ShardOf(slot, pp))];
       const auto pos =
           std::find(stage.members.begin(), stage.members.end(), owner) - stage.members.begin();
-      tps[static_cast<std::size_t>(pos)].push_back(tp);
+      slots[static_cast<std::size_t>(pos)].push_back(slot);
     }
-    return tps;
+    return slots;
   };
 
   // What this rank reads for a layer: the whole layer, assembled in place, when it owns the
@@ -202,7 +202,7 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
                              chunk.offsets_in_layer);
       }
     } else {
-      prepared.bytes = ReadContribution(*layer, ContributionOf(*layer, stage.my_tps), reader);
+      prepared.bytes = ReadContribution(*layer, ContributionOf(*layer, stage.my_slots), reader);
     }
     prepared.seconds = Seconds(start);
     return prepared;
@@ -211,7 +211,7 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
   // The layers this rank reads, in order; the next one is read while the current one travels.
   std::vector<const LayerLayout*> mine;
   for (const auto& layer : layout.layers) {
-    if (!stages[static_cast<std::size_t>(layer.pp_stage)].my_tps.empty()) mine.push_back(&layer);
+    if (!stages[static_cast<std::size_t>(layer.pp_stage)].my_slots.empty()) mine.push_back(&layer);
   }
   std::size_t next_read = 0;
   std::future<Prepared> prefetch;
@@ -222,7 +222,7 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
     if (kill_at == layer.layer) std::raise(SIGKILL);
     Stage& stage = stages[static_cast<std::size_t>(layer.pp_stage)];
     const int leader = stage.members.front();
-    const bool member = !stage.my_tps.empty();
+    const bool member = !stage.my_slots.empty();
     if (!member && world_rank != 0) continue;
 
     Buffer layer_buffer;
@@ -236,11 +236,11 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
       if (stage.group == nullptr) {
         layer_buffer = std::move(prepared.bytes);
       } else {
-        // Contributions differ in size (replicated tensors live on tp 0): pad to the largest.
-        const auto tps = tps_by_member(stage, layer.pp_stage);
+        // Contributions differ in size (replicated tensors live on slot 0): pad to the largest.
+        const auto slots = slots_by_member(stage, layer.pp_stage);
         uint64_t widest = 0;
-        for (const auto& member_tps : tps)
-          widest = std::max(widest, ContributionOf(layer, member_tps).nbytes);
+        for (const auto& member_slots : slots)
+          widest = std::max(widest, ContributionOf(layer, member_slots).nbytes);
         Buffer send(widest);
         std::copy_n(prepared.bytes.data(), prepared.bytes.size(), send.data());
         std::fill(send.data() + prepared.bytes.size(), send.data() + widest, std::byte{0});
@@ -248,9 +248,9 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
         stage.group->AllGather(send.span(), gathered.span());
         if (world_rank == leader) {
           layer_buffer = Buffer(layer.nbytes);
-          for (std::size_t m = 0; m < tps.size(); ++m) {
+          for (std::size_t m = 0; m < slots.size(); ++m) {
             uint64_t at = m * widest;
-            for (const LayerChunk* chunk : ContributionOf(layer, tps[m]).chunks) {
+            for (const LayerChunk* chunk : ContributionOf(layer, slots[m]).chunks) {
               PlaceChunk(layer, *chunk, gathered.span().subspan(at, chunk->nbytes),
                          layer_buffer.span());
               at += chunk->nbytes;

@@ -1,5 +1,6 @@
-// Which adapter tensors a Megatron checkpoint holds, layer by layer, and which training shard
-// (tensor-parallel rank tp, pipeline stage pp) wrote each chunk. Every rank computes the same
+// Which adapter tensors a Megatron checkpoint holds, layer by layer, and which training shard wrote
+// each chunk: a pipeline stage pp and a slot within it, the tensor-parallel rank for dense
+// modules and (expert-parallel rank, expert-TP rank) for MoE experts. Every rank computes the same
 // layout from `.metadata` alone, so no sizes ever need to be exchanged.
 #pragma once
 
@@ -29,10 +30,18 @@ struct AdapterKey {
 // throws FormatError for an adapter key whose structure we do not know.
 std::optional<AdapterKey> ParseAdapterKey(std::string_view fqn);
 
+// True for the modules of a layer's MoE experts ("mlp.experts.experts.linear_fc1"; Megatron's
+// grouped and sequential expert MLPs both save under that doubled name).
+bool IsExpertModule(std::string_view module);
+
 // One adapter tensor as seen from one layer: its per-layer shape (the stacked axis removed).
 struct LayerTensor {
   const TensorMeta* meta = nullptr;
   AdapterKey key;
+  // Expert modules: [experts, ...] since Megatron-Bridge 0.5.1 (per-expert adapters, or a shared
+  // one saved once per expert slot); 0 for a tensor without that axis (dense modules, and the
+  // shared expert adapters of older versions, which stand for every expert).
+  int64_t experts = 0;
   std::vector<int64_t> shape;
   uint64_t nbytes = 0;
   uint64_t offset_in_layer = 0;  // byte offset of this tensor in the assembled layer buffer
@@ -42,7 +51,7 @@ struct LayerTensor {
 struct LayerChunk {
   std::size_t tensor_index = 0;  // into LayerLayout::tensors
   const ChunkMeta* chunk = nullptr;
-  int tp = 0;
+  int slot = 0;  // the shard within the stage: tp, or ep x ETP + etp for experts
   std::vector<int64_t> offsets_in_layer;  // chunk offsets with the stacked axis removed
   std::vector<int64_t> sizes_in_layer;
   uint64_t nbytes = 0;
@@ -52,7 +61,7 @@ struct LayerLayout {
   int64_t layer = 0;  // global layer index
   int pp_stage = 0;
   std::vector<LayerTensor> tensors;  // sorted by key
-  std::vector<LayerChunk> chunks;    // sorted by (tp, tensor, offsets)
+  std::vector<LayerChunk> chunks;    // sorted by (slot, tensor, offsets)
   uint64_t nbytes = 0;               // the assembled layer buffer
 };
 
@@ -60,14 +69,20 @@ struct AdapterLayout {
   int tensor_parallel = 1;
   int pipeline_parallel = 1;
   int virtual_pipeline = 1;
+  int expert_parallel = 1;
+  int expert_tensor_parallel = 1;
+  // Shards per stage: TP, or max(TP, EP x ETP) when expert adapters are saved. Megatron gives each
+  // stage that many ranks (TP x DP, which EP x ETP divides), and these are the ones that write.
+  int slots = 1;
   int64_t num_layers = 0;
   std::vector<LayerLayout> layers;  // by global layer index
-  int shard_count() const { return tensor_parallel * pipeline_parallel; }
-  int ShardOf(int tp, int pp) const { return pp * tensor_parallel + tp; }
+  int shard_count() const { return slots * pipeline_parallel; }
+  int ShardOf(int slot, int pp) const { return pp * slots + slot; }
 };
 
-// Groups the adapter tensors of `metadata` by layer and assigns each chunk to the (tp, pp) shard
-// the training TPxPP of `model` implies, checking the chunk layout agrees with it.
+// Groups the adapter tensors of `metadata` by layer and assigns each chunk to the shard (slot, pp)
+// the training TP x PP (and EP x ETP) of `model` implies, checking the chunk layout agrees with
+// it.
 AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model);
 
 // The pipeline stage that owns `layer`, as Megatron assigns them (even split, interleaved when

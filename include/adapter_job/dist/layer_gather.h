@@ -14,8 +14,8 @@
 
 namespace adapter_job::dist {
 
-// Which world rank owns each training shard (tp, pp): with as many ranks as shards, rank r owns
-// shard r (the rank that wrote it, pp * TP + tp); otherwise whole shards go to ranks in even,
+// Which world rank owns each training shard (slot, pp): with as many ranks as shards, rank r owns
+// shard r (the rank that wrote it, pp x slots + slot); otherwise whole shards go to ranks in even,
 // contiguous blocks (extra ranks own nothing).
 struct ShardOwnership {
   std::vector<int> owner;  // by shard index
