@@ -49,6 +49,16 @@ HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir) {
                          : c.hidden_size / c.num_attention_heads;
         c.intermediate_size = RequireInt(j, "intermediate_size");
         c.num_hidden_layers = RequireInt(j, "num_hidden_layers");
+        for (const char* key : {"num_experts", "num_local_experts"}) {
+          if (j.contains(key) && !j[key].is_null() && j[key] != 0)
+            c.num_experts = RequireInt(j, key);
+        }
+        if (c.num_experts > 0) {
+          c.experts_per_token = RequireInt(j, "num_experts_per_tok");
+          c.expert_intermediate_size = j.contains("moe_intermediate_size")
+                                           ? RequireInt(j, "moe_intermediate_size")
+                                           : c.intermediate_size;
+        }
         c.vocab_size = RequireInt(j, "vocab_size");
         c.tie_word_embeddings =
             c.raw.value("tie_word_embeddings", j.value("tie_word_embeddings", false));

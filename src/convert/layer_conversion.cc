@@ -28,8 +28,33 @@ int64_t WidthOf(Width width, const HfModelConfig& m) {
       return m.num_key_value_heads * m.head_dim;
     case Width::kFfn:
       return m.intermediate_size;
+    case Width::kExpertFfn:
+      return m.expert_intermediate_size;
   }
   return 0;
+}
+
+// Rows of a tensor as OutputTensor::rows counts them: all dimensions but the last.
+int64_t LeadingRows(const std::vector<int64_t>& shape) {
+  if (shape.size() < 2) return shape.empty() ? 1 : shape[0];
+  int64_t rows = 1;
+  for (std::size_t d = 0; d + 1 < shape.size(); ++d) rows *= shape[d];
+  return rows;
+}
+
+// A module path as a PEFT pattern: dots escaped, "{expert}" standing for any expert.
+std::string PathPattern(const std::string& path) {
+  std::string out;
+  for (std::size_t i = 0; i < path.size(); ++i) {
+    if (path.compare(i, 8, "{expert}") == 0) {
+      out += "\\d+";
+      i += 7;
+    } else {
+      if (path[i] == '.') out += '\\';
+      out += path[i];
+    }
+  }
+  return out;
 }
 
 std::string_view Suffix(AdapterParam param) {
@@ -44,9 +69,11 @@ std::string_view Suffix(AdapterParam param) {
   return "";
 }
 
-// Rows of each part of a fused output: QKV per query group, gate/up halves (or, for the DoRA
-// fc1 magnitude that Megatron stores TP-interleaved [g0; u0; g1; u1; ...], per TP block).
-std::vector<Rows> SplitRows(Fusion fusion, AdapterParam param, const ConversionSettings& s) {
+// Rows of each part of a fused output: QKV per query group, gate/up halves of `ffn` rows each (or,
+// for the DoRA fc1 magnitude that Megatron stores TP-interleaved [g0; u0; g1; u1; ...], per TP
+// block).
+std::vector<Rows> SplitRows(Fusion fusion, AdapterParam param, const ConversionSettings& s,
+                            int64_t ffn) {
   const auto& m = s.model;
   if (fusion == Fusion::kQkv) {
     const int64_t d = m.head_dim;
@@ -62,7 +89,7 @@ std::vector<Rows> SplitRows(Fusion fusion, AdapterParam param, const ConversionS
     return parts;
   }
   if (fusion == Fusion::kGatedMlp) {
-    const int64_t f = m.intermediate_size;
+    const int64_t f = ffn;
     if (param != AdapterParam::kMagnitude) return {{{0, f}}, {{f, 2 * f}}};
     const int64_t tp = s.training_tensor_parallel;
     if (f % tp != 0) Fail("ffn size {} is not divisible by the training TP {}", f, tp);
@@ -90,11 +117,14 @@ Rows UndoSwigluSharding(int64_t rows, int64_t tp) {
   return out;
 }
 
-void ExpectShape(const LayerTensor& t, const std::vector<int64_t>& expected, const HfModelConfig& m,
+// `expected` is one expert's shape for expert tensors: their leading expert axis is checked too.
+void ExpectShape(const LayerTensor& t, std::vector<int64_t> expected, const HfModelConfig& m,
                  std::string_view why) {
+  if (t.experts > 0) expected.insert(expected.begin(), m.num_experts);
   if (t.shape != expected) {
-    Fail("'{}' has per-layer shape {} but {} in {} implies {} ({})", t.meta->fqn,
-         ShapeToString(t.shape), "the model config", m.path.string(), ShapeToString(expected), why);
+    Fail("'{}' has per-layer shape {} but {} in {} implies {} ({}{})", t.meta->fqn,
+         ShapeToString(t.shape), "the model config", m.path.string(), ShapeToString(expected), why,
+         t.experts > 0 ? ", per expert" : "");
   }
 }
 
@@ -117,6 +147,7 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
     std::vector<HfModule> targets;
     Fusion fusion = Fusion::kNone;
     bool swiglu_sharded = false;
+    const ModuleMapping* experts = nullptr;
     if (!key.canonical.empty()) {
       const CanonicalMapping* c = family.FindCanonical(key.module, key.canonical);
       if (c == nullptr) {
@@ -137,7 +168,21 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
       }
       targets = mapping->hf;
       fusion = mapping->fusion;
+      if (mapping->experts) experts = mapping;
     }
+    if (experts != nullptr) {
+      if (s.model.num_experts == 0) {
+        Fail(
+            "'{}' holds MoE expert adapters but {} describes a dense model (no num_experts or "
+            "num_local_experts)",
+            t.meta->fqn, s.model.path.string());
+      }
+      if (key.param == AdapterParam::kMagnitude) {
+        Fail("'{}': DoRA on MoE experts is not supported (nor by Megatron-Bridge)", t.meta->fqn);
+      }
+    }
+    // One expert's tensor (a dense module's whole tensor) without the expert axis.
+    const std::vector<int64_t> unit(t.shape.begin() + (t.experts > 0 ? 1 : 0), t.shape.end());
 
     // Shapes must agree with the HF config: [r, in] for A, [out, r] for B, [out] for m.
     int64_t out_rows = 0;
@@ -145,48 +190,70 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
     const int64_t in_width = WidthOf(targets.front().in, s.model);
     switch (key.param) {
       case AdapterParam::kLinearIn:
-        if (t.shape.size() != 2)
-          Fail("'{}' should be 2-D, found {}", t.meta->fqn, ShapeToString(t.shape));
-        ExpectShape(t, {t.shape[0], in_width}, s.model, "lora_A is [rank, in_features]");
+        if (unit.size() != 2)
+          Fail("'{}' should be 2-D per layer, found {}", t.meta->fqn, ShapeToString(t.shape));
+        ExpectShape(t, {unit[0], in_width}, s.model, "lora_A is [rank, in_features]");
         break;
       case AdapterParam::kLinearOut:
-        if (t.shape.size() != 2)
-          Fail("'{}' should be 2-D, found {}", t.meta->fqn, ShapeToString(t.shape));
-        ExpectShape(t, {out_rows, t.shape[1]}, s.model, "lora_B is [out_features, rank]");
+        if (unit.size() != 2)
+          Fail("'{}' should be 2-D per layer, found {}", t.meta->fqn, ShapeToString(t.shape));
+        ExpectShape(t, {out_rows, unit[1]}, s.model, "lora_B is [out_features, rank]");
         break;
       case AdapterParam::kMagnitude:
         ExpectShape(t, {out_rows}, s.model, "the DoRA magnitude is [out_features]");
         break;
     }
 
-    std::vector<Rows> parts = key.param == AdapterParam::kLinearIn
-                                  ? std::vector<Rows>(targets.size())
-                                  : SplitRows(fusion, key.param, s);
+    std::vector<Rows> parts =
+        key.param == AdapterParam::kLinearIn
+            ? std::vector<Rows>(targets.size())
+            : SplitRows(fusion, key.param, s, WidthOf(targets.front().out, s.model));
     if (swiglu_sharded && key.param == AdapterParam::kLinearOut) {
       parts = {UndoSwigluSharding(out_rows, s.training_tensor_parallel)};
     }
-    for (std::size_t p = 0; p < targets.size(); ++p) {
-      OutputTensor out;
-      out.module = layer_prefix + targets[p].path;
-      out.leaf = targets[p].path.substr(targets[p].path.rfind('.') + 1);
-      out.param = key.param;
-      out.name = "base_model.model." + out.module + std::string(Suffix(key.param));
-      out.source = index;
-      out.rows = parts[p];
-      out.shape = t.shape;
-      if (!out.rows.empty()) {
-        out.shape[0] = 0;
-        for (const auto& [begin, end] : out.rows) out.shape[0] += end - begin;
+    const int64_t rank_dim = key.param == AdapterParam::kLinearIn    ? unit[0]
+                             : key.param == AdapterParam::kLinearOut ? unit[1]
+                                                                     : -1;
+    // Each expert takes its own slice of a tensor with an expert axis; a shared adapter saved
+    // without one (Megatron-Bridge before 0.5.1) is every expert's.
+    const int64_t copies = experts != nullptr ? s.model.num_experts : 1;
+    for (int64_t expert = 0; expert < copies; ++expert) {
+      const int64_t first_row = t.experts > 0 ? expert * unit[0] : 0;
+      for (std::size_t p = 0; p < targets.size(); ++p) {
+        OutputTensor out;
+        const std::string path = ExpertPath(targets[p].path, expert);
+        out.module = layer_prefix + path;
+        out.leaf = path.substr(path.rfind('.') + 1);
+        out.param = key.param;
+        out.name = "base_model.model." + out.module + std::string(Suffix(key.param));
+        out.source = index;
+        out.rows = parts[p];
+        if (t.experts > 0) {
+          if (out.rows.empty()) out.rows = {{0, unit[0]}};
+          for (auto& [begin, end] : out.rows) {
+            begin += first_row;
+            end += first_row;
+          }
+        }
+        out.shape = unit;
+        if (!out.rows.empty()) {
+          out.shape[0] = 0;
+          for (const auto& [begin, end] : out.rows) out.shape[0] += end - begin;
+        }
+        out.dtype = s.dtype.value_or(t.meta->dtype);
+        if (experts != nullptr) {
+          out.rank_keys.emplace_back(PathPattern(targets[p].path), rank_dim);
+          if (!experts->fused_parameter.empty()) {
+            out.rank_keys.emplace_back(PathPattern(experts->fused_parameter),
+                                       rank_dim * static_cast<int64_t>(targets.size()));
+          }
+        }
+        if (!received[out.module].emplace(key.param, rank_dim).second) {
+          Fail("two adapter tensors map to '{}'{} (from '{}')", out.module, Suffix(key.param),
+               t.meta->fqn);
+        }
+        outputs.push_back(std::move(out));
       }
-      out.dtype = s.dtype.value_or(t.meta->dtype);
-      const int64_t rank_dim = key.param == AdapterParam::kLinearIn    ? t.shape[0]
-                               : key.param == AdapterParam::kLinearOut ? t.shape[1]
-                                                                       : -1;
-      if (!received[out.module].emplace(key.param, rank_dim).second) {
-        Fail("two adapter tensors map to '{}'{} (from '{}')", out.module, Suffix(key.param),
-             t.meta->fqn);
-      }
-      outputs.push_back(std::move(out));
     }
   }
 
@@ -215,7 +282,7 @@ std::vector<std::span<const std::byte>> OutputPieces(const OutputTensor& output,
   const LayerTensor& source = layer.tensors[output.source];
   const auto bytes = layer_buffer.subspan(source.offset_in_layer, source.nbytes);
   if (output.rows.empty()) return {bytes};
-  const std::size_t row_bytes = source.nbytes / static_cast<std::size_t>(source.shape[0]);
+  const std::size_t row_bytes = source.nbytes / static_cast<std::size_t>(LeadingRows(source.shape));
   std::vector<std::span<const std::byte>> pieces;
   for (const auto& [begin, end] : output.rows) {
     pieces.push_back(bytes.subspan(static_cast<std::size_t>(begin) * row_bytes,

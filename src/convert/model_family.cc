@@ -50,7 +50,8 @@ Enum Choice(const json& j, const char* key, const std::string& where,
 constexpr std::pair<const char*, Width> kWidths[] = {{"hidden", Width::kHidden},
                                                      {"query", Width::kQuery},
                                                      {"key_value", Width::kKeyValue},
-                                                     {"ffn", Width::kFfn}};
+                                                     {"ffn", Width::kFfn},
+                                                     {"expert_ffn", Width::kExpertFfn}};
 constexpr std::pair<const char*, Fusion> kFusions[] = {
     {"none", Fusion::kNone}, {"qkv", Fusion::kQkv}, {"gated_mlp", Fusion::kGatedMlp}};
 constexpr std::pair<const char*, Parallelism> kParallelisms[] = {{"column", Parallelism::kColumn},
@@ -89,12 +90,15 @@ ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
   if (f.architectures.empty() && f.model_types.empty())
     Fail("{}: give 'architectures' or 'model_types' to recognise the family by", where);
   if (j.contains("hf_layers_prefix")) f.hf_layers_prefix = String(j, "hf_layers_prefix", where);
-  if (j.contains("modules")) {
-    const json& modules = j["modules"];
-    if (!modules.is_array()) Fail("{}.modules: expected a list", where);
-    f.modules.clear();
+  // `modules` replaces what `like` gave; `add_modules` extends it (an MoE family adds its experts
+  // to a dense family's attention).
+  if (j.contains("modules")) f.modules.clear();
+  for (const char* list : {"modules", "add_modules"}) {
+    if (!j.contains(list)) continue;
+    const json& modules = j[list];
+    if (!modules.is_array()) Fail("{}.{}: expected a list", where, list);
     for (std::size_t i = 0; i < modules.size(); ++i) {
-      const std::string at = fmt::format("{}.modules[{}]", where, i);
+      const std::string at = fmt::format("{}.{}[{}]", where, list, i);
       ModuleMapping m;
       m.megatron = String(modules[i], "megatron", at);
       m.peft_target = String(modules[i], "peft_target", at);
@@ -110,6 +114,16 @@ ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
       if (m.hf.size() != parts)
         Fail("{}.hf: a '{}' fusion splits into {} modules, not {}", at,
              String(modules[i], "fusion", at), parts, m.hf.size());
+      if (modules[i].contains("experts")) {
+        if (!modules[i]["experts"].is_boolean()) Fail("{}.experts: expected true or false", at);
+        m.experts = modules[i]["experts"].get<bool>();
+      }
+      for (const auto& hf_module : m.hf) {
+        if (m.experts != (hf_module.path.find("{expert}") != std::string::npos))
+          Fail("{}.hf: expert modules, and only they, have '{{expert}}' in their paths", at);
+      }
+      if (modules[i].contains("fused_parameter"))
+        m.fused_parameter = String(modules[i], "fused_parameter", at);
       f.modules.push_back(std::move(m));
     }
   }
@@ -141,10 +155,12 @@ ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
       } else if (key == "embedding_scale" && value.is_string() &&
                  (value == "sqrt_hidden" || value == "none")) {
         f.forward.scale_embedding = value == "sqrt_hidden";
+      } else if (key == "moe_router" && value.is_string() && !value.get<std::string>().empty()) {
+        f.forward.moe_router = value.get<std::string>();
       } else {
         Fail(
-            "{}.{}: expected norm_weight_offset (a number) or embedding_scale (\"sqrt_hidden\" or "
-            "\"none\")",
+            "{}.{}: expected norm_weight_offset (a number), embedding_scale (\"sqrt_hidden\" or "
+            "\"none\") or moe_router (a module path)",
             at, key);
       }
     }
@@ -194,6 +210,20 @@ const ModuleMapping* ModelFamily::FindModule(std::string_view megatron) const {
     if (m.megatron == megatron) return &m;
   }
   return nullptr;
+}
+
+const ModuleMapping* ModelFamily::FindExperts(std::string_view megatron_leaf) const {
+  for (const auto& m : modules) {
+    if (m.experts && m.megatron.ends_with(megatron_leaf)) return &m;
+  }
+  return nullptr;
+}
+
+std::string ExpertPath(const std::string& path, int64_t expert) {
+  std::string out = path;
+  const auto at = out.find("{expert}");
+  if (at != std::string::npos) out.replace(at, 8, std::to_string(expert));
+  return out;
 }
 
 const CanonicalMapping* ModelFamily::FindCanonical(std::string_view megatron,

@@ -106,7 +106,7 @@ std::unique_ptr<Plan> MakePlan(const ExportOptions& options, int world_size, int
   const auto mine = plan.owners.ShardsOf(rank);
   for (const auto& layer : plan.layout.layers) {
     for (const auto& chunk : layer.chunks) {
-      const int shard = plan.layout.ShardOf(chunk.tp, layer.pp_stage);
+      const int shard = plan.layout.ShardOf(chunk.slot, layer.pp_stage);
       if (std::find(mine.begin(), mine.end(), shard) == mine.end()) continue;
       const auto& meta = *layer.tensors[chunk.tensor_index].meta;
       const auto& location = plan.reader->metadata().Locate(meta, *chunk.chunk);
@@ -247,7 +247,7 @@ writer::AdapterConfigInputs AdapterConfigFor(const Plan& plan, const ExportOptio
   for (const auto& layer_outputs : plan.outputs) {
     for (const auto& out : layer_outputs) {
       if (out.param == checkpoint::AdapterParam::kLinearIn) {
-        config.modules.push_back({out.module, out.leaf, out.shape[0]});
+        config.modules.push_back({out.module, out.leaf, out.shape[0], out.rank_keys});
       }
     }
   }

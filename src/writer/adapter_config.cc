@@ -2,6 +2,8 @@
 
 #include <set>
 
+#include "adapter_job/core/error.h"
+
 namespace adapter_job::writer {
 
 nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& in) {
@@ -9,7 +11,15 @@ nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& in) {
   nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();
   for (const auto& m : in.modules) {
     targets.insert(m.leaf);
-    if (m.rank != in.r) rank_pattern[m.module] = m.rank;
+    if (m.rank == in.r) continue;
+    const std::vector<std::pair<std::string, int64_t>> own = {{m.module, m.rank}};
+    for (const auto& [key, rank] : m.rank_keys.empty() ? own : m.rank_keys) {
+      if (rank_pattern.contains(key) && rank_pattern[key] != rank) {
+        Fail("rank_pattern '{}' would need rank {} for {} but {} for an earlier module", key, rank,
+             m.module, rank_pattern[key].get<int64_t>());
+      }
+      rank_pattern[key] = rank;
+    }
   }
   nlohmann::ordered_json c;
   c["peft_type"] = "LORA";

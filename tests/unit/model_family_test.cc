@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <tuple>
 
 #include "adapter_job/core/error.h"
 
@@ -47,6 +48,38 @@ TEST(ModelFamily, BuiltInFamiliesAndTheirLookups) {
   for (const char* arch : {"MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"})
     EXPECT_THAT(error, HasSubstr(arch));
+}
+
+TEST(ModelFamily, MoeFamiliesAddExpertModulesToLlamasAttention) {
+  const auto families = LoadModelFamilies();
+  for (const auto& [arch, gate, down] :
+       {std::tuple{"Qwen3MoeForCausalLM", "mlp.experts.{expert}.gate_proj",
+                   "mlp.experts.{expert}.down_proj"},
+        std::tuple{"MixtralForCausalLM", "block_sparse_moe.experts.{expert}.w1",
+                   "block_sparse_moe.experts.{expert}.w2"}}) {
+    const ModelFamily& f = FamilyFor(families, arch, "");
+    EXPECT_EQ(f.modules.size(), 6u) << arch;  // Llama's four, then the experts' two
+    EXPECT_NE(f.FindModule("self_attention.linear_qkv"), nullptr);
+    const ModuleMapping* fc1 = f.FindExperts("linear_fc1");
+    ASSERT_NE(fc1, nullptr) << arch;
+    EXPECT_EQ(fc1->megatron, "mlp.experts.experts.linear_fc1");
+    EXPECT_EQ(fc1->fusion, Fusion::kGatedMlp);
+    EXPECT_EQ(fc1->hf[0].path, gate);
+    EXPECT_EQ(fc1->hf[0].out, Width::kExpertFfn);
+    EXPECT_EQ(fc1->fused_parameter, "mlp.experts.gate_up_proj");
+    EXPECT_EQ(f.FindExperts("linear_fc2")->hf[0].path, down);
+    EXPECT_FALSE(f.FindModule("mlp.linear_fc1")->experts);
+    EXPECT_FALSE(f.forward.moe_router.empty());
+  }
+  EXPECT_EQ(ExpertPath("mlp.experts.{expert}.w1", 12), "mlp.experts.12.w1");
+  EXPECT_EQ(ExpertPath("mlp.gate_proj", 12), "mlp.gate_proj");
+  // Expert modules, and only they, name the expert in their paths.
+  const std::string unmarked = R"({"family": "f", "architectures": ["A"], "like": "llama",
+      "add_modules": [{"megatron": "mlp.experts.experts.linear_fc2", "peft_target": "linear_fc2",
+                       "fusion": "none", "parallelism": "row", "experts": true,
+                       "hf": [{"path": "mlp.experts.down", "in": "expert_ffn", "out": "hidden"}]}]})";
+  EXPECT_THAT(ErrorOf([&] { ParseModelFamily(unmarked, "x.json", families); }),
+              HasSubstr("x.json (family 'f').add_modules[0].hf: expert modules, and only they"));
 }
 
 TEST(ModelFamily, AFamilyAddedFromADirectoryNeedsNoCode) {

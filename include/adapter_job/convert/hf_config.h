@@ -20,6 +20,11 @@ struct HfModelConfig {
   int64_t num_key_value_heads = 0;
   int64_t head_dim = 0;
   int64_t intermediate_size = 0;
+  // MoE: experts per MoE layer (num_experts, Mixtral's num_local_experts; 0 for a dense model),
+  // the experts each token is routed to, and one expert's ffn width.
+  int64_t num_experts = 0;
+  int64_t experts_per_token = 0;
+  int64_t expert_intermediate_size = 0;
   int64_t num_hidden_layers = 0;
   int64_t vocab_size = 0;
   bool tie_word_embeddings = false;

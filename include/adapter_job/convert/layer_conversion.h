@@ -32,10 +32,16 @@ struct OutputTensor {
   std::string module;  // e.g. model.layers.0.self_attn.q_proj
   std::string leaf;    // e.g. q_proj
   checkpoint::AdapterParam param = checkpoint::AdapterParam::kLinearIn;
-  std::size_t source = 0;                         // index into LayerLayout::tensors
-  std::vector<std::pair<int64_t, int64_t>> rows;  // [begin, end) rows of the source; empty: all
+  std::size_t source = 0;  // index into LayerLayout::tensors
+  // [begin, end) rows of the source, counted over all its leading dimensions ([experts, rows,
+  // cols] has experts x rows); empty: all of it.
+  std::vector<std::pair<int64_t, int64_t>> rows;
   std::vector<int64_t> shape;
   DType dtype = DType::kBFloat16;
+  // rank_pattern keys (regexes, as PEFT matches them) that give this module its rank when it is
+  // not `r`: empty means the module path itself. Expert modules use one key per HF leaf across
+  // layers and experts, plus the parameter transformers 5 fuses them into with its summed rank.
+  std::vector<std::pair<std::string, int64_t>> rank_keys;
 };
 
 // Throws FormatError when a key has no mapping in the family, when shapes contradict the HF

@@ -20,12 +20,13 @@ enum class Fusion {
 // Whether the base layer is column- or row-parallel decides how its adapter is TP-sharded.
 enum class Parallelism { kColumn, kRow };
 
-// A width in terms of the HF config: hidden, q heads x head_dim, kv heads x head_dim, ffn.
-enum class Width { kHidden, kQuery, kKeyValue, kFfn };
+// A width in terms of the HF config: hidden, q heads x head_dim, kv heads x head_dim, ffn, and an
+// MoE expert's ffn (moe_intermediate_size, else intermediate_size).
+enum class Width { kHidden, kQuery, kKeyValue, kFfn, kExpertFfn };
 
 // A HuggingFace linear module inside a layer and its (in, out) widths.
 struct HfModule {
-  std::string path;  // e.g. "self_attn.q_proj"
+  std::string path;  // e.g. "self_attn.q_proj"; "mlp.experts.{expert}.gate_proj" for experts
   Width in = Width::kHidden;
   Width out = Width::kHidden;
 };
@@ -36,7 +37,17 @@ struct ModuleMapping {
   Parallelism parallelism = Parallelism::kColumn;
   std::vector<HfModule> hf;  // in split order
   std::string peft_target;   // run_config.yaml target_modules name, e.g. "linear_qkv"
+  // MoE experts: the Megatron tensors carry an expert axis (or, from older versions, one adapter
+  // shared by all experts), and each expert gets its own HF modules ("{expert}" in the paths).
+  bool experts = false;
+  // Where transformers 5 fuses these per-expert modules into one parameter (e.g.
+  // "mlp.experts.gate_up_proj"); PEFT then loads the adapter with the modules' ranks summed, and
+  // rank_pattern must say so when they are not `r`.
+  std::string fused_parameter;
 };
+
+// "mlp.experts.{expert}.gate_proj" with expert 3 -> "mlp.experts.3.gate_proj".
+std::string ExpertPath(const std::string& path, int64_t expert);
 
 // CanonicalLoRA keeps one adapter per HF projection inside the fused Megatron module.
 struct CanonicalMapping {
@@ -54,6 +65,7 @@ struct CanonicalMapping {
 struct ForwardTraits {
   double norm_weight_offset = 0;  // Gemma: RMSNorm scales by (1 + weight)
   bool scale_embedding = false;   // Gemma: embeddings times sqrt(hidden_size)
+  std::string moe_router;         // MoE: the router's linear inside a layer, e.g. "mlp.gate"
 };
 
 struct ModelFamily {
@@ -66,6 +78,8 @@ struct ModelFamily {
   ForwardTraits forward;
 
   const ModuleMapping* FindModule(std::string_view megatron) const;
+  // The expert modules (megatron "mlp.experts.experts.linear_fc1" / "...linear_fc2"), if any.
+  const ModuleMapping* FindExperts(std::string_view megatron_leaf) const;
   const CanonicalMapping* FindCanonical(std::string_view megatron, std::string_view adapter) const;
 };
 

@@ -13,6 +13,9 @@ struct AdaptedModule {
   std::string module;  // e.g. "model.layers.3.mlp.down_proj"
   std::string leaf;    // e.g. "down_proj"
   int64_t rank = 0;
+  // The rank_pattern entries that give it that rank when it differs from `r`; empty: {module,
+  // rank}. Modules may share a key (all experts of a leaf), which must then mean one rank.
+  std::vector<std::pair<std::string, int64_t>> rank_keys;
 };
 
 struct AdapterConfigInputs {
@@ -25,7 +28,8 @@ struct AdapterConfigInputs {
 };
 
 // Megatron-Bridge's key order (build_adapter_config_dict); `rank_pattern` lists the modules
-// whose rank differs from `r`; `target_modules` is the sorted set of leaf names.
+// whose rank differs from `r` (by their rank_keys); `target_modules` is the sorted set of leaf
+// names. Throws Error when two modules give one rank_pattern key different ranks.
 nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& inputs);
 
 // The text Python's json.dump(obj, f, indent=2) writes (ASCII-only, no trailing newline).
