@@ -1,4 +1,5 @@
-// Follows transformers/models/{llama,qwen2,qwen3,gemma,gemma2,gemma3}/modeling_*.py and
+// Follows
+// transformers/models/{llama,qwen2,qwen3,gemma,gemma2,gemma3,qwen3_moe,mixtral}/modeling_*.py and
 // modeling_rope_utils.py (_compute_default_rope_parameters, _compute_llama3_parameters,
 // _compute_linear_scaling_rope_parameters).
 #include "llama.h"
@@ -76,11 +77,21 @@ at::Tensor& LayerWeights::Linear(const std::string& module) {
   if (module == "mlp.gate_proj") return gate_proj;
   if (module == "mlp.up_proj") return up_proj;
   if (module == "mlp.down_proj") return down_proj;
-  Fail("'{}' is not a linear module of a Llama decoder layer", module);
+  if (const auto it = expert_linears.find(module); it != expert_linears.end()) return it->second;
+  Fail("'{}' is not a linear module of this decoder layer", module);
+}
+
+std::vector<std::string> DecoderLinearPaths(const LlamaSettings& s) {
+  std::vector<std::string> paths(kDecoderLinears.begin(), kDecoderLinears.end());
+  for (int64_t e = 0; e < s.moe.experts; ++e) {
+    for (const auto& path : s.moe.expert) paths.push_back(convert::ExpertPath(path, e));
+  }
+  return paths;
 }
 
 LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
-                                const convert::ForwardTraits& traits) {
+                                const convert::ModelFamily& family) {
+  const convert::ForwardTraits& traits = family.forward;
   LlamaSettings s;
   s.hidden = config.hidden_size;
   s.heads = config.num_attention_heads;
@@ -134,6 +145,25 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
     }
     s.layers.push_back(std::move(layer));
   }
+
+  if (config.num_experts > 0) {
+    const convert::ModuleMapping* fc1 = family.FindExperts("linear_fc1");
+    const convert::ModuleMapping* fc2 = family.FindExperts("linear_fc2");
+    if (traits.moe_router.empty() || fc1 == nullptr || fc2 == nullptr || fc1->hf.size() != 2) {
+      Fail(
+          "{}: an MoE model ({} experts), but model family '{}' names no router "
+          "(forward.moe_router) "
+          "or no expert linear_fc1 (gate, up) and linear_fc2 (down) modules",
+          where, config.num_experts, family.name);
+    }
+    s.moe.router = traits.moe_router;
+    s.moe.expert = {fc1->hf[0].path, fc1->hf[1].path, fc2->hf[0].path};
+    s.moe.experts = config.num_experts;
+    s.moe.top_k = config.experts_per_token;
+    s.moe.normalize_top_k = raw.value("norm_topk_prob", true);
+    if (s.moe.top_k > s.moe.experts)
+      Fail("{}: num_experts_per_tok {} exceeds the {} experts", where, s.moe.top_k, s.moe.experts);
+  }
   return s;
 }
 
@@ -165,6 +195,31 @@ at::Tensor Activate(const at::Tensor& x, Activation activation) {
       return at::gelu(x);
   }
   return x;
+}
+
+// Each token's top-k experts by softmax router probability, their outputs weighted by those
+// probabilities (renormalised to sum to one where the model does), as transformers'
+// Qwen3MoeSparseMoeBlock and MixtralSparseMoeBlock compute them.
+at::Tensor SparseMoe(const at::Tensor& x, const LayerWeights& w, const LlamaSettings& s) {
+  const at::Tensor probs = at::softmax(at::matmul(x, w.router.t()).to(at::kFloat), -1);
+  auto [weights, chosen] = probs.topk(s.moe.top_k, -1);
+  if (s.moe.normalize_top_k) weights = weights / weights.sum(-1, /*keepdim=*/true);
+  weights = weights.to(x.scalar_type());
+  at::Tensor out = at::zeros_like(x);
+  for (int64_t e = 0; e < s.moe.experts; ++e) {
+    const at::Tensor hit = chosen == e;  // [tokens, k]: at most one true per token
+    const at::Tensor tokens = hit.any(-1).nonzero().squeeze(1);
+    if (tokens.numel() == 0) continue;
+    const auto linear = [&](std::size_t which) {
+      return w.expert_linears.at(convert::ExpertPath(s.moe.expert[which], e));
+    };
+    const at::Tensor in = x.index_select(0, tokens);
+    const at::Tensor gated =
+        Activate(at::matmul(in, linear(0).t()), s.activation) * at::matmul(in, linear(1).t());
+    const at::Tensor weight = (weights * hit).sum(-1).index_select(0, tokens).unsqueeze(1);
+    out.index_add_(0, tokens, at::matmul(gated, linear(2).t()) * weight);
+  }
+  return out;
 }
 
 }  // namespace
@@ -218,12 +273,17 @@ at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaS
   if (sandwich) attended = norm(attended, w.post_attention_layernorm);
   const at::Tensor after_attention = x + attended;
 
-  // Gated MLP (SwiGLU, GeGLU).
+  // Gated MLP (SwiGLU, GeGLU), or a sparse MoE of them.
   const at::Tensor m =
       norm(after_attention, sandwich ? w.pre_feedforward_layernorm : w.post_attention_layernorm);
-  const at::Tensor gated =
-      Activate(at::matmul(m, w.gate_proj.t()), s.activation) * at::matmul(m, w.up_proj.t());
-  at::Tensor mlp = at::matmul(gated, w.down_proj.t());
+  at::Tensor mlp;
+  if (w.router.defined()) {
+    mlp = SparseMoe(m, w, s);
+  } else {
+    const at::Tensor gated =
+        Activate(at::matmul(m, w.gate_proj.t()), s.activation) * at::matmul(m, w.up_proj.t());
+    mlp = at::matmul(gated, w.down_proj.t());
+  }
   if (sandwich) mlp = norm(mlp, w.post_feedforward_layernorm);
   return after_attention + mlp;
 }

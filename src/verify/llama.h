@@ -2,12 +2,14 @@
 // LlamaForCausalLM (RMSNorm, RoPE default/llama3/linear, GQA attention, SwiGLU MLP) and, where the
 // config and weights say so, Qwen2's q/k/v biases, Qwen3's and Gemma 3's per-head q/k norms,
 // Gemma's (1 + weight) norms, scaled embeddings and GeGLU, Gemma 2/3's sandwich norms,
-// soft-capping and sliding-window layers with their own RoPE base.
+// soft-capping and sliding-window layers with their own RoPE base, and the sparse MoE MLPs of
+// Qwen3-MoE and Mixtral (softmax router, top-k experts, optionally renormalised).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <array>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -26,6 +28,16 @@ struct LayerAttention {
   int64_t window = 0;  // 0: every earlier position; else only the last `window` positions
 };
 
+// A sparse MoE MLP: its router and each expert's gate/up/down linears by HF path within a layer
+// ("{expert}" stands for the expert's index), from the model family and config.json.
+struct MoeSettings {
+  std::string router;                 // e.g. "mlp.gate"; empty for a dense model
+  std::array<std::string, 3> expert;  // gate, up, down, e.g. "mlp.experts.{expert}.gate_proj"
+  int64_t experts = 0;
+  int64_t top_k = 0;
+  bool normalize_top_k = true;  // Qwen3-MoE's norm_topk_prob; Mixtral always renormalises
+};
+
 struct LlamaSettings {
   int64_t hidden = 0;
   int64_t heads = 0;
@@ -38,18 +50,23 @@ struct LlamaSettings {
   std::optional<double> attention_softcap, final_softcap;
   Activation activation = Activation::kSilu;
   std::vector<LayerAttention> layers;
+  MoeSettings moe;
 };
 
 // Reads rms_norm_eps, the activation, soft-caps, sliding windows and the RoPE parameters
 // (transformers 5 `rope_parameters`, per layer type where the model has several, or 4's
 // `rope_theta`/`rope_scaling`) from the config; throws for what it does not model.
 LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
-                                const convert::ForwardTraits& traits);
+                                const convert::ModelFamily& family);
 
-// The linear modules of a decoder layer, by their HF paths.
+// The linear modules of a dense decoder layer, by their HF paths.
 inline constexpr std::array<const char*, 7> kDecoderLinears = {
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+
+// Every linear module a layer of this model may have: kDecoderLinears and, for MoE models, each
+// expert's (the router aside).
+std::vector<std::string> DecoderLinearPaths(const LlamaSettings& s);
 
 // The linear weights of one decoder layer ([out, in], as in HF) and its norms; the optional
 // ones are undefined tensors when the model has none.
@@ -61,8 +78,13 @@ struct LayerWeights {
   // Gemma 2/3: post_attention_layernorm then normalises the attention output, and these wrap
   // the MLP.
   at::Tensor pre_feedforward_layernorm, post_feedforward_layernorm;
+  // MoE layers: the router [experts, hidden] and the experts' linears by HF path take the place
+  // of gate/up/down_proj.
+  at::Tensor router;
+  std::map<std::string, at::Tensor> expert_linears;
 
-  at::Tensor& Linear(const std::string& module);  // "self_attn.q_proj" -> q_proj
+  // "self_attn.q_proj" -> q_proj; an expert's path -> its entry in expert_linears.
+  at::Tensor& Linear(const std::string& module);
 };
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps, double offset = 0);

@@ -1,6 +1,9 @@
 // Megatron's adapter semantics (Megatron-Bridge peft/lora_layers.py, dora_layers.py,
 // canonical_lora.py): y = W x + (alpha/dim)·B·A·x on each TP rank's local rows of the fused
-// projection; DoRA rescales those local rows by magnitude / row norm.
+// projection; DoRA rescales those local rows by magnitude / row norm. MoE experts (peft/utils.py
+// ParallelLinearAdapter, GroupedExpertLinearAdapter): expert e applies slice e of an [experts,
+// ...] adapter, or the one adapter a shared 2-D tensor holds, with its own rank as dim
+// (normalize_moe_lora makes it dim / top-k).
 #include "megatron_adapter.h"
 
 #include <map>
@@ -58,6 +61,7 @@ at::Tensor LocalFc1Rows(int64_t ffn, int64_t tp, int64_t rank, const at::Device&
 
 std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(const std::filesystem::path& checkpoint,
                                                        const convert::HfModelConfig& model,
+                                                       const LlamaSettings& settings,
                                                        at::ScalarType adapter_dtype) {
   auto run = checkpoint::OpenRunDirectory(checkpoint);
   if (!run.peft) Fail("'{}' has no run_config.yaml peft: section", run.iteration_dir.string());
@@ -67,8 +71,9 @@ std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(const std::filesystem::pa
       checkpoint::PlanAdapterLayout(adapter->reader_.metadata(), adapter->run_.model);
   adapter->model_ = model;
   adapter->adapter_dtype_ = adapter_dtype;
-  adapter->scale_ =
-      adapter->run_.peft->alpha.get<double>() / static_cast<double>(adapter->run_.peft->dim);
+  adapter->moe_ = settings.moe;
+  adapter->alpha_ = adapter->run_.peft->alpha.get<double>();
+  adapter->scale_ = adapter->alpha_ / static_cast<double>(adapter->run_.peft->dim);
   return adapter;
 }
 
@@ -102,7 +107,28 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
     const auto& [module, canonical] = key;
     if (!p.a || !p.b)
       Fail("layer {}: {} {} lacks linear_in or linear_out", layer, module, canonical);
-    if (module == "self_attention.linear_qkv" && canonical.empty()) {
+    if (module == "mlp.experts.experts.linear_fc1" || module == "mlp.experts.experts.linear_fc2") {
+      if (p.m)
+        Fail("layer {}: {} has a DoRA magnitude; expert DoRA is not supported", layer, module);
+      const bool fc1 = module.ends_with("linear_fc1");
+      for (int64_t e = 0; e < moe_.experts; ++e) {
+        const at::Tensor a = p.a->dim() == 3 ? (*p.a)[e] : *p.a;
+        const at::Tensor b = p.b->dim() == 3 ? (*p.b)[e] : *p.b;
+        const double scale = alpha_ / static_cast<double>(a.size(0));
+        const auto linear = [&](std::size_t which) -> at::Tensor& {
+          return w.Linear(convert::ExpertPath(moe_.expert[which], e));
+        };
+        if (fc1) {  // rows [gate; up], whatever the expert TP
+          const at::Tensor merged =
+              MergeAdapter(at::cat({linear(0), linear(1)}, 0), a, b, scale, std::nullopt);
+          const int64_t f = linear(0).size(0);
+          linear(0) = merged.index({Slice(0, f)});
+          linear(1) = merged.index({Slice(f, 2 * f)});
+        } else {
+          linear(2) = MergeAdapter(linear(2), a, b, scale, std::nullopt);
+        }
+      }
+    } else if (module == "self_attention.linear_qkv" && canonical.empty()) {
       SplitQkv(MergeAdapter(FuseQkv(w, groups, d), *p.a, *p.b, scale_, p.m), w, groups, d);
     } else if (module == "mlp.linear_fc1" && canonical.empty()) {
       // Each TP rank merges its local [gate_i; up_i] rows; its magnitude slice is stored in that

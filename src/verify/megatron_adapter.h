@@ -23,8 +23,10 @@ class MegatronAdapter {
  public:
   // `adapter_dtype`: the dtype the exported adapter stores; the checkpoint's tensors are rounded
   // to it first, as the export legitimately does (a float32 checkpoint exported as bf16).
+  // `settings` names the experts' HF modules for MoE models.
   static std::unique_ptr<MegatronAdapter> Open(const std::filesystem::path& checkpoint,
                                                const convert::HfModelConfig& model,
+                                               const LlamaSettings& settings,
                                                at::ScalarType adapter_dtype);
 
   // Replaces the adapted linear weights of `layer` in `weights` by their Megatron-merged values.
@@ -38,6 +40,8 @@ class MegatronAdapter {
   checkpoint::CheckpointReader reader_;
   checkpoint::AdapterLayout layout_;
   convert::HfModelConfig model_;
+  MoeSettings moe_;
+  double alpha_ = 1.0;
   double scale_ = 1.0;
   at::ScalarType adapter_dtype_ = at::kFloat;
 };

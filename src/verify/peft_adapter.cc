@@ -54,7 +54,7 @@ TensorStat StatOf(const std::string& name, const at::Tensor& t, DType dtype) {
 }  // namespace
 
 PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights& base,
-                              int64_t num_layers) {
+                              int64_t num_layers, const std::vector<std::string>& linears) {
   PeftAdapter adapter;
   const auto config_path = dir / "adapter_config.json";
   nlohmann::json config;
@@ -76,7 +76,7 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
 
   // Every targeted module of the base model, as PEFT would wrap them.
   for (int64_t layer = 0; layer < num_layers; ++layer) {
-    for (const char* linear : kDecoderLinears) {
+    for (const std::string& linear : linears) {
       const std::string module = fmt::format("model.layers.{}.{}", layer, linear);
       if (!base.Has(module + ".weight") || !Targets(config["target_modules"], module)) continue;
       Module m;
@@ -144,13 +144,13 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
 
 void PeftAdapter::Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const {
   const std::string prefix = fmt::format("model.layers.{}.", layer);
-  for (const char* linear : kDecoderLinears) {
-    const auto it = modules_.find(prefix + linear);
-    if (it == modules_.end() || !it->second.lora_a || !it->second.lora_b) continue;
+  for (auto it = modules_.lower_bound(prefix);
+       it != modules_.end() && it->first.starts_with(prefix); ++it) {
     const Module& m = it->second;
+    if (!m.lora_a || !m.lora_b) continue;
     std::optional<at::Tensor> magnitude;
     if (m.magnitude) magnitude = m.magnitude->to(device);
-    at::Tensor& w = weights.Linear(linear);
+    at::Tensor& w = weights.Linear(it->first.substr(prefix.size()));
     w = MergeAdapter(w, m.lora_a->to(device), m.lora_b->to(device), m.scale, magnitude);
   }
 }

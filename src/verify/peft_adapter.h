@@ -18,10 +18,10 @@ namespace adapter_job::verify {
 
 class PeftAdapter {
  public:
-  // Reads adapter_config.json and adapter_model.safetensors from `dir`; `base` tells which modules
-  // exist. Throws FormatError for files that do not parse.
+  // Reads adapter_config.json and adapter_model.safetensors from `dir`; `base` tells which of a
+  // layer's `linears` (paths within it) exist. Throws FormatError for files that do not parse.
   static PeftAdapter Open(const std::filesystem::path& dir, const HfWeights& base,
-                          int64_t num_layers);
+                          int64_t num_layers, const std::vector<std::string>& linears);
 
   // Replaces the adapted linear weights of `layer` in `weights` by their merged values.
   void Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const;

@@ -33,11 +33,25 @@ at::Device PickDevice(const std::string& name) {
   return CudaAvailable() ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
 }
 
-LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const at::Device& device) {
+LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const LlamaSettings& s,
+                       const at::Device& device) {
   const std::string p = fmt::format("model.layers.{}.", layer);
   LayerWeights w;
-  for (const char* linear : kDecoderLinears)
+  // An MoE layer has a router (Qwen3-MoE's mlp_only_layers keep a dense MLP).
+  const bool sparse = !s.moe.router.empty() && base.Has(p + s.moe.router + ".weight");
+  for (const std::string linear : kDecoderLinears) {
+    if (sparse && linear.starts_with("mlp.")) continue;
     w.Linear(linear) = base.Get(p + linear + ".weight", device, at::kFloat);
+  }
+  if (sparse) {
+    w.router = base.Get(p + s.moe.router + ".weight", device, at::kFloat);
+    for (int64_t e = 0; e < s.moe.experts; ++e) {
+      for (const auto& path : s.moe.expert) {
+        const std::string linear = convert::ExpertPath(path, e);
+        w.expert_linears.emplace(linear, base.Get(p + linear + ".weight", device, at::kFloat));
+      }
+    }
+  }
   w.input_layernorm = base.Get(p + "input_layernorm.weight", device, at::kFloat);
   w.post_attention_layernorm = base.Get(p + "post_attention_layernorm.weight", device, at::kFloat);
   const auto optional = [&](const std::string& name) {
@@ -84,12 +98,15 @@ VerificationReport Verify(const VerifyOptions& options) {
   const auto families = convert::LoadModelFamilies(options.model_family_dirs);
   const convert::ModelFamily& family =
       convert::FamilyFor(families, config.architecture, config.model_type);
-  const LlamaSettings settings = MakeLlamaSettings(config, family.forward);
+  const LlamaSettings settings = MakeLlamaSettings(config, family);
   const HfWeights base = HfWeights::Open(options.hf_model);
-  const PeftAdapter peft = PeftAdapter::Open(options.adapter, base, config.num_hidden_layers);
+  const PeftAdapter peft = PeftAdapter::Open(options.adapter, base, config.num_hidden_layers,
+                                             DecoderLinearPaths(settings));
   std::unique_ptr<MegatronAdapter> megatron;
-  if (options.megatron_checkpoint)
-    megatron = MegatronAdapter::Open(*options.megatron_checkpoint, config, peft.storage_dtype());
+  if (options.megatron_checkpoint) {
+    megatron =
+        MegatronAdapter::Open(*options.megatron_checkpoint, config, settings, peft.storage_dtype());
+  }
 
   std::optional<Tokenizer> tokenizer;
   if (fs::exists(options.hf_model / "tokenizer.json"))
@@ -139,8 +156,10 @@ VerificationReport Verify(const VerifyOptions& options) {
       return n;
     };
     uint64_t layer = 0;
-    for (const char* linear : kDecoderLinears)
-      layer += bytes_of(fmt::format("model.layers.0.{}.weight", linear));
+    for (const std::string& linear : DecoderLinearPaths(settings)) {
+      const std::string name = fmt::format("model.layers.0.{}.weight", linear);
+      if (base.Has(name)) layer += bytes_of(name);
+    }
     const bool tied = !base.Has("lm_head.weight") || config.tie_word_embeddings;
     const uint64_t needed =
         bytes_of("model.embed_tokens.weight") * (tied ? 1 : 2) + layer * (megatron ? 3 : 2);
@@ -164,7 +183,7 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
   }
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
-    const LayerWeights base_weights = LoadLayer(base, layer, device);
+    const LayerWeights base_weights = LoadLayer(base, layer, settings, device);
     LayerWeights peft_weights = base_weights;
     peft.Apply(layer, peft_weights, device);
     std::vector<const LayerWeights*> per_variant = {&base_weights, &peft_weights};
