@@ -3,8 +3,13 @@
 * ``merged_reference_logits``: takes Megatron's global adapter tensors in their live layout (stacked
   ``decoder.layers.<sub>`` [L, ...] or per-layer ``decoder.layers.<i>.<sub>``), splits the fused Megatron modules
   itself (linear_qkv rows per query group ``[q heads of g; k_g; v_g]``, linear_fc1 rows ``[gate; up]``), merges
-  ``W + alpha/dim * B @ A`` (DoRA: ``m / ||W + sBA||_row * (W + sBA)``) into an fp32 copy of the HF base model and
-  runs it.
+  ``W + alpha/r * B @ A`` (r = dim, A's rows; DoRA: ``m / ||W + sBA||_row * (W + sBA)``) into an fp32 copy of the
+  HF base model and runs it.
+  MoE models (Qwen3-MoE, Mixtral): expert adapters ([E, ...] per layer, or MB <= 0.5.0's shared ones without the
+  expert axis, which every expert gets) merge into each expert's gate/up/down (w1/w3/w2) with r = that A's rows
+  (``normalize_moe_lora`` lowers it). transformers 5 fuses the experts into 3-D parameters when loading, so these
+  merge into the per-expert tensors on disk, and a merged copy of the model directory is loaded (the loader fuses
+  them). The router is never adapted.
 * ``peft_logits``: stock ``PeftModel.from_pretrained`` on an adapter directory, recording every warning and
   comparing the file's tensor names with the names PEFT expects, both ways.
 
@@ -15,12 +20,14 @@ true order. Megatron-Bridge's ``megatron_adapter_tensors.safetensors`` already h
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 # The 16 tokens of shared/fixtures/megatron-bridge/*/lora/logits.safetensors (byte-level tokenizer, vocab 256).
 REFERENCE_TOKENS = [1, 17, 42, 99, 128, 200, 255, 3, 64, 77, 5, 250, 31, 9, 180, 2]
@@ -38,6 +45,14 @@ ADAPTER_MODULES = {
     "mlp.linear_fc1.adapter.adapter_gate.": ("mlp", ("gate_proj",), None),
     "mlp.linear_fc1.adapter.adapter_up.": ("mlp", ("up_proj",), None),
     "mlp.linear_fc2.adapter.": ("mlp", ("down_proj",), None),
+}
+# Megatron's expert adapters (TEGroupedMLP): fc1 ([gate; up] rows) and fc2
+EXPERT_ADAPTERS = ("mlp.experts.experts.linear_fc1.adapter.", "mlp.experts.experts.linear_fc2.adapter.")
+# HF model_type -> (an expert's module below a layer, fc1's gate and up leaves, fc2's leaf): the per-expert names
+# save_pretrained writes, as the hub checkpoints have them
+EXPERT_MODULES = {
+    "qwen3_moe": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
+    "mixtral": ("block_sparse_moe.experts.{}", ("w1", "w3"), ("w2",)),
 }
 
 
@@ -100,25 +115,43 @@ def split_rows(t: torch.Tensor, how: str | None, nq: int, ng: int, d: int, qkv_s
     return [q, k, v]
 
 
-def hf_adapters(tensors: dict[str, torch.Tensor], nq: int, ng: int, head_dim: int,
-                qkv_split: str = "grouped") -> dict[str, dict[str, torch.Tensor | None]]:
-    """{HF module path: {"A": [r, in], "B": [out, r], "m": [out] or None}} from Megatron's live tensors."""
+def hf_adapters(tensors: dict[str, torch.Tensor], nq: int, ng: int, head_dim: int, qkv_split: str = "grouped",
+                model_type: str | None = None, experts: int | None = None) -> dict[str, dict[str, torch.Tensor | None]]:
+    """{HF module path: {"A": [r, in], "B": [out, r], "m": [out] or None}} from Megatron's live tensors.
+
+    Expert adapters give an entry per expert under model_type's names (EXPERT_MODULES): slice e of an [E, ...]
+    tensor, or for a legacy shared one (no expert axis) the same tensor for all `experts`."""
     layered = per_layer(tensors)
     out = {}
     for (layer, sub), a in sorted(layered.items()):
         if not sub.endswith("linear_in.weight"):
             continue
         prefix = sub[: -len("linear_in.weight")]
+        b = layered[(layer, prefix + "linear_out.weight")]
+        if prefix in EXPERT_ADAPTERS:
+            if model_type not in EXPERT_MODULES:
+                raise KeyError(f"expert adapter {prefix!r} needs an MoE model type {list(EXPERT_MODULES)}, "
+                               f"got {model_type!r}")
+            parent, fc1, fc2 = EXPERT_MODULES[model_type]
+            leaves, how = (fc1, "halves") if prefix == EXPERT_ADAPTERS[0] else (fc2, None)
+            per_expert = a.dim() == 3
+            n = a.shape[0] if per_expert else experts
+            assert n, f"{prefix}: a legacy shared expert adapter needs the number of experts"
+            assert not per_expert or b.shape[0] == n == (experts or n), (layer, prefix, a.shape, b.shape, experts)
+            for e in range(n):
+                ae, be = (a[e], b[e]) if per_expert else (a, b)
+                for leaf, bi in zip(leaves, split_rows(be, how, nq, ng, head_dim, qkv_split)):
+                    out[f"model.layers.{layer}.{parent.format(e)}.{leaf}"] = {"A": ae, "B": bi, "m": None}
+            continue
         if prefix not in ADAPTER_MODULES:
             raise KeyError(f"unknown adapter module {prefix!r}")
         parent, leaves, how = ADAPTER_MODULES[prefix]
-        b = layered[(layer, prefix + "linear_out.weight")]
         m = layered.get((layer, prefix + "weight_magnitude"))
         bs = split_rows(b, how, nq, ng, head_dim, qkv_split)
         ms = split_rows(m, how, nq, ng, head_dim, qkv_split) if m is not None else [None] * len(leaves)
         for leaf, bi, mi in zip(leaves, bs, ms):
             out[f"model.layers.{layer}.{parent}.{leaf}"] = {"A": a, "B": bi, "m": mi}
-    known = {(layer, p + s) for layer, sub in layered for p in ADAPTER_MODULES
+    known = {(layer, p + s) for layer, sub in layered for p in (*ADAPTER_MODULES, *EXPERT_ADAPTERS)
              for s in ("linear_in.weight", "linear_out.weight", "weight_magnitude")}
     stray = sorted(k for k in layered if k not in known)
     if stray:
@@ -126,35 +159,65 @@ def hf_adapters(tensors: dict[str, torch.Tensor], nq: int, ng: int, head_dim: in
     return out
 
 
+def merged_weight(path: str, w: torch.Tensor, p: dict, kind: str, alpha, dim: int,
+                  expected_out: dict[str, int] | None = None) -> torch.Tensor:
+    """W + s*B@A in fp32, s = alpha / r with r = A's rows (dim, but for normalize_moe_lora's experts); DoRA then
+    rescales each row to the magnitude m."""
+    w = w.detach().float()
+    a, b, m = p["A"], p["B"], p["m"]
+    r = a.shape[0]
+    assert r == dim or ".experts." in path, (path, a.shape, dim)
+    assert a.shape == (r, w.shape[1]) and b.shape == (w.shape[0], r), (path, a.shape, b.shape, w.shape)
+    if expected_out is not None:
+        assert w.shape[0] == expected_out[path.rsplit(".", 1)[1]], (path, w.shape)
+    merged = w + float(alpha) / r * (b @ a)
+    if kind == "dora":
+        assert m is not None and m.shape == (w.shape[0],), f"{path}: DoRA needs a magnitude [out]"
+        merged = (m / merged.norm(dim=1))[:, None] * merged
+    else:
+        assert m is None, f"{path}: magnitude in a {kind} checkpoint"
+    return merged
+
+
 def merge_into(model, adapters: dict, kind: str, alpha, dim: int, expected_out: dict[str, int] | None = None) -> None:
-    """W <- W + s*B@A per module, in fp32; DoRA then rescales each row to the magnitude m."""
-    s = float(alpha) / dim
+    """W <- merged_weight(W) per module of the loaded model."""
     with torch.no_grad():
         for path, p in adapters.items():
             linear = model.get_submodule(path)
-            w = linear.weight.detach().float()
-            a, b, m = p["A"], p["B"], p["m"]
-            assert a.shape == (dim, w.shape[1]) and b.shape == (w.shape[0], dim), (path, a.shape, b.shape, w.shape)
-            if expected_out is not None:
-                assert w.shape[0] == expected_out[path.rsplit(".", 1)[1]], (path, w.shape)
-            merged = w + s * (b @ a)
-            if kind == "dora":
-                assert m is not None and m.shape == (w.shape[0],), f"{path}: DoRA needs a magnitude [out]"
-                merged = (m / merged.norm(dim=1))[:, None] * merged
-            else:
-                assert m is None, f"{path}: magnitude in a {kind} checkpoint"
-            linear.weight.copy_(merged)
+            linear.weight.copy_(merged_weight(path, linear.weight, p, kind, alpha, dim, expected_out))
+
+
+def merged_model(hf_dir, adapters: dict, kind: str, alpha, dim: int, expected_out: dict[str, int] | None = None):
+    """The model loaded (as load_base) from a copy of hf_dir whose on-disk weights, in fp32, have the adapters merged
+    in: for models whose modules are not their on-disk tensors (transformers 5 fuses MoE experts into 3-D
+    parameters when loading, and holds Mixtral's block_sparse_moe as mlp). Every tensor must load, none be left."""
+    from transformers import AutoModelForCausalLM
+    weights = {}
+    for path in sorted(Path(hf_dir).glob("*.safetensors")):
+        weights.update({k: v.float() for k, v in load_file(path).items()})
+    for path, p in adapters.items():
+        weights[path + ".weight"] = merged_weight(path, weights[path + ".weight"], p, kind, alpha, dim, expected_out)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(Path(hf_dir) / "config.json", tmp)
+        save_file(weights, Path(tmp) / "model.safetensors", metadata={"format": "pt"})
+        model, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager",
+                                                           output_loading_info=True)
+    assert not any(info.values()), f"merged copy of {hf_dir} loaded with {info}"
+    return model.eval()
 
 
 def merged_reference_logits(hf_dir, megatron_tensors: dict[str, torch.Tensor], kind: str, alpha, dim: int,
                             token_ids: torch.Tensor | None = None, nq: int | None = None, ng: int | None = None,
                             head_dim: int | None = None, ffn: int | None = None,
-                            qkv_split: str = "grouped") -> torch.Tensor:
+                            qkv_split: str = "grouped", expert_ffn: int | None = None) -> torch.Tensor:
     """Logits of the HF base with the Megatron adapters merged in fp32 (dims default to the HF config's).
 
     ``megatron_tensors`` must be the live layout; Megatron's TP is then irrelevant (the stored permutations that
-    depend on it are already undone)."""
+    depend on it are already undone). For an MoE model (its config's model_type in EXPERT_MODULES) the expert
+    modules' out sizes are ``expert_ffn`` (default moe_intermediate_size, Mixtral's intermediate_size), and the
+    merge goes through the on-disk weights (merged_model)."""
     cfg = hf_config(hf_dir)
+    moe = cfg["model_type"] in EXPERT_MODULES
     nq = nq or cfg["num_attention_heads"]
     ng = ng or cfg.get("num_key_value_heads") or nq
     head_dim = head_dim or cfg.get("head_dim") or cfg["hidden_size"] // nq
@@ -162,8 +225,17 @@ def merged_reference_logits(hf_dir, megatron_tensors: dict[str, torch.Tensor], k
     hidden = cfg["hidden_size"]
     expected_out = {"q_proj": nq * head_dim, "k_proj": ng * head_dim, "v_proj": ng * head_dim, "o_proj": hidden,
                     "gate_proj": ffn, "up_proj": ffn, "down_proj": hidden}
-    model = load_base(hf_dir)
-    merge_into(model, hf_adapters(megatron_tensors, nq, ng, head_dim, qkv_split), kind, alpha, dim, expected_out)
+    if moe:  # every MLP is an MoE: its expert leaves
+        _, fc1, fc2 = EXPERT_MODULES[cfg["model_type"]]
+        expert_ffn = expert_ffn or cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+        expected_out |= {leaf: expert_ffn for leaf in fc1} | {leaf: hidden for leaf in fc2}
+    adapters = hf_adapters(megatron_tensors, nq, ng, head_dim, qkv_split, cfg["model_type"],
+                           cfg.get("num_experts") or cfg.get("num_local_experts"))
+    if moe:
+        model = merged_model(hf_dir, adapters, kind, alpha, dim, expected_out)
+    else:
+        model = load_base(hf_dir)
+        merge_into(model, adapters, kind, alpha, dim, expected_out)
     return logits_of(model, token_ids if token_ids is not None else tokens(cfg["vocab_size"]))
 
 
@@ -184,7 +256,12 @@ def peft_logits(hf_dir, adapter_dir, token_ids: torch.Tensor | None = None) -> P
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
-    on_disk = set(load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    on_disk_tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    # Under transformers 5, PEFT loads per-expert MoE adapters into the fused expert parameters: compare the names
+    # its own conversion of the file gives (an identity for every other model).
+    from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+    converted = convert_peft_adapter_state_dict_for_transformers(model, model.peft_config["default"], on_disk_tensors)
+    on_disk = {name.replace(".default", "") for name in converted}
     if token_ids is None:
         token_ids = tokens(hf_config(hf_dir)["vocab_size"])
     return PeftLoad(logits=logits_of(model, token_ids),
