@@ -104,10 +104,12 @@ def test_unsupported_family_is_named_with_the_supported_ones(adapter_job_bin, ba
 
 
 # (family, adapters, TP, PP, EP, expert TP, extra CheckpointConfig fields): shared and per-expert adapters, expert TP
-# other than TP, the pre-0.5.1 layout of shared adapters, and normalize_moe_lora (expert rank = dim / top-k).
+# other than TP, per-layer keys (the non-homogeneous stacks of moe_layer_freq > 1), the pre-0.5.1 layout of shared
+# adapters, and normalize_moe_lora (expert rank = dim / top-k).
 MOE_CASES = [
     ("qwen3_moe", "shared", 2, 1, 2, 1, {}),
     ("qwen3_moe", "per-expert", 2, 1, 2, 2, {"share_expert_adapters": False}),
+    ("qwen3_moe", "per-expert-per-layer-keys", 2, 2, 2, 1, {"share_expert_adapters": False, "per_layer_keys": True}),
     ("qwen3_moe", "legacy-shared", 2, 1, 1, 2, {"legacy_shared_experts": True}),
     ("mixtral", "shared", 2, 2, 2, 1, {}),
     ("mixtral", "per-expert-normalized", 2, 1, 2, 1, {"share_expert_adapters": False, "normalize_moe_lora": True}),
