@@ -30,7 +30,7 @@ TEST(ModelFamily, BuiltInFamiliesAndTheirLookups) {
   for (const char* arch :
        {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
         "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"}) {
-    const ModelFamily& f = FamilyFor(families, arch, "");
+    const ModelFamily f = FamilyFor(families, arch, "");
     ASSERT_EQ(f.modules.size(), 4u) << arch;
     const ModuleMapping* qkv = f.FindModule("self_attention.linear_qkv");
     ASSERT_NE(qkv, nullptr);
@@ -57,7 +57,7 @@ TEST(ModelFamily, MoeFamiliesAddExpertModulesToLlamasAttention) {
                    "mlp.experts.{expert}.down_proj"},
         std::tuple{"MixtralForCausalLM", "block_sparse_moe.experts.{expert}.w1",
                    "block_sparse_moe.experts.{expert}.w2"}}) {
-    const ModelFamily& f = FamilyFor(families, arch, "");
+    const ModelFamily f = FamilyFor(families, arch, "");
     EXPECT_EQ(f.modules.size(), 6u) << arch;  // Llama's four, then the experts' two
     EXPECT_NE(f.FindModule("self_attention.linear_qkv"), nullptr);
     const ModuleMapping* fc1 = f.FindExperts("linear_fc1");
@@ -89,7 +89,7 @@ TEST(ModelFamily, AFamilyAddedFromADirectoryNeedsNoCode) {
   std::ofstream(dir / "olmo.json") << R"({"family": "olmo", "architectures": ["OlmoForCausalLM"],
                                           "like": "llama"})";
   const auto families = LoadModelFamilies({dir});
-  const ModelFamily& olmo = FamilyFor(families, "OlmoForCausalLM", "olmo");
+  const ModelFamily olmo = FamilyFor(families, "OlmoForCausalLM", "olmo");
   EXPECT_EQ(olmo.name, "olmo");
   EXPECT_EQ(olmo.modules.size(), 4u);
   EXPECT_EQ(olmo.canonical.size(), 5u);
