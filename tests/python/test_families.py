@@ -198,3 +198,28 @@ def test_moe_export_and_verification(adapter_job_bin, moe_bases, tmp_path, famil
         print(f"\n  {family} {adapters}, {ids.shape[1]} tokens: base vs transformers {e_base:.3g}, "
               f"peft vs stock PEFT {e_peft:.3g}, Megatron-merged vs the fp32 merge {e_merged:.3g}")
         assert max(e_base, e_peft, e_merged) < REL_TOL, (e_base, e_peft, e_merged)
+
+
+def test_moe_checkpoint_against_the_wrong_base_is_refused(adapter_job_bin, moe_bases, bases, tmp_path):
+    base_cfg = MOE_BASES["qwen3_moe"]
+    cfg = CheckpointConfig(out=tmp_path / "ckpt", kind="lora", tp=2, heads=base_cfg.heads,
+                           query_groups=base_cfg.kv_heads, head_dim=base_cfg.head_dim, hidden=base_cfg.hidden,
+                           ffn=base_cfg.ffn, num_layers=base_cfg.layers, experts=8, expert_ffn=base_cfg.expert_ffn,
+                           topk=2, ep=2, etp=1)
+    written = write_checkpoint(cfg)
+
+    def export(base, name):
+        return run([*MPIRUN, "-np", "2", adapter_job_bin, "export", "--hf-model-id", base, "--megatron-peft-checkpoint",
+                    written.root, "--output-hf-path", tmp_path / name], check=False)
+
+    # 8 experts in the checkpoint, 4 in the model: the tensor and both counts are named.
+    proc = export(moe_bases["qwen3_moe"], "four")
+    assert proc.returncode == 2, proc.stderr
+    assert "mlp.experts.experts.linear_fc1.adapter.linear_in.weight' has per-layer shape [8, 8, 64]" in proc.stderr
+    assert "implies [4, 8, 64]" in proc.stderr and "per expert" in proc.stderr, proc.stderr
+    # A dense family has no expert modules: the module, the family and what it knows are named.
+    proc = export(bases["qwen3"], "dense")
+    assert proc.returncode == 2, proc.stderr
+    assert "module 'mlp.experts.experts.linear_fc1' has no HuggingFace mapping in the qwen3 family" in proc.stderr
+    assert "self_attention.linear_qkv" in proc.stderr
+    assert not (tmp_path / "four").exists() and not (tmp_path / "dense").exists()
