@@ -88,6 +88,30 @@ def test_nccl_export_and_cuda_verification_match_mpi_and_cpu(adapter_job_bin, ba
     assert diff < PEFT_ATOL, f"PEFT on the NCCL export vs the fp32 merged reference: max |diff| {diff:.3g}"
 
 
+def test_moe_over_nccl_and_cuda_match_mpi_and_cpu(adapter_job_bin, tmp_path):
+    """Expert adapters of a Qwen3-MoE checkpoint (EP2, shards by expert-parallel rank) over NCCL, and the sparse MoE
+    forward on CUDA, against MPI and the CPU."""
+    if GPUS < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {GPUS}")
+    moe = TinyLlamaConfig(architecture="qwen3_moe", head_dim=32)
+    base = build_tiny_llama(moe, tmp_path / "base")
+    cfg = CheckpointConfig(out=tmp_path / "ckpt", base_model=base, kind="lora", tp=2, heads=moe.heads,
+                           query_groups=moe.kv_heads, head_dim=moe.head_dim, hidden=moe.hidden, ffn=moe.ffn,
+                           num_layers=moe.layers, experts=moe.experts, expert_ffn=moe.expert_ffn,
+                           topk=moe.experts_per_token, ep=2, etp=1, share_expert_adapters=False)
+    written = write_checkpoint(cfg)
+    mpi, _ = export(adapter_job_bin, 2, base, written.root, tmp_path / "mpi", "mpi", "cpu")
+    nccl, proc = export(adapter_job_bin, 2, base, written.root, tmp_path / "nccl", "nccl", "cuda")
+    assert nccl["backend"] == "nccl" and nccl["verification"]["device"].startswith("cuda")
+    assert mpi["verification"]["passed"] and nccl["verification"]["passed"], proc.stdout
+    for name in ADAPTER_FILES:
+        assert (tmp_path / "nccl" / name).read_bytes() == (tmp_path / "mpi" / name).read_bytes(), name
+    cuda, cpu = logits(tmp_path / "nccl.h5"), logits(tmp_path / "mpi.h5")
+    for variant in cpu:
+        worst = np.abs(cuda[variant] - cpu[variant]).max() / np.abs(cpu[variant]).max()
+        assert worst < LOGITS_RTOL, f"{variant}: CUDA vs CPU logits differ by {worst:.2e} of their scale"
+
+
 def per_rank_gpu_launcher(tmp_path, visible):
     """A launcher wrapper that shows each rank only the GPU `visible` names for it, the way
     `srun --gpus-per-task=1` does: every rank then sees one GPU numbered 0."""
