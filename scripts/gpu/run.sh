@@ -4,6 +4,7 @@
 # image's libtorch, Open MPI, NCCL, HDF5 and CUDA, then runs the stages asked for:
 #   tests         ctest -L gpu (must run, not skip), the whole suite, and the NCCL-vs-MPI and
 #                 CUDA-vs-CPU checks on Megatron-Bridge's own TP2xPP2 checkpoint
+#   gpu-tests     ctest -L gpu alone (a quick check of the GPU path after a change)
 #   bench-export  bench/gpu_bench.sh export (8B and 70B shapes, TP2xPP2, -np 4)
 #   bench-verify  bench/gpu_bench.sh verify (8B shape, one GPU)
 #   all           the three, in that order (about 12 minutes on 4 H100s: more than one device call
@@ -47,7 +48,7 @@ cmake -S . -B build-gpu -G Ninja -DADAPTER_JOB_WERROR=ON \
   >"$LOGS/configure.log" 2>&1 || { tail -40 "$LOGS/configure.log"; status=1; exit; }
 # Benchmarks alone need only the job and its verification plugin.
 targets=()
-[[ " $* " == *" tests "* ]] || targets=(--target adapter_job verify_plugin)
+[[ " $* " == *" tests "* || " $* " == *" gpu-tests "* ]] || targets=(--target adapter_job verify_plugin)
 cmake --build build-gpu -j"$(nproc)" "${targets[@]}" >"$LOGS/build.log" 2>&1 ||
   { grep -E "error|Error" -A3 "$LOGS/build.log" | head -60; status=1; exit; }
 note "build ok ($(($(date +%s) - start)) s)"
@@ -57,12 +58,16 @@ $B version | tee -a "$SUMMARY"
 gpus=$(nvidia-smi -L | wc -l)
 export RANKS=${RANKS:-$((gpus < 4 ? gpus : 4))}
 
-run_tests() {
-  # The GPU label first: on this machine it must run, never skip.
+run_gpu_tests() {
+  # On this machine the GPU label must run, never skip.
   (cd build-gpu && ctest -L gpu -V --timeout 600) >"$LOGS/ctest-gpu.log" 2>&1 || status=1
   if grep -q "\*\*\*Skipped" "$LOGS/ctest-gpu.log"; then note "GPU tests SKIPPED on a GPU machine"; status=1; fi
   note "ctest -L gpu: $(grep -E "tests passed|tests failed" "$LOGS/ctest-gpu.log")"
-  grep -E "SKIPPED|[0-9]+ (passed|failed|skipped)" "$LOGS/ctest-gpu.log" | tee -a "$SUMMARY"
+  grep -E "SKIPPED|FAILED|[0-9]+ (passed|failed|skipped)" "$LOGS/ctest-gpu.log" | tee -a "$SUMMARY"
+}
+
+run_tests() {
+  run_gpu_tests
   (cd build-gpu && ctest -LE gpu --output-on-failure --timeout 300 -j"$(($(nproc) / 4))") >"$LOGS/ctest.log" 2>&1 || status=1
   note "ctest (the rest): $(grep -E "tests passed|tests failed" "$LOGS/ctest.log")"
   grep -E "\*\*\*Failed|Timeout" "$LOGS/ctest.log" | tee -a "$SUMMARY"
@@ -101,6 +106,7 @@ for stage in "$@"; do
   t=$(date +%s)
   case $stage in
     tests) run_tests ;;
+    gpu-tests) run_gpu_tests ;;
     bench-export) BIN=$B bash bench/gpu_bench.sh export 2>&1 | tee -a "$SUMMARY" || status=1 ;;
     bench-verify) BIN=$B bash bench/gpu_bench.sh verify 2>&1 | tee -a "$SUMMARY" || status=1 ;;
     *) echo "unknown stage '$stage'" >&2; status=2; exit ;;
