@@ -53,7 +53,9 @@ Json PeftJson(const std::optional<checkpoint::PeftSettings>& peft) {
           {"dropout", peft->dropout},
           {"dropout_position", peft->dropout_position},
           {"target_modules", peft->target_modules},
-          {"exclude_modules", peft->exclude_modules}};
+          {"exclude_modules", peft->exclude_modules},
+          {"share_expert_adapters", peft->share_expert_adapters},
+          {"normalize_moe_lora", peft->normalize_moe_lora}};
 }
 
 Json ModelJson(const checkpoint::ModelSettings& m) {
@@ -61,6 +63,7 @@ Json ModelJson(const checkpoint::ModelSettings& m) {
           {"pipeline_model_parallel_size", m.pipeline_parallel},
           {"virtual_pipeline_model_parallel_size", OptionalJson(m.virtual_pipeline_parallel)},
           {"expert_model_parallel_size", m.expert_parallel},
+          {"expert_tensor_parallel_size", m.expert_tensor_parallel},
           {"num_layers", OptionalJson(m.num_layers)},
           {"hidden_size", OptionalJson(m.hidden_size)},
           {"ffn_hidden_size", OptionalJson(m.ffn_hidden_size)},
@@ -122,11 +125,11 @@ void PrintTable(const RunDirectory& run, const DcpMetadata& meta, std::ostream& 
   const auto& m = run.model;
   const auto opt = [](const std::optional<int64_t>& v) { return v ? std::to_string(*v) : "?"; };
   out << fmt::format(
-      "model       TP {} PP {}{} EP {}; layers {} hidden {} ffn {} heads {} groups {} "
+      "model       TP {} PP {}{} EP {} ETP {}; layers {} hidden {} ffn {} heads {} groups {} "
       "kv_channels {}\n",
       m.tensor_parallel, m.pipeline_parallel,
       m.virtual_pipeline_parallel ? " VPP " + std::to_string(*m.virtual_pipeline_parallel) : "",
-      m.expert_parallel, opt(m.num_layers), opt(m.hidden_size), opt(m.ffn_hidden_size),
+      m.expert_parallel, m.expert_tensor_parallel, opt(m.num_layers), opt(m.hidden_size), opt(m.ffn_hidden_size),
       opt(m.num_attention_heads), opt(m.num_query_groups), opt(m.kv_channels));
 
   std::size_t key_width = 3;
