@@ -223,3 +223,24 @@ def test_moe_checkpoint_against_the_wrong_base_is_refused(adapter_job_bin, moe_b
     assert "module 'mlp.experts.experts.linear_fc1' has no HuggingFace mapping in the qwen3 family" in proc.stderr
     assert "self_attention.linear_qkv" in proc.stderr
     assert not (tmp_path / "four").exists() and not (tmp_path / "dense").exists()
+
+
+def test_expert_chunks_that_contradict_the_expert_parallel_size_are_refused(adapter_job_bin, moe_bases, tmp_path):
+    import yaml
+    base_cfg = MOE_BASES["qwen3_moe"]
+    cfg = CheckpointConfig(out=tmp_path / "ckpt", kind="lora", tp=2, heads=base_cfg.heads,
+                           query_groups=base_cfg.kv_heads, head_dim=base_cfg.head_dim, hidden=base_cfg.hidden,
+                           ffn=base_cfg.ffn, num_layers=base_cfg.layers, experts=base_cfg.experts,
+                           expert_ffn=base_cfg.expert_ffn, topk=2, ep=2, etp=1, share_expert_adapters=False)
+    written = write_checkpoint(cfg)
+    # Each chunk holds an EP rank's 2 experts; a run_config claiming EP 4 (one expert per rank) contradicts it.
+    run_config = written.iter_dir / "run_config.yaml"
+    settings = yaml.safe_load(run_config.read_text())
+    settings["model"]["expert_model_parallel_size"] = 4
+    run_config.write_text(yaml.safe_dump(settings))
+    proc = run([adapter_job_bin, "export", "--hf-model-id", moe_bases["qwen3_moe"], "--megatron-peft-checkpoint",
+                written.root, "--output-hf-path", tmp_path / "adapter"], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "mlp.experts.experts.linear_fc1.adapter.linear_in.weight': a chunk holds experts 0 to 1" in proc.stderr
+    assert "expert_model_parallel_size 4" in proc.stderr, proc.stderr
+    assert not (tmp_path / "adapter").exists()
