@@ -3,7 +3,9 @@
 # wall time and peak RSS per rank with 1, 2 and 4 ranks, beside the I/O floor (cat of the same
 # .distcp bytes to /dev/null). Page cache warm for both. Prints a Markdown table.
 #   bench/export_bench.sh [WORKDIR]   (default: bench/work; the checkpoint is made once, ~70 MB)
-# Env: SHAPE=8b|70b (70b: 80 layers, hidden 8192, ffn 28672, 64 heads, 8 KV heads, rank 64),
+# Env: SHAPE=8b|70b|30b-a3b (70b: 80 layers, hidden 8192, ffn 28672, 64 heads, 8 KV heads, rank 64;
+#      30b-a3b: Qwen3-30B-A3B, 48 layers, hidden 2048, 32 heads of 128, 4 KV heads, 128 experts of
+#      ffn 768, top-8, rank-16 per-expert adapters, written at TP2 x EP4),
 #      RANKS="1 2 4", REPEAT=5, BACKEND=auto|mpi|nccl, BIN=build/src/cli/adapter_job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,26 +18,39 @@ BACKEND=${BACKEND:-auto}
 BIN=${BIN:-build/src/cli/adapter_job}
 PYTHON=${PYTHON:-python3}
 
+layout=(--tp 2 --pp 2)
+moe=()
 case $SHAPE in
   8b) dims=(--layers 32 --hidden 4096 --heads 32 --query-groups 8 --head-dim 128 --ffn 14336 --dim 16 --alpha 32) ;;
   70b) dims=(--layers 80 --hidden 8192 --heads 64 --query-groups 8 --head-dim 128 --ffn 28672 --dim 64 --alpha 128) ;;
-  *) echo "SHAPE must be 8b or 70b" >&2; exit 2 ;;
+  30b-a3b)
+    dims=(--layers 48 --hidden 2048 --heads 32 --query-groups 4 --head-dim 128 --ffn 6144 --dim 16 --alpha 32)
+    moe=(--experts 128 --expert-ffn 768 --topk 8)
+    layout=(--tp 2 --ep 4 --etp 1 --per-expert-adapters) ;;
+  *) echo "SHAPE must be 8b, 70b or 30b-a3b" >&2; exit 2 ;;
 esac
 ckpt=$WORK/$SHAPE/megatron_ckpt
 model=$WORK/$SHAPE/hf_config
 mkdir -p "$WORK/$SHAPE"
 if [[ ! -f $ckpt/latest_checkpointed_iteration.txt ]]; then
-  "$PYTHON" tests/fixtures/megatron_checkpoint.py --out "$ckpt" --tp 2 --pp 2 "${dims[@]}" --no-expected >/dev/null
+  "$PYTHON" tests/fixtures/megatron_checkpoint.py --out "$ckpt" "${layout[@]}" "${dims[@]}" "${moe[@]}" \
+    --no-expected >/dev/null
 fi
 if [[ ! -f $model/config.json ]]; then
   # The export reads only config.json: no weights needed.
-  "$PYTHON" - "$model" "${dims[@]}" <<'PY'
+  "$PYTHON" - "$model" "${dims[@]}" "${moe[@]}" <<'PY'
 import sys, transformers
 out, args = sys.argv[1], sys.argv[2:]
 a = dict(zip(args[::2], map(int, args[1::2])))
-transformers.LlamaConfig(hidden_size=a["--hidden"], intermediate_size=a["--ffn"], num_hidden_layers=a["--layers"],
-    num_attention_heads=a["--heads"], num_key_value_heads=a["--query-groups"], head_dim=a["--head-dim"],
-    vocab_size=128256, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(out)
+common = dict(hidden_size=a["--hidden"], intermediate_size=a["--ffn"], num_hidden_layers=a["--layers"],
+              num_attention_heads=a["--heads"], num_key_value_heads=a["--query-groups"], head_dim=a["--head-dim"],
+              dtype="bfloat16")
+if "--experts" in a:
+    transformers.Qwen3MoeConfig(**common, vocab_size=151936, num_experts=a["--experts"],
+                                num_experts_per_tok=a["--topk"], moe_intermediate_size=a["--expert-ffn"],
+                                architectures=["Qwen3MoeForCausalLM"]).save_pretrained(out)
+else:
+    transformers.LlamaConfig(**common, vocab_size=128256, architectures=["LlamaForCausalLM"]).save_pretrained(out)
 PY
 fi
 
