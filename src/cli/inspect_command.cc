@@ -129,8 +129,9 @@ void PrintTable(const RunDirectory& run, const DcpMetadata& meta, std::ostream& 
       "kv_channels {}\n",
       m.tensor_parallel, m.pipeline_parallel,
       m.virtual_pipeline_parallel ? " VPP " + std::to_string(*m.virtual_pipeline_parallel) : "",
-      m.expert_parallel, m.expert_tensor_parallel, opt(m.num_layers), opt(m.hidden_size), opt(m.ffn_hidden_size),
-      opt(m.num_attention_heads), opt(m.num_query_groups), opt(m.kv_channels));
+      m.expert_parallel, m.expert_tensor_parallel, opt(m.num_layers), opt(m.hidden_size),
+      opt(m.ffn_hidden_size), opt(m.num_attention_heads), opt(m.num_query_groups),
+      opt(m.kv_channels));
 
   std::size_t key_width = 3;
   for (const auto& t : meta.tensors) key_width = std::max(key_width, t.fqn.size());
