@@ -140,14 +140,6 @@ std::unique_ptr<Transport> MakeMpiTransport(const MpiWorld& world) {
   return std::make_unique<MpiTransport>();
 }
 
-bool AllRanksAgree(const MpiWorld& world, bool local) {
-  if (!world.uses_mpi()) return local;
-  int in = local ? 1 : 0;
-  int out = 0;
-  Check(MPI_Allreduce(&in, &out, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
-  return out == 1;
-}
-
 std::string FirstNonEmpty(const MpiWorld& world, const std::string& value) {
   if (!world.uses_mpi()) return value;
   const int mine = value.empty() ? INT_MAX : world.rank();

@@ -9,6 +9,7 @@ namespace {
 struct GpuChoice {
   int device = -1;
   std::string problem;  // why this rank cannot have a GPU of its own; empty when it can
+  int ranks_on_host = 1;
 };
 
 // Collective over the host. Launchers hand out GPUs two ways: every rank sees all of the host's
@@ -20,6 +21,7 @@ GpuChoice ChooseGpu(const MpiWorld& world) {
   const AcceleratorInfo info = ProbeAccelerators();
   const HostPlacement here = PlaceOnHost(world);
   GpuChoice choice;
+  choice.ranks_on_host = here.local_size;
   std::string uuid;
   if (info.device_count > 0) {
     choice.device = here.local_rank % info.device_count;
@@ -63,7 +65,7 @@ std::unique_ptr<Transport> MakeTransport(const MpiWorld& world, Backend backend)
   // auto: the shards live in host memory, so on one host MPI's shared memory moves them with one
   // copy, where NCCL adds two host-device copies and about a second of set-up (docs/BENCHMARKS.md:
   // 2.8 s against 1.1 s for an 8B export on 2 GPUs). NCCL pays off between hosts.
-  const bool one_host = PlaceOnHost(world).local_size == world.size();
+  const bool one_host = gpu.ranks_on_host == world.size();
   return problem.empty() && !one_host ? MakeNcclTransport(world, gpu.device)
                                       : MakeMpiTransport(world);
 }

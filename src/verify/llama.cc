@@ -152,8 +152,7 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
     if (traits.moe_router.empty() || fc1 == nullptr || fc2 == nullptr || fc1->hf.size() != 2) {
       Fail(
           "{}: an MoE model ({} experts), but model family '{}' names no router "
-          "(forward.moe_router) "
-          "or no expert linear_fc1 (gate, up) and linear_fc2 (down) modules",
+          "(forward.moe_router) or no expert linear_fc1 (gate, up) and linear_fc2 (down) modules",
           where, config.num_experts, family.name);
     }
     s.moe.router = traits.moe_router;

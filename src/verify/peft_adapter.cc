@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <regex>
 
 #include "adapter_job/core/error.h"
@@ -16,27 +17,50 @@ namespace {
 
 constexpr std::string_view kPrefix = "base_model.model.";
 
-bool Targets(const nlohmann::json& targets, const std::string& module) {
-  if (targets.is_string()) return std::regex_match(module, std::regex(targets.get<std::string>()));
-  if (!targets.is_array()) return false;
-  for (const auto& t : targets) {
-    const std::string name = t.get<std::string>();
-    if (module == name || (module.size() > name.size() && module.ends_with("." + name)))
-      return true;
+// Regexes are compiled once: an MoE model has tens of thousands of modules to match.
+class TargetMatcher {
+ public:
+  explicit TargetMatcher(const nlohmann::ordered_json& targets) {
+    if (targets.is_string()) {
+      regex_ = std::regex(targets.get<std::string>());
+    } else if (targets.is_array()) {
+      for (const auto& t : targets) names_.push_back(t.get<std::string>());
+    }
   }
-  return false;
-}
+  bool Targets(const std::string& module) const {
+    if (regex_) return std::regex_match(module, *regex_);
+    for (const auto& name : names_) {
+      if (module == name || (module.ends_with(name) && module.size() > name.size() &&
+                             module[module.size() - name.size() - 1] == '.'))
+        return true;
+    }
+    return false;
+  }
 
+ private:
+  std::optional<std::regex> regex_;
+  std::vector<std::string> names_;
+};
+
+// rank_pattern or alpha_pattern: the first key, in the file's order, that matches wins.
 template <typename T>
-T PatternValue(const nlohmann::json& config, const char* pattern_key, const std::string& module,
-               T fallback) {
-  if (!config.contains(pattern_key) || !config[pattern_key].is_object()) return fallback;
-  for (const auto& [key, value] : config[pattern_key].items()) {
-    if (std::regex_match(module, std::regex("(.*\\.)?(" + key + ")")))
-      return value.template get<T>();
+class PatternValues {
+ public:
+  PatternValues(const nlohmann::ordered_json& config, const char* pattern_key) {
+    if (!config.contains(pattern_key) || !config[pattern_key].is_object()) return;
+    for (const auto& [key, value] : config[pattern_key].items())
+      patterns_.emplace_back(std::regex("(.*\\.)?(" + key + ")"), value.template get<T>());
   }
-  return fallback;
-}
+  T ValueFor(const std::string& module, T fallback) const {
+    for (const auto& [pattern, value] : patterns_) {
+      if (std::regex_match(module, pattern)) return value;
+    }
+    return fallback;
+  }
+
+ private:
+  std::vector<std::pair<std::regex, T>> patterns_;
+};
 
 TensorStat StatOf(const std::string& name, const at::Tensor& t, DType dtype) {
   TensorStat s;
@@ -57,11 +81,11 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
                               int64_t num_layers, const std::vector<std::string>& linears) {
   PeftAdapter adapter;
   const auto config_path = dir / "adapter_config.json";
-  nlohmann::json config;
+  nlohmann::ordered_json config;  // PEFT tries patterns in the file's order
   WithContext([&] { return config_path.string(); },
               [&] {
                 try {
-                  config = nlohmann::json::parse(ReadTextFile(config_path));
+                  config = nlohmann::ordered_json::parse(ReadTextFile(config_path));
                 } catch (const nlohmann::json::exception& e) {
                   Fail("not valid JSON: {}", e.what());
                 }
@@ -75,13 +99,16 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
   const bool dora = config.value("use_dora", false);
 
   // Every targeted module of the base model, as PEFT would wrap them.
+  const TargetMatcher targets(config["target_modules"]);
+  const PatternValues<int64_t> ranks(config, "rank_pattern");
+  const PatternValues<double> alphas(config, "alpha_pattern");
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     for (const std::string& linear : linears) {
       const std::string module = fmt::format("model.layers.{}.{}", layer, linear);
-      if (!base.Has(module + ".weight") || !Targets(config["target_modules"], module)) continue;
+      if (!base.Has(module + ".weight") || !targets.Targets(module)) continue;
       Module m;
-      const auto rank = PatternValue<int64_t>(config, "rank_pattern", module, r);
-      const auto module_alpha = PatternValue<double>(config, "alpha_pattern", module, alpha);
+      const auto rank = ranks.ValueFor(module, r);
+      const auto module_alpha = alphas.ValueFor(module, alpha);
       m.scale = rslora ? module_alpha / std::sqrt(static_cast<double>(rank)) : module_alpha / rank;
       adapter.modules_.emplace(module, std::move(m));
     }

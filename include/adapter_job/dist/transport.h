@@ -69,7 +69,6 @@ class PeerFailure : public Error {
 };
 
 // Collective helpers on the world (MPI), used for agreement and reports.
-bool AllRanksAgree(const MpiWorld& world, bool local);
 // The non-empty `value` of the lowest rank that has one, on every rank; empty if none has.
 std::string FirstNonEmpty(const MpiWorld& world, const std::string& value);
 // Every `value` of the ranks on this rank's host, by host-local rank.
