@@ -43,6 +43,31 @@ CASES = [("qwen2", "lora", 2, 1), ("qwen2", "dora", 2, 2), ("qwen3", "lora", 2, 
          ("gemma3", "lora", 2, 1), ("gemma3", "canonical_lora", 2, 2)]
 
 
+def assert_matches_the_references(binary, label, base, out, written, cfg, kind, prompts, peft, tmp_path):
+    """Stock PEFT on the export matches the independent fp32 merge (which must move the logits well past the
+    tolerance); our verification's base, peft and Megatron-merged logits match transformers, stock PEFT and that
+    merge, on every prompt."""
+    def reference(ids):
+        return merged_reference_logits(base, live_tensors(written), kind, cfg.alpha, cfg.dim, ids, nq=cfg.heads,
+                                       ng=cfg.query_groups, head_dim=cfg.head_dim, ffn=cfg.ffn)
+    hf = load_base(base)
+    effect = (reference(prompts[0]) - logits_of(hf, prompts[0])).abs().max().item()
+    assert effect > MIN_EFFECT, f"the adapter barely changes the logits ({effect:.3g})"
+    diff = (peft.logits - reference(prompts[0])).abs().max().item()
+    assert diff < PEFT_ATOL, f"{label}: PEFT on the export vs the fp32 merge: max |diff| {diff:.3g}"
+
+    v = verify(binary, base, out, tmp_path / "verify", prompts, ckpt=written.root)
+    assert v.rc == 0 and v.report["passed"], v.stdout
+    for i, ids in enumerate(v.token_ids):
+        ids = torch.from_numpy(ids).reshape(1, -1)
+        e_base = rel_err(v.logits[i]["base"], logits_of(hf, ids)[0])
+        e_peft = rel_err(v.logits[i]["peft"], peft_logits(base, out, ids).logits[0])
+        e_merged = rel_err(v.logits[i]["merged"], reference(ids)[0])
+        print(f"\n  {label}, {ids.shape[1]} tokens: base vs transformers {e_base:.3g}, peft vs stock PEFT {e_peft:.3g}, "
+              f"Megatron-merged vs the fp32 merge {e_merged:.3g}")
+        assert max(e_base, e_peft, e_merged) < REL_TOL, (e_base, e_peft, e_merged)
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
@@ -68,23 +93,8 @@ def test_family_export_and_verification(adapter_job_bin, bases, tmp_path, family
     prompts = prompts_for(base_cfg.vocab)
     peft = peft_logits(base, out, prompts[0])
     assert peft.warnings == [] and peft.missing == [] and peft.unexpected == []
-    reference = merged_reference_logits(base, live_tensors(written), kind, cfg.alpha, cfg.dim, prompts[0],
-                                        nq=cfg.heads, ng=cfg.query_groups, head_dim=cfg.head_dim, ffn=cfg.ffn)
-    hf = load_base(base)
-    effect = (reference - logits_of(hf, prompts[0])).abs().max().item()
-    assert effect > MIN_EFFECT, f"the adapter barely changes the logits ({effect:.3g})"
-    diff = (peft.logits - reference).abs().max().item()
-    assert diff < PEFT_ATOL, f"{family}: PEFT on the export vs the fp32 merge: max |diff| {diff:.3g}"
-
-    v = verify(adapter_job_bin, base, out, tmp_path / "verify", prompts, ckpt=written.root)
-    assert v.rc == 0 and v.report["passed"], v.stdout
-    for i, ids in enumerate(v.token_ids):
-        ids = torch.from_numpy(ids).reshape(1, -1)
-        e_base = rel_err(v.logits[i]["base"], logits_of(hf, ids)[0])
-        e_peft = rel_err(v.logits[i]["peft"], peft_logits(base, out, ids).logits[0])
-        print(f"\n  {family} {kind}, {ids.shape[1]} tokens: base vs transformers {e_base:.3g}, "
-              f"peft vs stock PEFT {e_peft:.3g}")
-        assert e_base < REL_TOL and e_peft < REL_TOL, (e_base, e_peft)
+    assert_matches_the_references(adapter_job_bin, f"{family} {kind}", base, out, written, cfg, kind, prompts, peft,
+                                  tmp_path)
 
 
 def test_unsupported_family_is_named_with_the_supported_ones(adapter_job_bin, bases, tmp_path):
@@ -178,26 +188,8 @@ def test_moe_export_and_verification(adapter_job_bin, moe_bases, tmp_path, famil
     peft = peft_logits(base, out, prompts[0])
     assert peft.missing == [] and peft.unexpected == [], (peft.missing[:3], peft.unexpected[:3])
     assert peft_warnings_beyond_its_moe_conversion(peft.warnings, config["rank_pattern"]) == [], peft.warnings
-    reference = merged_reference_logits(base, live_tensors(written), "lora", cfg.alpha, cfg.dim, prompts[0],
-                                        nq=cfg.heads, ng=cfg.query_groups, head_dim=cfg.head_dim, ffn=cfg.ffn)
-    hf = load_base(base)
-    effect = (reference - logits_of(hf, prompts[0])).abs().max().item()
-    assert effect > MIN_EFFECT, f"the adapter barely changes the logits ({effect:.3g})"
-    diff = (peft.logits - reference).abs().max().item()
-    assert diff < PEFT_ATOL, f"{family} {adapters}: PEFT on the export vs the fp32 merge: max |diff| {diff:.3g}"
-
-    v = verify(adapter_job_bin, base, out, tmp_path / "verify", prompts, ckpt=written.root)
-    assert v.rc == 0 and v.report["passed"], v.stdout
-    for i, ids in enumerate(v.token_ids):
-        ids = torch.from_numpy(ids).reshape(1, -1)
-        e_base = rel_err(v.logits[i]["base"], logits_of(hf, ids)[0])
-        e_peft = rel_err(v.logits[i]["peft"], peft_logits(base, out, ids).logits[0])
-        e_merged = rel_err(v.logits[i]["merged"], reference[0] if i == 0 else merged_reference_logits(
-            base, live_tensors(written), "lora", cfg.alpha, cfg.dim, ids, nq=cfg.heads, ng=cfg.query_groups,
-            head_dim=cfg.head_dim, ffn=cfg.ffn)[0])
-        print(f"\n  {family} {adapters}, {ids.shape[1]} tokens: base vs transformers {e_base:.3g}, "
-              f"peft vs stock PEFT {e_peft:.3g}, Megatron-merged vs the fp32 merge {e_merged:.3g}")
-        assert max(e_base, e_peft, e_merged) < REL_TOL, (e_base, e_peft, e_merged)
+    assert_matches_the_references(adapter_job_bin, f"{family} {adapters}", base, out, written, cfg, "lora", prompts,
+                                  peft, tmp_path)
 
 
 def test_moe_checkpoint_against_the_wrong_base_is_refused(adapter_job_bin, moe_bases, bases, tmp_path):
