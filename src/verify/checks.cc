@@ -4,6 +4,11 @@
 // every fault this verification exists to catch (k/v swapped, a contiguous QKV split, gate/up
 // swapped, a dropped DoRA magnitude, alpha ignored, rounding the file did not declare) moves
 // logits by 1e-3 to 1 of it.
+//
+// The figures themselves are computed in float64 from the float32 logits: a float32 reduction over
+// a 128k-262k vocabulary is off by 1e-6 on its own (the cosine of a row with itself came out as
+// 0.9999988 on one GPU, and 1 - 1.5e-6 on one CPU thread), which is the cosine threshold itself.
+// In float64 a check's own rounding stays below 1e-12 of its threshold at any vocabulary size.
 #include "checks.h"
 
 #include <fmt/format.h>
@@ -29,7 +34,8 @@ CheckResult Check(std::string name, double figure, std::string relation, double 
 }
 
 // Top-k ids agree when every rank holds the same id, or the ids at ranks that differ have logits
-// within the tie tolerance of each other in the reference (so either order is right).
+// within the tie tolerance of each other in the reference (so either order is right). Both rows
+// are float64.
 std::pair<bool, std::string> TopKAgree(const at::Tensor& ours, const at::Tensor& reference, int k,
                                        double tolerance) {
   const auto [ref_values, ref_ids] = reference.topk(k);
@@ -40,11 +46,28 @@ std::pair<bool, std::string> TopKAgree(const at::Tensor& ours, const at::Tensor&
     if (a == b) continue;
     const double gap = std::abs(reference[a].item<double>() - reference[b].item<double>());
     if (gap > tolerance) {
-      return {false, fmt::format("rank {}: token {} vs {} (reference logits differ by {:.3g})",
-                                 i + 1, a, b, gap)};
+      return {false, fmt::format("rank {}: token {} vs {} (reference logits differ by {:.6g}, "
+                                 "more than the tie tolerance {:.6g})",
+                                 i + 1, a, b, gap, tolerance)};
     }
   }
   return {true, ""};
+}
+
+// Lowest cosine similarity of the rows of two [tokens, vocab] float64 tensors. A row equal to
+// its counterpart gives exactly 1 (the dot product and both squared norms are the same sum, and
+// sqrt(x * x) == x in IEEE arithmetic); a zero row gives 0 unless both are zero.
+double MinRowCosine(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor dot = (a * b).sum(1);
+  const at::Tensor norms = (a * a).sum(1) * (b * b).sum(1);
+  double lowest = 1;
+  for (int64_t row = 0; row < a.size(0); ++row) {
+    const double n = norms[row].item<double>();
+    const double d = dot[row].item<double>();
+    const double cosine = n > 0 ? d / std::sqrt(n) : (a[row].equal(b[row]) ? 1.0 : 0.0);
+    lowest = std::min(lowest, cosine);
+  }
+  return lowest;
 }
 
 }  // namespace
@@ -54,7 +77,8 @@ std::vector<CheckResult> RunChecks(const CheckInputs& in) {
 
   double effect = 0;
   for (const auto& p : in.prompts)
-    effect = std::max(effect, (p.peft - p.base).abs().max().item<double>());
+    effect = std::max(effect,
+                      (p.peft.to(at::kDouble) - p.base.to(at::kDouble)).abs().max().item<double>());
   checks.push_back(Check("adapter_changes_logits", effect, ">=", kEffectFloor,
                          "max |PEFT - base| over every prompt and position"));
 
@@ -73,20 +97,20 @@ std::vector<CheckResult> RunChecks(const CheckInputs& in) {
   std::string topk_detail =
       fmt::format("top-{} ids of PEFT equal merged at the last position", in.top_k);
   for (std::size_t i = 0; i < in.prompts.size(); ++i) {
-    const auto& p = in.prompts[i];
-    const at::Tensor diff = (p.peft - *p.merged).abs();
+    const at::Tensor peft = in.prompts[i].peft.to(at::kDouble);
+    const at::Tensor merged = in.prompts[i].merged->to(at::kDouble);
+    const at::Tensor diff = (peft - merged).abs();
     max_diff = std::max(max_diff, diff.max().item<double>());
     sum_diff += diff.sum().item<double>();
     count += static_cast<double>(diff.numel());
-    scale = std::max(scale, p.merged->abs().max().item<double>());
-    const at::Tensor cosine = at::cosine_similarity(p.peft, *p.merged, 1);
-    min_cosine = std::min(min_cosine, cosine.min().item<double>());
+    scale = std::max(scale, merged.abs().max().item<double>());
+    min_cosine = std::min(min_cosine, MinRowCosine(peft, merged));
     if (topk_ok) {
-      const int64_t last = p.peft.size(0) - 1;
-      const int k = static_cast<int>(std::min<int64_t>(in.top_k, p.peft.size(1)));
-      const at::Tensor reference = p.merged->index({last});
+      const int64_t last = peft.size(0) - 1;
+      const int k = static_cast<int>(std::min<int64_t>(in.top_k, peft.size(1)));
+      const at::Tensor reference = merged.index({last});
       const double tolerance = kTieRelative * std::max(1.0, reference.abs().max().item<double>());
-      auto [agree, why] = TopKAgree(p.peft.index({last}), reference, k, tolerance);
+      auto [agree, why] = TopKAgree(peft.index({last}), reference, k, tolerance);
       if (!agree) {
         topk_ok = false;
         topk_detail = fmt::format("prompt {}: {}", i, why);

@@ -313,10 +313,20 @@ void AppendPromptTable(std::string& out, std::size_t index, const PromptResult& 
   }
 }
 
-Cell NumberCell(double value) {
-  std::string text = fmt::format("{:.6g}", value);
+Cell NumberCell(double value, int precision = 6) {
+  std::string text = fmt::format("{:.{}g}", value, precision);
   const int width = static_cast<int>(text.size());
   return {std::move(text), width};
+}
+
+// Six significant digits, or as many more as it takes to tell a figure from its threshold: a
+// cosine of 0.9999988675 against 1 - 1e-6 must not print as "0.999999 >= 0.999999".
+int CheckPrecision(const CheckResult& check) {
+  int precision = 6;
+  while (precision < 17 && check.figure != check.threshold &&
+         NumberCell(check.figure, precision).text == NumberCell(check.threshold, precision).text)
+    ++precision;
+  return precision;
 }
 
 std::string PadLeft(const Cell& cell, int width) {
@@ -333,17 +343,19 @@ void AppendChecks(std::string& out, const std::vector<CheckResult>& checks) {
   int name_width = 0, figure_width = 0, relation_width = 0, threshold_width = 0;
   for (const auto& check : checks) {
     name_width = std::max(name_width, InlineCell(check.name).width);
-    figure_width = std::max(figure_width, NumberCell(check.figure).width);
+    const int precision = CheckPrecision(check);
+    figure_width = std::max(figure_width, NumberCell(check.figure, precision).width);
     relation_width = std::max(relation_width, InlineCell(check.relation).width);
-    threshold_width = std::max(threshold_width, NumberCell(check.threshold).width);
+    threshold_width = std::max(threshold_width, NumberCell(check.threshold, precision).width);
   }
   for (const auto& check : checks) {
-    out +=
-        fmt::format("  {}  {}  {}  {}  {}  {}", check.passed ? "PASS" : "FAIL",
-                    PadRight(InlineCell(check.name), name_width),
-                    PadLeft(NumberCell(check.figure), figure_width),
-                    PadRight(InlineCell(check.relation), relation_width),
-                    PadRight(NumberCell(check.threshold), threshold_width), Inline(check.detail));
+    const int precision = CheckPrecision(check);
+    out += fmt::format("  {}  {}  {}  {}  {}  {}", check.passed ? "PASS" : "FAIL",
+                       PadRight(InlineCell(check.name), name_width),
+                       PadLeft(NumberCell(check.figure, precision), figure_width),
+                       PadRight(InlineCell(check.relation), relation_width),
+                       PadRight(NumberCell(check.threshold, precision), threshold_width),
+                       Inline(check.detail));
     EndLine(out);
   }
 }
@@ -378,6 +390,23 @@ nlohmann::ordered_json VerificationReport::ToJson() const {
   j["prompts"] = JsonArray(prompts, PromptJson);
   j["adapter_tensors"] = JsonArray(adapter_tensors, TensorStatJson);
   return j;
+}
+
+std::string VerificationReport::FailureLine() const {
+  if (passed()) return "";
+  if (checks.empty()) return "verification FAILED: no checks were run";
+  std::string line = "verification FAILED:";
+  const char* separator = " ";
+  for (const auto& check : checks) {
+    if (check.passed) continue;
+    const int precision = CheckPrecision(check);
+    line += fmt::format("{}{} {} (must be {} {}{})", separator, Inline(check.name),
+                        NumberCell(check.figure, precision).text, Inline(check.relation),
+                        NumberCell(check.threshold, precision).text,
+                        check.detail.empty() ? "" : ": " + Inline(check.detail));
+    separator = "; ";
+  }
+  return line;
 }
 
 std::string VerificationReport::Table() const {

@@ -180,6 +180,31 @@ TEST(VerificationReport, TableVerdicts) {
   EXPECT_THAT(report.Table(), EndsWith("\nverification FAILED (2 of 3 checks)\n"));
 }
 
+TEST(VerificationReport, TablePrintsEnoughDigitsToTellAFigureFromItsThreshold) {
+  VerificationReport report;
+  report.checks = {{"peft_vs_merged_min_cosine", false, 0.9999988675117493, 1.0 - 1e-6, ">=", ""},
+                   {"peft_vs_merged_max_abs_diff", true, 1.5e-5, 1e-3, "<=", ""}};
+  const std::string table = report.Table();
+  // Six digits would print "0.999999 >= 0.999999", which hides why it failed.
+  EXPECT_THAT(table, HasSubstr("0.9999989  >=  0.999999"));
+  EXPECT_THAT(table, HasSubstr("1.5e-05  <=  0.001"));
+}
+
+TEST(VerificationReport, FailureLineNamesEachFailedCheckWithItsFigures) {
+  VerificationReport report;
+  report.checks = {{"adapter_changes_logits", true, 0.5, 1e-4, ">=", ""},
+                   {"peft_vs_merged_min_cosine", false, 0.9999988675117493, 1.0 - 1e-6,
+                    ">=", "lowest over positions"},
+                   {"peft_vs_merged_topk", false, 0, 1, "==", "prompt 0: rank 1"}};
+  EXPECT_EQ(report.FailureLine(),
+            "verification FAILED: peft_vs_merged_min_cosine 0.9999989 (must be >= 0.999999: "
+            "lowest over positions); peft_vs_merged_topk 0 (must be == 1: prompt 0: rank 1)");
+  report.checks = {{"adapter_changes_logits", true, 0.5, 1e-4, ">=", ""}};
+  EXPECT_EQ(report.FailureLine(), "");
+  report.checks.clear();
+  EXPECT_EQ(report.FailureLine(), "verification FAILED: no checks were run");
+}
+
 TEST(VerificationReport, TableShowsPromptsGivenAsIds) {
   VerificationReport report = SmallReport();
   report.prompts[0].prompt = "";

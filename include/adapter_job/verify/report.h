@@ -70,6 +70,9 @@ struct VerificationReport {
   bool passed() const;
   nlohmann::ordered_json ToJson() const;  // everything but the full logits
   std::string Table() const;              // the readable summary printed on rank 0
+  // One line naming each failed check with its figure and threshold ("" when it passed): a
+  // failed verdict is an error, shown at every log level.
+  std::string FailureLine() const;
 };
 
 // verification.h5, laid out as README.md ("verification.h5") documents: /prompts/<i>/{token_ids,
