@@ -105,6 +105,8 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
   const int64_t tp = layout_.tensor_parallel;
   for (const auto& [key, p] : adapters) {
     const auto& [module, canonical] = key;
+    const std::string what = fmt::format("layer {} {}{}{} (Megatron checkpoint)", layer, module,
+                                         canonical.empty() ? "" : " ", canonical);
     if (!p.a || !p.b)
       Fail("layer {}: {} {} lacks linear_in or linear_out", layer, module, canonical);
     if (module == "mlp.experts.experts.linear_fc1" || module == "mlp.experts.experts.linear_fc2") {
@@ -120,28 +122,29 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
         };
         if (fc1) {  // rows [gate; up], whatever the expert TP
           const at::Tensor merged =
-              MergeAdapter(at::cat({linear(0), linear(1)}, 0), a, b, scale, std::nullopt);
+              MergeAdapter(at::cat({linear(0), linear(1)}, 0), a, b, scale, std::nullopt, what);
           const int64_t f = linear(0).size(0);
           linear(0) = merged.index({Slice(0, f)});
           linear(1) = merged.index({Slice(f, 2 * f)});
         } else {
-          linear(2) = MergeAdapter(linear(2), a, b, scale, std::nullopt);
+          linear(2) = MergeAdapter(linear(2), a, b, scale, std::nullopt, what);
         }
       }
     } else if (module == "self_attention.linear_qkv" && canonical.empty()) {
-      SplitQkv(MergeAdapter(FuseQkv(w, groups, d), *p.a, *p.b, scale_, p.m), w, groups, d);
+      SplitQkv(MergeAdapter(FuseQkv(w, groups, d), *p.a, *p.b, scale_, p.m, what), w, groups, d);
     } else if (module == "mlp.linear_fc1" && canonical.empty()) {
       // Each TP rank merges its local [gate_i; up_i] rows; its magnitude slice is stored in that
       // local order, one rank after the other.
       at::Tensor fused = at::cat({w.gate_proj, w.up_proj}, 0);
+      CheckMergeShapes(what, fused, *p.a, *p.b, p.m);
       at::Tensor merged = fused.clone();
       const int64_t local = 2 * ffn / tp;
       for (int64_t rank = 0; rank < tp; ++rank) {
         const at::Tensor rows = LocalFc1Rows(ffn, tp, rank, device);
         std::optional<at::Tensor> m;
         if (p.m) m = p.m->index({Slice(rank * local, (rank + 1) * local)});
-        merged.index_put_({rows},
-                          MergeAdapter(fused.index({rows}), *p.a, p.b->index({rows}), scale_, m));
+        merged.index_put_(
+            {rows}, MergeAdapter(fused.index({rows}), *p.a, p.b->index({rows}), scale_, m, what));
       }
       w.gate_proj = merged.index({Slice(0, ffn)});
       w.up_proj = merged.index({Slice(ffn, 2 * ffn)});
@@ -156,7 +159,8 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
         rows.push_back(p.b->index({Slice((tp + rank) * quarter, (tp + rank + 1) * quarter)}));
       }
       at::Tensor& target = canonical == "adapter_gate" ? w.gate_proj : w.up_proj;
-      target = MergeAdapter(target, *p.a, at::cat(rows, 0), scale_, p.m);
+      if (p.b->size(0) != 2 * tp * quarter) CheckMergeShapes(what, target, *p.a, *p.b, p.m);
+      target = MergeAdapter(target, *p.a, at::cat(rows, 0), scale_, p.m, what);
     } else {
       static const std::map<std::pair<std::string, std::string>, std::string> kUnfused = {
           {{"self_attention.linear_proj", ""}, "self_attn.o_proj"},
@@ -169,7 +173,7 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
       if (it == kUnfused.end())
         Fail("layer {}: no Megatron semantics known for {} {}", layer, module, canonical);
       at::Tensor& target = w.Linear(it->second);
-      target = MergeAdapter(target, *p.a, *p.b, scale_, p.m);
+      target = MergeAdapter(target, *p.a, *p.b, scale_, p.m, what);
     }
   }
 }

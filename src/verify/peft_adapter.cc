@@ -178,7 +178,8 @@ void PeftAdapter::Apply(int64_t layer, LayerWeights& weights, const at::Device& 
     std::optional<at::Tensor> magnitude;
     if (m.magnitude) magnitude = m.magnitude->to(device);
     at::Tensor& w = weights.Linear(it->first.substr(prefix.size()));
-    w = MergeAdapter(w, m.lora_a->to(device), m.lora_b->to(device), m.scale, magnitude);
+    w = MergeAdapter(w, m.lora_a->to(device), m.lora_b->to(device), m.scale, magnitude,
+                     it->first + " (PEFT adapter)");
   }
 }
 
