@@ -15,12 +15,16 @@
 #include "adapter_job/dist/transport.h"
 #include "adapter_job/verify/verify.h"
 #include "adapter_job/writer/adapter_config.h"
+#include "adapter_job/writer/output_guard.h"
 
 namespace adapter_job {
 
 namespace dist {
 class MpiWorld;
 }
+
+// A failed verification publishes the adapter under the output's name plus this suffix.
+inline constexpr const char* kUnverifiedSuffix = ".unverified";
 
 struct ExportOptions {
   // A local HF model directory (its config.json gives the dims) or a model id, which is then
@@ -37,6 +41,9 @@ struct ExportOptions {
   // Verify on rank 0 before publishing (prompts, top-k, device; the paths are filled in). A
   // failed verification publishes the adapter as `<output>.unverified` instead.
   std::optional<verify::VerifyOptions> verify;
+  // The run report as JSON (ExportReport::ToJson), opened before the export starts and written
+  // before the adapter is published, so a report that cannot be written publishes nothing.
+  std::optional<std::filesystem::path> report_path;
   ProgressSink progress;  // on rank 0, after every layer written (and verified)
 };
 
@@ -66,8 +73,11 @@ struct ExportReport {
   std::vector<uint64_t> peak_rss_bytes_per_rank;  // each process's peak resident memory
   StageTimes seconds;
   std::optional<verify::VerificationReport> verification;
-  std::optional<std::string> verification_skipped;  // why, when it was asked for but could not run
+  std::optional<std::string> verification_skipped;  // why it did not run (--no-verify)
   std::filesystem::path published;                  // output, or output.unverified
+
+  // Verified and passed: only then does the adapter go to `output`.
+  bool verified() const { return verification && verification->passed(); }
 
   nlohmann::ordered_json ToJson() const;
   std::string Summary() const;  // human-readable, several lines
@@ -89,8 +99,10 @@ struct StreamedTensorInfo {
   std::vector<int64_t> shape;
 };
 // `announce` runs on rank 0 once, before the first tensor, with everything that will follow.
+// `outputs`: where the sink writes, refused if it lies on an input (writer/output_guard.h).
 ExportReport StreamAdapterWeights(
-    const ExportOptions& options, const dist::MpiWorld& world,
+    const ExportOptions& options, const std::vector<writer::NamedPath>& outputs,
+    const dist::MpiWorld& world,
     const std::function<void(const std::vector<StreamedTensorInfo>&)>& announce,
     const std::function<void(const NamedTensor&)>& sink);
 

@@ -8,6 +8,7 @@
 #include "adapter_job/core/file.h"
 #include "adapter_job/dist/mpi_world.h"
 #include "adapter_job/safetensors/safetensors.h"
+#include "adapter_job/writer/output_guard.h"
 #include "commands.h"
 #include "console.h"
 #include "export_options.h"
@@ -36,18 +37,23 @@ int RunExport(const dist::MpiWorld& world, const std::vector<std::string>& args)
   Console console = Console::FromOptions(cl.values, world.rank());
   ExportOptions options = cl.options;
   options.progress = console.Progress();
+  options.report_path = cl.report_path;  // written by the export, before it publishes
+  if (cl.values.count("verify-h5")) {
+    writer::RefuseOutputsOverInputs({{"--verify-h5", cl.values["verify-h5"].as<std::string>()}},
+                                    {{"--megatron-peft-checkpoint", options.checkpoint},
+                                     {"--hf-model-id", options.hf_model_id}});
+  }
   const ExportReport report = ExportAdapter(options, world);
   if (world.rank() != 0) return 0;
-  WriteReport(cl, report, console);
-  if (report.verification_skipped)
-    console.Log(LogLevel::kWarning, "verification skipped: " + *report.verification_skipped);
-  if (!report.verification) return 0;
-  const int code = ReportVerification(*report.verification, cl.values, console);
-  if (code != 0) {
-    console.Log(LogLevel::kError, "verification FAILED: the adapter was NOT published; it is in " +
-                                      report.published.string());
+  console.Result(report.Summary());
+  if (!report.verification) {
+    console.Log(LogLevel::kWarning, "not verified (" + report.verification_skipped.value_or("") +
+                                        "): published " + report.published.string());
+    return 0;
   }
-  return code;
+  return ReportVerification(
+      *report.verification, cl.values, console,
+      "; the adapter was NOT published: it is in " + report.published.string());
 }
 
 int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args) {
@@ -63,7 +69,7 @@ int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args)
   std::optional<OutputFile> file;
   std::optional<safetensors::StreamWriter> writer;
   ExportReport report = StreamAdapterWeights(
-      options, world,
+      options, {{"--output", *cl.stream_output}, {"--report", cl.report_path.value_or("")}}, world,
       [&](const std::vector<StreamedTensorInfo>& infos) {
         std::vector<safetensors::TensorSpec> specs;
         for (const auto& i : infos) specs.push_back({i.name, i.dtype, i.shape});

@@ -7,6 +7,7 @@
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
 #include "adapter_job/verify/verify.h"
+#include "adapter_job/writer/output_guard.h"
 #include "commands.h"
 #include "console.h"
 #include "verify_options.h"
@@ -94,10 +95,13 @@ void ReadVerifyOptions(const po::variables_map& vm, verify::VerifyOptions& optio
 }
 
 int ReportVerification(const verify::VerificationReport& report, const po::variables_map& vm,
-                       const Console& console) {
+                       Console& console, std::string_view consequence) {
   console.Result(report.Table());
   if (vm.count("verify-h5")) verify::WriteHdf5(report, vm["verify-h5"].as<std::string>());
-  return report.passed() ? 0 : static_cast<int>(ExitCode::kVerificationFailed);
+  if (report.passed()) return 0;
+  // An error, so it shows at every log level, --quiet included: exit 3 alone says nothing of why.
+  console.Log(LogLevel::kError, report.FailureLine() + std::string(consequence));
+  return static_cast<int>(ExitCode::kVerificationFailed);
 }
 
 int RunVerify(const std::vector<std::string>& args) {
@@ -128,6 +132,12 @@ int RunVerify(const std::vector<std::string>& args) {
   if (vm.count("megatron-peft-checkpoint"))
     verify.megatron_checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
   ReadVerifyOptions(vm, verify);
+  writer::RefuseOutputsOverInputs(
+      {{"--report", vm.count("report") ? vm["report"].as<std::string>() : ""},
+       {"--verify-h5", vm.count("verify-h5") ? vm["verify-h5"].as<std::string>() : ""}},
+      {{"--hf-model-id", verify.hf_model},
+       {"--hf-adapter-path", verify.adapter},
+       {"--megatron-peft-checkpoint", verify.megatron_checkpoint.value_or("")}});
   Console console = Console::FromOptions(vm, /*rank=*/0);
   verify.progress = console.Progress();
   const verify::VerificationReport report = verify::VerifyWithPlugin(verify);

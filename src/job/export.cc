@@ -10,6 +10,7 @@
 #include "adapter_job/checkpoint/adapter_layout.h"
 #include "adapter_job/checkpoint/checkpoint_reader.h"
 #include "adapter_job/checkpoint/run_directory.h"
+#include "adapter_job/convert/base_model.h"
 #include "adapter_job/convert/hf_config.h"
 #include "adapter_job/convert/layer_conversion.h"
 #include "adapter_job/core/error.h"
@@ -18,6 +19,7 @@
 #include "adapter_job/dist/layer_gather.h"
 #include "adapter_job/dist/mpi_world.h"
 #include "adapter_job/safetensors/safetensors.h"
+#include "adapter_job/writer/output_guard.h"
 #include "adapter_job/writer/staged_directory.h"
 
 namespace adapter_job {
@@ -25,6 +27,9 @@ namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
+
+constexpr const char* kWeightsFile = "adapter_model.safetensors";
+constexpr const char* kConfigFile = "adapter_config.json";
 
 double Since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -61,6 +66,7 @@ struct Plan {
   Plan(const Plan&) = delete;
   Plan& operator=(const Plan&) = delete;
 
+  convert::BaseModel base;
   checkpoint::RunDirectory run;
   std::optional<checkpoint::CheckpointReader> reader;
   checkpoint::AdapterLayout layout;
@@ -71,9 +77,14 @@ struct Plan {
 };
 
 // Built in place: the layout points into the reader's metadata, so a Plan never moves.
-std::unique_ptr<Plan> MakePlan(const ExportOptions& options, int world_size, int rank) {
+std::unique_ptr<Plan> MakePlan(const ExportOptions& options,
+                               const std::vector<writer::NamedPath>& outputs, int world_size,
+                               int rank) {
   auto owned = std::make_unique<Plan>();
   Plan& plan = *owned;
+  // Verification asked for but impossible is an error before any work, never a quiet skip.
+  plan.base = convert::ResolveBaseModel(options.hf_model_id);
+  if (options.verify) convert::RequireWeightsToVerify(plan.base);
   plan.run = checkpoint::OpenRunDirectory(options.checkpoint);
   if (!plan.run.peft) {
     Fail(
@@ -81,12 +92,17 @@ std::unique_ptr<Plan> MakePlan(const ExportOptions& options, int world_size, int
         "kind are unknown",
         plan.run.iteration_dir.string());
   }
+  std::vector<writer::NamedPath> inputs = {
+      {"--megatron-peft-checkpoint", options.checkpoint},
+      {"the checkpoint's iteration directory", plan.run.iteration_dir},
+      {"--hf-model-id", plan.base.dir.value_or(fs::path())}};
+  for (const auto& dir : options.model_family_dirs) inputs.push_back({"--model-families", dir});
+  writer::RefuseOutputsOverInputs(outputs, inputs);
   plan.reader.emplace(checkpoint::CheckpointReader::Open(plan.run.iteration_dir));
   plan.layout = checkpoint::PlanAdapterLayout(plan.reader->metadata(), plan.run.model);
 
-  const fs::path model_dir(options.hf_model_id);
-  plan.settings.model = fs::is_directory(model_dir) ? convert::ReadHfConfig(model_dir)
-                                                    : ModelConfigFromRunConfig(plan.run);
+  plan.settings.model =
+      plan.base.dir ? convert::ReadHfConfig(*plan.base.dir) : ModelConfigFromRunConfig(plan.run);
   if (plan.settings.model.num_hidden_layers != plan.layout.num_layers) {
     Fail("{} says {} layers but the checkpoint has {}", plan.settings.model.path.string(),
          plan.settings.model.num_hidden_layers, plan.layout.num_layers);
@@ -153,15 +169,15 @@ struct OutputBytes {
 
 // Runs the collective pipeline; `consume` sees every output tensor on rank 0, layer by layer.
 ExportReport RunPipeline(
-    const ExportOptions& options, const dist::MpiWorld& world,
-    const std::function<void(Plan&)>& prepare_rank0,
+    const ExportOptions& options, const std::vector<writer::NamedPath>& outputs,
+    const dist::MpiWorld& world, const std::function<void(Plan&)>& prepare_rank0,
     const std::function<void(const convert::OutputTensor&, const OutputBytes&)>& consume,
     const std::function<void(Plan&)>& finish_rank0) {
   const auto start = Clock::now();
   ExportReport report;
   std::unique_ptr<Plan> owned_plan;
   dist::RunAgreed(world, [&] {
-    owned_plan = MakePlan(options, world.size(), world.rank());
+    owned_plan = MakePlan(options, outputs, world.size(), world.rank());
     if (world.rank() == 0) prepare_rank0(*owned_plan);
   });
   Plan& plan = *owned_plan;
@@ -260,13 +276,23 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
   // Rank 0 only: the staged output and the weights file filled layer by layer.
   std::optional<writer::StagedDirectory> staged;
   std::optional<safetensors::StreamWriter> weights;
+  std::optional<OutputFile> report_file;
   uint64_t file_bytes = 0;
+  fs::path unverified_output = options.output;
+  unverified_output += kUnverifiedSuffix;
+  const std::vector<writer::NamedPath> outputs = {
+      {"--output-hf-path", options.output},
+      {"the place of an unverified adapter", unverified_output},
+      {"--report", options.report_path.value_or(fs::path())}};
   ExportReport report = RunPipeline(
-      options, world,
+      options, outputs, world,
       [&](Plan& plan) {
-        staged.emplace(writer::StagedDirectory::Create(options.output, options.overwrite));
-        weights.emplace(staged->AddFile("adapter_model.safetensors"), FileSpecs(plan, true),
-                        std::nullopt);
+        staged.emplace(writer::StagedDirectory::Create(
+            options.output, options.overwrite, {kWeightsFile, kConfigFile}, kUnverifiedSuffix));
+        // Opened now, so that an unwritable --report fails before any work is done.
+        if (options.report_path)
+          report_file.emplace(OutputFile::Create(*options.report_path, /*overwrite=*/true));
+        weights.emplace(staged->AddFile(kWeightsFile), FileSpecs(plan, true), std::nullopt);
         file_bytes = weights->file_size();
       },
       [&](const convert::OutputTensor& out, const OutputBytes& bytes) {
@@ -274,7 +300,7 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
       },
       [&](Plan& plan) {
         weights->Finish();
-        staged->AddFile("adapter_config.json")
+        staged->AddFile(kConfigFile)
             .Write(
                 writer::ToPythonJson(writer::BuildAdapterConfig(AdapterConfigFor(plan, options))));
         staged->Stage();
@@ -284,45 +310,53 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
   // Verify the files as written, before anyone can see them.
   report.published = staged->target();
   if (options.verify) {
-    const fs::path model_dir(options.hf_model_id);
-    if (!fs::is_directory(model_dir)) {
-      report.verification_skipped =
-          "--hf-model-id is not a local directory, so there are no base weights";
-    } else if (!fs::exists(model_dir / "model.safetensors") &&
-               !fs::exists(model_dir / "model.safetensors.index.json")) {
-      report.verification_skipped = fmt::format(
-          "'{}' has no model.safetensors or model.safetensors.index.json to verify with",
-          model_dir.string());
-    } else {
-      const auto verify_start = Clock::now();
-      verify::VerifyOptions v = *options.verify;
-      v.hf_model = options.hf_model_id;
-      v.base_model_name = options.hf_model_id;
-      v.adapter = staged->Stage();
-      v.megatron_checkpoint = options.checkpoint;
-      if (!v.progress) v.progress = options.progress;
-      v.model_family_dirs = options.model_family_dirs;
-      report.verification = verify::VerifyWithPlugin(v);
-      report.verification->adapter_path = staged->target().string();
-      report.seconds.verify = Since(verify_start);
-    }
-  }
-  if (report.verification && !report.verification->passed()) {
-    report.published = staged->Reject(".unverified");
+    const auto verify_start = Clock::now();
+    verify::VerifyOptions v = *options.verify;
+    v.hf_model = options.hf_model_id;
+    v.base_model_name = options.hf_model_id;
+    v.adapter = staged->Stage();
+    v.megatron_checkpoint = options.checkpoint;
+    if (!v.progress) v.progress = options.progress;
+    v.model_family_dirs = options.model_family_dirs;
+    report.verification = verify::VerifyWithPlugin(v);
+    report.verification->adapter_path = staged->target().string();
+    report.seconds.verify = Since(verify_start);
   } else {
-    staged->Publish();
+    report.verification_skipped = "--no-verify was given";
   }
+  const bool rejected = report.verification && !report.verification->passed();
+  if (rejected) report.published += kUnverifiedSuffix;
   report.seconds.total += report.seconds.verify;
   report.file_bytes = file_bytes;
+
+  // The report goes first: an adapter is never published without the report that was asked for.
+  if (report_file) {
+    report_file->Write(report.ToJson().dump(2) + "\n");
+    std::move(*report_file).Commit();
+  }
+  try {
+    if (rejected) {
+      staged->Reject();
+    } else {
+      staged->Publish();
+    }
+  } catch (...) {
+    if (options.report_path) {
+      std::error_code ignored;
+      fs::remove(*options.report_path, ignored);  // it describes an output that is not there
+    }
+    throw;
+  }
   return report;
 }
 
 ExportReport StreamAdapterWeights(
-    const ExportOptions& options, const dist::MpiWorld& world,
+    const ExportOptions& options, const std::vector<writer::NamedPath>& outputs,
+    const dist::MpiWorld& world,
     const std::function<void(const std::vector<StreamedTensorInfo>&)>& announce,
     const std::function<void(const NamedTensor&)>& sink) {
   return RunPipeline(
-      options, world,
+      options, outputs, world,
       [&](Plan& plan) {
         std::vector<StreamedTensorInfo> infos;
         for (auto& spec : FileSpecs(plan, /*peft_names=*/false)) {
@@ -340,15 +374,14 @@ ExportReport StreamAdapterWeights(
 void SaveHfAdapter(const std::vector<NamedTensor>& tensors,
                    const writer::AdapterConfigInputs& config, const fs::path& output,
                    bool overwrite) {
-  writer::StagedDirectory staged = writer::StagedDirectory::Create(output, overwrite);
+  writer::StagedDirectory staged = writer::StagedDirectory::Create(
+      output, overwrite, {kWeightsFile, kConfigFile}, kUnverifiedSuffix);
   std::vector<safetensors::TensorSpec> specs;
   for (const auto& t : tensors) specs.push_back({t.name, t.tensor.dtype, t.tensor.shape});
-  safetensors::StreamWriter weights(staged.AddFile("adapter_model.safetensors"), std::move(specs),
-                                    std::nullopt);
+  safetensors::StreamWriter weights(staged.AddFile(kWeightsFile), std::move(specs), std::nullopt);
   for (const auto& t : tensors) weights.Write(t.name, t.tensor.data);
   weights.Finish();
-  staged.AddFile("adapter_config.json")
-      .Write(writer::ToPythonJson(writer::BuildAdapterConfig(config)));
+  staged.AddFile(kConfigFile).Write(writer::ToPythonJson(writer::BuildAdapterConfig(config)));
   staged.Publish();
 }
 
@@ -375,8 +408,9 @@ nlohmann::ordered_json ExportReport::ToJson() const {
                   {"verify", seconds.verify},
                   {"total", seconds.total}};
   j["published"] = published.string();
-  if (verification) j["verification"] = verification->ToJson();
+  j["verified"] = verified();
   if (verification_skipped) j["verification_skipped"] = *verification_skipped;
+  if (verification) j["verification"] = verification->ToJson();
   return j;
 }
 

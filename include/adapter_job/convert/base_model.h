@@ -1,0 +1,26 @@
+// What --hf-model-id names: a local HF model directory, or a hub model id that is only recorded
+// (base_model_name_or_path). A mistyped path must never pass for a model id: the export would
+// then skip what needs the base weights and still look like a success.
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <string>
+
+namespace adapter_job::convert {
+
+struct BaseModel {
+  std::string id;                            // as given
+  std::optional<std::filesystem::path> dir;  // set when it is a local directory
+  bool has_weights = false;  // the directory holds model.safetensors or its sharded index
+};
+
+// Throws FormatError when `hf_model_id` looks like a path (absolute, ./ or ../, ~, or a parent
+// directory that exists) but names no directory.
+BaseModel ResolveBaseModel(const std::string& hf_model_id);
+
+// Throws FormatError unless the base weights are there to verify with; the message says what is
+// missing and that --no-verify exports without verification.
+void RequireWeightsToVerify(const BaseModel& base);
+
+}  // namespace adapter_job::convert
