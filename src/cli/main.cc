@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "adapter_job/core/error.h"
+#include "adapter_job/core/signal_cleanup.h"
 #include "adapter_job/dist/mpi_world.h"
 #include "adapter_job/dist/transport.h"
 #include "commands.h"
@@ -55,6 +56,8 @@ int Guarded(const std::string& command, int rank, bool* abort_peers, Command&& r
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before MPI or libtorch start threads: they must inherit the blocked stop signals.
+  adapter_job::InstallSignalCleanup();
   std::string command = argc >= 2 ? argv[1] : "";
   if (argc < 2 || command == "--help" || command == "-h") {
     std::fputs(kUsage, argc < 2 ? stderr : stdout);

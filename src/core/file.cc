@@ -260,8 +260,12 @@ void OutputFile::CommitAs(const std::filesystem::path& final_path, bool overwrit
     if (::linkat(AT_FDCWD, source.c_str(), AT_FDCWD, staged.c_str(), follow) != 0) {
       FailErrno("cannot create", staged);
     }
-    if (::rename(staged.c_str(), final_path.c_str()) != 0)
+    if (::rename(staged.c_str(), final_path.c_str()) != 0) {
+      const int saved = errno;
+      ::unlink(staged.c_str());  // never leave the temporary name behind
+      errno = saved;
       FailErrno("cannot rename into", final_path);
+    }
   }
   if (!temp_path_.empty()) ::unlink(temp_path_.c_str());
   fd_.Close(final_path);

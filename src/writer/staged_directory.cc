@@ -6,28 +6,132 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <climits>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include "adapter_job/core/error.h"
 
 namespace adapter_job::writer {
+namespace {
 
 namespace fs = std::filesystem;
 
-StagedDirectory StagedDirectory::Create(const fs::path& target, bool overwrite) {
+constexpr std::string_view kPartial = ".partial-";
+// PEFT's save_pretrained writes a model card beside the adapter; an earlier output may hold one.
+constexpr std::string_view kModelCard = "README.md";
+
+std::string HostName() {
+  char name[HOST_NAME_MAX + 1] = {};
+  if (::gethostname(name, sizeof name - 1) != 0) return "unknown";
+  std::string host = name;
+  for (char& c : host) {
+    const bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                       c == '.' || c == '_';
+    if (!plain) c = '_';  // '-' separates the tag's fields
+  }
+  return host;
+}
+
+// The process's start time in clock ticks since boot (/proc/<pid>/stat, field 22): with the pid
+// it names one process, even after the pid is reused.
+std::optional<unsigned long long> StartTime(long pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const auto close = stat.rfind(')');  // the command name may hold spaces and parentheses
+  if (close == std::string::npos || close + 2 > stat.size()) return std::nullopt;
+  std::istringstream fields(stat.substr(close + 2));
+  std::string field;
+  for (int i = 3; i <= 22 && fields >> field; ++i) {
+    if (i == 22) return std::stoull(field);
+  }
+  return std::nullopt;
+}
+
+std::string OwnerTag() {
+  const long pid = ::getpid();
+  return fmt::format("{}-{}-{}", HostName(), pid, StartTime(pid).value_or(0));
+}
+
+// What is in `dir` that this tool did not write ("" when it holds only `owned` regular files).
+std::string ForeignEntry(const fs::path& dir, const std::set<std::string>& owned) {
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const bool own_name = owned.count(name) > 0 || name == kModelCard;
+    if (!own_name || !fs::is_regular_file(it->symlink_status())) return name;
+  }
+  if (ec) return fmt::format("(unreadable: {})", ec.message());
+  return "";
+}
+
+// An existing output may be replaced only with --overwrite, and only if it is one of ours.
+void CheckReplaceable(const fs::path& path, bool overwrite, const std::set<std::string>& owned) {
+  std::error_code ec;
+  const auto status = fs::symlink_status(path, ec);
+  if (!fs::exists(status)) return;
+  if (!overwrite)
+    Fail("output '{}' already exists (pass --overwrite to replace it)", path.string());
+  if (!fs::is_directory(status))
+    Fail("output '{}' exists and is not a directory; not replacing it", path.string());
+  if (const std::string foreign = ForeignEntry(path, owned); !foreign.empty()) {
+    Fail(
+        "output '{}' holds '{}', which is not part of an adapter this tool writes; not "
+        "replacing it, even with --overwrite (choose another --output-hf-path)",
+        path.string(), foreign);
+  }
+}
+
+// Staging directories of runs on this host that were killed (SIGKILL, a node reboot): their
+// owner is gone, so no one else will ever remove them. A live run's are left alone.
+void RemoveDeadStaging(const fs::path& parent, const std::string& target_name,
+                       const std::set<std::string>& owned) {
+  const std::string prefix = "." + target_name + std::string(kPartial);
+  const std::string host = HostName();
+  std::error_code ec;
+  for (fs::directory_iterator it(parent, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (!name.starts_with(prefix) || !it->is_directory()) continue;
+    // <host>-<pid>-<start>-<random>; the host has no '-' (HostName replaces it).
+    std::istringstream tag(name.substr(prefix.size()));
+    std::string owner_host, pid, start, random;
+    if (!std::getline(tag, owner_host, '-') || !std::getline(tag, pid, '-') ||
+        !std::getline(tag, start, '-') || !std::getline(tag, random) || random.size() != 6 ||
+        owner_host != host)
+      continue;
+    try {
+      const auto alive = StartTime(std::stol(pid));
+      if (alive && *alive == std::stoull(start)) continue;
+    } catch (const std::exception&) {
+      continue;  // not a tag of ours
+    }
+    if (!ForeignEntry(it->path(), owned).empty()) continue;
+    std::error_code ignored;
+    fs::remove_all(it->path(), ignored);
+  }
+}
+
+}  // namespace
+
+StagedDirectory StagedDirectory::Create(const fs::path& target, bool overwrite,
+                                        std::set<std::string> owned_names,
+                                        std::string reject_suffix) {
   const fs::path absolute = fs::absolute(target).lexically_normal();
-  if (!overwrite && fs::exists(absolute)) {
-    Fail("output '{}' already exists (pass --overwrite to replace it)", absolute.string());
-  }
-  if (fs::exists(absolute) && !fs::is_directory(absolute)) {
-    Fail("output '{}' exists and is not a directory", absolute.string());
-  }
+  if (absolute.filename().empty()) Fail("output '{}' names no directory", target.string());
+  CheckReplaceable(absolute, overwrite, owned_names);
+  fs::path rejected = absolute;
+  rejected += reject_suffix;
+  CheckReplaceable(rejected, overwrite, owned_names);
   fs::path anchor = absolute.parent_path();
   while (!fs::exists(anchor) && anchor.has_parent_path() && anchor != anchor.parent_path()) {
     anchor = anchor.parent_path();
   }
   if (!fs::is_directory(anchor)) Fail("'{}' is not a directory", anchor.string());
-  return StagedDirectory(absolute, anchor, overwrite);
+  if (anchor == absolute.parent_path())
+    RemoveDeadStaging(anchor, absolute.filename().string(), owned_names);
+  return StagedDirectory(absolute, anchor, overwrite, std::move(owned_names),
+                         std::move(reject_suffix));
 }
 
 OutputFile& StagedDirectory::AddFile(std::string name) {
@@ -42,12 +146,15 @@ const fs::path& StagedDirectory::Stage() {
   std::error_code ec;
   fs::create_directories(parent, ec);
   if (ec) Fail<IoError>("cannot create '{}': {}", parent.string(), ec.message());
-  std::string staging = (parent / ("." + target_.filename().string() + ".partial-XXXXXX")).string();
+  std::string staging = (parent / ("." + target_.filename().string() + std::string(kPartial) +
+                                   OwnerTag() + "-XXXXXX"))
+                            .string();
   if (::mkdtemp(staging.data()) == nullptr) {
     Fail<IoError>("cannot create a staging directory in '{}': {}", parent.string(),
                   std::strerror(errno));
   }
   staging_ = staging;
+  cleanup_.emplace(staging_);
   // mkdtemp makes it private (0700); the output gets the permissions mkdir would give it.
   const mode_t mask = ::umask(0);
   ::umask(mask);
@@ -57,40 +164,66 @@ const fs::path& StagedDirectory::Stage() {
   return staging_;
 }
 
-void StagedDirectory::MoveTo(const fs::path& destination, bool replace) {
-  fs::path previous;
-  if (fs::exists(destination)) {
-    if (!replace)
+void StagedDirectory::MoveTo(const fs::path& destination) {
+  std::error_code ec;
+  if (fs::exists(fs::symlink_status(destination, ec))) {
+    if (!overwrite_)
       Fail("output '{}' appeared while exporting; not replacing it", destination.string());
-    previous = staging_.string() + ".previous";
+    CheckReplaceable(destination, overwrite_, owned_names_);
+    // One atomic step: the destination always holds a complete adapter, old or new.
+    if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, destination.c_str(), RENAME_EXCHANGE) ==
+        0) {
+      FsyncDirectory(destination.parent_path());
+      fs::remove_all(staging_, ec);  // now the previous output
+      staging_.clear();
+      cleanup_.reset();
+      return;
+    }
+    if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP) {
+      Fail<IoError>("cannot exchange '{}' with '{}': {}", staging_.string(), destination.string(),
+                    std::strerror(errno));
+    }
+    // No RENAME_EXCHANGE on this file system: move the old one aside, then the new one in.
+    fs::path previous = staging_;
+    previous += ".previous";
     if (::rename(destination.c_str(), previous.c_str()) != 0) {
       Fail<IoError>("cannot move the existing '{}' aside: {}", destination.string(),
                     std::strerror(errno));
     }
+    if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, destination.c_str(), RENAME_NOREPLACE) !=
+        0) {
+      const int saved = errno;
+      ::rename(previous.c_str(), destination.c_str());
+      Fail<IoError>("cannot rename '{}' to '{}': {}", staging_.string(), destination.string(),
+                    std::strerror(saved));
+    }
+    staging_.clear();
+    cleanup_.reset();
+    FsyncDirectory(destination.parent_path());
+    fs::remove_all(previous, ec);
+    return;
   }
   // RENAME_NOREPLACE: never replace something that appeared at the destination meanwhile.
   if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, destination.c_str(), RENAME_NOREPLACE) !=
       0) {
-    const int saved = errno;
-    if (!previous.empty()) ::rename(previous.c_str(), destination.c_str());
     Fail<IoError>("cannot rename '{}' to '{}': {}", staging_.string(), destination.string(),
-                  std::strerror(saved));
+                  std::strerror(errno));
   }
   staging_.clear();
+  cleanup_.reset();
   FsyncDirectory(destination.parent_path());
-  if (!previous.empty()) fs::remove_all(previous);
 }
 
 void StagedDirectory::Publish() {
   Stage();
-  MoveTo(target_, overwrite_);
+  MoveTo(target_);
 }
 
-fs::path StagedDirectory::Reject(std::string_view suffix) {
+fs::path StagedDirectory::Reject() {
   Stage();
   fs::path destination = target_;
-  destination += suffix;
-  MoveTo(destination, /*replace=*/true);
+  destination += reject_suffix_;
+  MoveTo(destination);
   return destination;
 }
 
@@ -98,8 +231,13 @@ StagedDirectory::StagedDirectory(StagedDirectory&& other) noexcept
     : target_(std::move(other.target_)),
       anchor_(std::move(other.anchor_)),
       overwrite_(other.overwrite_),
+      owned_names_(std::move(other.owned_names_)),
+      reject_suffix_(std::move(other.reject_suffix_)),
       files_(std::move(other.files_)),
-      staging_(std::exchange(other.staging_, {})) {}
+      staging_(std::exchange(other.staging_, {})),
+      cleanup_(std::move(other.cleanup_)) {
+  other.cleanup_.reset();
+}
 
 StagedDirectory::~StagedDirectory() {
   if (!staging_.empty()) {
