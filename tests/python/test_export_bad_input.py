@@ -88,7 +88,7 @@ def test_failed_export_leaves_existing_output_alone(adapter_job_bin, mb_fixtures
     """Even with --overwrite, an export that fails must not remove or touch the old output."""
     outdir.mkdir()
     (outdir / "adapter_config.json").write_text("old config")
-    (outdir / "notes.txt").write_text("keep me")
+    (outdir / "README.md").write_text("keep me")  # an earlier adapter's model card
     before = snapshot(outdir)
     (ckpt / "iter_0000001/__1_0.distcp").unlink()
     proc = export(adapter_job_bin, 4, mb_fixtures / "hf_base", ckpt, outdir, "--overwrite")
@@ -132,7 +132,7 @@ def test_unknown_target_module(adapter_job_bin, mb_fixtures, ckpt, outdir, np):
 def test_existing_output_needs_overwrite(adapter_job_bin, mb_fixtures, outdir):
     outdir.mkdir()
     (outdir / "adapter_model.safetensors").write_bytes(b"not an adapter")
-    (outdir / "notes.txt").write_text("keep me")
+    (outdir / "README.md").write_text("keep me")  # an earlier adapter's (what --overwrite may replace)
     before = snapshot(outdir)
     ckpt = mb_fixtures / "tp2pp2/lora/megatron_ckpt"
     for np in (4, 1):
