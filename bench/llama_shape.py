@@ -1,6 +1,7 @@
 """HF Llama base models of the benchmark shapes: config.json, and with --weights random bf16 weights.
 
-Shapes: smoke (tiny, to try the scripts), 8b (Llama-3-8B: 32 layers, hidden 4096, 32 heads, 8 KV heads, ffn 14336) and 70b (80 layers, hidden 8192,
+Shapes: smoke (tiny, to try the scripts), 1b (Llama-3.2-1B: 16 layers, hidden 2048, 32 heads of 64, 8 KV heads, ffn 8192,
+tied embeddings), 8b (Llama-3-8B: 32 layers, hidden 4096, 32 heads, 8 KV heads, ffn 14336) and 70b (80 layers, hidden 8192,
 64 heads, 8 KV heads, ffn 28672), vocab 128256. The weights are what a real checkpoint holds in names, shapes and
 dtype (sharded model-0000i-of-0000n.safetensors with an index), drawn on the GPU when there is one (about 16 GB for
 8b): normal with std 0.02 for matrices, RMSNorm gains 1. Nothing about them is meaningful but their bytes.
@@ -13,6 +14,7 @@ import json
 from pathlib import Path
 
 SHAPES = {
+    "1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64, ffn=8192, rank=16, alpha=32, tied=True),
     "8b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336, rank=16, alpha=32),
     "70b": dict(layers=80, hidden=8192, heads=64, kv_heads=8, head_dim=128, ffn=28672, rank=64, alpha=128),
     # for trying the benchmark scripts out on a small machine
@@ -33,12 +35,15 @@ def write_config(s: dict, out: Path) -> None:
         vocab_size=VOCAB, hidden_size=s["hidden"], intermediate_size=s["ffn"], num_hidden_layers=s["layers"],
         num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"],
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
-        bos_token_id=1, eos_token_id=2, dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(out)
+        bos_token_id=1, eos_token_id=2, dtype="bfloat16", architectures=["LlamaForCausalLM"],
+        tie_word_embeddings=s.get("tied", False)).save_pretrained(out)
 
 
 def tensor_shapes(s: dict) -> dict[str, tuple[int, ...]]:
     h, f, q, kv = s["hidden"], s["ffn"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
-    shapes = {"model.embed_tokens.weight": (VOCAB, h), "model.norm.weight": (h,), "lm_head.weight": (VOCAB, h)}
+    shapes = {"model.embed_tokens.weight": (VOCAB, h), "model.norm.weight": (h,)}
+    if not s.get("tied", False):
+        shapes["lm_head.weight"] = (VOCAB, h)
     for i in range(s["layers"]):
         p = f"model.layers.{i}."
         shapes |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),

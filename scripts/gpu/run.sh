@@ -7,6 +7,8 @@
 #   gpu-tests     ctest -L gpu alone (a quick check of the GPU path after a change)
 #   bench-export  bench/gpu_bench.sh export (8B and 70B shapes, TP2xPP2, -np 4)
 #   bench-verify  bench/gpu_bench.sh verify (8B shape, one GPU)
+#   trust-1b      a Llama-3.2-1B-shaped model (vocab 128256, tied) with an r16 LoRA: `export` (CUDA
+#                 verification, the default) and `verify` must pass; their figures go to the summary
 #   all           the three, in that order (about 12 minutes on 4 H100s: more than one device call
 #                 allows, so split it over two calls on the same machine)
 #   scripts/gpu/run.sh [tests|bench-export|bench-verify|all]...   (default: tests)
@@ -102,6 +104,34 @@ with h5py.File(sys.argv[1]) as g, h5py.File(sys.argv[2]) as c:
 PY
 }
 
+# The verdict on a real vocabulary on the GPU (issue 12): a correct export must pass with margin.
+run_trust_1b() {
+  local dir=/tmp/trust-1b
+  rm -rf "$dir" && mkdir -p "$dir"
+  python3 bench/llama_shape.py --shape 1b --out "$dir/hf" --weights >"$LOGS/trust-1b-model.log" 2>&1 || { status=1; return; }
+  # shellcheck disable=SC2046  # the shape's dims, one word each
+  python3 tests/fixtures/megatron_checkpoint.py --out "$dir/ckpt" --base-model "$dir/hf" --no-expected \
+    $(python3 bench/llama_shape.py --shape 1b --checkpoint-args) >"$LOGS/trust-1b-ckpt.log" 2>&1 || { status=1; return; }
+  $B export --hf-model-id "$dir/hf" --megatron-peft-checkpoint "$dir/ckpt" --output-hf-path "$dir/adapter" \
+    --report "$LOGS/trust-1b-export.json" >"$LOGS/trust-1b-export.log" 2>&1
+  note "1B-shaped export (CUDA verification): exit $?"
+  $B verify --hf-model-id "$dir/hf" --hf-adapter-path "$dir/adapter" --megatron-peft-checkpoint "$dir/ckpt" \
+    --verify-device cuda --report "$LOGS/trust-1b-verify.json" >"$LOGS/trust-1b-verify.log" 2>&1
+  note "1B-shaped verify --verify-device cuda: exit $?"
+  python3 - "$LOGS/trust-1b-export.json" "$LOGS/trust-1b-verify.json" <<'PY' | tee -a "$SUMMARY" || status=1
+import json, sys
+ok = True
+for path in sys.argv[1:]:
+    report = json.load(open(path))
+    v = report.get("verification", report)
+    ok &= v["passed"]
+    print(f"{path.rsplit('/', 1)[1]}: device {v['device']}, passed {v['passed']}")
+    for c in v["checks"]:
+        print(f"  {'PASS' if c['passed'] else 'FAIL'} {c['name']} {c['figure']!r} {c['relation']} {c['threshold']!r}")
+sys.exit(0 if ok else 1)
+PY
+}
+
 for stage in "$@"; do
   t=$(date +%s)
   case $stage in
@@ -109,6 +139,7 @@ for stage in "$@"; do
     gpu-tests) run_gpu_tests ;;
     bench-export) BIN=$B bash bench/gpu_bench.sh export 2>&1 | tee -a "$SUMMARY" || status=1 ;;
     bench-verify) BIN=$B bash bench/gpu_bench.sh verify 2>&1 | tee -a "$SUMMARY" || status=1 ;;
+    trust-1b) run_trust_1b ;;
     *) echo "unknown stage '$stage'" >&2; status=2; exit ;;
   esac
   note "stage $stage: $(($(date +%s) - t)) s, status so far $status"
