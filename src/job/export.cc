@@ -252,6 +252,19 @@ ExportReport RunPipeline(
   return report;
 }
 
+// The report file, unnamed in the nearest existing ancestor of its directory until it is
+// written: missing directories are created only then, like the output's, so a failed run leaves
+// none behind.
+OutputFile OpenReport(const fs::path& path) {
+  const fs::path absolute = fs::absolute(path).lexically_normal();
+  fs::path anchor = absolute.parent_path();
+  while (!fs::exists(anchor) && anchor.has_parent_path() && anchor != anchor.parent_path())
+    anchor = anchor.parent_path();
+  if (!fs::is_directory(anchor))
+    Fail("--report '{}': '{}' is not a directory", path.string(), anchor.string());
+  return OutputFile::CreateUnnamed(anchor, absolute);
+}
+
 // Megatron's peft settings plus the rank of every adapted module (for rank_pattern).
 writer::AdapterConfigInputs AdapterConfigFor(const Plan& plan, const ExportOptions& options) {
   writer::AdapterConfigInputs config;
@@ -290,8 +303,7 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
         staged.emplace(writer::StagedDirectory::Create(
             options.output, options.overwrite, {kWeightsFile, kConfigFile}, kUnverifiedSuffix));
         // Opened now, so that an unwritable --report fails before any work is done.
-        if (options.report_path)
-          report_file.emplace(OutputFile::Create(*options.report_path, /*overwrite=*/true));
+        if (options.report_path) report_file.emplace(OpenReport(*options.report_path));
         weights.emplace(staged->AddFile(kWeightsFile), FileSpecs(plan, true), std::nullopt);
         file_bytes = weights->file_size();
       },
@@ -332,7 +344,11 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
   // The report goes first: an adapter is never published without the report that was asked for.
   if (report_file) {
     report_file->Write(report.ToJson().dump(2) + "\n");
-    std::move(*report_file).Commit();
+    const fs::path parent = fs::absolute(*options.report_path).parent_path();
+    std::error_code ec;
+    fs::create_directories(parent, ec);
+    if (ec) Fail<IoError>("cannot create '{}': {}", parent.string(), ec.message());
+    std::move(*report_file).CommitAs(*options.report_path, /*overwrite=*/true);
   }
   try {
     if (rejected) {

@@ -240,11 +240,17 @@ def test_an_old_unverified_output_is_kept_without_overwrite(adapter_job_bin, mb_
 
 def test_a_report_that_cannot_be_written_publishes_nothing(adapter_job_bin, mb_fixtures, tmp_path):
     out = tmp_path / "out"
+    (tmp_path / "a_file").write_text("not a directory")
     proc = export(adapter_job_bin, mb_fixtures / HF, mb_fixtures / CKPT, out, "--report",
-                  tmp_path / "missing" / "report.json")
-    assert proc.returncode in (BAD_INPUT, 4), proc.stderr
-    assert "missing" in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+                  tmp_path / "a_file" / "report.json")
+    assert proc.returncode == BAD_INPUT, proc.stderr
+    assert "a_file" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    # Missing directories are made for it, as for the output, once there is something to write.
+    report = tmp_path / "reports" / "run" / "report.json"
+    proc = export(adapter_job_bin, mb_fixtures / HF, mb_fixtures / CKPT, out, "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(report.read_text())["published"] == str(out)
 
 
 def test_sigterm_removes_the_staging_directory(adapter_job_bin, mb_fixtures, tmp_path):
