@@ -37,6 +37,9 @@ struct ExportOptions {
   // Verify on rank 0 before publishing (prompts, top-k, device; the paths are filled in). A
   // failed verification publishes the adapter as `<output>.unverified` instead.
   std::optional<verify::VerifyOptions> verify;
+  // Check the files integrity.json lists against their sha256 (when there is one), each rank
+  // hashing its share, before anything is read.
+  bool check_integrity = true;
   ProgressSink progress;  // on rank 0, after every layer written (and verified)
 };
 
@@ -68,6 +71,8 @@ struct ExportReport {
   std::optional<verify::VerificationReport> verification;
   std::optional<std::string> verification_skipped;  // why, when it was asked for but could not run
   std::filesystem::path published;                  // output, or output.unverified
+  std::optional<std::size_t> integrity_files;       // files checked against integrity.json
+  std::string integrity_not_checked;                // why not, when integrity_files is empty
 
   nlohmann::ordered_json ToJson() const;
   std::string Summary() const;  // human-readable, several lines
