@@ -33,7 +33,8 @@
 #     because the adapter already matches the checkpoint
 #   1 internal error   2 bad input (settings, checkpoint, integrity.json mismatch, output exists)
 #   3 verification failed (the adapter is left in <output>.unverified)
-#   4 infrastructure (checkpoint not complete in time, I/O errors, MPI failures)
+#   4 infrastructure (checkpoint not complete in time, I/O errors, MPI failures, and a rank killed
+#     by a signal, for which mpirun itself exits 128 + the signal, e.g. 137)
 set -uo pipefail
 set -f  # the settings are data: no word of them is ever a glob pattern
 
@@ -313,6 +314,10 @@ export_start=$(date +%s.%N)
 code=${PIPESTATUS[0]}
 export_seconds=$(elapsed "$export_start")
 error=$(grep -m1 'error: ' "$scratch/log" | sed -E 's/^([^:]*: )?error: //')
+# mpirun passes on 128 + the signal of a rank that was killed (the others are then ended by it).
+if ((code > 128 && code <= 128 + 64)); then
+  finish 4 failed "adapter_job export failed (exit $code): a rank was killed by signal $((code - 128)) (9 is SIGKILL, e.g. from the out-of-memory killer)${error:+; $error}"
+fi
 case $code in
   0)
     # Exit 0 with no report means that something (a --config file) asked for --help or
