@@ -1,5 +1,6 @@
-"""jobs/export_hook.sh, the post-training hook: waits for a complete checkpoint, checks integrity.json, exports and
-verifies, writes a result JSON, and does nothing the second time. Checked against hashlib and the files themselves."""
+"""jobs/export_hook.sh, the post-training hook: waits for a complete checkpoint, exports (adapter_job checks
+integrity.json) and verifies, writes a result JSON, and does nothing the second time. Checked against hashlib and the
+files themselves."""
 import hashlib
 import json
 import os
