@@ -44,6 +44,9 @@ struct ExportOptions {
   // The run report as JSON (ExportReport::ToJson), opened before the export starts and written
   // before the adapter is published, so a report that cannot be written publishes nothing.
   std::optional<std::filesystem::path> report_path;
+  // Check the files integrity.json lists against their sha256 (when there is one), each rank
+  // hashing its share, before anything is read.
+  bool check_integrity = true;
   ProgressSink progress;  // on rank 0, after every layer written (and verified)
 };
 
@@ -75,6 +78,8 @@ struct ExportReport {
   std::optional<verify::VerificationReport> verification;
   std::optional<std::string> verification_skipped;  // why it did not run (--no-verify)
   std::filesystem::path published;                  // output, or output.unverified
+  std::optional<std::size_t> integrity_files;       // files checked against integrity.json
+  std::string integrity_not_checked;                // why not, when integrity_files is empty
 
   // Verified and passed: only then does the adapter go to `output`.
   bool verified() const { return verification && verification->passed(); }

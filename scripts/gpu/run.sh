@@ -40,6 +40,23 @@ export PKG_CONFIG_PATH=$libdir/pkgconfig PKG_CONFIG_SYSROOT_DIR=$prefix
 export LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export ADAPTER_JOB_SHARED=$PWD/.gpu-carry/shared
 torch_prefix=$(python3 -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
+# OpenSSL (sha256 for integrity.json): where the image lacks its headers, Debian 12's (OpenSSL
+# 3.0, the ABI of every libcrypto.so.3) go with the image's own libcrypto.so.3, so that nothing
+# else of the image (Python's ssl) sees another OpenSSL; the carried library only if it has none.
+openssl_args=()
+if [[ ! -f /usr/include/openssl/evp.h ]]; then
+  ssl=$PWD/.gpu-carry/openssl
+  rm -rf "$ssl" && mkdir -p "$ssl"
+  for deb in .gpu-carry/debs/openssl/*.deb; do dpkg-deb -x "$deb" "$ssl"; done
+  crypto=$(ldconfig -p | awk '/libcrypto\.so\.3 .*x86-64/ {print $NF; exit}')
+  if [[ -z $crypto ]]; then
+    crypto=$ssl/usr/lib/x86_64-linux-gnu/libcrypto.so.3
+    export LD_LIBRARY_PATH=$ssl/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH
+  fi
+  # The multiarch directory holds openssl/configuration.h; -isystem-like, so -Werror ignores them.
+  export CPLUS_INCLUDE_PATH=$ssl/usr/include/x86_64-linux-gnu:$ssl/usr/include${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}
+  openssl_args=(-DOPENSSL_INCLUDE_DIR="$ssl/usr/include" -DOPENSSL_CRYPTO_LIBRARY="$crypto")
+fi
 
 note "## GPU run $(date -u +%Y-%m-%dT%H:%MZ): $*"
 nvidia-smi -L | tee -a "$SUMMARY"
@@ -47,6 +64,7 @@ start=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DADAPTER_JOB_WERROR=ON \
   -DCMAKE_PREFIX_PATH="$torch_prefix" -DBoost_DIR="$libdir/cmake/Boost-1.74.0" \
   -DADAPTER_JOB_SHARED_DIR="$ADAPTER_JOB_SHARED" -DPython3_EXECUTABLE="$(command -v python3)" \
+  "${openssl_args[@]}" \
   >"$LOGS/configure.log" 2>&1 || { tail -40 "$LOGS/configure.log"; status=1; exit; }
 # Benchmarks alone need only the job and its verification plugin.
 targets=()

@@ -195,7 +195,8 @@ std::string_view AdapterKindName(AdapterKind kind) {
   return "?";
 }
 
-RunDirectory OpenRunDirectory(const fs::path& path) {
+RunDirectory OpenRunDirectory(const fs::path& path,
+                              const std::function<void(const RunDirectory&)>& before_parsing) {
   RunDirectory run;
   run.given = path;
   run.iteration_dir = ResolveIterationDir(path, run.iteration);
@@ -205,6 +206,9 @@ RunDirectory OpenRunDirectory(const fs::path& path) {
         "iter_* directory)",
         run.iteration_dir.string());
   }
+  const fs::path integrity = run.iteration_dir / "integrity.json";
+  if (fs::exists(integrity)) run.integrity = ParseIntegrity(integrity);
+  if (before_parsing) before_parsing(run);
 
   const fs::path metadata_json = run.iteration_dir / "metadata.json";
   if (fs::exists(metadata_json)) {
@@ -247,9 +251,6 @@ RunDirectory OpenRunDirectory(const fs::path& path) {
       run.model = ParseModel(model, file);
     }
   }
-
-  const fs::path integrity = run.iteration_dir / "integrity.json";
-  if (fs::exists(integrity)) run.integrity = ParseIntegrity(integrity);
   return run;
 }
 

@@ -59,6 +59,8 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
     ("overwrite", po::value<bool>()->default_value(false)->implicit_value(true)->zero_tokens(),
      "replace an existing output directory")
     ("report", po::value<std::string>(), "also write the run report as JSON to this file")
+    ("no-integrity-check", po::bool_switch(),
+     "do not check the files against the sha256 digests of the checkpoint's integrity.json")
     ("model-families", po::value<std::vector<std::string>>(),
      "a directory of model family descriptions (*.json, see config/models/README.md) to add to "
      "the built-in ones (repeatable)")
@@ -103,6 +105,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   cl.options.dtype = ParseDType(vm["dtype"].as<std::string>());
   cl.options.backend = dist::ParseBackend(vm["backend"].as<std::string>());
   cl.options.overwrite = vm["overwrite"].as<bool>();
+  cl.options.check_integrity = !vm["no-integrity-check"].as<bool>();
   if (vm.count("model-families")) {
     for (const auto& dir : vm["model-families"].as<std::vector<std::string>>())
       cl.options.model_family_dirs.emplace_back(dir);

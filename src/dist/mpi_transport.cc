@@ -1,6 +1,9 @@
 #include <mpi.h>
 
+#include <charconv>
 #include <climits>
+#include <cstdlib>
+#include <string_view>
 
 #include "adapter_job/dist/mpi_world.h"
 #include "adapter_job/dist/transport.h"
@@ -12,18 +15,47 @@ namespace {
 constexpr std::size_t kMaxMessage = std::size_t{1} << 30;
 constexpr int kLayerTag = 7;
 
+// Test hook for fault tests: ADAPTER_JOB_TEST_MPI_ERROR=<world rank>:<MPI call> makes that call
+// report an error on that rank, as a dead peer does where the MPI library notices it (Open MPI 4
+// itself mostly ends the whole job first).
+bool InjectedError(const char* call) {
+  static const char* const spec = std::getenv("ADAPTER_JOB_TEST_MPI_ERROR");
+  if (spec == nullptr) return false;
+  const std::string_view text(spec);
+  const auto colon = text.find(':');
+  int rank = -1;
+  if (colon == std::string_view::npos ||
+      std::from_chars(text.data(), text.data() + colon, rank).ec != std::errc() ||
+      text.substr(colon + 1) != call) {
+    return false;
+  }
+  int mine = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &mine);
+  return mine == rank;
+}
+
+// An MPI error in communication means a peer died or cannot be reached: the other ranks may be
+// blocked on this one, so the error always ends every rank (main calls MPI_Abort with exit 4).
 void Check(int rc, const char* call) {
-  if (rc == MPI_SUCCESS) return;
+  if (rc == MPI_SUCCESS && !InjectedError(call)) return;
+  if (rc == MPI_SUCCESS) rc = MPI_ERR_OTHER;
   char text[MPI_MAX_ERROR_STRING];
   int length = 0;
   MPI_Error_string(rc, text, &length);
-  Fail<DistError>("{} failed: {}", call, std::string(text, static_cast<std::size_t>(length)));
+  DistError error(fmt::format(
+      "{} failed: {}; another rank has died or cannot be reached, so every rank is aborted", call,
+      std::string(text, static_cast<std::size_t>(length))));
+  error.MarkAbortPeers();
+  throw error;
 }
 
 // Owns an MPI communicator (MPI_Comm is a pointer in Open MPI and an int in MPICH).
 class MpiComm {
  public:
-  explicit MpiComm(MPI_Comm comm) : comm_(comm) {}
+  // Errors come back as return codes (to Check) on this communicator too, never as MPI's abort.
+  explicit MpiComm(MPI_Comm comm) : comm_(comm) {
+    if (comm_ != MPI_COMM_NULL) MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+  }
   MpiComm(const MpiComm&) = delete;
   MpiComm& operator=(const MpiComm&) = delete;
   ~MpiComm() {
@@ -197,6 +229,8 @@ void RunAgreed(const MpiWorld& world, const std::function<void()>& step) {
   try {
     step();
   } catch (const Error& e) {
+    // A failed MPI call: agreeing would need that same broken communication. main aborts all.
+    if (e.abort_peers()) throw;
     error = std::current_exception();
     code = static_cast<int>(e.exit_code());
   } catch (const std::exception&) {

@@ -9,6 +9,7 @@
 
 #include "adapter_job/checkpoint/adapter_layout.h"
 #include "adapter_job/checkpoint/checkpoint_reader.h"
+#include "adapter_job/checkpoint/integrity.h"
 #include "adapter_job/checkpoint/run_directory.h"
 #include "adapter_job/convert/base_model.h"
 #include "adapter_job/convert/hf_config.h"
@@ -74,6 +75,8 @@ struct Plan {
   convert::ConversionSettings settings;
   std::vector<std::vector<convert::OutputTensor>> outputs;  // per layer
   dist::ShardOwnership owners;
+  std::optional<std::size_t> integrity_files;
+  std::string integrity_not_checked;
 };
 
 // Built in place: the layout points into the reader's metadata, so a Plan never moves.
@@ -85,7 +88,18 @@ std::unique_ptr<Plan> MakePlan(const ExportOptions& options,
   // Verification asked for but impossible is an error before any work, never a quiet skip.
   plan.base = convert::ResolveBaseModel(options.hf_model_id);
   if (options.verify) convert::RequireWeightsToVerify(plan.base);
-  plan.run = checkpoint::OpenRunDirectory(options.checkpoint);
+  // The digests first: a damaged file is then named as such, not as whatever parse error it causes.
+  plan.run =
+      checkpoint::OpenRunDirectory(options.checkpoint, [&](const checkpoint::RunDirectory& run) {
+        if (!run.integrity) {
+          plan.integrity_not_checked = "the checkpoint has no integrity.json";
+        } else if (!options.check_integrity) {
+          plan.integrity_not_checked = "--no-integrity-check";
+        } else {
+          checkpoint::CheckIntegrity(*run.integrity, run.iteration_dir, rank, world_size);
+          plan.integrity_files = run.integrity->files.size();
+        }
+      });
   if (!plan.run.peft) {
     Fail(
         "no run_config.yaml with a peft: section in or above '{}': the adapter's dim, alpha and "
@@ -182,6 +196,8 @@ ExportReport RunPipeline(
   });
   Plan& plan = *owned_plan;
   report.seconds.plan = Since(start);
+  report.integrity_files = plan.integrity_files;
+  report.integrity_not_checked = plan.integrity_not_checked;
 
   std::unique_ptr<dist::Transport> transport;
   dist::RunAgreed(world, [&] { transport = dist::MakeTransport(world, options.backend); });
@@ -426,6 +442,11 @@ nlohmann::ordered_json ExportReport::ToJson() const {
   j["published"] = published.string();
   j["verified"] = verified();
   if (verification_skipped) j["verification_skipped"] = *verification_skipped;
+  if (integrity_files) {
+    j["integrity"] = {{"checked", true}, {"files", *integrity_files}};
+  } else {
+    j["integrity"] = {{"checked", false}, {"why", integrity_not_checked}};
+  }
   if (verification) j["verification"] = verification->ToJson();
   return j;
 }

@@ -1,7 +1,7 @@
 """Faults of the machine rather than the input, under `mpirun -np 4`: a full disk, a shard that cannot be read.
 Each ends with a non-zero exit, one message naming the cause, no partial output, nothing overwritten, and no hang.
-(A rank killed mid-export: test_export_bad_input.py. A checkpoint still being written or failing its
-integrity.json: test_hook.py, where waiting for a complete checkpoint belongs.)"""
+(A rank killed mid-export: test_export_bad_input.py, and below through the hook. A checkpoint still being written
+or failing its integrity.json: test_hook.py, where waiting for a complete checkpoint belongs.)"""
 import os
 import subprocess
 import time
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run
-from test_export_bad_input import export, snapshot, writable_copy
+from test_export_bad_input import MPIRUN, export, snapshot, writable_copy
+from test_hook import hook
 
 INFRA = 4  # ExitCode::kInfrastructure
 
@@ -79,3 +80,36 @@ def test_unreadable_shard(adapter_job_bin, mb_fixtures, tmp_path, np):
     error = one_error(proc)
     assert "__3_0.distcp" in error and ("Is a directory" in error or "not a regular file" in error), error
     assert snapshot(out) == {}
+
+
+@pytest.mark.parametrize("failure", ["2:MPI_Gather", "1:MPI_Allreduce", "0:MPI_Recv", "2:MPI_Send"])
+def test_an_mpi_error_aborts_every_rank_with_4(adapter_job_bin, mb_fixtures, tmp_path, failure):
+    """ADAPTER_JOB_TEST_MPI_ERROR=<rank>:<call>: that call fails on that rank, as when MPI notices a dead peer.
+    The rank says which call failed and MPI_Abort ends every rank with 4. Before, an error outside the layer
+    gather (MPI_Gather, MPI_Allreduce) left the other ranks waiting for that rank forever."""
+    out = tmp_path / "outputs" / "adapter"
+    out.parent.mkdir()
+    start = time.monotonic()
+    proc = export(adapter_job_bin, 4, mb_fixtures / "hf_base", mb_fixtures / "tp2pp2/lora/megatron_ckpt", out,
+                  "--no-verify", env={"ADAPTER_JOB_TEST_MPI_ERROR": failure}, timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == INFRA, f"exit {proc.returncode}\n{proc.stderr}"
+    rank, call = failure.split(":")
+    error = one_error(proc)
+    assert f"{call} failed: " in error and "another rank has died or cannot be reached" in error, error
+    assert error.startswith(f"[rank {rank}] " if rank != "0" else "adapter_job export: error:"), error
+    assert snapshot(out) == {}
+
+
+def test_a_killed_rank_is_exit_4_from_the_hook(adapter_job_bin, mb_fixtures, tmp_path):
+    """mpirun itself exits 137 for a rank killed by SIGKILL (test_export_bad_input.py); the hook reports 4 and says
+    what happened."""
+    ckpt = writable_copy(mb_fixtures / "tp2pp2/lora/megatron_ckpt", tmp_path / "ckpt")
+    out = tmp_path / "adapter"
+    proc, result = hook(adapter_job_bin, ckpt, mb_fixtures / "hf_base", out, timeout=60,
+                        ADAPTER_JOB_LAUNCHER=" ".join([*MPIRUN, "-np", "4"]),
+                        ADAPTER_JOB_TEST_KILL_RANK="2:2")
+    assert proc.returncode == INFRA, proc.stderr
+    assert result["exit_code"] == INFRA and result["status"] == "failed"
+    assert "(exit 137): a rank was killed by signal 9" in result["message"], result["message"]
+    assert not out.exists()

@@ -1,5 +1,6 @@
-"""jobs/export_hook.sh, the post-training hook: waits for a complete checkpoint, checks integrity.json, exports and
-verifies, writes a result JSON, and does nothing the second time. Checked against hashlib and the files themselves."""
+"""jobs/export_hook.sh, the post-training hook: waits for a complete checkpoint, exports (adapter_job checks
+integrity.json) and verifies, writes a result JSON, and does nothing the second time. Checked against hashlib and the
+files themselves."""
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ def sha256(path: Path) -> str:
 def hook(adapter_job_bin, ckpt, hf, out, timeout=120, **env):
     settings = {"ADAPTER_JOB_CHECKPOINT": str(ckpt), "ADAPTER_JOB_HF_MODEL": str(hf), "ADAPTER_JOB_OUTPUT": str(out),
                 "ADAPTER_JOB_BIN": str(adapter_job_bin), "ADAPTER_JOB_ARGS": "--verify-device cpu",
-                "ADAPTER_JOB_POLL_SECONDS": "1", **env}
+                "ADAPTER_JOB_POLL_SECONDS": "1", "ADAPTER_JOB_SETTLE_SECONDS": "1", **env}
     proc = subprocess.run(["bash", str(HOOK)], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **settings})
     result = Path(settings.get("ADAPTER_JOB_RESULT", f"{out}.result.json"))
@@ -85,8 +86,10 @@ def test_integrity_mismatch_fails_at_once(adapter_job_bin, mb_fixtures, ckpt, tm
     proc, result = hook(adapter_job_bin, ckpt, mb_fixtures / "hf_base", out)
     assert time.monotonic() - start < 20
     assert proc.returncode == 2 and result["status"] == "failed" and result["exit_code"] == 2
-    assert "__1_0.distcp does not match integrity.json" in result["message"], result["message"]
+    # adapter_job checks it (the hook passes its message on): the file and both digests.
+    assert "__1_0.distcp' does not match" in result["message"], result["message"]
     assert hashlib.sha256(bytes(data)).hexdigest() in result["message"]
+    assert json.loads((iter_dir / "integrity.json").read_text())["files"]["__1_0.distcp"] in result["message"]
     assert not out.exists()
 
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -65,7 +66,10 @@ struct RunDirectory {
   std::optional<IntegrityManifest> integrity;
 };
 
-// Throws FormatError naming the file and key for anything missing or malformed.
-RunDirectory OpenRunDirectory(const std::filesystem::path& path);
+// Throws FormatError naming the file and key for anything missing or malformed. `before_parsing`
+// sees the run once its iteration directory and integrity.json are known, before any other file
+// is parsed (to check the files' digests first).
+RunDirectory OpenRunDirectory(const std::filesystem::path& path,
+                              const std::function<void(const RunDirectory&)>& before_parsing = {});
 
 }  // namespace adapter_job::checkpoint

@@ -1,0 +1,118 @@
+#include "adapter_job/checkpoint/integrity.h"
+
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "adapter_job/core/error.h"
+#include "adapter_job/core/file.h"
+
+namespace adapter_job::checkpoint {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct FreeMdContext {
+  void operator()(EVP_MD_CTX* context) const { EVP_MD_CTX_free(context); }
+};
+
+bool IsSha256Hex(const std::string& digest) {
+  if (digest.size() != 64) return false;
+  for (const char c : digest) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))) return false;
+  }
+  return true;
+}
+
+std::string Lower(std::string text) {
+  for (char& c : text) {
+    if (c >= 'A' && c <= 'F') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return text;
+}
+
+// A listed name must stay inside the iteration directory: the manifest is input like any other.
+void CheckName(const std::string& name, const fs::path& manifest_file) {
+  const fs::path path(name);
+  bool escapes = name.empty() || path.is_absolute();
+  for (const auto& part : path) escapes = escapes || part == "..";
+  if (escapes) {
+    Fail("{}: files.'{}' is not a path inside the iteration directory", manifest_file.string(),
+         name);
+  }
+}
+
+}  // namespace
+
+std::string Sha256File(const fs::path& file) {
+  const UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) Fail<IoError>("cannot open '{}': {}", file.string(), std::strerror(errno));
+  const std::unique_ptr<EVP_MD_CTX, FreeMdContext> context(EVP_MD_CTX_new());
+  if (!context || EVP_DigestInit_ex(context.get(), EVP_sha256(), nullptr) != 1)
+    Fail<IoError>("OpenSSL cannot start a sha256 digest for '{}'", file.string());
+  std::vector<unsigned char> buffer(std::size_t{1} << 20);
+  while (true) {
+    const ssize_t n = ::read(fd.get(), buffer.data(), buffer.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) Fail<IoError>("cannot read '{}': {}", file.string(), std::strerror(errno));
+    if (n == 0) break;
+    if (EVP_DigestUpdate(context.get(), buffer.data(), static_cast<std::size_t>(n)) != 1)
+      Fail<IoError>("OpenSSL failed while hashing '{}'", file.string());
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  if (EVP_DigestFinal_ex(context.get(), digest, &length) != 1)
+    Fail<IoError>("OpenSSL failed to finish the sha256 of '{}'", file.string());
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) {
+    hex += kHex[digest[i] >> 4];
+    hex += kHex[digest[i] & 0xF];
+  }
+  return hex;
+}
+
+std::size_t CheckIntegrity(const IntegrityManifest& manifest, const fs::path& iteration_dir,
+                           int first, int stride) {
+  const fs::path manifest_file = iteration_dir / "integrity.json";
+  // Only sha256 counts as verified: a weaker digest (md5, crc) would let a damaged file pass.
+  if (manifest.algorithm != "sha256") {
+    Fail("{}: algorithm is '{}'; only \"sha256\" is checked, so the checkpoint cannot be verified",
+         manifest_file.string(), manifest.algorithm);
+  }
+  if (manifest.files.empty()) Fail("{}: files lists no file", manifest_file.string());
+  for (const auto& [name, digest] : manifest.files) {
+    CheckName(name, manifest_file);
+    if (!IsSha256Hex(digest)) {
+      Fail("{}: files.'{}' is '{}', not a sha256 digest (64 hex digits)", manifest_file.string(),
+           name, digest);
+    }
+  }
+  std::size_t index = 0;
+  std::size_t checked = 0;
+  for (const auto& [name, digest] : manifest.files) {
+    if (static_cast<int>(index++ % static_cast<std::size_t>(std::max(stride, 1))) != first)
+      continue;
+    const fs::path file = iteration_dir / name;
+    std::error_code ec;
+    if (!fs::is_regular_file(file, ec)) {
+      Fail("{} lists '{}', but '{}' is {}", manifest_file.string(), name, file.string(),
+           fs::exists(file, ec) ? "not a regular file" : "missing");
+    }
+    const std::string actual = Sha256File(file);
+    if (actual != Lower(digest)) {
+      Fail("'{}' does not match {}: its sha256 is {}, the manifest says {}", file.string(),
+           manifest_file.string(), actual, Lower(digest));
+    }
+    ++checked;
+  }
+  return checked;
+}
+
+}  // namespace adapter_job::checkpoint
