@@ -316,3 +316,29 @@ def test_wrong_base_model_exits_2_naming_module_and_shapes(env, tmp_path):
     kind = tensor.rsplit(".", 2)[-2]
     assert expected == ([RANK, weight.shape[1]] if kind == "lora_A" else [weight.shape[0], RANK]), v.stderr
     assert HIDDEN in found and wide in expected, v.stderr
+
+
+def test_rank_pattern_contradicting_the_tensors_exits_2(env, tmp_path):
+    adapter = edited(env, tmp_path / "rank_pattern", {"rank_pattern": {"q_proj": 4}})
+    assert "size mismatch" in stock_peft_refuses(env, adapter)
+    v = verify(env, adapter)
+    assert v.rc == EXIT_BAD_INPUT, f"exit {v.rc}\n{v.stdout}\n{v.stderr}"
+    tensor, found, module, expected = shape_error(v.stderr)
+    assert module.endswith(".self_attn.q_proj") and RANK in found and 4 in expected, v.stderr
+
+
+def test_wrong_shape_dora_magnitude_exits_2(env, tmp_path):
+    written = write_checkpoint(CheckpointConfig(out=tmp_path / "ckpt", base_model=env.base, kind="dora",
+                                                num_layers=LAYERS, hidden=HIDDEN, dim=RANK, dtype="fp32", seed=5))
+    adapter = tmp_path / "dora"
+    run([env.binary, "export", "--hf-model-id", env.base, "--megatron-peft-checkpoint", written.root,
+         "--output-hf-path", adapter, "--dtype", "fp32", "--no-verify"], timeout=120, env=dict(os.environ))
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    name = PREFIX + "model.layers.1.mlp.up_proj.lora_magnitude_vector"
+    out = tensors[name].shape[0]
+    tensors[name] = tensors[name][: out - 1].contiguous()
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    assert "size mismatch" in stock_peft_refuses(env, adapter)
+    v = verify(env, adapter)
+    assert v.rc == EXIT_BAD_INPUT, f"exit {v.rc}\n{v.stdout}\n{v.stderr}"
+    assert shape_error(v.stderr) == (name, [out - 1], "model.layers.1.mlp.up_proj", [out])
