@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <nlohmann/json.hpp>
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"

@@ -8,7 +8,6 @@
 
 #include <cstdint>
 #include <filesystem>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <regex>
 #include <string>
@@ -33,7 +32,6 @@ class PeftConfig {
   bool all_linear() const { return all_linear_; }
   // "field: value" for every field that changes PEFT's math and is not modelled here.
   const std::vector<std::string>& unmodelled() const { return unmodelled_; }
-  void AddUnmodelled(std::string field) { unmodelled_.push_back(std::move(field)); }
 
  private:
   int64_t r_ = 8;
