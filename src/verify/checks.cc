@@ -89,6 +89,15 @@ std::vector<CheckResult> RunChecks(const CheckInputs& in) {
                          "==", 0,
                          in.missing_tensors ? "missing: " + in.first_missing
                                             : "every targeted module has its tensors"));
+  {
+    // The PEFT variant means stock PEFT only while every config field PEFT applies is modelled.
+    std::string fields;
+    for (const auto& f : in.unmodelled_fields) fields += (fields.empty() ? "" : "; ") + f;
+    checks.push_back(
+        Check("adapter_config_modelled", static_cast<double>(in.unmodelled_fields.size()), "==", 0,
+              fields.empty() ? "every adapter_config.json field PEFT applies is modelled"
+                             : "PEFT applies what this check does not model: " + fields));
+  }
 
   if (in.prompts.empty() || !in.prompts.front().merged) return checks;
 

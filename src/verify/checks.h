@@ -20,6 +20,8 @@ struct CheckInputs {
   std::size_t unused_tensors = 0;
   std::size_t missing_tensors = 0;
   std::string first_unused, first_missing;
+  // adapter_config.json fields PEFT applies that the PEFT variant does not model
+  std::vector<std::string> unmodelled_fields;
 };
 
 std::vector<CheckResult> RunChecks(const CheckInputs& inputs);

@@ -19,7 +19,9 @@ namespace adapter_job::verify {
 class PeftAdapter {
  public:
   // Reads adapter_config.json and adapter_model.safetensors from `dir`; `base` tells which of a
-  // layer's `linears` (paths within it) exist. Throws FormatError for files that do not parse.
+  // layer's `linears` (paths within it) exist, and their shapes. Throws FormatError for files that
+  // do not parse and for what PEFT refuses to load: a config it rejects, no module targeted, a
+  // lora_A/lora_B/magnitude whose shape does not fit the rank and the base weight.
   static PeftAdapter Open(const std::filesystem::path& dir, const HfWeights& base,
                           int64_t num_layers, const std::vector<std::string>& linears);
 
@@ -28,6 +30,9 @@ class PeftAdapter {
 
   const std::vector<std::string>& unused_tensors() const { return unused_; }
   const std::vector<std::string>& missing_tensors() const { return missing_; }
+  // "field: value" for each adapter_config.json field that changes what PEFT computes and that
+  // this variant does not model (peft_config.h): the verdict must fail, not pass on other math.
+  const std::vector<std::string>& unmodelled_fields() const { return unmodelled_; }
   const std::vector<TensorStat>& stats() const { return stats_; }
   std::size_t tensor_count() const { return tensor_count_; }
   // The dtype the file stores its tensors in (the widest, if they differ).
@@ -37,10 +42,12 @@ class PeftAdapter {
   struct Module {
     std::optional<at::Tensor> lora_a, lora_b, magnitude;
     double scale = 1.0;
+    int64_t rank = 0, in_features = 0, out_features = 0;  // the shapes PEFT builds
   };
   std::map<std::string, Module> modules_;  // "model.layers.3.self_attn.q_proj"
   std::vector<std::string> unused_;
   std::vector<std::string> missing_;
+  std::vector<std::string> unmodelled_;
   std::vector<TensorStat> stats_;
   std::size_t tensor_count_ = 0;
   at::ScalarType storage_dtype_ = at::kFloat;

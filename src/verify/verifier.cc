@@ -227,6 +227,7 @@ VerificationReport Verify(const VerifyOptions& options) {
   }
   inputs.unused_tensors = peft.unused_tensors().size();
   inputs.missing_tensors = peft.missing_tensors().size();
+  inputs.unmodelled_fields = peft.unmodelled_fields();
   if (!peft.unused_tensors().empty()) inputs.first_unused = peft.unused_tensors().front();
   if (!peft.missing_tensors().empty()) inputs.first_missing = peft.missing_tensors().front();
   report.checks = RunChecks(inputs);

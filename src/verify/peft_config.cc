@@ -1,0 +1,240 @@
+#include "peft_config.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "adapter_job/core/error.h"
+#include "adapter_job/core/file.h"
+
+namespace adapter_job::verify {
+namespace {
+
+using Json = nlohmann::ordered_json;  // PEFT tries patterns in the file's key order
+
+// Python's truthiness of a loaded field: absent, null, false, 0 and empty are all "not set".
+bool IsSet(const Json& config, const char* key) {
+  if (!config.contains(key)) return false;
+  const Json& v = config[key];
+  if (v.is_null()) return false;
+  if (v.is_boolean()) return v.get<bool>();
+  if (v.is_number()) return v.get<double>() != 0;
+  if (v.is_string() || v.is_array() || v.is_object()) return !v.empty();
+  return true;
+}
+
+std::regex Compile(const std::string& pattern, const char* field) {
+  try {
+    return std::regex(pattern);
+  } catch (const std::regex_error& e) {
+    Fail("{}: '{}' is not a regular expression this verifier can read ({})", field, pattern,
+         e.what());
+  }
+}
+
+std::vector<std::string> Names(const Json& value, const char* field) {
+  if (!value.is_array()) Fail("{} must be a list of module names or a regex string", field);
+  return value.get<std::vector<std::string>>();
+}
+
+// PEFT's list match: the module's name, or its last dotted components.
+bool NamedIn(const std::string& module, const std::vector<std::string>& names) {
+  return std::any_of(names.begin(), names.end(), [&](const std::string& name) {
+    return module == name || (module.size() > name.size() && module.ends_with(name) &&
+                              module[module.size() - name.size() - 1] == '.');
+  });
+}
+
+template <typename T>
+std::vector<std::pair<std::regex, T>> Patterns(const Json& config, const char* field) {
+  std::vector<std::pair<std::regex, T>> out;
+  if (!config.contains(field) || config[field].is_null()) return out;
+  if (!config[field].is_object()) Fail("{} must be an object of pattern: value", field);
+  for (const auto& [key, value] : config[field].items())
+    out.emplace_back(Compile("(.*\\.)?(" + key + ")", field), value.template get<T>());
+  return out;
+}
+
+template <typename T>
+T FirstMatch(const std::vector<std::pair<std::regex, T>>& patterns, const std::string& module,
+             T fallback) {
+  for (const auto& [pattern, value] : patterns) {
+    if (std::regex_match(module, pattern)) return value;
+  }
+  return fallback;
+}
+
+// init_lora_weights that only seed lora_A/lora_B, which loading overwrites. The others (pissa,
+// olora, corda, loftq, lora_ga) rewrite the base weight when PEFT loads the adapter, and mica is
+// a LoRA variant.
+bool InitOnlySeedsAdapter(const Json& init) {
+  if (init.is_boolean()) return true;
+  if (!init.is_string()) return false;
+  std::string s = init.get<std::string>();
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  return s == "gaussian" || s == "eva" || s == "orthogonal";
+}
+
+// Fields that change what PEFT computes, beyond the LoRA/DoRA merge modelled here.
+std::vector<std::string> UnmodelledFields(const Json& j) {
+  std::vector<std::string> out;
+  const auto flag = [&](const char* field, bool active) {
+    if (active) out.push_back(fmt::format("{}: {}", field, j[field].dump()));
+  };
+  const auto non_null = [&](const char* field) { return j.contains(field) && !j[field].is_null(); };
+  flag("modules_to_save", IsSet(j, "modules_to_save"));     // replaces whole modules
+  flag("bias", j.contains("bias") && j["bias"] != "none");  // loads the base biases
+  flag("lora_bias", IsSet(j, "lora_bias"));
+  flag("target_parameters", IsSet(j, "target_parameters"));
+  flag("trainable_token_indices", IsSet(j, "trainable_token_indices"));
+  flag("layer_replication", IsSet(j, "layer_replication"));
+  flag("use_qalora", IsSet(j, "use_qalora"));
+  flag("megatron_config", IsSet(j, "megatron_config"));
+  flag("alora_invocation_tokens", IsSet(j, "alora_invocation_tokens"));
+  // LoRA variants: PEFT turns any non-null sub-config, even {}, into the variant.
+  for (const char* variant :
+       {"velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config"})
+    flag(variant, non_null(variant));
+  flag("init_lora_weights",
+       non_null("init_lora_weights") && !InitOnlySeedsAdapter(j["init_lora_weights"]));
+  // fan_in_fan_out is not flagged: PEFT resets it to false on every torch.nn.Linear.
+  return out;
+}
+
+}  // namespace
+
+PeftConfig PeftConfig::Read(const std::filesystem::path& path) {
+  PeftConfig c;
+  WithContext(
+      [&] { return path.string(); },
+      [&] {
+        Json j;
+        try {
+          j = Json::parse(ReadTextFile(path));
+        } catch (const nlohmann::json::exception& e) {
+          Fail("not valid JSON: {}", e.what());
+        }
+        try {
+          if (!j.is_object() || j.value("peft_type", "") != "LORA") Fail("peft_type is not LORA");
+          c.r_ = j.value("r", int64_t{8});
+          c.alpha_ = j.value("lora_alpha", 8.0);
+          c.rslora_ = j.value("use_rslora", false);
+          c.dora_ = j.value("use_dora", false);
+          // nn.Dropout refuses p > 1; a value <= 0 makes PEFT use no dropout at all.
+          if (const double p = j.value("lora_dropout", 0.0); p > 1)
+            Fail("lora_dropout is {}: PEFT refuses a dropout probability above 1", p);
+
+          const bool regex_target = j.contains("target_modules") && j["target_modules"].is_string();
+          if (regex_target) {
+            std::string target = j["target_modules"].get<std::string>();
+            std::string lower = target;
+            std::transform(lower.begin(), lower.end(), lower.begin(),
+                           [](unsigned char ch) { return std::tolower(ch); });
+            if (lower == "all-linear") {
+              c.all_linear_ = true;
+            } else {
+              c.target_regex_ = Compile(target, "target_modules");
+            }
+          } else if (IsSet(j, "target_modules")) {
+            c.target_names_ = Names(j["target_modules"], "target_modules");
+          } else {
+            // PEFT then picks its own per-architecture default list.
+            c.unmodelled_.push_back("target_modules: " + (j.contains("target_modules")
+                                                              ? j["target_modules"].dump()
+                                                              : "absent"));
+          }
+
+          if (j.contains("exclude_modules") && j["exclude_modules"].is_string()) {
+            c.exclude_regex_ = Compile(j["exclude_modules"].get<std::string>(), "exclude_modules");
+          } else if (IsSet(j, "exclude_modules")) {
+            c.exclude_names_ = Names(j["exclude_modules"], "exclude_modules");
+          }
+
+          // layers_to_transform filters only list targets matched by suffix (LoraConfig refuses it
+          // with a regex); an empty list filters nothing.
+          const bool has_layers =
+              j.contains("layers_to_transform") && !j["layers_to_transform"].is_null();
+          if (regex_target && has_layers)
+            Fail("layers_to_transform: PEFT refuses it when target_modules is a string");
+          if (regex_target && j.contains("layers_pattern") && !j["layers_pattern"].is_null())
+            Fail("layers_pattern: PEFT refuses it when target_modules is a string");
+          if (IsSet(j, "layers_pattern") && !has_layers)
+            Fail("layers_pattern: PEFT refuses it without layers_to_transform");
+          if (has_layers) {
+            const Json& layers = j["layers_to_transform"];
+            if (layers.is_number_integer()) {
+              c.layers_ = std::vector<int64_t>{layers.get<int64_t>()};
+            } else if (!layers.empty()) {
+              c.layers_ = layers.get<std::vector<int64_t>>();
+            }
+            if (!IsSet(j, "layers_pattern")) {
+              // The first numbered component: "model.layers.3.mlp.experts.0" is layer 3.
+              c.layer_patterns_.push_back(std::regex(R"(.*?\.[^.]*\.(\d+)\.)"));
+            } else {
+              const Json& p = j["layers_pattern"];
+              for (const std::string& pattern : p.is_string()
+                                                    ? std::vector<std::string>{p.get<std::string>()}
+                                                    : p.get<std::vector<std::string>>()) {
+                c.layer_patterns_.push_back(
+                    Compile("(?:^|.*?\\.)" + pattern + "\\.(\\d+)\\.", "layers_pattern"));
+              }
+            }
+          }
+          c.rank_pattern_ = Patterns<int64_t>(j, "rank_pattern");
+          c.alpha_pattern_ = Patterns<double>(j, "alpha_pattern");
+
+          if (IsSet(j, "lora_bias") && c.dora_)
+            Fail("lora_bias: PEFT refuses it together with use_dora");
+          if (IsSet(j, "megatron_config") && c.dora_)
+            Fail("megatron_config: PEFT refuses it together with use_dora");
+
+          if (IsSet(j, "modules_to_save")) {
+            for (const auto& name : Names(j["modules_to_save"], "modules_to_save"))
+              c.modules_to_save_.push_back(
+                  Compile("(^|.*\\.)" + name + "($|\\..*)", "modules_to_save"));
+          }
+          for (auto& field : UnmodelledFields(j)) c.unmodelled_.push_back(std::move(field));
+        } catch (const nlohmann::json::exception& e) {
+          Fail("a field has the wrong type: {}", e.what());
+        }
+      });
+  return c;
+}
+
+bool PeftConfig::Targets(const std::string& module) const {
+  if (exclude_regex_ ? std::regex_match(module, *exclude_regex_) : NamedIn(module, exclude_names_))
+    return false;
+  // PEFT keeps LoRA off a module it saves whole.
+  for (const std::regex& saved : modules_to_save_) {
+    if (std::regex_match(module, saved)) return false;
+  }
+  if (all_linear_) return true;
+  if (target_regex_) return std::regex_match(module, *target_regex_);
+  if (std::find(target_names_.begin(), target_names_.end(), module) != target_names_.end())
+    return true;  // an exact name bypasses layers_to_transform, as in PEFT
+  if (!NamedIn(module, target_names_)) return false;
+  if (!layers_) return true;
+  for (const std::regex& pattern : layer_patterns_) {
+    std::smatch m;
+    if (std::regex_search(module, m, pattern, std::regex_constants::match_continuous)) {
+      const int64_t index = std::stoll(m[m.size() - 1].str());
+      return std::find(layers_->begin(), layers_->end(), index) != layers_->end();
+    }
+  }
+  return false;
+}
+
+int64_t PeftConfig::RankOf(const std::string& module) const {
+  return FirstMatch(rank_pattern_, module, r_);
+}
+
+double PeftConfig::ScaleOf(const std::string& module) const {
+  const double rank = static_cast<double>(RankOf(module));
+  const double alpha = FirstMatch(alpha_pattern_, module, alpha_);
+  return rslora_ ? alpha / std::sqrt(rank) : alpha / rank;
+}
+
+}  // namespace adapter_job::verify

@@ -1,0 +1,52 @@
+// adapter_config.json as PEFT 0.21 reads it when loading a LoRA adapter (LoraConfig.__post_init__,
+// tuners_utils.check_target_module_exists and _maybe_include_all_linear_layers, utils/other.py
+// get_pattern_key, LoraLayer.update_layer): which modules it wraps, with which rank and scale.
+// A config PEFT refuses to load is a FormatError here too; a field that changes what PEFT
+// computes and that verification does not model is listed in unmodelled(), so the check fails
+// rather than pass on math PEFT does not do.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <regex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace adapter_job::verify {
+
+class PeftConfig {
+ public:
+  // Reads `path`; throws FormatError for what PEFT would refuse (bad JSON, a wrong type,
+  // lora_dropout > 1, layers_to_transform with a regex target, an invalid regex, ...).
+  static PeftConfig Read(const std::filesystem::path& path);
+
+  // Whether PEFT wraps `module` ("model.layers.3.self_attn.q_proj"), a linear of the base model.
+  bool Targets(const std::string& module) const;
+  // rank_pattern/r and alpha_pattern/lora_alpha for `module`, and the scale they give.
+  int64_t RankOf(const std::string& module) const;
+  double ScaleOf(const std::string& module) const;
+
+  bool dora() const { return dora_; }
+  bool all_linear() const { return all_linear_; }
+  // "field: value" for every field that changes PEFT's math and is not modelled here.
+  const std::vector<std::string>& unmodelled() const { return unmodelled_; }
+
+ private:
+  int64_t r_ = 8;
+  double alpha_ = 8;
+  bool rslora_ = false;
+  bool dora_ = false;
+  bool all_linear_ = false;
+  std::optional<std::regex> target_regex_, exclude_regex_;
+  std::vector<std::string> target_names_, exclude_names_;
+  std::vector<std::regex> modules_to_save_;
+  std::optional<std::vector<int64_t>> layers_;  // layers_to_transform, when it filters
+  std::vector<std::regex> layer_patterns_;      // from layers_pattern (or PEFT's default)
+  std::vector<std::pair<std::regex, int64_t>> rank_pattern_;
+  std::vector<std::pair<std::regex, double>> alpha_pattern_;
+  std::vector<std::string> unmodelled_;
+};
+
+}  // namespace adapter_job::verify
