@@ -69,7 +69,8 @@ for target in "${targets[@]}"; do
   if ! "$BUILD/tests/fuzz/fuzz_$target" "$corpus" "$seeds/$kind" -max_total_time="$SECONDS_EACH" \
       -max_len=262144 -timeout=10 -rss_limit_mb=2048 -artifact_prefix="$BUILD/artifacts/$target-" \
       -print_final_stats=1 >"$BUILD/$target.log" 2>&1; then
-    echo "fuzz_$target FOUND A PROBLEM (input in $BUILD/artifacts):"
+    echo "fuzz_$target FOUND A PROBLEM (input in $BUILD/artifacts; once fixed, copy it to"
+    echo "tests/fuzz/regressions/$target/, where ctest's fuzz.replay.$target replays it on every build):"
     grep -E "ERROR|SUMMARY|==[0-9]+==|runtime error|deadly signal" "$BUILD/$target.log" | head -20
     status=1
   else
