@@ -172,14 +172,20 @@ def test_modelled_field_passes_and_equals_stock_peft(env, full_peft, tmp_path, c
     assert v.rc == EXIT_OK and v.failing() == [], f"exit {v.rc}\n{v.stdout}\n{v.stderr}"
 
 
-def test_all_linear_equals_stock_peft(env, tmp_path):
-    adapter = edited(env, tmp_path / "all_linear", {"target_modules": "all-linear"})
+def verify_passes_as_stock_peft(env, adapter):
+    """Our verification passes, and its peft logits are stock PEFT's, which loads every tensor."""
     v = verify(env, adapter)
     stock = peft_logits(env.base, adapter, IDS)
     assert stock.missing == [] and stock.unexpected == []
     err = rel_err(v.peft, stock.logits[0])
     assert err < REL_TOL, f"peft variant vs stock PEFT relative error {err:.3g}\n{v.stdout}"
     assert v.rc == EXIT_OK and v.failing() == [], f"exit {v.rc}\n{v.stdout}\n{v.stderr}"
+    return v
+
+
+def test_all_linear_equals_stock_peft(env, tmp_path):
+    adapter = edited(env, tmp_path / "all_linear", {"target_modules": "all-linear"})
+    verify_passes_as_stock_peft(env, adapter)
 
 
 @pytest.mark.parametrize("config", [{"layers_to_transform": [0]}, {"exclude_modules": ["o_proj"]}],
@@ -205,12 +211,7 @@ def test_adapter_saved_by_peft_with_layers_and_excludes_passes(env, tmp_path):
     model = get_peft_model(load_base(env.base), config)
     adapter = tmp_path / "peft_saved"
     model.save_pretrained(str(adapter))
-    v = verify(env, adapter)
-    stock = peft_logits(env.base, adapter, IDS)
-    assert stock.missing == [] and stock.unexpected == []
-    err = rel_err(v.peft, stock.logits[0])
-    assert err < REL_TOL, f"peft variant vs stock PEFT relative error {err:.3g}\n{v.stdout}"
-    assert v.rc == EXIT_OK and v.failing() == [], f"exit {v.rc}\n{v.stdout}\n{v.stderr}"
+    v = verify_passes_as_stock_peft(env, adapter)
     assert v.check("adapter_config_modelled")["passed"]
 
 
