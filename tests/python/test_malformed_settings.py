@@ -1,0 +1,169 @@
+"""Malformed settings are errors (exit 2), never defaults: every run_config.yaml value the export reads is type- and
+range-checked, and the message names the file, the key path, the value and what was expected. Also: config.json
+values that contradict each other or the checkpoint, stray command-line arguments, `--config` naming a directory,
+an iteration number past int64 in the hook, and an unknown ADAPTER_JOB_LAUNCH in the Slurm script.
+
+Each case starts from a generated checkpoint (tests/fixtures/megatron_checkpoint.py) and a tiny Llama, copied to a
+temporary directory and edited there."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run
+from megatron_checkpoint import CheckpointConfig, write_checkpoint
+from tiny_llama import TinyLlamaConfig, build_tiny_llama
+
+PLACEHOLDER = "__adapter_job_test_value__"
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """A tiny Llama, a TP1 LoRA checkpoint of it, a Qwen3-MoE with 4 experts and an MoE checkpoint of it in the
+    pre-0.5.1 shared layout (no expert axis: nothing in the tensors says how many experts there are)."""
+    root = tmp_path_factory.mktemp("generated")
+    base = build_tiny_llama(TinyLlamaConfig(), root / "base")
+    ckpt = write_checkpoint(CheckpointConfig(out=root / "ckpt")).root
+    moe = TinyLlamaConfig(architecture="qwen3_moe", head_dim=32)
+    moe_base = build_tiny_llama(moe, root / "moe_base")
+    moe_ckpt = write_checkpoint(CheckpointConfig(
+        out=root / "moe_ckpt", heads=moe.heads, query_groups=moe.kv_heads, head_dim=moe.head_dim, hidden=moe.hidden,
+        ffn=moe.ffn, num_layers=moe.layers, experts=moe.experts, expert_ffn=moe.expert_ffn,
+        topk=moe.experts_per_token, legacy_shared_experts=True)).root
+    return {"base": base, "ckpt": ckpt, "moe_base": moe_base, "moe_ckpt": moe_ckpt}
+
+
+@pytest.fixture
+def ckpt(generated, tmp_path):
+    return Path(shutil.copytree(generated["ckpt"], tmp_path / "ckpt"))
+
+
+@pytest.fixture
+def base(generated, tmp_path):
+    return Path(shutil.copytree(generated["base"], tmp_path / "base"))
+
+
+def export(binary, hf, ckpt, out, *extra):
+    return run([binary, "export", "--hf-model-id", hf, "--megatron-peft-checkpoint", ckpt, "--output-hf-path", out,
+                "--verify-device", "cpu", *extra], check=False, timeout=300)
+
+
+def expect_bad_input(proc, out: Path, *fragments) -> str:
+    """Exit 2 and one error line that names every fragment; nothing published."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, proc.stderr
+    assert "internal error" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert str(fragment) in errors[0], f"missing {fragment!r} in: {errors[0]}"
+    assert not out.exists() and not Path(f"{out}.unverified").exists()
+    return errors[0]
+
+
+def set_run_config(ckpt: Path, section: str, key: str, raw: str | None) -> Path:
+    """Sets run_config.yaml's `section.key` to the YAML text `raw` as written (None: removes the whole section and
+    writes `section: <raw section>` instead when key is empty)."""
+    path = next(ckpt.glob("iter_*")) / "run_config.yaml"
+    settings = yaml.safe_load(path.read_text())
+    if key:
+        settings[section][key] = PLACEHOLDER
+    else:
+        settings[section] = PLACEHOLDER
+    path.write_text(yaml.safe_dump(settings, sort_keys=True).replace(PLACEHOLDER, raw))
+    return path
+
+
+# (section, key, the value as YAML text, what the message must say was expected)
+RUN_CONFIG_CASES = [
+    # alpha as a map, list or null became 32 (and verified: the merged variant used the same wrong alpha)
+    ("peft", "alpha", "{scale: 16}", "a finite number > 0"),
+    ("peft", "alpha", "[16]", "a finite number > 0"),
+    ("peft", "alpha", "null", "a finite number > 0"),
+    ("peft", "alpha", "~", "a finite number > 0"),
+    ("peft", "alpha", "nan", "a finite number > 0"),      # was written to adapter_config.json as null
+    ("peft", "alpha", ".nan", "a finite number > 0"),
+    ("peft", "alpha", ".inf", "a finite number > 0"),
+    ("peft", "alpha", "0", "a finite number > 0"),
+    ("peft", "alpha", "-16", "a finite number > 0"),
+    ("peft", "alpha", "'16'", "a finite number > 0"),
+    ("peft", "alpha", "true", "a finite number > 0"),
+    ("peft", "dropout", "2.0", "a number >= 0 and < 1"),  # was published as lora_dropout 2.0
+    ("peft", "dropout", "1", "a number >= 0 and < 1"),
+    ("peft", "dropout", "-0.1", "a number >= 0 and < 1"),
+    ("peft", "dropout", "{p: 0.1}", "a number >= 0 and < 1"),
+    ("peft", "dropout", "null", "a number >= 0 and < 1"),
+    ("peft", "dim", "8.5", "an integer from 1 to"),
+    ("peft", "dim", "'8'", "an integer from 1 to"),
+    ("peft", "dim", "true", "an integer from 1 to"),
+    ("peft", "dim", "null", "an integer from 1 to"),
+    ("peft", "dim", "99999999999999999999", "an integer from 1 to"),
+    ("peft", "dropout_position", "middle", "pre or post"),
+    ("peft", "target_modules", "linear_qkv", "a list of strings"),
+    ("peft", "target_modules", "[[linear_qkv]]", "a list of strings"),  # a YAML bad conversion: exit 1
+    ("peft", "target_modules", "[linear_qkv, {a: 1}]", "a list of strings"),
+    ("peft", "exclude_modules", "[null]", "a list of strings"),
+    ("peft", "share_expert_adapters", "'yes'", "true or false"),
+    ("peft", "share_expert_adapters", "1", "true or false"),
+    ("peft", "normalize_moe_lora", "null", "true or false"),
+    ("peft", "_target_", "[megatron.bridge.peft.lora.LoRA]", "a string"),
+    ("model", "pipeline_model_parallel_size", "4294967296", "an integer from 1 to 65536"),  # was SIGFPE
+    ("model", "pipeline_model_parallel_size", "4294967297", "an integer from 1 to 65536"),  # was read as 1
+    ("model", "tensor_model_parallel_size", "100000", "an integer from 1 to 65536"),
+    ("model", "tensor_model_parallel_size", "1.5", "an integer from 1 to 65536"),
+    ("model", "tensor_model_parallel_size", "null", "an integer from 1 to 65536"),
+    ("model", "virtual_pipeline_model_parallel_size", "'2'", "an integer from 1 to 65536"),
+    ("model", "expert_tensor_parallel_size", "[1]", "an integer from 1 to 65536"),
+    ("model", "num_layers", "four", "an integer from 1 to"),
+    ("model", "hidden_size", "{a: 1}", "an integer from 1 to"),
+    ("model", "num_query_groups", "0", "an integer from 1 to"),
+    ("model", "num_moe_experts", "-4", "an integer from 1 to"),
+    ("model", "bf16", "'true'", "true or false"),
+    ("model", "fp16", "null", "true or false"),
+    ("model", "hf_model_id", "[a, b]", "a string"),
+    ("model", "params_dtype", "torch.bfloat16", "a mapping"),
+    ("model", "extra_checkpoint_metadata", "[1]", "a mapping"),
+]
+
+
+@pytest.mark.parametrize("section,key,raw,expected", RUN_CONFIG_CASES,
+                         ids=[f"{s}.{k}={r}" for s, k, r, _ in RUN_CONFIG_CASES])
+def test_malformed_run_config_value(adapter_job_bin, generated, ckpt, tmp_path, section, key, raw, expected):
+    path = set_run_config(ckpt, section, key, raw)
+    out = tmp_path / "adapter"
+    value = "null" if raw in ("~", "null") else raw
+    expect_bad_input(export(adapter_job_bin, generated["base"], ckpt, out), out, path, f"{section}.{key} is {value};",
+                     f"expected {expected}")
+
+
+@pytest.mark.parametrize("section,raw", [("peft", "5"), ("peft", "[dim, alpha]"), ("model", "gpt")])
+def test_section_that_is_not_a_mapping(adapter_job_bin, generated, ckpt, tmp_path, section, raw):
+    path = set_run_config(ckpt, section, "", raw)
+    out = tmp_path / "adapter"
+    expect_bad_input(export(adapter_job_bin, generated["base"], ckpt, out), out, path, f"{section} is {raw};",
+                     "expected a mapping")
+
+
+def test_alpha_and_dropout_keep_their_types(adapter_job_bin, generated, ckpt, tmp_path):
+    """The checks do not change what valid values become: an int alpha stays an int, a float dropout a float."""
+    set_run_config(ckpt, "peft", "alpha", "24")
+    set_run_config(ckpt, "peft", "dropout", "0.05")
+    out = tmp_path / "adapter"
+    run([adapter_job_bin, "export", "--hf-model-id", generated["base"], "--megatron-peft-checkpoint", ckpt,
+         "--output-hf-path", out, "--no-verify"])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == 24 and isinstance(config["lora_alpha"], int)
+    assert config["lora_dropout"] == 0.05
+
+
+def test_training_shards_beyond_the_bound(adapter_job_bin, generated, ckpt, tmp_path):
+    """Each size is sane, but PP x max(TP, EP x expert TP) is past what any run has (and what int holds)."""
+    set_run_config(ckpt, "model", "pipeline_model_parallel_size", "65536")
+    path = set_run_config(ckpt, "model", "tensor_model_parallel_size", "65536")
+    out = tmp_path / "adapter"
+    expect_bad_input(export(adapter_job_bin, generated["base"], ckpt, out), out, path,
+                     "model.pipeline_model_parallel_size 65536 x max(tensor_model_parallel_size 65536",
+                     "training shards; expected at most 1048576")
