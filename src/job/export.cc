@@ -100,6 +100,18 @@ std::unique_ptr<Plan> MakePlan(const ExportOptions& options, int world_size, int
   for (const auto& layer : plan.layout.layers) {
     plan.outputs.push_back(convert::PlanLayerConversion(layer, plan.settings));
   }
+  // Expert tensors with an expert axis were checked against the model's count above; a shared
+  // adapter saved without one (before Megatron-Bridge 0.5.1) says nothing of it, so the training's
+  // own count must agree with the model's, or the adapter is copied to experts that were never
+  // trained.
+  if (const auto experts = plan.run.model.num_moe_experts;
+      experts && fs::is_directory(model_dir) && *experts != plan.settings.model.num_experts) {
+    const int64_t model_experts = plan.settings.model.num_experts;
+    Fail("{} describes {}, but {}: model.num_moe_experts is {}", plan.settings.model.path.string(),
+         model_experts == 0 ? "a dense model"
+                            : fmt::format("{} experts per MoE layer", model_experts),
+         plan.run.run_config_path->string(), *experts);
+  }
   plan.owners = dist::ShardOwnership::Assign(plan.layout.shard_count(), world_size);
 
   // Fail before any collective if a shard this rank owns is missing or short.

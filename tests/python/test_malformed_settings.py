@@ -167,3 +167,59 @@ def test_training_shards_beyond_the_bound(adapter_job_bin, generated, ckpt, tmp_
     expect_bad_input(export(adapter_job_bin, generated["base"], ckpt, out), out, path,
                      "model.pipeline_model_parallel_size 65536 x max(tensor_model_parallel_size 65536",
                      "training shards; expected at most 1048576")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json
+
+def edit_config(model: Path, **changes) -> Path:
+    path = model / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def test_num_experts_that_contradicts_num_local_experts(adapter_job_bin, generated, tmp_path):
+    """config.json says num_local_experts 4 (the model has 4) and num_experts 8: which one is meant is unknowable."""
+    model = Path(shutil.copytree(generated["moe_base"], tmp_path / "moe"))
+    path = edit_config(model, num_experts=8)
+    out = tmp_path / "adapter"
+    expect_bad_input(export(adapter_job_bin, model, generated["moe_ckpt"], out), out, path, "num_experts 8",
+                     "num_local_experts 4")
+
+
+def test_num_experts_that_contradicts_the_checkpoint(adapter_job_bin, generated, tmp_path):
+    """An 8-expert config.json against a 4-expert checkpoint whose shared adapters carry no expert axis: only
+    run_config.yaml's model.num_moe_experts says 4, and the export must not copy the adapter to 8 experts."""
+    model = Path(shutil.copytree(generated["moe_base"], tmp_path / "moe"))
+    path = edit_config(model, num_local_experts=None, num_experts=8)
+    out = tmp_path / "adapter"
+    expect_bad_input(export(adapter_job_bin, model, generated["moe_ckpt"], out, "--no-verify"), out, path,
+                     "8 experts", "run_config.yaml", "model.num_moe_experts is 4")
+
+
+def test_architecture_not_supported_even_when_model_type_is(adapter_job_bin, generated, base, ckpt, tmp_path):
+    path = edit_config(base, architectures=["EvilForCausalLM"], model_type="llama")
+    out = tmp_path / "adapter"
+    error = expect_bad_input(export(adapter_job_bin, base, ckpt, out), out, "'EvilForCausalLM'", "LlamaForCausalLM")
+    assert "is not supported" in error
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"rope_theta": "500000"}, "rope_theta"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e6"}}, "rope_parameters.rope_theta"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": [10000]}}, "rope_parameters.rope_theta"),
+])
+def test_malformed_numbers_in_config_json(adapter_job_bin, generated, base, ckpt, tmp_path, changes, key):
+    """A string where RoPE's theta or the norm epsilon belongs was ignored (the defaults were used, in the verifying
+    forward pass too)."""
+    path = edit_config(base, **changes)
+    out = tmp_path / "adapter"
+    expect_bad_input(export(adapter_job_bin, base, ckpt, out), out, path, f"'{key}'", "expected a number > 0")
