@@ -9,6 +9,7 @@
 #include "adapter_job/verify/verify.h"
 #include "commands.h"
 #include "console.h"
+#include "layered_options.h"
 #include "verify_options.h"
 
 namespace adapter_job::cli {
@@ -114,7 +115,7 @@ int RunVerify(const std::vector<std::string>& args) {
   AddVerifyOptions(options);
   AddConsoleOptions(options);
   po::variables_map vm;
-  po::store(po::command_line_parser(args).options(options).run(), vm);
+  po::store(ParseOptionsOnly(args, options), vm);
   po::notify(vm);
   if (vm.count("help")) {
     std::cout << options;

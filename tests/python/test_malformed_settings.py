@@ -223,3 +223,61 @@ def test_malformed_numbers_in_config_json(adapter_job_bin, generated, base, ckpt
     path = edit_config(base, **changes)
     out = tmp_path / "adapter"
     expect_bad_input(export(adapter_job_bin, base, ckpt, out), out, path, f"'{key}'", "expected a number > 0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line, the hook, the Slurm script
+
+def test_stray_positional_arguments(adapter_job_bin, generated, tmp_path):
+    out = tmp_path / "adapter"
+    common = ["--hf-model-id", generated["base"], "--megatron-peft-checkpoint", generated["ckpt"],
+              "--output-hf-path", out, "--no-verify"]
+    for args in (["export", "stray", *common], ["export", *common, "more", "args"], [*common, "stray"],
+                 ["stream", *common[:4], "--output", tmp_path / "x.safetensors", "stray"],
+                 ["verify", "--hf-model-id", generated["base"], "--hf-adapter-path", tmp_path / "none", "stray"],
+                 ["version", "stray"]):
+        proc = run([adapter_job_bin, *args], check=False)
+        assert proc.returncode == 2, (args, proc.returncode, proc.stdout, proc.stderr)
+        assert "stray" in proc.stderr or "more" in proc.stderr, (args, proc.stderr)
+        assert not out.exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_config_that_is_a_directory(adapter_job_bin, generated, tmp_path):
+    out = tmp_path / "adapter"
+    directory = tmp_path / "settings.ini"
+    directory.mkdir()
+    proc = run([adapter_job_bin, "export", "--config", directory, "--hf-model-id", generated["base"],
+                "--megatron-peft-checkpoint", generated["ckpt"], "--output-hf-path", out, "--no-verify"], check=False)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert f"config file '{directory}' is a directory" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("iteration", ["9223372036854775808", "18446744073709551617", "99999999999999999999999"])
+def test_hook_iteration_past_int64(adapter_job_bin, generated, ckpt, tmp_path, iteration):
+    """bash arithmetic wrapped these (9223372036854775808 named iter_-9223372036854775808), and the hook then
+    waited for a directory that cannot exist."""
+    (ckpt / "latest_checkpointed_iteration.txt").write_text(iteration + "\n")
+    out = tmp_path / "adapter"
+    env = {"ADAPTER_JOB_CHECKPOINT": str(ckpt), "ADAPTER_JOB_HF_MODEL": str(generated["base"]),
+           "ADAPTER_JOB_OUTPUT": str(out), "ADAPTER_JOB_BIN": str(adapter_job_bin),
+           "ADAPTER_JOB_WAIT_SECONDS": "2", "ADAPTER_JOB_POLL_SECONDS": "1"}
+    proc = subprocess.run(["bash", REPO / "jobs" / "export_hook.sh"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    result = json.loads(Path(f"{out}.result.json").read_text())
+    assert result["exit_code"] == 2 and iteration in result["message"], result
+    assert "iter_-" not in result["message"] and not out.exists()
+
+
+def test_slurm_script_refuses_an_unknown_launcher(adapter_job_bin, generated, tmp_path):
+    """ADAPTER_JOB_LAUNCH=srunn (a typo) fell back to mpirun; it is refused before anything starts."""
+    out = tmp_path / "adapter"
+    env = {"ADAPTER_JOB_LAUNCH": "srunn", "ADAPTER_JOB_BIN": str(adapter_job_bin),
+           "ADAPTER_JOB_ARGS": "--no-verify", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    proc = subprocess.run(["bash", REPO / "slurm" / "export.sbatch", "--hf-model-id", generated["base"],
+                           "--megatron-peft-checkpoint", generated["ckpt"], "--output-hf-path", out],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env}, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "ADAPTER_JOB_LAUNCH 'srunn'" in proc.stderr and "srun or mpirun" in proc.stderr, proc.stderr
+    assert not out.exists()
