@@ -8,6 +8,7 @@ temporary directory and edited there."""
 import json
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -223,6 +224,36 @@ def test_malformed_numbers_in_config_json(adapter_job_bin, generated, base, ckpt
     path = edit_config(base, **changes)
     out = tmp_path / "adapter"
     expect_bad_input(export(adapter_job_bin, base, ckpt, out), out, path, f"'{key}'", "expected a number > 0")
+
+
+def rewrite_header_shape(model: Path, name: str, shape: list[int]) -> Path:
+    """model.safetensors with `name`'s header shape replaced by one of the same byte count: a file the reader
+    accepts (offsets and sizes agree) whose shape lies."""
+    path = model / "model.safetensors"
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    assert header[name]["shape"] != shape
+    header[name]["shape"] = shape
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    return path
+
+
+@pytest.mark.parametrize("name,shape,expected", [
+    ("model.layers.0.self_attn.q_proj.weight", [32, 128], "[64, 64]"),   # was a libtorch error: exit 1
+    ("model.embed_tokens.weight", [128, 128], "[256, 64]"),
+    ("lm_head.weight", [64, 256], "[256, 64]"),
+    ("model.layers.1.input_layernorm.weight", [8, 8], "[64]"),
+    ("model.norm.weight", [1, 64], "[64]"),                              # broadcast: was exit 0
+])
+def test_base_model_shape_that_contradicts_config_json(adapter_job_bin, generated, base, ckpt, tmp_path, name, shape,
+                                                       expected):
+    path = rewrite_header_shape(base, name, shape)
+    out = tmp_path / "adapter"
+    expect_bad_input(export(adapter_job_bin, base, ckpt, out), out, path, f"'{name}' has shape {shape}",
+                     f"{base / 'config.json'} implies {expected}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
