@@ -1,7 +1,8 @@
 """Malformed settings are errors (exit 2), never defaults: every run_config.yaml value the export reads is type- and
 range-checked, and the message names the file, the key path, the value and what was expected. Also: config.json
-values that contradict each other or the checkpoint, stray command-line arguments, `--config` naming a directory,
-an iteration number past int64 in the hook, and an unknown ADAPTER_JOB_LAUNCH in the Slurm script.
+values that contradict each other or the checkpoint, base-model safetensors shapes that contradict config.json,
+stray command-line arguments, `--config` naming a directory, an iteration number past int64 in the hook, and an
+unknown ADAPTER_JOB_LAUNCH in the Slurm script.
 
 Each case starts from a generated checkpoint (tests/fixtures/megatron_checkpoint.py) and a tiny Llama, copied to a
 temporary directory and edited there."""
