@@ -92,8 +92,12 @@ std::unique_ptr<Plan> MakePlan(const ExportOptions& options, int world_size, int
          plan.settings.model.num_hidden_layers, plan.layout.num_layers);
   }
   plan.families = convert::LoadModelFamilies(options.model_family_dirs);
-  plan.settings.family = &convert::FamilyFor(plan.families, plan.settings.model.architecture,
-                                             plan.settings.model.model_type);
+  plan.settings.family =
+      WithContext([&] { return plan.settings.model.path.string(); },
+                  [&] {
+                    return &convert::FamilyFor(plan.families, plan.settings.model.architecture,
+                                               plan.settings.model.model_type);
+                  });
   plan.settings.kind = plan.run.peft->kind;
   plan.settings.training_tensor_parallel = plan.layout.tensor_parallel;
   plan.settings.dtype = options.dtype;

@@ -208,7 +208,8 @@ def test_num_experts_that_contradicts_the_checkpoint(adapter_job_bin, generated,
 def test_architecture_not_supported_even_when_model_type_is(adapter_job_bin, generated, base, ckpt, tmp_path):
     path = edit_config(base, architectures=["EvilForCausalLM"], model_type="llama")
     out = tmp_path / "adapter"
-    error = expect_bad_input(export(adapter_job_bin, base, ckpt, out), out, "'EvilForCausalLM'", "LlamaForCausalLM")
+    error = expect_bad_input(export(adapter_job_bin, base, ckpt, out), out, path, "'EvilForCausalLM'",
+                             "LlamaForCausalLM")
     assert "is not supported" in error
 
 
