@@ -3,9 +3,12 @@
 #include <yaml-cpp/yaml.h>
 
 #include <charconv>
+#include <cmath>
+#include <limits>
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "yaml_values.h"
 
 namespace adapter_job::checkpoint {
 namespace {
@@ -53,41 +56,17 @@ fs::path ResolveIterationDir(const fs::path& given, std::optional<int64_t>& iter
   return given;
 }
 
-template <typename T>
-std::optional<T> Optional(const YAML::Node& section, const char* key, const fs::path& file,
-                          std::string_view section_name) {
-  const YAML::Node node = section[key];
-  if (!node || node.IsNull()) return std::nullopt;
-  try {
-    return node.as<T>();
-  } catch (const YAML::Exception&) {
-    Fail("{}: {}.{} has an unexpected value", file.string(), section_name, key);
-  }
-}
+// Beyond any Megatron run, and small enough that TP x PP x EP arithmetic stays far from overflow.
+constexpr int64_t kMaxParallelSize = 65536;
+// The training shards, PP x max(TP, EP x expert TP): each is a rank that wrote.
+constexpr int64_t kMaxTrainingShards = int64_t{1} << 20;
+// No model dimension comes near 2^31, and a product of two stays within int64.
+constexpr int64_t kMaxDimension = std::numeric_limits<int32_t>::max();
 
-// A YAML scalar as the JSON number (or string) it reads as, so 16 stays 16 and 0.05 stays 0.05.
-nlohmann::json ScalarToJson(const YAML::Node& node) {
-  const std::string text = node.Scalar();
-  if (auto i = ParseInt(text)) return *i;
-  double d = 0;
-  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), d);
-  if (ec == std::errc() && end == text.data() + text.size()) return d;
-  return text;
-}
-
-std::vector<std::string> StringList(const YAML::Node& section, const char* key,
-                                    const fs::path& file) {
-  std::vector<std::string> out;
-  const YAML::Node node = section[key];
-  if (!node || node.IsNull()) return out;
-  if (!node.IsSequence()) Fail("{}: peft.{} should be a list", file.string(), key);
-  for (const auto& item : node) out.push_back(item.as<std::string>());
-  return out;
-}
-
-PeftSettings ParsePeft(const YAML::Node& peft, const fs::path& file) {
+PeftSettings ParsePeft(const YamlSection& peft) {
   PeftSettings s;
-  s.target = Optional<std::string>(peft, "_target_", file, "peft").value_or("");
+  peft.RejectNull("_target_", "a Megatron-Bridge PEFT class name");
+  s.target = peft.String("_target_").value_or("");
   if (s.target.find("CanonicalLoRA") != std::string::npos) {
     s.kind = AdapterKind::kCanonicalLoRA;
   } else if (s.target.find("DoRA") != std::string::npos) {
@@ -97,60 +76,77 @@ PeftSettings ParsePeft(const YAML::Node& peft, const fs::path& file) {
   } else if (s.target.find("LoRA") != std::string::npos) {
     s.kind = AdapterKind::kLoRA;
   } else {
-    Fail("{}: peft._target_ '{}' is not a LoRA, DoRA or CanonicalLoRA class", file.string(),
+    Fail("{}: peft._target_ '{}' is not a LoRA, DoRA or CanonicalLoRA class", peft.file->string(),
          s.target);
   }
   if (s.kind == AdapterKind::kDoRA) s.alpha = 64;  // DoRA's own default
-  s.dim = Optional<int64_t>(peft, "dim", file, "peft").value_or(s.dim);
-  if (s.dim <= 0) Fail("{}: peft.dim must be positive, found {}", file.string(), s.dim);
-  if (peft["alpha"] && peft["alpha"].IsScalar()) s.alpha = ScalarToJson(peft["alpha"]);
-  if (!s.alpha.is_number()) Fail("{}: peft.alpha should be a number", file.string());
-  if (peft["dropout"] && peft["dropout"].IsScalar()) s.dropout = ScalarToJson(peft["dropout"]);
-  if (!s.dropout.is_number()) Fail("{}: peft.dropout should be a number", file.string());
-  s.dropout_position =
-      Optional<std::string>(peft, "dropout_position", file, "peft").value_or(s.dropout_position);
-  s.target_modules = StringList(peft, "target_modules", file);
-  s.exclude_modules = StringList(peft, "exclude_modules", file);
-  s.share_expert_adapters =
-      Optional<bool>(peft, "share_expert_adapters", file, "peft").value_or(s.share_expert_adapters);
-  s.normalize_moe_lora =
-      Optional<bool>(peft, "normalize_moe_lora", file, "peft").value_or(s.normalize_moe_lora);
+  // Megatron-Bridge's dataclasses default none of these to None: a null is a damaged file, and
+  // taking the default instead would export (and verify) an adapter trained with other settings.
+  constexpr std::string_view kDim = "an integer from 1 to 2147483647";
+  constexpr std::string_view kAlpha = "a finite number > 0 (int or float)";
+  constexpr std::string_view kDropout = "a number >= 0 and < 1";
+  constexpr std::string_view kStrings = "a list of strings";
+  constexpr std::string_view kBool = "true or false";
+  peft.RejectNull("dim", kDim);
+  peft.RejectNull("alpha", kAlpha);
+  peft.RejectNull("dropout", kDropout);
+  peft.RejectNull("dropout_position", "pre or post");
+  peft.RejectNull("target_modules", kStrings);
+  peft.RejectNull("share_expert_adapters", kBool);
+  peft.RejectNull("normalize_moe_lora", kBool);
+  s.dim = peft.Int("dim", 1, kMaxDimension).value_or(s.dim);
+  s.alpha = peft.Number("alpha", 0, false, HUGE_VAL, false, kAlpha).value_or(s.alpha);
+  s.dropout = peft.Number("dropout", 0, true, 1, false, kDropout).value_or(s.dropout);
+  s.dropout_position = peft.String("dropout_position").value_or(s.dropout_position);
+  if (s.dropout_position != "pre" && s.dropout_position != "post") {
+    peft.Bad("dropout_position", peft.node["dropout_position"], "pre or post");
+  }
+  s.target_modules = peft.StringList("target_modules").value_or(s.target_modules);
+  s.exclude_modules = peft.StringList("exclude_modules").value_or(s.exclude_modules);
+  s.share_expert_adapters = peft.Bool("share_expert_adapters").value_or(s.share_expert_adapters);
+  s.normalize_moe_lora = peft.Bool("normalize_moe_lora").value_or(s.normalize_moe_lora);
   return s;
 }
 
-ModelSettings ParseModel(const YAML::Node& model, const fs::path& file) {
+ModelSettings ParseModel(const YamlSection& model) {
   ModelSettings m;
-  const auto get_int = [&](const char* key) {
-    return Optional<int64_t>(model, key, file, "model");
-  };
-  m.tensor_parallel = get_int("tensor_model_parallel_size").value_or(1);
-  m.pipeline_parallel = get_int("pipeline_model_parallel_size").value_or(1);
-  m.virtual_pipeline_parallel = get_int("virtual_pipeline_model_parallel_size");
-  m.expert_parallel = get_int("expert_model_parallel_size").value_or(1);
-  m.expert_tensor_parallel = get_int("expert_tensor_parallel_size").value_or(m.tensor_parallel);
-  for (auto [size, name] : {std::pair{m.tensor_parallel, "tensor_model_parallel_size"},
-                            {m.pipeline_parallel, "pipeline_model_parallel_size"},
-                            {m.expert_parallel, "expert_model_parallel_size"}}) {
-    if (size <= 0) Fail("{}: model.{} must be positive, found {}", file.string(), name, size);
+  const auto parallel = [&](const char* key) { return model.Int(key, 1, kMaxParallelSize); };
+  const auto dimension = [&](const char* key) { return model.Int(key, 1, kMaxDimension); };
+  // Megatron's defaults for these are numbers, never None.
+  for (const char* key : {"tensor_model_parallel_size", "pipeline_model_parallel_size",
+                          "expert_model_parallel_size"}) {
+    model.RejectNull(key, "an integer from 1 to 65536");
   }
-  m.num_layers = get_int("num_layers");
-  m.hidden_size = get_int("hidden_size");
-  m.ffn_hidden_size = get_int("ffn_hidden_size");
-  m.num_attention_heads = get_int("num_attention_heads");
-  m.num_query_groups = get_int("num_query_groups");
-  m.kv_channels = get_int("kv_channels");
-  m.hf_model_id = Optional<std::string>(model, "hf_model_id", file, "model");
-  if (const YAML::Node extra = model["extra_checkpoint_metadata"]; extra && extra.IsMap()) {
-    if (auto id =
-            Optional<std::string>(extra, "hf_model_id", file, "model.extra_checkpoint_metadata")) {
-      m.hf_model_id = id;
-    }
+  for (const char* key : {"bf16", "fp16"}) model.RejectNull(key, "true or false");
+  m.tensor_parallel = parallel("tensor_model_parallel_size").value_or(1);
+  m.pipeline_parallel = parallel("pipeline_model_parallel_size").value_or(1);
+  m.virtual_pipeline_parallel = parallel("virtual_pipeline_model_parallel_size");
+  m.expert_parallel = parallel("expert_model_parallel_size").value_or(1);
+  m.expert_tensor_parallel = parallel("expert_tensor_parallel_size").value_or(m.tensor_parallel);
+  const int64_t shards = m.pipeline_parallel *
+                         std::max(m.tensor_parallel, m.expert_parallel * m.expert_tensor_parallel);
+  if (shards > kMaxTrainingShards) {
+    Fail(
+        "{}: model.pipeline_model_parallel_size {} x max(tensor_model_parallel_size {}, "
+        "expert_model_parallel_size {} x expert_tensor_parallel_size {}) is {} training shards; "
+        "expected at most {}",
+        model.file->string(), m.pipeline_parallel, m.tensor_parallel, m.expert_parallel,
+        m.expert_tensor_parallel, shards, kMaxTrainingShards);
   }
-  if (const YAML::Node dtype = model["params_dtype"]; dtype && dtype.IsMap()) {
-    m.params_dtype = Optional<std::string>(dtype, "_target_", file, "model.params_dtype");
+  m.num_layers = dimension("num_layers");
+  m.hidden_size = dimension("hidden_size");
+  m.ffn_hidden_size = dimension("ffn_hidden_size");
+  m.num_attention_heads = dimension("num_attention_heads");
+  m.num_query_groups = dimension("num_query_groups");
+  m.kv_channels = dimension("kv_channels");
+  m.num_moe_experts = dimension("num_moe_experts");
+  m.hf_model_id = model.String("hf_model_id");
+  if (const auto extra = model.Section("extra_checkpoint_metadata")) {
+    if (auto id = extra->String("hf_model_id")) m.hf_model_id = id;
   }
-  m.bf16 = Optional<bool>(model, "bf16", file, "model").value_or(false);
-  m.fp16 = Optional<bool>(model, "fp16", file, "model").value_or(false);
+  if (const auto dtype = model.Section("params_dtype")) m.params_dtype = dtype->String("_target_");
+  m.bf16 = model.Bool("bf16").value_or(false);
+  m.fp16 = model.Bool("fp16").value_or(false);
   return m;
 }
 
@@ -245,11 +241,16 @@ RunDirectory OpenRunDirectory(const fs::path& path,
       Fail("{}: not valid YAML: {}", file.string(), e.what());
     }
     if (!root.IsMap()) Fail("{}: expected a mapping at the top level", file.string());
-    if (const YAML::Node peft = root["peft"]; peft && peft.IsMap())
-      run.peft = ParsePeft(peft, file);
-    if (const YAML::Node model = root["model"]; model && model.IsMap()) {
-      run.model = ParseModel(model, file);
-    }
+    const auto section = [&](const char* key) -> std::optional<YamlSection> {
+      const YAML::Node value = root[key];
+      if (!value.IsDefined() || value.IsNull()) return std::nullopt;
+      if (!value.IsMap()) {
+        Fail("{}: {} is {}; expected a mapping", file.string(), key, DescribeYaml(value));
+      }
+      return YamlSection{value, key, &file};
+    };
+    if (const auto peft = section("peft")) run.peft = ParsePeft(*peft);
+    if (const auto model = section("model")) run.model = ParseModel(*model);
   }
   return run;
 }

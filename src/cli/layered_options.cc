@@ -14,6 +14,9 @@ namespace po = boost::program_options;
 namespace fs = std::filesystem;
 
 po::parsed_options ParseIni(const fs::path& file, const po::options_description& options) {
+  // An ifstream opens a directory and reads nothing from it: the settings would be ignored.
+  if (fs::is_directory(file))
+    Fail("config file '{}' is a directory; expected an INI file", file.string());
   std::ifstream in(file);
   if (!in) Fail("cannot read config file '{}'", file.string());
   try {
@@ -42,11 +45,24 @@ std::vector<std::string> ValueTexts(const boost::any& value) {
 
 }  // namespace
 
+po::parsed_options ParseOptionsOnly(const std::vector<std::string>& args,
+                                    const po::options_description& options) {
+  // Without a positional description Boost keeps such arguments unnamed, and store() drops them.
+  po::parsed_options parsed = po::command_line_parser(args).options(options).run();
+  for (const auto& option : parsed.options) {
+    if (option.string_key.empty() && !option.original_tokens.empty()) {
+      throw po::error(fmt::format("unexpected argument '{}' (this command takes only --options)",
+                                  option.original_tokens.front()));
+    }
+  }
+  return parsed;
+}
+
 LayeredOptions ParseLayered(const std::vector<std::string>& args,
                             const po::options_description& options,
                             const std::vector<fs::path>& defaults_files) {
   LayeredOptions layered;
-  AddLayer(layered, "command line", po::command_line_parser(args).options(options).run());
+  AddLayer(layered, "command line", ParseOptionsOnly(args, options));
   const auto& from_command_line = layered.layers.front().values;
   if (from_command_line.count("config")) {
     const fs::path config = from_command_line["config"].as<std::string>();

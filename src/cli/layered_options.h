@@ -20,6 +20,12 @@ struct LayeredOptions {
   boost::program_options::variables_map merged;  // what the command uses
 };
 
+// Parses a command line that takes options only: an argument that is not an option (`export
+// stray --hf-model-id ...`) is a usage error naming it, never silently dropped.
+boost::program_options::parsed_options ParseOptionsOnly(
+    const std::vector<std::string>& args,
+    const boost::program_options::options_description& options);
+
 // Parses `args`, then the --config file they name (if any), then `defaults_file` (if any).
 LayeredOptions ParseLayered(const std::vector<std::string>& args,
                             const boost::program_options::options_description& options,

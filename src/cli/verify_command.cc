@@ -10,6 +10,7 @@
 #include "adapter_job/writer/output_guard.h"
 #include "commands.h"
 #include "console.h"
+#include "layered_options.h"
 #include "verify_options.h"
 
 namespace adapter_job::cli {
@@ -118,7 +119,7 @@ int RunVerify(const std::vector<std::string>& args) {
   AddVerifyOptions(options);
   AddConsoleOptions(options);
   po::variables_map vm;
-  po::store(po::command_line_parser(args).options(options).run(), vm);
+  po::store(ParseOptionsOnly(args, options), vm);
   po::notify(vm);
   if (vm.count("help")) {
     std::cout << options;

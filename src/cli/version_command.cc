@@ -3,6 +3,7 @@
 
 #include "adapter_job/dist/accelerator.h"
 #include "commands.h"
+#include "layered_options.h"
 
 namespace adapter_job::cli {
 
@@ -11,7 +12,7 @@ int RunVersion(const std::vector<std::string>& args) {
   po::options_description options("adapter_job version");
   options.add_options()("help,h", "show this help");
   po::variables_map vm;
-  po::store(po::command_line_parser(args).options(options).run(), vm);
+  po::store(ParseOptionsOnly(args, options), vm);
   if (vm.count("help")) {
     std::cout << options;
     return 0;

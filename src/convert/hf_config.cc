@@ -13,6 +13,31 @@ int64_t RequireInt(const nlohmann::json& j, const char* key) {
   return j[key].get<int64_t>();
 }
 
+// A positive number where one is given (null means "the default"): the verifying forward pass
+// reads these, and a string in their place would quietly leave it at the default.
+void RequirePositiveNumberIfSet(const nlohmann::json& j, const char* key,
+                                const std::string& where) {
+  if (!j.contains(key) || j[key].is_null()) return;
+  if (!j[key].is_number() || !(j[key].get<double>() > 0)) {
+    Fail("'{}{}' is {}; expected a number > 0", where, key, j[key].dump());
+  }
+}
+
+// rope_theta sits at the top level (transformers 4), in rope_parameters or rope_scaling
+// (transformers 5), or in their per-layer-type entries (Gemma 3).
+void CheckRopeAndNormNumbers(const nlohmann::json& j) {
+  RequirePositiveNumberIfSet(j, "rms_norm_eps", "");
+  RequirePositiveNumberIfSet(j, "rope_theta", "");
+  for (const char* section : {"rope_parameters", "rope_scaling"}) {
+    if (!j.contains(section) || !j[section].is_object()) continue;
+    const std::string where = std::string(section) + ".";
+    RequirePositiveNumberIfSet(j[section], "rope_theta", where);
+    for (const auto& [type, params] : j[section].items()) {
+      if (params.is_object()) RequirePositiveNumberIfSet(params, "rope_theta", where + type + ".");
+    }
+  }
+}
+
 }  // namespace
 
 HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir) {
@@ -49,9 +74,18 @@ HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir) {
                          : c.hidden_size / c.num_attention_heads;
         c.intermediate_size = RequireInt(j, "intermediate_size");
         c.num_hidden_layers = RequireInt(j, "num_hidden_layers");
+        // Qwen3-MoE calls it num_experts, Mixtral num_local_experts, and transformers 5 treats
+        // them as one; two different counts leave the model's unknowable.
+        const char* experts_key = nullptr;
         for (const char* key : {"num_experts", "num_local_experts"}) {
-          if (j.contains(key) && !j[key].is_null() && j[key] != 0)
-            c.num_experts = RequireInt(j, key);
+          if (!j.contains(key) || j[key].is_null() || j[key] == 0) continue;
+          const int64_t experts = RequireInt(j, key);
+          if (experts_key != nullptr && experts != c.num_experts) {
+            Fail("{} {} and {} {} disagree; expected one expert count", experts_key, c.num_experts,
+                 key, experts);
+          }
+          experts_key = key;
+          c.num_experts = experts;
         }
         if (c.num_experts > 0) {
           c.experts_per_token = RequireInt(j, "num_experts_per_tok");
@@ -60,6 +94,7 @@ HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir) {
                                            : c.intermediate_size;
         }
         c.vocab_size = RequireInt(j, "vocab_size");
+        CheckRopeAndNormNumbers(j);
         c.tie_word_embeddings =
             c.raw.value("tie_word_embeddings", j.value("tie_word_embeddings", false));
         if (c.num_attention_heads % c.num_key_value_heads != 0) {

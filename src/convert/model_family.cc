@@ -241,7 +241,11 @@ const ModelFamily& FamilyFor(const std::vector<ModelFamily>& families,
         family.architectures.end())
       return family;
   }
+  // model_type decides only when config.json names no architecture, or for a family that is
+  // recognised by model_type alone: an unknown architecture is another model class, whatever
+  // model_type it claims (EvilForCausalLM with model_type llama is not Llama).
   for (const auto& family : families) {
+    if (!architecture.empty() && !family.architectures.empty()) continue;
     if (std::find(family.model_types.begin(), family.model_types.end(), model_type) !=
         family.model_types.end())
       return family;

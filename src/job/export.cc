@@ -122,13 +122,29 @@ std::unique_ptr<Plan> MakePlan(const ExportOptions& options,
          plan.settings.model.num_hidden_layers, plan.layout.num_layers);
   }
   plan.families = convert::LoadModelFamilies(options.model_family_dirs);
-  plan.settings.family = &convert::FamilyFor(plan.families, plan.settings.model.architecture,
-                                             plan.settings.model.model_type);
+  plan.settings.family =
+      WithContext([&] { return plan.settings.model.path.string(); },
+                  [&] {
+                    return &convert::FamilyFor(plan.families, plan.settings.model.architecture,
+                                               plan.settings.model.model_type);
+                  });
   plan.settings.kind = plan.run.peft->kind;
   plan.settings.training_tensor_parallel = plan.layout.tensor_parallel;
   plan.settings.dtype = options.dtype;
   for (const auto& layer : plan.layout.layers) {
     plan.outputs.push_back(convert::PlanLayerConversion(layer, plan.settings));
+  }
+  // Expert tensors with an expert axis were checked against the model's count above; a shared
+  // adapter saved without one (before Megatron-Bridge 0.5.1) says nothing of it, so the training's
+  // own count must agree with the model's, or the adapter is copied to experts that were never
+  // trained.
+  if (const auto experts = plan.run.model.num_moe_experts;
+      experts && plan.base.dir && *experts != plan.settings.model.num_experts) {
+    const int64_t model_experts = plan.settings.model.num_experts;
+    Fail("{} describes {}, but {}: model.num_moe_experts is {}", plan.settings.model.path.string(),
+         model_experts == 0 ? "a dense model"
+                            : fmt::format("{} experts per MoE layer", model_experts),
+         plan.run.run_config_path->string(), *experts);
   }
   plan.owners = dist::ShardOwnership::Assign(plan.layout.shard_count(), world_size);
 

@@ -26,6 +26,10 @@ class HfWeights {
   // The tensor converted to `dtype` on `device`.
   at::Tensor Get(const std::string& name, const at::Device& device, at::ScalarType dtype) const;
   std::vector<int64_t> Shape(const std::string& name) const;
+  // The safetensors file that holds `name` (which must exist).
+  const std::filesystem::path& FileOf(const std::string& name) const {
+    return location_.at(name).first->file.path();
+  }
 
  private:
   static constexpr uint64_t kStagingBytes = 64ULL << 20;

@@ -10,6 +10,7 @@
 #include "adapter_job/core/error.h"
 #include "adapter_job/verify/tokenizer.h"
 #include "adapter_job/verify/verify.h"
+#include "base_shapes.h"
 #include "checks.h"
 #include "hf_weights.h"
 #include "llama.h"
@@ -100,6 +101,7 @@ VerificationReport Verify(const VerifyOptions& options) {
       convert::FamilyFor(families, config.architecture, config.model_type);
   const LlamaSettings settings = MakeLlamaSettings(config, family);
   const HfWeights base = HfWeights::Open(options.hf_model);
+  CheckBaseShapes(base, config, settings);
   const PeftAdapter peft = PeftAdapter::Open(options.adapter, base, config.num_hidden_layers,
                                              DecoderLinearPaths(settings));
   std::unique_ptr<MegatronAdapter> megatron;

@@ -1,5 +1,6 @@
 #include "adapter_job/writer/adapter_config.h"
 
+#include <cmath>
 #include <set>
 
 #include "adapter_job/core/error.h"
@@ -7,6 +8,15 @@
 namespace adapter_job::writer {
 
 nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& in) {
+  // JSON has no NaN or infinity: nlohmann would write null, which PEFT reads as "no alpha".
+  const auto finite = [](const nlohmann::json& v) {
+    return v.is_number() && std::isfinite(v.get<double>());
+  };
+  if (!finite(in.lora_alpha) || in.lora_alpha.get<double>() <= 0)
+    Fail("lora_alpha {} is not a finite number > 0", in.lora_alpha.dump());
+  if (!finite(in.lora_dropout) || in.lora_dropout.get<double>() < 0 ||
+      in.lora_dropout.get<double>() >= 1)
+    Fail("lora_dropout {} is not a number >= 0 and < 1", in.lora_dropout.dump());
   std::set<std::string> targets;
   nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();
   for (const auto& m : in.modules) {

@@ -41,7 +41,11 @@ TEST(ModelFamily, BuiltInFamiliesAndTheirLookups) {
     EXPECT_TRUE(f.FindCanonical("mlp.linear_fc1", "adapter_up")->swiglu_sharded);
     EXPECT_EQ(f.hf_layers_prefix, "model.layers");
   }
-  EXPECT_EQ(FamilyFor(families, "SomethingElse", "qwen2").name, "qwen2");  // by model_type
+  EXPECT_EQ(FamilyFor(families, "", "qwen2").name,
+            "qwen2");  // by model_type, without architectures
+  // An unknown architecture is refused even when its model_type is known.
+  EXPECT_THAT(ErrorOf([&] { FamilyFor(families, "EvilForCausalLM", "llama"); }),
+              HasSubstr("'EvilForCausalLM' (model_type 'llama') is not supported"));
   const std::string error = ErrorOf([&] { FamilyFor(families, "GPT2LMHeadModel", "gpt2"); });
   EXPECT_THAT(error, HasSubstr("'GPT2LMHeadModel'"));
   EXPECT_THAT(error, HasSubstr("supported: LlamaForCausalLM, "));

@@ -31,7 +31,7 @@ struct PeftSettings {
   bool normalize_moe_lora = false;
 };
 
-// run_config.yaml `model:`, the fields the export needs.
+// run_config.yaml `model:`, the fields the export needs; every one is type- and range-checked.
 struct ModelSettings {
   int64_t tensor_parallel = 1;
   int64_t pipeline_parallel = 1;
@@ -44,6 +44,7 @@ struct ModelSettings {
   std::optional<int64_t> num_attention_heads;
   std::optional<int64_t> num_query_groups;
   std::optional<int64_t> kv_channels;
+  std::optional<int64_t> num_moe_experts;  // experts per MoE layer (null for a dense model)
   std::optional<std::string> hf_model_id;
   std::optional<std::string> params_dtype;  // e.g. "torch.bfloat16"
   bool bf16 = false;

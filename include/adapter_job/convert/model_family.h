@@ -92,7 +92,8 @@ std::vector<ModelFamily> LoadModelFamilies(const std::vector<std::filesystem::pa
 ModelFamily ParseModelFamily(std::string_view json, const std::string& source,
                              const std::vector<ModelFamily>& known);
 
-// By config.json `architectures[0]` or `model_type`; throws FormatError listing what is supported.
+// By config.json `architectures[0]`; by `model_type` only when there is no architecture, or for a
+// family listing no architectures. Throws FormatError listing what is supported.
 const ModelFamily& FamilyFor(const std::vector<ModelFamily>& families,
                              const std::string& architecture, const std::string& model_type);
 
