@@ -1,0 +1,98 @@
+"""Bounded resources on hostile input: a FIFO, a directory or a device in place of an input file, and inputs
+built to blow up time or memory, each fail fast with exit 2 and one message naming the file (and key).
+FIFO cases run under a timeout, so a regression fails instead of hanging the suite."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run
+
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+TIMEOUT = 20
+
+
+def writable_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    for path in dst.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return dst
+
+
+@pytest.fixture
+def run_dir(mb_fixtures, tmp_path):
+    """A writable copy of Megatron-Bridge's TP1PP1 checkpoint (the run directory)."""
+    return writable_copy(mb_fixtures / "tp1pp1/lora/megatron_ckpt", tmp_path / "ckpt")
+
+
+def expect_bad_input(cmd, *fragments, timeout=TIMEOUT) -> str:
+    try:
+        proc = run(cmd, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{cmd[0]} still running after {timeout} s (blocked on a FIFO or device?)")
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "internal error" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert str(fragment) in errors[0], f"missing {fragment!r} in: {errors[0]}"
+    return errors[0]
+
+
+def replace_with(path: Path, kind: str) -> None:
+    """Puts a FIFO, a directory or a link to /dev/zero where `path` was."""
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+
+
+KIND_WORDS = {"fifo": "a FIFO", "directory": "a directory", "dev_zero": "a character device"}
+CHECKPOINT_FILES = ["iter_0000001/.metadata", "iter_0000001/run_config.yaml", "iter_0000001/metadata.json",
+                    "iter_0000001/integrity.json", "latest_checkpointed_iteration.txt"]
+
+
+@pytest.mark.parametrize("kind", list(KIND_WORDS))
+@pytest.mark.parametrize("name", CHECKPOINT_FILES)
+def test_checkpoint_file_that_is_not_regular(adapter_job_bin, run_dir, name, kind):
+    target = run_dir / name
+    replace_with(target, kind)
+    # The run directory, not iter_*, so that the latest-iteration marker is read too.
+    expect_bad_input([adapter_job_bin, "inspect", run_dir], target, "not a regular file", KIND_WORDS[kind])
+
+
+@pytest.mark.parametrize("kind", list(KIND_WORDS))
+def test_shard_file_that_is_not_regular(tools_dir, run_dir, tmp_path, kind):
+    shard = run_dir / "iter_0000001/__0_0.distcp"
+    replace_with(shard, kind)
+    expect_bad_input([tools_dir / "dcp_dump", run_dir / "iter_0000001", tmp_path / "o.safetensors"], shard,
+                     "not a regular file")
+
+
+@pytest.mark.parametrize("kind", list(KIND_WORDS))
+def test_model_safetensors_that_is_not_regular(tools_dir, mb_fixtures, tmp_path, kind):
+    model = writable_copy(mb_fixtures / "hf_base", tmp_path / "hf") / "model.safetensors"
+    replace_with(model, kind)
+    expect_bad_input([tools_dir / "safetensors_copy", model, tmp_path / "o.safetensors"], model,
+                     "not a regular file", KIND_WORDS[kind])
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_verify_base_model_file_that_is_a_fifo(adapter_job_bin, mb_fixtures, tmp_path, name):
+    hf = writable_copy(mb_fixtures / "hf_base", tmp_path / "hf")
+    replace_with(hf / name, "fifo")
+    expect_bad_input([adapter_job_bin, "verify", "--hf-model-id", hf, "--hf-adapter-path",
+                      mb_fixtures / "tp1pp1/lora/mb_export_adapter", "--verify-device", "cpu"],
+                     hf / name, "not a regular file", timeout=60)
+
+
+def test_config_file_that_is_a_fifo(adapter_job_bin, run_dir, tmp_path):
+    config = tmp_path / "job.ini"
+    os.mkfifo(config)
+    expect_bad_input([adapter_job_bin, "export", "--config", config, "--megatron-peft-checkpoint", run_dir,
+                      "--output-hf-path", tmp_path / "out"], config, "not a regular file")
