@@ -96,3 +96,82 @@ def test_config_file_that_is_a_fifo(adapter_job_bin, run_dir, tmp_path):
     os.mkfifo(config)
     expect_bad_input([adapter_job_bin, "export", "--config", config, "--megatron-peft-checkpoint", run_dir,
                       "--output-hf-path", tmp_path / "out"], config, "not a regular file")
+
+
+# --- Declared sizes held to what the files hold ------------------------------------------------------------------
+
+FC2_IN = "decoder.layers.mlp.linear_fc2.adapter.linear_in.weight"
+PROJ_IN = "decoder.layers.self_attention.linear_proj.adapter.linear_in.weight"
+PROJ_OUT = "decoder.layers.self_attention.linear_proj.adapter.linear_out.weight"
+
+
+def load_metadata(iter_dir: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    return FileSystemReader(str(iter_dir)).read_metadata()
+
+
+def save_metadata(iter_dir: Path, meta) -> None:
+    import pickle
+    (iter_dir / ".metadata").write_bytes(pickle.dumps(meta))
+
+
+def chunk_index(meta, key: str, layer: int):
+    return next(i for i in meta.storage_data if i.fqn == key and i.offset is not None and i.offset[0] == layer)
+
+
+def export(binary, hf, ckpt, out, np=1):
+    return [*MPIRUN, "-np", str(np), binary, "export", "--hf-model-id", hf, "--megatron-peft-checkpoint", ckpt,
+            "--output-hf-path", out, "--no-verify"]
+
+
+def test_stride_zero_chunk_is_refused(tools_dir, run_dir, tmp_path):
+    """A chunk stored as one element expanded by stride 0 to its whole shape: torch's DCP writer never writes one
+    (it clones every tensor whose storage is not its own size), and it would turn a few stored bytes into
+    gigabytes."""
+    import io
+    import torch
+    iter_dir = run_dir / "iter_0000001"
+    meta = load_metadata(iter_dir)
+    index = chunk_index(meta, FC2_IN, 0)
+    info = meta.storage_data[index]
+    blob = io.BytesIO()
+    torch.save(torch.ones(1, dtype=torch.bfloat16).expand(1, 8, 128), blob)
+    shard = iter_dir / info.relative_path
+    info.offset = shard.stat().st_size
+    info.length = len(blob.getvalue())
+    with open(shard, "ab") as f:
+        f.write(blob.getvalue())
+    save_metadata(iter_dir, meta)
+    expect_bad_input([tools_dir / "dcp_dump", iter_dir, tmp_path / "o.safetensors"], shard, FC2_IN,
+                     "1024 elements, but its storage holds 1")
+
+
+def test_declared_bytes_beyond_the_files(adapter_job_bin, mb_fixtures, run_dir, tmp_path):
+    """A .metadata (and run_config.yaml) that declare a rank-2^36 linear_proj adapter, 16 TiB, over the same small
+    files: refused before anything is allocated for it (was bad_alloc in GatherLayers, exit 1)."""
+    import torch
+    iter_dir = run_dir / "iter_0000001"
+    meta = load_metadata(iter_dir)
+    rank = 1 << 36
+    for key, shape in [(PROJ_IN, [rank, 64]), (PROJ_OUT, [64, rank])]:
+        entry = meta.state_dict_metadata[key]
+        entry.size = torch.Size([4, *shape])
+        for chunk in entry.chunks:
+            chunk.sizes = torch.Size([1, *shape])
+    save_metadata(iter_dir, meta)
+    config = iter_dir / "run_config.yaml"
+    config.write_text(config.read_text().replace("\n  dim: 8\n", f"\n  dim: {rank}\n"))
+    shard = iter_dir / meta.storage_data[chunk_index(meta, PROJ_IN, 0)].relative_path
+    expect_bad_input(export(adapter_job_bin, mb_fixtures / "hf_base", run_dir, tmp_path / "out"), PROJ_IN, shard,
+                     f"declares {rank * 64 * 2} bytes", timeout=60)
+
+
+def test_chunks_that_share_bytes(adapter_job_bin, mb_fixtures, run_dir, tmp_path):
+    """Two chunks pointing at one range of a file: torch's DCP writer gives each item its own bytes, and shared
+    ranges would let a small file stand for any number of chunks."""
+    iter_dir = run_dir / "iter_0000001"
+    meta = load_metadata(iter_dir)
+    meta.storage_data[chunk_index(meta, FC2_IN, 1)] = meta.storage_data[chunk_index(meta, FC2_IN, 0)]
+    save_metadata(iter_dir, meta)
+    expect_bad_input(export(adapter_job_bin, mb_fixtures / "hf_base", run_dir, tmp_path / "out"), FC2_IN,
+                     "share bytes", timeout=60)
