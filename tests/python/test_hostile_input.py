@@ -175,3 +175,42 @@ def test_chunks_that_share_bytes(adapter_job_bin, mb_fixtures, run_dir, tmp_path
     save_metadata(iter_dir, meta)
     expect_bad_input(export(adapter_job_bin, mb_fixtures / "hf_base", run_dir, tmp_path / "out"), FC2_IN,
                      "share bytes", timeout=60)
+
+
+# --- Size caps ------------------------------------------------------------------------------------------------
+
+def test_huge_token_id_is_refused(tools_dir, mb_fixtures, tmp_path):
+    """One token id of 100M made a 5.5 GB id table; real vocabularies stay under 2^21 ids (Gemma 3: 262k)."""
+    import json
+    doc = json.loads((mb_fixtures / "hf_base/tokenizer.json").read_text())
+    vocab = doc["model"]["vocab"]
+    vocab[next(iter(vocab))] = 100_000_000
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(doc))
+    proc = run([tools_dir / "tokenize", path], check=False, input="", timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stderr
+    assert str(path) in proc.stderr and "has id 100000000" in proc.stderr and "2097152" in proc.stderr, proc.stderr
+
+
+def test_huge_prompt_is_refused(adapter_job_bin, mb_fixtures, tmp_path):
+    """A 20 MB prompt was killed at 23.7 GB while being encoded: prompts are capped at 64 KiB (and 8192 tokens)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a" * 100_000 + "\n")
+    expect_bad_input([adapter_job_bin, "verify", "--hf-model-id", mb_fixtures / "hf_base", "--hf-adapter-path",
+                      mb_fixtures / "tp1pp1/lora/mb_export_adapter", "--verify-device", "cpu", "--prompts-file",
+                      prompts], "100000 bytes, more than the 65536 allowed", timeout=60)
+    ids = ",".join(["1"] * 9000)
+    expect_bad_input([adapter_job_bin, "verify", "--hf-model-id", mb_fixtures / "hf_base", "--hf-adapter-path",
+                      mb_fixtures / "tp1pp1/lora/mb_export_adapter", "--verify-device", "cpu", "--prompt-ids", ids],
+                     "9000 tokens, more than the 8192 allowed", timeout=60)
+    prompts.write_text("a\n" * 600_000)
+    expect_bad_input([adapter_job_bin, "verify", "--hf-model-id", mb_fixtures / "hf_base", "--hf-adapter-path",
+                      mb_fixtures / "tp1pp1/lora/mb_export_adapter", "--verify-device", "cpu", "--prompts-file",
+                      prompts], prompts, "1200000 bytes", timeout=60)
+
+
+def test_huge_run_config_is_refused(adapter_job_bin, run_dir):
+    """yaml-cpp took ~125 bytes per byte (20 MB: 2.5 GB); Megatron-Bridge's run_config.yaml is ~22 KB."""
+    config = run_dir / "iter_0000001/run_config.yaml"
+    config.write_text(config.read_text() + "".join(f"padding_{i}: {'x' * 60}\n" for i in range(20_000)))
+    expect_bad_input([adapter_job_bin, "inspect", run_dir], config, "more than the 1048576 allowed")
