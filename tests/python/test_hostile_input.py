@@ -214,3 +214,31 @@ def test_huge_run_config_is_refused(adapter_job_bin, run_dir):
     config = run_dir / "iter_0000001/run_config.yaml"
     config.write_text(config.read_text() + "".join(f"padding_{i}: {'x' * 60}\n" for i in range(20_000)))
     expect_bad_input([adapter_job_bin, "inspect", run_dir], config, "more than the 1048576 allowed")
+
+
+def test_huge_metadata_is_refused(adapter_job_bin, run_dir):
+    """.metadata is capped at 256 MiB: a DeepSeek-V3-sized LoRA's is 19 MB (152 MB at ETP 8; bench/metadata_size.py),
+    and a 67 MB hostile one took 12.6 GB to parse. The file here is sparse: nothing is written."""
+    meta = run_dir / "iter_0000001/.metadata"
+    with open(meta, "r+b") as f:
+        f.truncate((256 << 20) + 1)
+    expect_bad_input([adapter_job_bin, "inspect", run_dir], meta, f"{(256 << 20) + 1} bytes is more than the "
+                     f"{256 << 20} allowed")
+
+
+@pytest.mark.parametrize("opcode", [b"]", b"N", b"K\x00", b"]\x94"])
+def test_hostile_metadata_memory_is_bounded(adapter_job_bin, run_dir, opcode):
+    """8 MB of one opcode repeated: parsing stays within ~50 bytes per input byte (it was ~190: 1.5 GB here)."""
+    import resource
+    meta = run_dir / "iter_0000001/.metadata"
+    meta.write_bytes(b"\x80\x04" + opcode * ((8 << 20) // len(opcode)) + b".")
+    cmd = [str(adapter_job_bin), "inspect", str(run_dir)]
+    proc = subprocess.run(["/usr/bin/env", "python3", "-c",
+                           "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, "
+                           "text=True); sys.stderr.write(p.stderr); "
+                           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)",
+                           *cmd], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stderr
+    assert str(meta) in proc.stderr and "pickle:" in proc.stderr, proc.stderr
+    peak_kib = int(proc.stdout.strip())
+    assert peak_kib < 60 * 8 * 1024 + 100 * 1024, f"peak RSS {peak_kib} KiB for 8 MiB of input"
