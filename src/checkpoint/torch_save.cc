@@ -135,9 +135,10 @@ DecodedTensor DecodeTorchSaveTensor(const TorchSaveArchive& archive) {
   const uint64_t storage_numel = storage.bytes.size() / item;
   if (storage_offset < 0) Fail("negative storage_offset {}", storage_offset);
 
-  // torch's DCP writer clones every tensor whose storage is not exactly its own size
-  // (FileSystemWriter's loaders: `if tensor.storage().size() != tensor.numel(): tensor.clone()`),
-  // so a chunk never needs more elements than its storage holds. A view that repeats elements
+  // torch's DCP writer clones every CPU tensor whose storage is not exactly its own size
+  // (torch/distributed/checkpoint/filesystem.py's loaders: `if tensor.untyped_storage().size()
+  // != tensor.nbytes: tensor = tensor.clone()`; GPU tensors are copied out by .to("cpu")), so a
+  // chunk never needs more elements than its storage holds. A view that repeats elements
   // (stride 0) would let a few stored bytes expand into gigabytes of output.
   const uint64_t numel = CheckedNumel(shape, "tensor size");
   if (numel > 0 && (static_cast<uint64_t>(storage_offset) > storage_numel ||
