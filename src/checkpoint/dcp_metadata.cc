@@ -1,5 +1,8 @@
 #include "adapter_job/checkpoint/dcp_metadata.h"
 
+#include <algorithm>
+#include <numeric>
+#include <optional>
 #include <set>
 
 #include "adapter_job/checkpoint/pickle.h"
@@ -14,7 +17,21 @@ namespace {
 using pickle::Kind;
 using pickle::Value;
 
-constexpr std::size_t kMaxMetadataBytes = std::size_t{4} << 30;
+// bench/metadata_size.py measures the .metadata of a DeepSeek-V3-sized LoRA (61 layers, 256
+// experts with shared adapters, PP16 x EP64) at 19 MB (~400 MB to parse), and 152 MB (3.3 GB) at
+// ETP 8. Every rank parses it, at up to ~50 bytes of memory per byte for a hostile stream (see
+// pickle.cc), so the cap sits above those, not at the 4 GiB it was.
+constexpr std::size_t kMaxMetadataBytes = std::size_t{256} << 20;
+
+// Real adapters split at most three dimensions (layer, expert, TP or swiglu half: a
+// DeepSeek-V3-style [L, E, 2F, r] expert fc1); the corner count below doubles with each.
+constexpr std::size_t kMaxSplitDims = 8;
+// Chunk corners held at once by the tiling check (8k + 5 bytes each for k split dimensions: at
+// most ~600 MB): a DeepSeek-V3 expert fc1 adapter with shared experts has 61 layers x 256 experts x
+// 2 swiglu halves x ETP chunks, 2M corners at ETP 8.
+constexpr uint64_t kMaxChunkCorners = uint64_t{1} << 23;
+// The pairwise search that names two overlapping chunks in the error (~kMaxChunksToName^2 / 2).
+constexpr std::size_t kMaxChunksToName = 4096;
 
 bool HasClassName(const Value& value, std::string_view name) {
   return value.kind == Kind::kObject && value.cls != nullptr && value.cls->kind == Kind::kGlobal &&
@@ -109,6 +126,88 @@ StorageLocation ParseStorageInfo(const Value& info, std::string_view where) {
     Fail("{}: file name '{}' is not a plain relative path", owner, location.relative_path);
   }
   return location;
+}
+
+// Whether the non-empty `chunks` (inside the tensor, as ParseTensor checks) cover each element of
+// it exactly once, in O(n 2^k log n) for k split dimensions, where a pairwise test is O(n^2)
+// (60k chunks took 16 s). The signed corners of a box [a, b) (+1 where an even number of
+// coordinates come from b, -1 where odd) are the mixed finite difference of its indicator; that
+// difference is linear and determines a function of finite support, so the chunks tile the
+// tensor iff their signed corners, summed per point, equal the tensor's own.
+bool TilesExactly(const TensorMeta& tensor, std::span<const ChunkMeta* const> chunks) {
+  // Dimensions every chunk spans whole change nothing: leave them out.
+  std::vector<std::size_t> dims;
+  for (std::size_t d = 0; d < tensor.size.size(); ++d) {
+    const bool split = std::any_of(chunks.begin(), chunks.end(), [&](const ChunkMeta* c) {
+      return c->offsets[d] != 0 || c->sizes[d] != tensor.size[d];
+    });
+    if (split) dims.push_back(d);
+  }
+  const std::size_t k = dims.size();
+  if (k > kMaxSplitDims) {
+    Fail("'{}': its chunks split {} dimensions; at most {} are supported", tensor.fqn, k,
+         kMaxSplitDims);
+  }
+  const uint64_t corners = uint64_t{1} << k;
+  if (chunks.size() + 1 > kMaxChunkCorners / corners) {
+    Fail("'{}': {} chunks split over {} dimensions are more than the {} corners supported",
+         tensor.fqn, chunks.size(), k, kMaxChunkCorners);
+  }
+  const std::size_t count = (chunks.size() + 1) * corners;
+  std::vector<int64_t> points(count * k);
+  std::vector<int8_t> signs(count);
+  std::size_t at = 0;
+  const auto add_box = [&](std::span<const int64_t> offsets, std::span<const int64_t> sizes,
+                           int8_t sign) {
+    for (uint64_t mask = 0; mask < corners; ++mask, ++at) {
+      int8_t s = sign;
+      for (std::size_t j = 0; j < k; ++j) {
+        const bool upper = ((mask >> j) & 1) != 0;
+        points[at * k + j] = offsets[dims[j]] + (upper ? sizes[dims[j]] : 0);
+        if (upper) s = static_cast<int8_t>(-s);
+      }
+      signs[at] = s;
+    }
+  };
+  for (const ChunkMeta* c : chunks) add_box(c->offsets, c->sizes, 1);
+  const std::vector<int64_t> origin(tensor.size.size(), 0);
+  add_box(origin, tensor.size, -1);
+
+  std::vector<uint32_t> order(count);
+  std::iota(order.begin(), order.end(), 0u);
+  const auto point = [&](uint32_t i) { return std::span(points).subspan(std::size_t{i} * k, k); };
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    return std::ranges::lexicographical_compare(point(a), point(b));
+  });
+  for (std::size_t i = 0; i < count;) {
+    int64_t sum = 0;
+    std::size_t j = i;
+    for (; j < count && std::ranges::equal(point(order[i]), point(order[j])); ++j) {
+      sum += signs[order[j]];
+    }
+    if (sum != 0) return false;
+    i = j;
+  }
+  return true;
+}
+
+// Two chunks that overlap, to name them in the error; a pairwise search, so only for few chunks.
+std::optional<std::pair<const ChunkMeta*, const ChunkMeta*>> FindOverlap(
+    std::span<const ChunkMeta* const> chunks) {
+  if (chunks.size() > kMaxChunksToName) return std::nullopt;
+  for (std::size_t i = 0; i < chunks.size(); ++i) {
+    for (std::size_t j = i + 1; j < chunks.size(); ++j) {
+      const ChunkMeta& a = *chunks[i];
+      const ChunkMeta& b = *chunks[j];
+      bool overlap = true;
+      for (std::size_t d = 0; d < a.offsets.size() && overlap; ++d) {
+        overlap =
+            a.offsets[d] < b.offsets[d] + b.sizes[d] && b.offsets[d] < a.offsets[d] + a.sizes[d];
+      }
+      if (overlap) return std::pair{&a, &b};
+    }
+  }
+  return std::nullopt;
 }
 
 }  // namespace
@@ -208,25 +307,27 @@ DcpMetadata ReadDcpMetadata(const std::filesystem::path& metadata_file) {
 }
 
 void ValidateChunkLayout(const TensorMeta& tensor) {
-  const std::size_t rank = tensor.size.size();
-  uint64_t covered = 0;
-  for (std::size_t i = 0; i < tensor.chunks.size(); ++i) {
-    const auto& a = tensor.chunks[i];
-    covered = CheckedAdd(covered, CheckedNumel(a.sizes, "chunk size"), "chunk volume");
-    for (std::size_t j = i + 1; j < tensor.chunks.size(); ++j) {
-      const auto& b = tensor.chunks[j];
-      bool overlap = true;
-      for (std::size_t d = 0; d < rank && overlap; ++d) {
-        overlap =
-            a.offsets[d] < b.offsets[d] + b.sizes[d] && b.offsets[d] < a.offsets[d] + a.sizes[d];
-      }
-      if (overlap && CheckedNumel(a.sizes, "chunk") > 0 && CheckedNumel(b.sizes, "chunk") > 0) {
-        Fail("'{}': chunks at {} and {} overlap", tensor.fqn, ShapeToString(a.offsets),
-             ShapeToString(b.offsets));
-      }
-    }
-  }
   const uint64_t numel = CheckedNumel(tensor.size, "global size");
+  uint64_t covered = 0;
+  std::vector<const ChunkMeta*> chunks;  // the non-empty ones
+  for (const auto& chunk : tensor.chunks) {
+    if (chunk.offsets.size() != tensor.size.size() || chunk.sizes.size() != tensor.size.size()) {
+      Fail("'{}': chunk at {} of size {} does not match the rank of global size {}", tensor.fqn,
+           ShapeToString(chunk.offsets), ShapeToString(chunk.sizes), ShapeToString(tensor.size));
+    }
+    const uint64_t volume = CheckedNumel(chunk.sizes, "chunk size");
+    covered = CheckedAdd(covered, volume, "chunk volume");
+    if (volume > 0) chunks.push_back(&chunk);
+  }
+  if (covered > numel || (covered == numel && numel > 0 && !TilesExactly(tensor, chunks))) {
+    const auto pair = FindOverlap(chunks);
+    if (pair) {
+      Fail("'{}': chunks at {} and {} overlap", tensor.fqn, ShapeToString(pair->first->offsets),
+           ShapeToString(pair->second->offsets));
+    }
+    Fail("'{}': its {} chunks overlap: they hold {} elements of its {}, but not each one once",
+         tensor.fqn, chunks.size(), covered, numel);
+  }
   if (covered != numel) {
     Fail("'{}': chunks cover {} of its {} elements", tensor.fqn, covered, numel);
   }

@@ -2,6 +2,8 @@
 // Lib/pickle.py's _Unpickler, minus every import and call.
 #include "adapter_job/checkpoint/pickle.h"
 
+#include <algorithm>
+#include <array>
 #include <charconv>
 #include <cstring>
 #include <unordered_map>
@@ -10,6 +12,13 @@
 
 namespace adapter_job::pickle {
 namespace {
+
+// Values a stream may create: at most one per kMinBytesPerValue input bytes (plus a few for tiny
+// pickles), so memory stays proportional to the input. A DeepSeek-V3-sized .metadata (19 MB,
+// bench/metadata_size.py) makes one per ~11 bytes with the shared values below; a hostile
+// stream of EMPTY_LIST opcodes made one per byte, ~190 bytes of memory per input byte.
+constexpr std::size_t kMinBytesPerValue = 4;
+constexpr std::size_t kBaseValues = 4096;
 
 enum Opcode : uint8_t {
   kMark = '(',
@@ -118,7 +127,10 @@ bool IsUtf8(std::string_view s) {
 
 class Machine {
  public:
-  Machine(std::span<const std::byte> data, const Limits& limits) : data_(data), limits_(limits) {}
+  Machine(std::span<const std::byte> data, const Limits& limits)
+      : data_(data),
+        limits_(limits),
+        max_values_(std::min(limits.max_values, data.size() / kMinBytesPerValue + kBaseValues)) {}
 
   Document Run() {
     while (true) {
@@ -175,16 +187,29 @@ class Machine {
 
   // --- values --------------------------------------------------------------------------------
   Value* New(Kind kind) {
-    if (doc_.arena_.size() >= limits_.max_values) {
-      Fail("pickle: more than {} values", limits_.max_values);
+    if (doc_.arena_.size() >= max_values_) {
+      Fail("pickle: more than {} values in {} bytes", max_values_, data_.size());
     }
     Value& v = doc_.arena_.emplace_back();
     v.kind = kind;
     return &v;
   }
+  // None, booleans, small ints and the empty tuple are immutable (no opcode changes them in
+  // place), so one value of each serves every occurrence: a .metadata is ~30% small ints.
+  Value* Shared(Value*& slot, Kind kind) {
+    if (slot == nullptr) slot = New(kind);
+    return slot;
+  }
+  Value* None() { return Shared(none_, Kind::kNone); }
+  Value* EmptyTuple() { return Shared(empty_tuple_, Kind::kTuple); }
   Value* NewInt(int64_t i) {
+    const bool small = i >= 0 && i < static_cast<int64_t>(small_ints_.size());
+    if (small && small_ints_[static_cast<std::size_t>(i)] != nullptr) {
+      return small_ints_[static_cast<std::size_t>(i)];
+    }
     Value* v = New(Kind::kInt);
     v->integer = i;
+    if (small) small_ints_[static_cast<std::size_t>(i)] = v;
     return v;
   }
   Value* NewText(Kind kind, std::string text) {
@@ -194,6 +219,7 @@ class Machine {
     return v;
   }
   Value* NewSequence(Kind kind, std::vector<Value*> items) {
+    if (kind == Kind::kTuple && items.empty()) return EmptyTuple();
     Value* v = New(kind);
     v->items = std::move(items);
     return v;
@@ -232,9 +258,12 @@ class Machine {
     return NewInt(value);
   }
   Value* NewBool(bool b) {
-    Value* v = New(Kind::kBool);
-    v->boolean = b;
-    return v;
+    Value*& slot = b ? true_ : false_;
+    if (slot == nullptr) {
+      slot = New(Kind::kBool);
+      slot->boolean = b;
+    }
+    return slot;
   }
   Value* NewGlobal(std::string module, std::string name) {
     if (!IsUtf8(module) || !IsUtf8(name)) Fail("pickle: global name is not valid UTF-8");
@@ -311,11 +340,22 @@ class Machine {
   }
   void Memoize(uint64_t index, Value* v) {
     if (index >= limits_.max_memo_index) Fail("pickle: memo index {} too large", index);
-    memo_[index] = v;
+    // Memo indexes are dense in practice (MEMOIZE numbers them 0, 1, ...): a vector costs 8
+    // bytes an entry where a hash map node costs ~64.
+    if (index < memo_dense_.size()) {
+      memo_dense_[index] = v;
+    } else if (index == memo_dense_.size()) {
+      memo_dense_.push_back(v);
+      memo_sparse_.erase(index);
+    } else {
+      memo_sparse_[index] = v;
+    }
   }
+  std::size_t MemoSize() const { return memo_dense_.size() + memo_sparse_.size(); }
   Value* Recall(uint64_t index) {
-    const auto it = memo_.find(index);
-    if (it == memo_.end()) Fail("pickle: memo index {} was never stored", index);
+    if (index < memo_dense_.size()) return memo_dense_[index];
+    const auto it = memo_sparse_.find(index);
+    if (it == memo_sparse_.end()) Fail("pickle: memo index {} was never stored", index);
     return it->second;
   }
 
@@ -368,7 +408,7 @@ class Machine {
         return false;
 
       case kNone:
-        Push(New(Kind::kNone));
+        Push(None());
         return false;
       case kNewTrue:
         Push(NewBool(true));
@@ -460,7 +500,7 @@ class Machine {
         return false;
 
       case kEmptyTuple:
-        Push(New(Kind::kTuple));
+        Push(EmptyTuple());
         return false;
       case kTuple:
         Push(NewSequence(Kind::kTuple, PopMark()));
@@ -618,7 +658,7 @@ class Machine {
         Memoize(ReadLittleEndian(4), Top());
         return false;
       case kMemoize:
-        Memoize(memo_.size(), Top());
+        Memoize(MemoSize(), Top());
         return false;
       case kGet: {
         const std::string line = ReadLine();
@@ -650,11 +690,18 @@ class Machine {
 
   std::span<const std::byte> data_;
   Limits limits_;
+  std::size_t max_values_;
   std::size_t pos_ = 0;
   Document doc_;
   std::vector<Value*> stack_;
   std::vector<std::vector<Value*>> mark_stack_;
-  std::unordered_map<uint64_t, Value*> memo_;
+  std::vector<Value*> memo_dense_;
+  std::unordered_map<uint64_t, Value*> memo_sparse_;
+  Value* none_ = nullptr;
+  Value* true_ = nullptr;
+  Value* false_ = nullptr;
+  Value* empty_tuple_ = nullptr;
+  std::array<Value*, 256> small_ints_{};
 };
 
 Document Unpickle(std::span<const std::byte> data, const Limits& limits) {

@@ -17,6 +17,16 @@ namespace fs = std::filesystem;
 
 constexpr std::string_view kLatestIterationFile = "latest_checkpointed_iteration.txt";
 
+// Size caps, far above what real checkpoints hold, so hostile files fail fast instead of
+// exhausting memory (yaml-cpp takes ~125 bytes of memory per input byte, nlohmann::json ~10-20).
+// Megatron-Bridge's run_config.yaml is ~22 KB (shared/fixtures/megatron-bridge) and does not grow
+// with the model: it is the run's configuration.
+constexpr std::size_t kMaxRunConfigBytes = std::size_t{1} << 20;
+// metadata.json holds two keys (63 bytes in the fixtures).
+constexpr std::size_t kMaxMetadataJsonBytes = std::size_t{1} << 20;
+// integrity.json holds one ~100-byte digest line per file: a 1024-rank DeepSeek-V3 run is ~100 KB.
+constexpr std::size_t kMaxIntegrityBytes = std::size_t{16} << 20;
+
 std::string Trim(std::string s) {
   const auto not_space = [](unsigned char c) { return !std::isspace(c); };
   s.erase(s.begin(), std::find_if(s.begin(), s.end(), not_space));
@@ -155,7 +165,7 @@ IntegrityManifest ParseIntegrity(const fs::path& file) {
                      [&] {
                        nlohmann::json j;
                        try {
-                         j = nlohmann::json::parse(ReadTextFile(file));
+                         j = nlohmann::json::parse(ReadTextFile(file, kMaxIntegrityBytes));
                        } catch (const nlohmann::json::exception& e) {
                          Fail("not valid JSON: {}", e.what());
                        }
@@ -211,7 +221,8 @@ RunDirectory OpenRunDirectory(const fs::path& path,
     WithContext([&] { return metadata_json.string(); },
                 [&] {
                   try {
-                    run.metadata_json = nlohmann::json::parse(ReadTextFile(metadata_json));
+                    run.metadata_json =
+                        nlohmann::json::parse(ReadTextFile(metadata_json, kMaxMetadataJsonBytes));
                   } catch (const nlohmann::json::exception& e) {
                     Fail("not valid JSON: {}", e.what());
                   }
@@ -234,9 +245,10 @@ RunDirectory OpenRunDirectory(const fs::path& path,
   }
   if (run.run_config_path) {
     const fs::path& file = *run.run_config_path;
+    const std::string text = ReadTextFile(file, kMaxRunConfigBytes);
     YAML::Node root;
     try {
-      root = YAML::LoadFile(file.string());
+      root = YAML::Load(text);
     } catch (const YAML::Exception& e) {
       Fail("{}: not valid YAML: {}", file.string(), e.what());
     }

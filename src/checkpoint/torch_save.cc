@@ -135,8 +135,20 @@ DecodedTensor DecodeTorchSaveTensor(const TorchSaveArchive& archive) {
   const uint64_t storage_numel = storage.bytes.size() / item;
   if (storage_offset < 0) Fail("negative storage_offset {}", storage_offset);
 
-  // The furthest element the view touches must lie inside the storage.
+  // torch's DCP writer clones every CPU tensor whose storage is not exactly its own size
+  // (torch/distributed/checkpoint/filesystem.py's loaders: `if tensor.untyped_storage().size()
+  // != tensor.nbytes: tensor = tensor.clone()`; GPU tensors are copied out by .to("cpu")), so a
+  // chunk never needs more elements than its storage holds. A view that repeats elements
+  // (stride 0) would let a few stored bytes expand into gigabytes of output.
   const uint64_t numel = CheckedNumel(shape, "tensor size");
+  if (numel > 0 && (static_cast<uint64_t>(storage_offset) > storage_numel ||
+                    numel > storage_numel - static_cast<uint64_t>(storage_offset))) {
+    Fail(
+        "tensor of size {} stride {} has {} elements, but its storage holds {} from offset {}: a "
+        "checkpoint chunk's storage holds at least its own elements",
+        ShapeToString(shape), ShapeToString(strides), numel, storage_numel, storage_offset);
+  }
+  // The furthest element the view touches must lie inside the storage.
   if (numel > 0) {
     uint64_t last = static_cast<uint64_t>(storage_offset);
     for (std::size_t d = 0; d < shape.size(); ++d) {

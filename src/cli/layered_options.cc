@@ -3,9 +3,10 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <fstream>
+#include <sstream>
 
 #include "adapter_job/core/error.h"
+#include "adapter_job/core/file.h"
 
 namespace adapter_job::cli {
 namespace {
@@ -17,8 +18,8 @@ po::parsed_options ParseIni(const fs::path& file, const po::options_description&
   // An ifstream opens a directory and reads nothing from it: the settings would be ignored.
   if (fs::is_directory(file))
     Fail("config file '{}' is a directory; expected an INI file", file.string());
-  std::ifstream in(file);
-  if (!in) Fail("cannot read config file '{}'", file.string());
+  // Config files are a few KB; the cap keeps a wrong path (a FIFO, a huge file) from hanging.
+  std::istringstream in(ReadTextFile(file, std::size_t{1} << 20));
   try {
     return po::parse_config_file(in, options);
   } catch (const po::error& e) {

@@ -69,7 +69,10 @@ void AddVerifyOptions(po::options_description& options) {
 void ReadVerifyOptions(const po::variables_map& vm, verify::VerifyOptions& options) {
   if (vm.count("prompt")) options.prompts = vm["prompt"].as<std::vector<std::string>>();
   if (vm.count("prompts-file")) {
-    std::istringstream lines(ReadTextFile(vm["prompts-file"].as<std::string>()));
+    // One prompt a line, each a sentence or two: 1 MiB is thousands of prompts.
+    constexpr std::size_t kMaxPromptsFileBytes = std::size_t{1} << 20;
+    std::istringstream lines(
+        ReadTextFile(vm["prompts-file"].as<std::string>(), kMaxPromptsFileBytes));
     for (std::string line; std::getline(lines, line);) {
       if (!line.empty()) options.prompts.push_back(line);
     }

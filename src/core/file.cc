@@ -32,6 +32,35 @@ namespace {
   Fail<IoError>("cannot open '{}': {}", path.string(), std::strerror(saved));
 }
 
+std::string_view FileTypeName(mode_t mode) {
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  return "not a plain file";
+}
+
+// Every input is a regular file: a FIFO would block open(2) and read(2) forever, and a device
+// such as /dev/zero never ends. O_NONBLOCK keeps open(2) from waiting for a FIFO's writer (it
+// changes nothing for regular files); O_NOCTTY keeps a terminal from becoming ours.
+UniqueFd OpenRegularFile(const std::filesystem::path& path, uint64_t& size) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
+  if (!fd.valid()) FailOpen(path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) FailErrno("cannot stat", path);
+  if (!S_ISREG(st.st_mode)) {
+    Fail<FormatError>("'{}' is not a regular file: it is {}", path.string(),
+                      FileTypeName(st.st_mode));
+  }
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0) {
+    FailErrno("cannot set flags on", path);
+  }
+  size = static_cast<uint64_t>(st.st_size);
+  return fd;
+}
+
 }  // namespace
 
 UniqueFd::UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
@@ -60,12 +89,9 @@ ReadOnlyFile::ReadOnlyFile(std::filesystem::path path, UniqueFd fd, uint64_t siz
       bytes_read_(std::make_unique<std::atomic<uint64_t>>(0)) {}
 
 ReadOnlyFile ReadOnlyFile::Open(const std::filesystem::path& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid()) FailOpen(path);
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) FailErrno("cannot stat", path);
-  if (!S_ISREG(st.st_mode)) Fail<IoError>("'{}' is not a regular file", path.string());
-  return ReadOnlyFile(path, std::move(fd), static_cast<uint64_t>(st.st_size));
+  uint64_t size = 0;
+  UniqueFd fd = OpenRegularFile(path, size);
+  return ReadOnlyFile(path, std::move(fd), size);
 }
 
 void ReadOnlyFile::ReadExact(uint64_t offset, std::span<std::byte> out) const {
@@ -102,13 +128,13 @@ std::vector<std::byte> ReadOnlyFile::Read(uint64_t offset, uint64_t length) cons
 }
 
 MappedFile MappedFile::Open(const std::filesystem::path& path) {
-  const ReadOnlyFile file = ReadOnlyFile::Open(path);
-  if (file.size() == 0) return MappedFile(path, nullptr, 0);
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid()) FailOpen(path);
-  void* data = ::mmap(nullptr, file.size(), PROT_READ, MAP_PRIVATE, fd.get(), 0);
+  uint64_t size = 0;
+  // Mapped through the descriptor that was checked, so nothing can swap the file in between.
+  const UniqueFd fd = OpenRegularFile(path, size);
+  if (size == 0) return MappedFile(path, nullptr, 0);
+  void* data = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
   if (data == MAP_FAILED) FailErrno("cannot map", path);
-  return MappedFile(path, static_cast<const std::byte*>(data), file.size());
+  return MappedFile(path, static_cast<const std::byte*>(data), size);
 }
 
 MappedFile::MappedFile(MappedFile&& other) noexcept

@@ -11,6 +11,7 @@
 #include "adapter_job/checkpoint/checkpoint_reader.h"
 #include "adapter_job/checkpoint/integrity.h"
 #include "adapter_job/checkpoint/run_directory.h"
+#include "adapter_job/checkpoint/storage_budget.h"
 #include "adapter_job/convert/base_model.h"
 #include "adapter_job/convert/hf_config.h"
 #include "adapter_job/convert/layer_conversion.h"
@@ -114,6 +115,10 @@ std::unique_ptr<Plan> MakePlan(const ExportOptions& options,
   writer::RefuseOutputsOverInputs(outputs, inputs);
   plan.reader.emplace(checkpoint::CheckpointReader::Open(plan.run.iteration_dir));
   plan.layout = checkpoint::PlanAdapterLayout(plan.reader->metadata(), plan.run.model);
+  // Before any collective, and before any buffer is sized from the .metadata: a missing or short
+  // shard, or a .metadata that declares more than the files hold. Every rank checks every chunk,
+  // so all fail alike.
+  checkpoint::CheckDeclaredBytes(plan.layout, plan.reader->metadata(), plan.run.iteration_dir);
 
   plan.settings.model =
       plan.base.dir ? convert::ReadHfConfig(*plan.base.dir) : ModelConfigFromRunConfig(plan.run);
@@ -147,27 +152,6 @@ std::unique_ptr<Plan> MakePlan(const ExportOptions& options,
          plan.run.run_config_path->string(), *experts);
   }
   plan.owners = dist::ShardOwnership::Assign(plan.layout.shard_count(), world_size);
-
-  // Fail before any collective if a shard this rank owns is missing or short.
-  const auto mine = plan.owners.ShardsOf(rank);
-  for (const auto& layer : plan.layout.layers) {
-    for (const auto& chunk : layer.chunks) {
-      const int shard = plan.layout.ShardOf(chunk.slot, layer.pp_stage);
-      if (std::find(mine.begin(), mine.end(), shard) == mine.end()) continue;
-      const auto& meta = *layer.tensors[chunk.tensor_index].meta;
-      const auto& location = plan.reader->metadata().Locate(meta, *chunk.chunk);
-      const fs::path file = plan.run.iteration_dir / location.relative_path;
-      std::error_code ec;
-      const auto size = fs::file_size(file, ec);
-      if (ec)
-        Fail("shard file '{}' (holding '{}') cannot be read: {}", file.string(), meta.fqn,
-             ec.message());
-      if (location.offset + location.length > size) {
-        Fail("shard file '{}' is truncated: '{}' needs bytes [{}, {}) but the file has {}",
-             file.string(), meta.fqn, location.offset, location.offset + location.length, size);
-      }
-    }
-  }
   return owned;
 }
 

@@ -8,6 +8,7 @@
 
 #include <map>
 
+#include "adapter_job/checkpoint/storage_budget.h"
 #include "adapter_job/core/error.h"
 #include "hf_weights.h"
 #include "lora_merge.h"
@@ -69,6 +70,8 @@ std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(const std::filesystem::pa
   std::unique_ptr<MegatronAdapter> adapter(new MegatronAdapter(std::move(run), std::move(reader)));
   adapter->layout_ =
       checkpoint::PlanAdapterLayout(adapter->reader_.metadata(), adapter->run_.model);
+  checkpoint::CheckDeclaredBytes(adapter->layout_, adapter->reader_.metadata(),
+                                 adapter->run_.iteration_dir);
   adapter->model_ = model;
   adapter->adapter_dtype_ = adapter_dtype;
   adapter->moe_ = settings.moe;

@@ -22,6 +22,17 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// A logits check needs a sentence or two. These caps keep a mistaken prompt (a whole file) from
+// exhausting memory: encoding took ~1 KB per input byte (a 20 MB prompt was killed at 23.7 GB),
+// and the forward pass grows with the square of the length.
+constexpr std::size_t kMaxPromptBytes = std::size_t{64} << 10;
+constexpr std::size_t kMaxPromptTokens = 8192;
+
+std::string Abbreviated(std::string_view text) {
+  constexpr std::size_t kShown = 40;
+  return text.size() <= kShown ? std::string(text) : std::string(text.substr(0, kShown)) + "...";
+}
+
 bool CudaAvailable() { return at::hasCUDA() && at::detail::getCUDAHooks().getNumGPUs() > 0; }
 
 at::Device PickDevice(const std::string& name) {
@@ -138,11 +149,19 @@ VerificationReport Verify(const VerifyOptions& options) {
     if (!tokenizer)
       Fail("'{}' has no tokenizer.json to encode the prompt; pass --prompt-ids",
            options.hf_model.string());
+    if (text.size() > kMaxPromptBytes) {
+      Fail("prompt '{}' is {} bytes, more than the {} allowed (a logits check needs a sentence)",
+           Abbreviated(text), text.size(), kMaxPromptBytes);
+    }
     report.prompts.push_back({text, tokenizer->Encode(text), {}, {}});
   }
   for (const auto& ids : prompt_ids) report.prompts.push_back({"", ids, {}, {}});
   for (const auto& p : report.prompts) {
     if (p.token_ids.empty()) Fail("prompt '{}' encodes to no tokens", p.prompt);
+    if (p.token_ids.size() > kMaxPromptTokens) {
+      Fail("prompt '{}' has {} tokens, more than the {} allowed (a logits check needs a sentence)",
+           Abbreviated(p.prompt), p.token_ids.size(), kMaxPromptTokens);
+    }
     for (int64_t id : p.token_ids) {
       if (id < 0 || id >= config.vocab_size)
         Fail("token id {} is outside the vocabulary of {}", id, config.vocab_size);

@@ -197,5 +197,34 @@ TEST(Pickle, ErrorsNameTheOpcodeOffset) {
   }
 }
 
+// Memory stays proportional to the input: at most one value per 4 bytes (a 20 MB stream of
+// EMPTY_LIST opcodes took 3.9 GB), and immutable values (None, booleans, small ints, the empty
+// tuple) are shared rather than allocated per opcode.
+TEST(Pickle, ValuesAreBoundedByTheInputSize) {
+  PickleBuilder lists;
+  lists.Proto(4).Op(']');
+  for (int i = 0; i < 100000; ++i) lists.Op(']').Op('a');  // append an empty list, 2 bytes each
+  lists.Stop();
+  try {
+    Unpickle(lists.bytes());
+    ADD_FAILURE() << "expected the value cap";
+  } catch (const FormatError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("values in 200004 bytes"));
+  }
+
+  PickleBuilder shared;
+  shared.Proto(4).Op(']').Mark();
+  for (int i = 0; i < 100000; ++i) shared.Int1(7).Op('N').Op(0x88).Op(')');
+  shared.Op('e').Stop();
+  const Document doc = Unpickle(shared.bytes());
+  const auto& items = doc.root().items;
+  ASSERT_EQ(items.size(), 400000u);
+  for (std::size_t i = 4; i < items.size(); ++i) ASSERT_EQ(items[i], items[i % 4]) << i;
+  EXPECT_EQ(AsInt(*items[0], "int"), 7);
+  EXPECT_TRUE(items[1]->Is(Kind::kNone));
+  EXPECT_TRUE(AsBool(*items[2], "bool"));
+  EXPECT_TRUE(items[3]->Is(Kind::kTuple) && items[3]->items.empty());
+}
+
 }  // namespace
 }  // namespace adapter_job::pickle

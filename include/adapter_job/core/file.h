@@ -33,6 +33,7 @@ class UniqueFd {
 // rather than a SIGBUS, and every byte read is counted.
 class ReadOnlyFile {
  public:
+  // Refuses (FormatError) a directory, FIFO or device: only regular files have an end and a size.
   static ReadOnlyFile Open(const std::filesystem::path& path);
 
   const std::filesystem::path& path() const { return path_; }
@@ -116,7 +117,8 @@ class OutputFile {
 
 void FsyncDirectory(const std::filesystem::path& dir);
 
-// Whole small text files (configs, markers); throws IoError naming the path.
+// Whole small text files (configs, markers). Like ReadOnlyFile::Open, refuses anything but a
+// regular file (FormatError naming the path) and files over `max_bytes`.
 std::string ReadTextFile(const std::filesystem::path& path, std::size_t max_bytes = 64u << 20);
 
 }  // namespace adapter_job
