@@ -2,23 +2,16 @@
 built to blow up time or memory, each fail fast with exit 2 and one message naming the file (and key).
 FIFO cases run under a timeout, so a regression fails instead of hanging the suite."""
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import run
+from test_export_bad_input import writable_copy
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
 TIMEOUT = 20
-
-
-def writable_copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    for path in dst.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return dst
 
 
 @pytest.fixture
