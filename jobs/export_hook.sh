@@ -229,7 +229,9 @@ look() {
     iteration=$(tr -d '[:space:]' <"$CKPT/latest_checkpointed_iteration.txt")
     if [[ $iteration =~ ^[0-9]+$ ]]; then
       local digits=${iteration#"${iteration%%[!0]*}"}  # without leading zeros
-      # bash arithmetic would wrap it (9223372036854775808 names iter_-9223372036854775808)
+      # bash arithmetic would wrap it (9223372036854775808 names iter_-9223372036854775808); digit
+      # strings of one length compare as numbers
+      # shellcheck disable=SC2071
       if ((${#digits} > 19)) || [[ ${#digits} == 19 && $digits > 9223372036854775807 ]]; then
         finish 2 failed "$CKPT/latest_checkpointed_iteration.txt: iteration $iteration is beyond int64; expected at most 9223372036854775807"
       fi
