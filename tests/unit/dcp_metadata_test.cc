@@ -3,7 +3,6 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include <chrono>
 #include <functional>
 
 #include "adapter_job/core/error.h"
@@ -211,7 +210,8 @@ TEST(DcpMetadata, ChunkLayoutCheckScales) {
         experts.chunks.push_back({{l, e, h * 2048, 0}, {1, 1, 2048, 8}});
     }
   }
-  const auto start = std::chrono::steady_clock::now();
+  // Correct at scale; its speed (0.17 s here against 12.5 s for the old pairwise check) is a
+  // benchmark figure (docs/BENCHMARKS.md), not a timed test.
   EXPECT_NO_THROW(ValidateChunkLayout(experts));
   // One chunk moved by one row: overlaps its neighbour and leaves a gap, same total volume.
   experts.chunks[1000].offsets[2] += 1;
@@ -227,7 +227,6 @@ TEST(DcpMetadata, ChunkLayoutCheckScales) {
   } catch (const FormatError& e) {
     EXPECT_THAT(e.what(), HasSubstr("overlap"));
   }
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
 }
 
 }  // namespace
