@@ -1,12 +1,8 @@
 #include "adapter_job/checkpoint/integrity.h"
 
-#include <fcntl.h>
 #include <openssl/evp.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -51,18 +47,16 @@ void CheckName(const std::string& name, const fs::path& manifest_file) {
 }  // namespace
 
 std::string Sha256File(const fs::path& file) {
-  const UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid()) Fail<IoError>("cannot open '{}': {}", file.string(), std::strerror(errno));
+  const ReadOnlyFile input = ReadOnlyFile::Open(file);
   const std::unique_ptr<EVP_MD_CTX, FreeMdContext> context(EVP_MD_CTX_new());
   if (!context || EVP_DigestInit_ex(context.get(), EVP_sha256(), nullptr) != 1)
     Fail<IoError>("OpenSSL cannot start a sha256 digest for '{}'", file.string());
-  std::vector<unsigned char> buffer(std::size_t{1} << 20);
-  while (true) {
-    const ssize_t n = ::read(fd.get(), buffer.data(), buffer.size());
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) Fail<IoError>("cannot read '{}': {}", file.string(), std::strerror(errno));
-    if (n == 0) break;
-    if (EVP_DigestUpdate(context.get(), buffer.data(), static_cast<std::size_t>(n)) != 1)
+  std::vector<std::byte> buffer(std::size_t{1} << 20);
+  for (uint64_t offset = 0; offset < input.size(); offset += buffer.size()) {
+    const std::span<std::byte> piece(buffer.data(),
+                                     std::min<uint64_t>(buffer.size(), input.size() - offset));
+    input.ReadExact(offset, piece);
+    if (EVP_DigestUpdate(context.get(), piece.data(), piece.size()) != 1)
       Fail<IoError>("OpenSSL failed while hashing '{}'", file.string());
   }
   unsigned char digest[EVP_MAX_MD_SIZE];

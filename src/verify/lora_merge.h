@@ -6,10 +6,10 @@
 #include <ATen/ATen.h>
 
 #include <optional>
-#include <string>
 #include <string_view>
 
 #include "adapter_job/core/error.h"
+#include "adapter_job/core/tensor.h"
 
 namespace adapter_job::verify {
 
@@ -19,32 +19,29 @@ inline void CheckMergeShapes(std::string_view what, const at::Tensor& weight,
                              const at::Tensor& lora_a, const at::Tensor& lora_b,
                              const std::optional<at::Tensor>& magnitude) {
   const auto shape = [](const at::Tensor& t) {
-    std::string text;
-    for (const int64_t d : t.sizes()) text += (text.empty() ? "" : ", ") + std::to_string(d);
-    return text;
+    return ShapeToString(std::span<const int64_t>(t.sizes().data(), t.sizes().size()));
   };
   if (weight.dim() != 2 || lora_a.dim() != 2 || lora_b.dim() != 2) {
-    Fail("{}: the base weight [{}], lora_A [{}] and lora_B [{}] must all be matrices", what,
+    Fail("{}: the base weight {}, lora_A {} and lora_B {} must all be matrices", what,
          shape(weight), shape(lora_a), shape(lora_b));
   }
   if (lora_a.size(1) != weight.size(1)) {
     Fail(
-        "{}: lora_A is [{}] but the base weight is [{}]: lora_A needs {} columns (the base "
+        "{}: lora_A is {} but the base weight is {}: lora_A needs {} columns (the base "
         "model's input features); is this the base model the adapter was trained on?",
         what, shape(lora_a), shape(weight), weight.size(1));
   }
   if (lora_b.size(0) != weight.size(0)) {
     Fail(
-        "{}: lora_B is [{}] but the base weight is [{}]: lora_B needs {} rows (the base model's "
+        "{}: lora_B is {} but the base weight is {}: lora_B needs {} rows (the base model's "
         "output features); is this the base model the adapter was trained on?",
         what, shape(lora_b), shape(weight), weight.size(0));
   }
   if (lora_b.size(1) != lora_a.size(0)) {
-    Fail("{}: lora_B [{}] and lora_A [{}] disagree on the rank", what, shape(lora_b),
-         shape(lora_a));
+    Fail("{}: lora_B {} and lora_A {} disagree on the rank", what, shape(lora_b), shape(lora_a));
   }
   if (magnitude && (magnitude->dim() != 1 || magnitude->size(0) != weight.size(0))) {
-    Fail("{}: the DoRA magnitude is [{}] but the base weight has {} rows", what, shape(*magnitude),
+    Fail("{}: the DoRA magnitude is {} but the base weight has {} rows", what, shape(*magnitude),
          weight.size(0));
   }
 }

@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "adapter_job/core/error.h"
+#include "adapter_job/core/tensor.h"
 #include "lora_merge.h"
 #include "peft_config.h"
 
@@ -25,12 +26,6 @@ TensorStat StatOf(const std::string& name, const at::Tensor& t, DType dtype) {
   s.max_abs = f.abs().max().item<double>();
   s.frobenius_norm = f.norm().item<double>();
   return s;
-}
-
-std::string ShapeText(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
 }
 
 }  // namespace
@@ -124,8 +119,8 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
         Fail(
             "{}: {} has shape {} but module {} needs {} (rank {} from adapter_config.json's "
             "rank_pattern or r; the base weight is [{}, {}])",
-            weights_path.string(), entry.name, ShapeText(entry.shape), module, ShapeText(expected),
-            target->rank, target->out_features, target->in_features);
+            weights_path.string(), entry.name, ShapeToString(entry.shape), module,
+            ShapeToString(expected), target->rank, target->out_features, target->in_features);
       }
     }
 
