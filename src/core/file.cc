@@ -299,6 +299,17 @@ void OutputFile::CommitAs(const std::filesystem::path& final_path, bool overwrit
   FsyncDirectory(final_path.has_parent_path() ? final_path.parent_path() : ".");
 }
 
+std::filesystem::path NearestExistingDirectory(const std::filesystem::path& path) {
+  std::filesystem::path anchor = std::filesystem::absolute(path).lexically_normal().parent_path();
+  while (!std::filesystem::exists(anchor) && anchor.has_parent_path() &&
+         anchor != anchor.parent_path())
+    anchor = anchor.parent_path();
+  if (!std::filesystem::is_directory(anchor)) {
+    Fail<FormatError>("cannot write '{}': '{}' is not a directory", path.string(), anchor.string());
+  }
+  return anchor;
+}
+
 void FsyncDirectory(const std::filesystem::path& dir) {
   UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!fd.valid()) FailErrno("cannot open directory", dir);

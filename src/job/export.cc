@@ -272,13 +272,7 @@ ExportReport RunPipeline(
 // written: missing directories are created only then, like the output's, so a failed run leaves
 // none behind.
 OutputFile OpenReport(const fs::path& path) {
-  const fs::path absolute = fs::absolute(path).lexically_normal();
-  fs::path anchor = absolute.parent_path();
-  while (!fs::exists(anchor) && anchor.has_parent_path() && anchor != anchor.parent_path())
-    anchor = anchor.parent_path();
-  if (!fs::is_directory(anchor))
-    Fail("--report '{}': '{}' is not a directory", path.string(), anchor.string());
-  return OutputFile::CreateUnnamed(anchor, absolute);
+  return OutputFile::CreateUnnamed(NearestExistingDirectory(path), fs::absolute(path));
 }
 
 // Megatron's peft settings plus the rank of every adapted module (for rank_pattern).

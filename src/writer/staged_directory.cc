@@ -123,11 +123,7 @@ StagedDirectory StagedDirectory::Create(const fs::path& target, bool overwrite,
   fs::path rejected = absolute;
   rejected += reject_suffix;
   CheckReplaceable(rejected, overwrite, owned_names);
-  fs::path anchor = absolute.parent_path();
-  while (!fs::exists(anchor) && anchor.has_parent_path() && anchor != anchor.parent_path()) {
-    anchor = anchor.parent_path();
-  }
-  if (!fs::is_directory(anchor)) Fail("'{}' is not a directory", anchor.string());
+  const fs::path anchor = NearestExistingDirectory(absolute);
   if (anchor == absolute.parent_path())
     RemoveDeadStaging(anchor, absolute.filename().string(), owned_names);
   return StagedDirectory(absolute, anchor, overwrite, std::move(owned_names),

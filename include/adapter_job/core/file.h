@@ -117,6 +117,10 @@ class OutputFile {
 
 void FsyncDirectory(const std::filesystem::path& dir);
 
+// The nearest ancestor of `path` that exists, which must be a directory (FormatError otherwise):
+// where an output whose missing parents are made only when it is complete waits, unnamed.
+std::filesystem::path NearestExistingDirectory(const std::filesystem::path& path);
+
 // Whole small text files (configs, markers). Like ReadOnlyFile::Open, refuses anything but a
 // regular file (FormatError naming the path) and files over `max_bytes`.
 std::string ReadTextFile(const std::filesystem::path& path, std::size_t max_bytes = 64u << 20);
