@@ -145,3 +145,56 @@ def test_nccl_with_one_visible_gpu_per_rank(adapter_job_bin, base, tmp_path):
     assert proc.returncode != 0
     assert "would both drive GPU-" in proc.stdout + proc.stderr, proc.stderr
     assert not (tmp_path / "shared").exists()
+
+
+def export_one_process(binary, base, ckpt, out, device, *extra):
+    report = out.with_suffix(".json")
+    proc = run([binary, "export", "--hf-model-id", base, "--megatron-peft-checkpoint", ckpt, "--output-hf-path", out,
+                "--verify-device", device, "--verify-h5", out.with_suffix(".h5"), "--report", report, *extra],
+               timeout=300)
+    return json.loads(report.read_text()), proc
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "canonical_lora"])
+def test_cuda_verification_matches_cpu_on_one_gpu(adapter_job_bin, base, tmp_path, kind):
+    """One process, one GPU: the verdict and every logit of CUDA verification against the CPU's."""
+    cfg = CheckpointConfig(out=tmp_path / "ckpt", base_model=base, kind=kind, **DIMS)
+    written = write_checkpoint(cfg)
+    cpu, _ = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cpu", "cpu")
+    cuda, proc = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cuda", "cuda")
+    assert cuda["verification"]["device"].startswith("cuda"), cuda["verification"]["device"]
+    assert cpu["verification"]["passed"] and cuda["verification"]["passed"], proc.stdout
+    for name in ADAPTER_FILES:
+        assert (tmp_path / "cuda" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name
+    on_cuda, on_cpu = logits(tmp_path / "cuda.h5"), logits(tmp_path / "cpu.h5")
+    for variant in on_cpu:
+        worst = np.abs(on_cuda[variant] - on_cpu[variant]).max() / np.abs(on_cpu[variant]).max()
+        assert worst < LOGITS_RTOL, f"{variant}: CUDA vs CPU logits differ by {worst:.2e} of their scale"
+
+
+# A device this test leaves this much memory free: enough for the verifier's CUDA context, far too
+# little for the float32 embedding (128,256 x 2,048 = 1.05 GB) it loads first.
+OOM_HEADROOM = 768 << 20
+
+
+def test_out_of_device_memory_is_exit_4_with_the_figure(adapter_job_bin, tmp_path):
+    """A GPU another job has filled: verification stops with exit 4 (the machine's, not the input's)
+    and libtorch's figure, nothing is published, and the message names the way out."""
+    wide = TinyLlamaConfig(layers=1, hidden=2048, heads=16, kv_heads=8, head_dim=128, ffn=256, vocab=128256,
+                           tie_word_embeddings=True)
+    base = build_tiny_llama(wide, tmp_path / "base")
+    cfg = CheckpointConfig(out=tmp_path / "ckpt", base_model=base, num_layers=1, hidden=2048, heads=16,
+                           query_groups=8, head_dim=128, ffn=256)
+    written = write_checkpoint(cfg)
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(free - OOM_HEADROOM, dtype=torch.uint8, device="cuda")
+    try:
+        proc = run([adapter_job_bin, "export", "--hf-model-id", base, "--megatron-peft-checkpoint", written.root,
+                    "--output-hf-path", tmp_path / "out", "--verify-device", "cuda"], check=False, timeout=300)
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    assert proc.returncode == 4, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "ran out of device memory" in proc.stderr and "--verify-device cpu" in proc.stderr, proc.stderr
+    assert "GiB" in proc.stderr or "MiB" in proc.stderr, f"no figure in: {proc.stderr}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.unverified").exists()
