@@ -10,16 +10,16 @@
 #include <string>
 #include <vector>
 
+#include "adapter_job/comm/transport.h"
 #include "adapter_job/core/progress.h"
 #include "adapter_job/core/tensor.h"
-#include "adapter_job/dist/transport.h"
 #include "adapter_job/verify/verify.h"
 #include "adapter_job/writer/adapter_config.h"
 #include "adapter_job/writer/output_guard.h"
 
 namespace adapter_job {
 
-namespace dist {
+namespace comm {
 class MpiWorld;
 }
 
@@ -35,7 +35,7 @@ struct ExportOptions {
   std::filesystem::path output = "./my_adapter";
   std::optional<DType> dtype;  // nullopt: keep the checkpoint's dtype (as Megatron-Bridge does)
   bool overwrite = false;
-  dist::Backend backend = dist::Backend::kAuto;
+  comm::Backend backend = comm::Backend::kAuto;
   // More model families (*.json, as config/models/) besides the built-in ones.
   std::vector<std::filesystem::path> model_family_dirs;
   // Verify on rank 0 before publishing (prompts, top-k, device; the paths are filled in). A
@@ -90,7 +90,7 @@ struct ExportReport {
 
 // Exports the checkpoint's adapter as a PEFT directory (adapter_model.safetensors +
 // adapter_config.json). Valid on rank 0 only; other ranks get an empty report.
-ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& world);
+ExportReport ExportAdapter(const ExportOptions& options, const comm::MpiWorld& world);
 
 // HF-named adapter tensors one at a time (names as HF modules have them, e.g.
 // model.layers.0.self_attn.q_proj.lora_A.weight); `sink` runs on rank 0.
@@ -107,7 +107,7 @@ struct StreamedTensorInfo {
 // `outputs`: where the sink writes, refused if it lies on an input (writer/output_guard.h).
 ExportReport StreamAdapterWeights(
     const ExportOptions& options, const std::vector<writer::NamedPath>& outputs,
-    const dist::MpiWorld& world,
+    const comm::MpiWorld& world,
     const std::function<void(const std::vector<StreamedTensorInfo>&)>& announce,
     const std::function<void(const NamedTensor&)>& sink);
 

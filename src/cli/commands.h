@@ -4,14 +4,14 @@
 #include <string>
 #include <vector>
 
-namespace adapter_job::dist {
+namespace adapter_job::comm {
 class MpiWorld;
 }
 
 namespace adapter_job::cli {
 
-int RunExport(const dist::MpiWorld& world, const std::vector<std::string>& args);
-int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args);
+int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args);
+int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args);
 int RunVerify(const std::vector<std::string>& args);
 int RunInspect(const std::vector<std::string>& args);
 int RunVersion(const std::vector<std::string>& args);

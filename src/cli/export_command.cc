@@ -5,8 +5,8 @@
 #include <iostream>
 #include <optional>
 
+#include "adapter_job/comm/mpi_world.h"
 #include "adapter_job/core/file.h"
-#include "adapter_job/dist/mpi_world.h"
 #include "adapter_job/safetensors/safetensors.h"
 #include "adapter_job/writer/output_guard.h"
 #include "commands.h"
@@ -28,7 +28,7 @@ void WriteReport(const ExportCommandLine& cl, const ExportReport& report, const 
 
 }  // namespace
 
-int RunExport(const dist::MpiWorld& world, const std::vector<std::string>& args) {
+int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args) {
   const ExportCommandLine cl = ParseExportCommandLine(args, /*stream=*/false);
   if (cl.help) {
     if (world.rank() == 0) std::cout << cl.help_text;
@@ -56,7 +56,7 @@ int RunExport(const dist::MpiWorld& world, const std::vector<std::string>& args)
       "; the adapter was NOT published: it is in " + report.published.string());
 }
 
-int RunStream(const dist::MpiWorld& world, const std::vector<std::string>& args) {
+int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args) {
   const ExportCommandLine cl = ParseExportCommandLine(args, /*stream=*/true);
   if (cl.help) {
     if (world.rank() == 0) std::cout << cl.help_text;

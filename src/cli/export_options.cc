@@ -103,7 +103,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   cl.options.checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
   cl.options.output = vm["output-hf-path"].as<std::string>();
   cl.options.dtype = ParseDType(vm["dtype"].as<std::string>());
-  cl.options.backend = dist::ParseBackend(vm["backend"].as<std::string>());
+  cl.options.backend = comm::ParseBackend(vm["backend"].as<std::string>());
   cl.options.overwrite = vm["overwrite"].as<bool>();
   cl.options.check_integrity = !vm["no-integrity-check"].as<bool>();
   if (vm.count("model-families")) {

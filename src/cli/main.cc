@@ -4,10 +4,10 @@
 #include <string>
 #include <vector>
 
+#include "adapter_job/comm/mpi_world.h"
+#include "adapter_job/comm/transport.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/signal_cleanup.h"
-#include "adapter_job/dist/mpi_world.h"
-#include "adapter_job/dist/transport.h"
 #include "commands.h"
 
 namespace {
@@ -36,7 +36,7 @@ int Guarded(const std::string& command, int rank, bool* abort_peers, Command&& r
   const std::string who = rank > 0 ? fmt::format("[rank {}] ", rank) : "";
   try {
     return run();
-  } catch (const adapter_job::dist::PeerFailure& e) {
+  } catch (const adapter_job::comm::PeerFailure& e) {
     return Code(e.exit_code());  // the failing rank has said why
   } catch (const boost::program_options::error& e) {
     if (rank == 0) std::fprintf(stderr, "adapter_job %s: %s\n", command.c_str(), e.what());
@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
     return Code(ExitCode::kBadInput);
   }
 
-  adapter_job::dist::MpiWorld world(argc, argv);
+  adapter_job::comm::MpiWorld world(argc, argv);
   const int code = Guarded(command, world.rank(), &abort_peers, [&] {
     return command == "export" ? adapter_job::cli::RunExport(world, args)
                                : adapter_job::cli::RunStream(world, args);

@@ -1,7 +1,7 @@
 #include <boost/program_options.hpp>
 #include <iostream>
 
-#include "adapter_job/dist/accelerator.h"
+#include "adapter_job/comm/accelerator.h"
 #include "commands.h"
 #include "layered_options.h"
 
@@ -17,7 +17,7 @@ int RunVersion(const std::vector<std::string>& args) {
     std::cout << options;
     return 0;
   }
-  const dist::AcceleratorInfo info = dist::ProbeAccelerators();
+  const comm::AcceleratorInfo info = comm::ProbeAccelerators();
   std::cout << "adapter_job " << ADAPTER_JOB_VERSION << "\n";
   if (!info.built_with_cuda) {
     std::cout << "CUDA/NCCL: not built in (" << info.unavailable_reason << ")\n";

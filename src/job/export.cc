@@ -12,14 +12,14 @@
 #include "adapter_job/checkpoint/integrity.h"
 #include "adapter_job/checkpoint/run_directory.h"
 #include "adapter_job/checkpoint/storage_budget.h"
+#include "adapter_job/comm/layer_gather.h"
+#include "adapter_job/comm/mpi_world.h"
 #include "adapter_job/convert/base_model.h"
 #include "adapter_job/convert/hf_config.h"
 #include "adapter_job/convert/layer_conversion.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
 #include "adapter_job/core/process_memory.h"
-#include "adapter_job/dist/layer_gather.h"
-#include "adapter_job/dist/mpi_world.h"
 #include "adapter_job/safetensors/safetensors.h"
 #include "adapter_job/writer/output_guard.h"
 #include "adapter_job/writer/staged_directory.h"
@@ -75,7 +75,7 @@ struct Plan {
   std::vector<convert::ModelFamily> families;  // settings.family points into it
   convert::ConversionSettings settings;
   std::vector<std::vector<convert::OutputTensor>> outputs;  // per layer
-  dist::ShardOwnership owners;
+  comm::ShardOwnership owners;
   std::optional<std::size_t> integrity_files;
   std::string integrity_not_checked;
 };
@@ -151,7 +151,7 @@ std::unique_ptr<Plan> MakePlan(const ExportOptions& options,
                             : fmt::format("{} experts per MoE layer", model_experts),
          plan.run.run_config_path->string(), *experts);
   }
-  plan.owners = dist::ShardOwnership::Assign(plan.layout.shard_count(), world_size);
+  plan.owners = comm::ShardOwnership::Assign(plan.layout.shard_count(), world_size);
   return owned;
 }
 
@@ -184,13 +184,13 @@ struct OutputBytes {
 // Runs the collective pipeline; `consume` sees every output tensor on rank 0, layer by layer.
 ExportReport RunPipeline(
     const ExportOptions& options, const std::vector<writer::NamedPath>& outputs,
-    const dist::MpiWorld& world, const std::function<void(Plan&)>& prepare_rank0,
+    const comm::MpiWorld& world, const std::function<void(Plan&)>& prepare_rank0,
     const std::function<void(const convert::OutputTensor&, const OutputBytes&)>& consume,
     const std::function<void(Plan&)>& finish_rank0) {
   const auto start = Clock::now();
   ExportReport report;
   std::unique_ptr<Plan> owned_plan;
-  dist::RunAgreed(world, [&] {
+  comm::RunAgreed(world, [&] {
     owned_plan = MakePlan(options, outputs, world.size(), world.rank());
     if (world.rank() == 0) prepare_rank0(*owned_plan);
   });
@@ -199,16 +199,16 @@ ExportReport RunPipeline(
   report.integrity_files = plan.integrity_files;
   report.integrity_not_checked = plan.integrity_not_checked;
 
-  std::unique_ptr<dist::Transport> transport;
-  dist::RunAgreed(world, [&] { transport = dist::MakeTransport(world, options.backend); });
+  std::unique_ptr<comm::Transport> transport;
+  comm::RunAgreed(world, [&] { transport = comm::MakeTransport(world, options.backend); });
 
   double convert_seconds = 0;
   uint64_t layers_done = 0;
   uint64_t bytes_gathered = 0;
-  dist::GatherStats stats;
+  comm::GatherStats stats;
   // Past this point ranks wait on each other: a failure must take every rank down (main aborts).
   try {
-    stats = dist::GatherLayers(
+    stats = comm::GatherLayers(
         plan.layout, *plan.reader, plan.owners, *transport, world.rank(),
         [&](const checkpoint::LayerLayout& layer, std::span<const std::byte> buffer) {
           const auto convert_start = Clock::now();
@@ -242,11 +242,11 @@ ExportReport RunPipeline(
   }
 
   // Collective, so gathered while every rank still takes part (rank 0 then finishes alone).
-  report.bytes_read_per_rank = dist::GatherToRoot(world, plan.reader->bytes_read());
+  report.bytes_read_per_rank = comm::GatherToRoot(world, plan.reader->bytes_read());
   report.expected_bytes_per_rank =
-      dist::ExpectedBytesPerRank(plan.layout, plan.reader->metadata(), plan.owners, world.size());
-  report.peak_rss_bytes_per_rank = dist::GatherToRoot(world, PeakResidentBytes());
-  dist::RunAgreed(world, [&] {
+      comm::ExpectedBytesPerRank(plan.layout, plan.reader->metadata(), plan.owners, world.size());
+  report.peak_rss_bytes_per_rank = comm::GatherToRoot(world, PeakResidentBytes());
+  comm::RunAgreed(world, [&] {
     if (world.rank() == 0) finish_rank0(plan);
   });
 
@@ -295,7 +295,7 @@ writer::AdapterConfigInputs AdapterConfigFor(const Plan& plan, const ExportOptio
 
 }  // namespace
 
-ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& world) {
+ExportReport ExportAdapter(const ExportOptions& options, const comm::MpiWorld& world) {
   // Rank 0 only: the staged output and the weights file filled layer by layer.
   std::optional<writer::StagedDirectory> staged;
   std::optional<safetensors::StreamWriter> weights;
@@ -378,7 +378,7 @@ ExportReport ExportAdapter(const ExportOptions& options, const dist::MpiWorld& w
 
 ExportReport StreamAdapterWeights(
     const ExportOptions& options, const std::vector<writer::NamedPath>& outputs,
-    const dist::MpiWorld& world,
+    const comm::MpiWorld& world,
     const std::function<void(const std::vector<StreamedTensorInfo>&)>& announce,
     const std::function<void(const NamedTensor&)>& sink) {
   return RunPipeline(

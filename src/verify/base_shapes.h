@@ -5,8 +5,8 @@
 #pragma once
 
 #include "adapter_job/convert/hf_config.h"
+#include "decoder_forward.h"
 #include "hf_weights.h"
-#include "llama.h"
 
 namespace adapter_job::verify {
 

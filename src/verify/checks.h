@@ -5,7 +5,7 @@
 
 #include <vector>
 
-#include "adapter_job/verify/report.h"
+#include "adapter_job/report/report.h"
 
 namespace adapter_job::verify {
 

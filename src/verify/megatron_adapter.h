@@ -15,7 +15,7 @@
 #include "adapter_job/checkpoint/checkpoint_reader.h"
 #include "adapter_job/checkpoint/run_directory.h"
 #include "adapter_job/convert/hf_config.h"
-#include "llama.h"
+#include "decoder_forward.h"
 
 namespace adapter_job::verify {
 

@@ -10,9 +10,9 @@
 #include <string>
 #include <vector>
 
-#include "adapter_job/verify/report.h"
+#include "adapter_job/report/report.h"
+#include "decoder_forward.h"
 #include "hf_weights.h"
-#include "llama.h"
 
 namespace adapter_job::verify {
 

@@ -8,12 +8,12 @@
 
 #include "adapter_job/convert/hf_config.h"
 #include "adapter_job/core/error.h"
-#include "adapter_job/verify/tokenizer.h"
+#include "adapter_job/tokenizer/tokenizer.h"
 #include "adapter_job/verify/verify.h"
 #include "base_shapes.h"
 #include "checks.h"
+#include "decoder_forward.h"
 #include "hf_weights.h"
-#include "llama.h"
 #include "megatron_adapter.h"
 #include "peft_adapter.h"
 
@@ -87,7 +87,7 @@ std::vector<float> ToVector(const at::Tensor& t) {
 }
 
 VariantTopK TopK(const std::string& variant, const at::Tensor& logits, int k,
-                 const Tokenizer* tokenizer) {
+                 const tokenizer::Tokenizer* tokenizer) {
   const at::Tensor last = logits.index({logits.size(0) - 1});
   const at::Tensor probs = at::softmax(last, 0);
   const auto [values, ids] = last.topk(std::min<int64_t>(k, last.size(0)));
@@ -121,9 +121,9 @@ VerificationReport Verify(const VerifyOptions& options) {
         MegatronAdapter::Open(*options.megatron_checkpoint, config, settings, peft.storage_dtype());
   }
 
-  std::optional<Tokenizer> tokenizer;
+  std::optional<tokenizer::Tokenizer> tokenizer;
   if (fs::exists(options.hf_model / "tokenizer.json"))
-    tokenizer = Tokenizer::FromFile(options.hf_model / "tokenizer.json");
+    tokenizer = tokenizer::Tokenizer::FromFile(options.hf_model / "tokenizer.json");
   VerificationReport report;
   report.base_model =
       options.base_model_name.empty() ? options.hf_model.string() : options.base_model_name;

@@ -1,5 +1,5 @@
 // Exports a checkpoint through the installed library API, in one process.
-#include <adapter_job/dist/mpi_world.h>
+#include <adapter_job/comm/mpi_world.h>
 #include <adapter_job/export.h>
 
 #include <cstdio>
@@ -9,7 +9,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: consumer HF_DIR CKPT OUT\n");
     return 2;
   }
-  adapter_job::dist::MpiWorld world(argc, argv);
+  adapter_job::comm::MpiWorld world(argc, argv);
   adapter_job::ExportOptions options;
   options.hf_model_id = argv[1];
   options.checkpoint = argv[2];

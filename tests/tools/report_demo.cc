@@ -16,7 +16,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
-#include "adapter_job/verify/report.h"
+#include "adapter_job/report/report.h"
 
 using namespace adapter_job;
 using namespace adapter_job::verify;

@@ -1,4 +1,4 @@
-// Test tool: verify::Tokenizer over JSON lines, so one process serves many probes.
+// Test tool: tokenizer::Tokenizer over JSON lines, so one process serves many probes.
 //
 //   tokenize TOKENIZER_JSON < requests > responses
 //
@@ -12,9 +12,9 @@
 #include <string>
 
 #include "adapter_job/core/error.h"
-#include "adapter_job/verify/tokenizer.h"
+#include "adapter_job/tokenizer/tokenizer.h"
 
-using adapter_job::verify::Tokenizer;
+using adapter_job::tokenizer::Tokenizer;
 using nlohmann::json;
 
 namespace {

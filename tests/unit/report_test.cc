@@ -1,6 +1,6 @@
 // The verdict, JSON and table of a VerificationReport, and how WriteHdf5 fails. The HDF5
 // contents are checked with h5py in tests/python/test_report.py.
-#include "adapter_job/verify/report.h"
+#include "adapter_job/report/report.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

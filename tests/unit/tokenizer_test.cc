@@ -1,6 +1,6 @@
-// verify::Tokenizer on small hand-written tokenizer.json files; tests/python/test_tokenizer.py
+// tokenizer::Tokenizer on small hand-written tokenizer.json files; tests/python/test_tokenizer.py
 // compares it with the `tokenizers` library on trained ones.
-#include "adapter_job/verify/tokenizer.h"
+#include "adapter_job/tokenizer/tokenizer.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -11,7 +11,7 @@
 
 #include "adapter_job/core/error.h"
 
-namespace adapter_job::verify {
+namespace adapter_job::tokenizer {
 namespace {
 
 using ::testing::ElementsAre;
@@ -202,4 +202,4 @@ TEST(TokenizerTest, RejectsInvalidUtf8Input) {
 }
 
 }  // namespace
-}  // namespace adapter_job::verify
+}  // namespace adapter_job::tokenizer

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "adapter_job/core/progress.h"
-#include "adapter_job/verify/report.h"
+#include "adapter_job/report/report.h"
 
 namespace adapter_job::verify {
 

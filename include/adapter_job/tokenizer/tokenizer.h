@@ -1,0 +1,69 @@
+// A HuggingFace tokenizer.json reader for verification prompts: encodes text to ids and decodes
+// ids (e.g. a model's top-k) back to text, with the same results as the `tokenizers` library.
+//
+// Supported, as real Llama / Mistral / Qwen / Gemma files use them:
+//   model           BPE (merges as "a b" or ["a", "b"], ignore_merges, byte_fallback, unk_token,
+//                   fuse_unk, continuing_subword_prefix, end_of_word_suffix; dropout must be off)
+//   normalizer      NFC (only for text it leaves unchanged, see below), Prepend, Replace,
+//                   Lowercase, Strip, ByteLevel, Sequence
+//   pre_tokenizer   ByteLevel, Split, Digits, Metaspace, Sequence
+//   post_processor  TemplateProcessing, ByteLevel, BertProcessing, RobertaProcessing, Sequence
+//   decoder         ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip, Sequence
+//   added_tokens    special or not, with single_word / lstrip / rstrip / normalized
+// Anything else is rejected when the file is loaded, with a FormatError naming the file, the
+// key and the component type.
+//
+// Deliberate differences from `tokenizers`:
+//   - Unicode normalization tables are not linked in: an NFC normalizer accepts text that NFC
+//     provably leaves unchanged (no combining marks, no unassigned or singleton-decomposing
+//     characters) and throws FormatError for other text instead of guessing. NFD/NFKC/NFKD are
+//     rejected at load.
+//   - `truncation` and `padding` are ignored, as transformers' tokenizers ignore them unless a
+//     call asks for them.
+//   - Regular expressions run on PCRE2 rather than Oniguruma; the two agree on the syntax that
+//     tokenizer.json patterns use (\p{..}, \s, (?i:..), look-ahead, ^ and $ as line anchors,
+//     \uHHHH). Character properties come from PCRE2's Unicode 14 tables and Lowercase from
+//     glibc's, so characters added to Unicode since may be classified differently than in Rust.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace adapter_job::tokenizer {
+
+class Tokenizer {
+ public:
+  // Throws IoError if the file cannot be read and FormatError naming the file and the
+  // unsupported or malformed component otherwise.
+  static Tokenizer FromFile(const std::filesystem::path& tokenizer_json);
+  // The same from the JSON text; `source` names it in error messages.
+  static Tokenizer FromJson(std::string_view json_text, std::string_view source);
+
+  Tokenizer(Tokenizer&&) noexcept;
+  Tokenizer& operator=(Tokenizer&&) noexcept;
+  ~Tokenizer();
+
+  // Throws FormatError if `text` is not valid UTF-8 (or, with an NFC normalizer, needs real
+  // normalization).
+  std::vector<int64_t> Encode(std::string_view text, bool add_special_tokens = true) const;
+  // Ids the tokenizer does not know are skipped, as `tokenizers` does (a model's embedding is
+  // often padded past the vocabulary). Invalid UTF-8 is replaced by U+FFFD.
+  std::string Decode(std::span<const int64_t> ids, bool skip_special_tokens = false) const;
+  // What Decode({id}) gives: a token's text for reports (empty for an unknown id).
+  std::string TokenText(int64_t id) const;
+  // The highest id of the model vocabulary and the added tokens, plus one.
+  int64_t vocab_size() const;
+
+ private:
+  struct Impl;
+  explicit Tokenizer(std::unique_ptr<const Impl> impl);
+
+  std::unique_ptr<const Impl> impl_;
+};
+
+}  // namespace adapter_job::tokenizer

@@ -1,9 +1,0 @@
-#include "adapter_job/dist/transport.h"
-
-namespace adapter_job::dist {
-
-std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld&, int) {
-  Fail<DistError>("this build has no NCCL backend (the CUDA toolkit or NCCL was not found)");
-}
-
-}  // namespace adapter_job::dist
