@@ -1,0 +1,263 @@
+// Crash safety of the outputs, with real processes: a writer SIGKILLed mid-write never leaves a
+// partial file or directory under the final name, an existing output survives a killed
+// replacement, a reader watching an output that is replaced again and again always finds a
+// complete one (RENAME_EXCHANGE), and the staging of a killed run is removed by the next while
+// a live run's is not. (writer_test.cc covers the single-process contract.)
+#include <fcntl.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <functional>
+#include <sstream>
+
+#include "adapter_job/core/error.h"
+#include "adapter_job/core/file.h"
+#include "adapter_job/core/signal_cleanup.h"
+#include "adapter_job/writer/staged_directory.h"
+
+namespace adapter_job::writer {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::Each;
+using ::testing::IsEmpty;
+using ::testing::StartsWith;
+using ::testing::UnorderedElementsAre;
+
+const std::set<std::string> kOwned = {"adapter_model.safetensors", "adapter_config.json"};
+
+// A child process that runs `body`, which calls `ready()` at the point where the parent is to
+// kill it: ready() reports through a pipe and waits, so the child's stack, with its open outputs,
+// is never unwound. The child never returns into the test framework.
+class Child {
+ public:
+  using Ready = std::function<void()>;
+  explicit Child(const std::function<void(const Ready&)>& body) {
+    int fds[2];
+    if (::pipe(fds) != 0) throw std::runtime_error("pipe");
+    pid_ = ::fork();
+    if (pid_ < 0) throw std::runtime_error("fork");
+    if (pid_ == 0) {
+      ::close(fds[0]);
+      const Ready ready = [&] {
+        if (::write(fds[1], "k", 1) != 1) ::_exit(3);
+        for (;;) ::pause();  // until killed
+      };
+      try {
+        body(ready);
+      } catch (...) {
+      }
+      ::_exit(2);  // ended without reaching ready()
+    }
+    ::close(fds[1]);
+    char byte = 0;
+    reached_ = ::read(fds[0], &byte, 1) == 1;
+    ::close(fds[0]);
+  }
+  ~Child() {
+    if (pid_ > 0) Kill(SIGKILL);
+  }
+  // Whether `body` called ready().
+  bool reached() const { return reached_; }
+  // Kills the child with `signal` and waits for it; returns the signal that ended it (0 if none).
+  int Kill(int signal) {
+    ::kill(pid_, signal);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  bool reached_ = false;
+};
+
+class PublishCrashTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = fs::temp_directory_path() /
+            ("adapter_job_publish_crash_test_" + std::to_string(::getpid()) + "_" +
+             ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(root_);
+    fs::create_directories(root_);
+  }
+  void TearDown() override { fs::remove_all(root_); }
+
+  static void WriteFile(const fs::path& path, const std::string& text) {
+    fs::create_directories(path.parent_path());
+    std::ofstream(path) << text;
+  }
+  static std::string ReadFile(const fs::path& path) {
+    std::ifstream in(path);
+    std::stringstream text;
+    text << in.rdbuf();
+    return text.str();
+  }
+  std::vector<std::string> Entries(const fs::path& dir) const {
+    std::vector<std::string> names;
+    for (const auto& entry : fs::directory_iterator(dir))
+      names.push_back(entry.path().filename().string());
+    return names;
+  }
+  std::vector<std::string> Entries() const { return Entries(root_); }
+  void Publish(const std::string& text, bool overwrite = false) {
+    StagedDirectory staged = StagedDirectory::Create(root_ / "out", overwrite, kOwned);
+    staged.AddFile("adapter_config.json").Write(text);
+    staged.AddFile("adapter_model.safetensors").Write(std::string_view("weights"));
+    staged.Publish();
+  }
+
+  fs::path root_;
+};
+
+const std::string kMegabyte(1 << 20, 'x');
+
+TEST_F(PublishCrashTest, OutputFileKilledMidWriteLeavesNoFinalFile) {
+  Child child([&](const Child::Ready& ready) {
+    OutputFile out = OutputFile::Create(root_ / "adapter.safetensors", false);
+    for (int i = 0; i < 4; ++i) out.Write(kMegabyte);
+    ready();
+  });
+  ASSERT_TRUE(child.reached());
+  EXPECT_EQ(child.Kill(SIGKILL), SIGKILL);
+  EXPECT_FALSE(fs::exists(root_ / "adapter.safetensors"));
+  // Unnamed (O_TMPFILE) where the file system allows, else a hidden temporary: never the name.
+  EXPECT_THAT(Entries(), Each(StartsWith(".")));
+}
+
+TEST_F(PublishCrashTest, OutputFileKilledBeforeCommitKeepsTheOldFile) {
+  WriteFile(root_ / "report.json", "old");
+  Child child([&](const Child::Ready& ready) {
+    OutputFile out = OutputFile::Create(root_ / "report.json", true);
+    out.Write(std::string_view("new but unfinished"));
+    ready();
+  });
+  ASSERT_TRUE(child.reached());
+  child.Kill(SIGKILL);
+  EXPECT_EQ(ReadFile(root_ / "report.json"), "old");
+
+  OutputFile out = OutputFile::Create(root_ / "report.json", true);
+  out.Write(std::string_view("new"));
+  EXPECT_EQ(ReadFile(root_ / "report.json"), "old") << "nothing is visible before the commit";
+  std::move(out).Commit();
+  EXPECT_EQ(ReadFile(root_ / "report.json"), "new");
+  EXPECT_THAT(Entries(), UnorderedElementsAre("report.json")) << "no temporary left beside it";
+}
+
+TEST_F(PublishCrashTest, OutputFileRefusesToReplaceUnlessAskedEvenIfTheTargetAppearsLate) {
+  WriteFile(root_ / "report.json", "theirs");
+  EXPECT_THROW(OutputFile::Create(root_ / "report.json", false), FormatError);
+  OutputFile out = OutputFile::Create(root_ / "late.json", false);
+  out.Write(std::string_view("ours"));
+  WriteFile(root_ / "late.json", "appeared meanwhile");
+  EXPECT_THROW(std::move(out).Commit(), IoError);
+  EXPECT_EQ(ReadFile(root_ / "late.json"), "appeared meanwhile");
+  EXPECT_THAT(Entries(), UnorderedElementsAre("report.json", "late.json"));
+}
+
+TEST_F(PublishCrashTest, AFailedCommitLeavesNoTemporary) {
+  {
+    OutputFile out = OutputFile::CreateUnnamed(root_, root_ / "missing" / "file");
+    out.Write(std::string_view("data"));
+    EXPECT_THROW(std::move(out).CommitAs(root_ / "missing" / "file", true), IoError);
+  }
+  EXPECT_THAT(Entries(), IsEmpty());
+}
+
+TEST_F(PublishCrashTest, StagedDirectoryKilledMidWriteLeavesTheOldOutputWhole) {
+  Publish("old");
+  Child child([&](const Child::Ready& ready) {
+    StagedDirectory staged = StagedDirectory::Create(root_ / "out", true, kOwned);
+    staged.AddFile("adapter_config.json").Write(std::string_view("new"));
+    staged.AddFile("adapter_model.safetensors").Write(kMegabyte);
+    ready();
+  });
+  ASSERT_TRUE(child.reached());
+  child.Kill(SIGKILL);
+  EXPECT_EQ(ReadFile(root_ / "out" / "adapter_config.json"), "old");
+  EXPECT_THAT(Entries(), UnorderedElementsAre("out")) << "unstaged files are unnamed";
+}
+
+TEST_F(PublishCrashTest, AKilledRunsStagingIsRemovedAndALiveRunsIsKept) {
+  // A run killed after staging: its directory stays behind, complete but never published.
+  Child killed([&](const Child::Ready& ready) {
+    StagedDirectory staged = StagedDirectory::Create(root_ / "out", false, kOwned);
+    staged.AddFile("adapter_config.json").Write(std::string_view("killed"));
+    staged.Stage();
+    ready();
+  });
+  ASSERT_TRUE(killed.reached());
+  killed.Kill(SIGKILL);
+  const std::vector<std::string> left = Entries();
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_THAT(left[0], StartsWith(".out.partial-"));
+  EXPECT_FALSE(fs::exists(root_ / "out"));
+
+  // The next run removes it as it starts, and stages its own.
+  Child live([&](const Child::Ready& ready) {
+    StagedDirectory staged = StagedDirectory::Create(root_ / "out", false, kOwned);
+    staged.AddFile("adapter_config.json").Write(std::string_view("live"));
+    staged.Stage();
+    ready();
+  });
+  ASSERT_TRUE(live.reached());
+  const std::vector<std::string> staged = Entries();
+  ASSERT_EQ(staged.size(), 1u);
+  EXPECT_NE(staged[0], left[0]) << "the killed run's staging is gone";
+  EXPECT_EQ(ReadFile(root_ / staged[0] / "adapter_config.json"), "live");
+
+  // A third run leaves the live one's alone...
+  StagedDirectory::Create(root_ / "out", false, kOwned);
+  EXPECT_THAT(Entries(), UnorderedElementsAre(staged[0]));
+  // ...until its owner is dead.
+  live.Kill(SIGKILL);
+  StagedDirectory::Create(root_ / "out", false, kOwned);
+  EXPECT_THAT(Entries(), IsEmpty());
+}
+
+TEST_F(PublishCrashTest, AStoppedRunRemovesItsStaging) {
+  Child stopped([&](const Child::Ready& ready) {
+    InstallSignalCleanup();
+    StagedDirectory staged = StagedDirectory::Create(root_ / "out", false, kOwned);
+    staged.AddFile("adapter_config.json").Write(std::string_view("stopped"));
+    staged.Stage();
+    ready();
+  });
+  ASSERT_TRUE(stopped.reached());
+  ASSERT_EQ(Entries().size(), 1u);
+  EXPECT_EQ(stopped.Kill(SIGTERM), SIGTERM) << "as a scheduler stops a job";
+  EXPECT_THAT(Entries(), IsEmpty());
+}
+
+TEST_F(PublishCrashTest, AReaderAlwaysFindsACompleteOutputWhileItIsReplaced) {
+  Publish("0");
+  // The reader counts the times it found no output; it stops when `stop` appears.
+  const fs::path stop = root_ / "stop";
+  const pid_t reader = ::fork();
+  ASSERT_GE(reader, 0);
+  if (reader == 0) {
+    int missing = 0;
+    for (int i = 0; !fs::exists(stop); ++i) {
+      std::ifstream in(root_ / "out" / "adapter_config.json");
+      std::string text;
+      if (!(in >> text)) ++missing;
+    }
+    ::_exit(missing == 0 ? 0 : 1);
+  }
+  for (int i = 1; i <= 100; ++i) Publish(std::to_string(i), true);
+  WriteFile(stop, "");
+  int status = 0;
+  ASSERT_EQ(::waitpid(reader, &status, 0), reader);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "the reader once found the output missing or empty";
+  EXPECT_EQ(ReadFile(root_ / "out" / "adapter_config.json"), "100");
+  EXPECT_THAT(Entries(), UnorderedElementsAre("out", "stop"));
+}
+
+}  // namespace
+}  // namespace adapter_job::writer
