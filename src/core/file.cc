@@ -1,6 +1,7 @@
 #include "adapter_job/core/file.h"
 
 #include <fcntl.h>
+#include <stdio.h>  // renameat2
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -11,6 +12,7 @@
 #include <climits>
 #include <cstring>
 #include <memory>
+#include <random>
 
 #include "adapter_job/core/checked_math.h"
 #include "adapter_job/core/error.h"
@@ -156,33 +158,150 @@ MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
 }
 
-OutputFile::OutputFile(UniqueFd fd, std::filesystem::path temp_path,
-                       std::filesystem::path final_path, bool overwrite)
-    : fd_(std::move(fd)),
-      temp_path_(std::move(temp_path)),
-      final_path_(std::move(final_path)),
-      overwrite_(overwrite) {}
+namespace {
+
+mode_t CurrentUmask() {
+  const mode_t mask = ::umask(0);
+  ::umask(mask);
+  return mask;
+}
+
+std::string ForErrors(const std::filesystem::path& intended, const std::filesystem::path& dir) {
+  return (intended.empty() ? dir : intended).string();
+}
+
+// Six characters, as mkstemp(3) would choose them, for names it cannot make (links).
+std::string UniqueSuffix() {
+  static constexpr std::string_view kChars =
+      "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+  thread_local std::mt19937_64 random(std::random_device{}() ^
+                                      (static_cast<uint64_t>(::getpid()) << 32));
+  std::string suffix(6, ' ');
+  for (char& c : suffix) c = kChars[random() % kChars.size()];
+  return suffix;
+}
+
+[[noreturn]] void FailPublish(const std::filesystem::path& intended, std::string_view action,
+                              const std::filesystem::path& path) {
+  const int saved = errno;
+  Fail<IoError>("cannot write '{}': cannot {} '{}': {}", intended.string(), action, path.string(),
+                std::strerror(saved));
+}
+
+}  // namespace
+
+PendingPath PendingPath::File(const std::filesystem::path& dir, std::string_view prefix,
+                              const std::filesystem::path& intended, UniqueFd* fd) {
+  std::string pattern = (dir / (std::string(prefix) + "XXXXXX")).string();
+  UniqueFd created(::mkostemp(pattern.data(), O_CLOEXEC));
+  if (!created.valid()) FailPublish(ForErrors(intended, dir), "create a file in", dir);
+  PendingPath pending(pattern, intended.empty() ? dir : intended);
+  ::fchmod(created.get(), 0644 & ~CurrentUmask());  // mkostemp makes it 0600
+  if (fd != nullptr) *fd = std::move(created);
+  return pending;
+}
+
+PendingPath PendingPath::Directory(const std::filesystem::path& dir, std::string_view prefix,
+                                   const std::filesystem::path& intended) {
+  std::string pattern = (dir / (std::string(prefix) + "XXXXXX")).string();
+  if (::mkdtemp(pattern.data()) == nullptr)
+    FailPublish(ForErrors(intended, dir), "create a directory in", dir);
+  PendingPath pending(pattern, intended.empty() ? dir : intended);
+  ::chmod(pattern.c_str(), 0777 & ~CurrentUmask());  // mkdtemp makes it 0700
+  return pending;
+}
+
+PendingPath PendingPath::Link(int fd, const std::filesystem::path& dir, std::string_view prefix,
+                              const std::filesystem::path& intended) {
+  const std::string source = "/proc/self/fd/" + std::to_string(fd);
+  for (int attempt = 0;; ++attempt) {
+    const std::filesystem::path name = dir / (std::string(prefix) + UniqueSuffix());
+    if (::linkat(AT_FDCWD, source.c_str(), AT_FDCWD, name.c_str(), AT_SYMLINK_FOLLOW) == 0)
+      return PendingPath(name, intended.empty() ? dir : intended);
+    if (errno != EEXIST || attempt >= 100) FailPublish(ForErrors(intended, dir), "create", name);
+  }
+}
+
+PendingPath::PendingPath(PendingPath&& other) noexcept
+    : path_(std::exchange(other.path_, {})), intended_(std::move(other.intended_)) {}
+
+PendingPath::~PendingPath() {
+  if (!path_.empty()) {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+}
+
+void PendingPath::Publish(const std::filesystem::path& target, bool overwrite) && {
+  // fsync(2) of any descriptor flushes the file (or a directory's entries), so a fresh one does.
+  {
+    UniqueFd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd.valid() || ::fsync(fd.get()) != 0) FailPublish(intended_, "fsync", path_);
+    fd.Close(path_);
+  }
+  struct stat st {};
+  if (::lstat(path_.c_str(), &st) != 0) FailPublish(intended_, "stat", path_);
+  const bool directory = S_ISDIR(st.st_mode);
+  const auto unsupported = [] { return errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP; };
+  const std::filesystem::path parent = target.has_parent_path() ? target.parent_path() : ".";
+  const char* from = path_.c_str();
+  const char* to = target.c_str();
+  if (!overwrite) {
+    if (::renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) != 0) {
+      // Without RENAME_NOREPLACE a file is linked in (link(2) refuses an existing target too).
+      if (directory || !unsupported() || ::link(from, to) != 0)
+        FailPublish(intended_, "rename into place", path_);
+      ::unlink(from);
+    }
+  } else if (!directory) {
+    if (::rename(from, to) != 0) FailPublish(intended_, "rename into place", path_);
+  } else if (::renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_EXCHANGE) == 0) {
+    // One step: the target always holds a complete output, old or new; the old is now ours.
+    FsyncDirectory(parent);
+    return;  // the destructor removes the previous output, now at path_
+  } else if (errno == ENOENT) {
+    if (::renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) != 0 &&
+        (!unsupported() || ::rename(from, to) != 0))
+      FailPublish(intended_, "rename into place", path_);
+  } else if (!unsupported()) {
+    FailPublish(intended_, "exchange with the existing output", path_);
+  } else {
+    // No RENAME_EXCHANGE on this file system: move the old one aside, then the new one in.
+    std::filesystem::path previous = path_;
+    previous += ".previous";
+    if (::rename(to, previous.c_str()) != 0)
+      FailPublish(intended_, "move aside the existing output for", path_);
+    if (::rename(from, to) != 0) {
+      const int saved = errno;
+      ::rename(previous.c_str(), to);
+      errno = saved;
+      FailPublish(intended_, "rename into place", path_);
+    }
+    path_ = previous;  // the destructor removes it, once the new output is durable
+    FsyncDirectory(parent);
+    return;
+  }
+  path_.clear();
+  FsyncDirectory(parent);
+}
+
+OutputFile::OutputFile(UniqueFd fd, std::optional<PendingPath> named)
+    : fd_(std::move(fd)), named_(std::move(named)) {}
 
 OutputFile OutputFile::CreateUnnamed(const std::filesystem::path& dir,
                                      const std::filesystem::path& intended) {
-  OutputFile file = OpenUnnamed(dir);
+  OutputFile file = [&] {
+    UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644));
+    if (fd.valid()) return OutputFile(std::move(fd), std::nullopt);
+    if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+      FailErrno("cannot create a file in", dir);
+    // No O_TMPFILE here: a hidden, uniquely named file instead.
+    UniqueFd named;
+    PendingPath pending = PendingPath::File(dir, ".adapter_job.tmp-", intended, &named);
+    return OutputFile(std::move(named), std::move(pending));
+  }();
   file.name_for_errors_ = intended.empty() ? dir : intended;
   return file;
-}
-
-OutputFile OutputFile::OpenUnnamed(const std::filesystem::path& dir) {
-  UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644));
-  if (fd.valid()) return OutputFile(std::move(fd), {}, {}, false);
-  if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
-    FailErrno("cannot create a file in", dir);
-  // No O_TMPFILE here: a hidden, uniquely named file instead.
-  std::string pattern = (dir / ".adapter_job.tmp-XXXXXX").string();
-  UniqueFd named(::mkostemp(pattern.data(), O_CLOEXEC));
-  if (!named.valid()) FailErrno("cannot create a file in", dir);
-  const mode_t mask = ::umask(0);
-  ::umask(mask);
-  ::fchmod(named.get(), 0644 & ~mask);
-  return OutputFile(std::move(named), pattern, {}, false);
 }
 
 OutputFile OutputFile::Create(const std::filesystem::path& final_path, bool overwrite) {
@@ -198,18 +317,12 @@ OutputFile OutputFile::Create(const std::filesystem::path& final_path, bool over
 
 OutputFile::OutputFile(OutputFile&& other) noexcept
     : fd_(std::move(other.fd_)),
-      temp_path_(std::move(other.temp_path_)),
+      named_(std::exchange(other.named_, std::nullopt)),
       final_path_(std::move(other.final_path_)),
       name_for_errors_(std::move(other.name_for_errors_)),
-      overwrite_(other.overwrite_),
-      committed_(std::exchange(other.committed_, true)) {}
+      overwrite_(other.overwrite_) {}
 
-OutputFile::~OutputFile() {
-  if (!committed_ && !temp_path_.empty()) {
-    std::error_code ignored;
-    std::filesystem::remove(temp_path_, ignored);
-  }
-}
+OutputFile::~OutputFile() = default;  // an unpublished named file goes with named_
 
 void OutputFile::Write(std::span<const std::byte> bytes) {
   std::size_t done = 0;
@@ -270,33 +383,12 @@ void OutputFile::WriteAt(uint64_t offset, std::span<const std::span<const std::b
 }
 
 void OutputFile::CommitAs(const std::filesystem::path& final_path, bool overwrite) && {
-  if (::fsync(fd_.get()) != 0) FailErrno("cannot fsync", final_path);
-  // An O_TMPFILE file is linked in through its /proc descriptor; a named one is linked directly.
-  const std::string source =
-      temp_path_.empty() ? "/proc/self/fd/" + std::to_string(fd_.get()) : temp_path_.string();
-  const int follow = temp_path_.empty() ? AT_SYMLINK_FOLLOW : 0;
-  if (!overwrite) {
-    // link(2) refuses an existing target, so nothing that appeared meanwhile is replaced.
-    if (::linkat(AT_FDCWD, source.c_str(), AT_FDCWD, final_path.c_str(), follow) != 0) {
-      FailErrno("cannot create", final_path);
-    }
-  } else {
-    std::filesystem::path staged = final_path;
-    staged += ".tmp." + std::to_string(::getpid());
-    if (::linkat(AT_FDCWD, source.c_str(), AT_FDCWD, staged.c_str(), follow) != 0) {
-      FailErrno("cannot create", staged);
-    }
-    if (::rename(staged.c_str(), final_path.c_str()) != 0) {
-      const int saved = errno;
-      ::unlink(staged.c_str());  // never leave the temporary name behind
-      errno = saved;
-      FailErrno("cannot rename into", final_path);
-    }
-  }
-  if (!temp_path_.empty()) ::unlink(temp_path_.c_str());
-  fd_.Close(final_path);
-  committed_ = true;
-  FsyncDirectory(final_path.has_parent_path() ? final_path.parent_path() : ".");
+  const auto dir = final_path.has_parent_path() ? final_path.parent_path() : ".";
+  // An O_TMPFILE file gets a hidden name beside the target first: rename(2) needs one.
+  PendingPath pending = named_ ? std::move(*std::exchange(named_, std::nullopt))
+                               : PendingPath::Link(fd_.get(), dir, ".adapter_job.tmp-", final_path);
+  fd_.Close(final_path);  // a network file system may report a failed write only here
+  std::move(pending).Publish(final_path, overwrite);
 }
 
 std::filesystem::path NearestExistingDirectory(const std::filesystem::path& path) {

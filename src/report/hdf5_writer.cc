@@ -18,11 +18,6 @@
 // Strings are variable-length, UTF-8 tagged, stored with their bytes unchanged (h5py: .asstr()
 // on datasets, plain str from attributes); as C strings they end at a NUL byte. Numbers are
 // little-endian, uncompressed, contiguous.
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
 #include <set>
 #include <string_view>
 
@@ -327,35 +322,6 @@ void CheckConsistent(const VerificationReport& report, const std::filesystem::pa
   }
 }
 
-// HDF5 holds the file open by name, so the data is fsynced through a descriptor of our own.
-void FsyncFile(const std::filesystem::path& file, const std::filesystem::path& final_path) {
-  UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid() || ::fsync(fd.get()) != 0) {
-    Fail<IoError>("cannot write '{}': cannot fsync '{}': {}", final_path.string(), file.string(),
-                  std::strerror(errno));
-  }
-  fd.Close(file);
-}
-
-// Deletes the temporary file unless the write got as far as renaming it into place.
-class RemoveUnlessKept {
- public:
-  explicit RemoveUnlessKept(std::filesystem::path path) : path_(std::move(path)) {}
-  RemoveUnlessKept(const RemoveUnlessKept&) = delete;
-  RemoveUnlessKept& operator=(const RemoveUnlessKept&) = delete;
-  ~RemoveUnlessKept() {
-    if (!kept_) {
-      std::error_code ignored;
-      std::filesystem::remove(path_, ignored);
-    }
-  }
-  void Keep() { kept_ = true; }
-
- private:
-  std::filesystem::path path_;
-  bool kept_ = false;
-};
-
 h5::File CreateFile(const std::filesystem::path& temp, const Target& target) {
   const std::string object = fmt::format("file '{}'", temp.string());
   h5::PropertyList access(Check(H5Pcreate(H5P_FILE_ACCESS), target, "configure", object));
@@ -372,28 +338,22 @@ h5::File CreateFile(const std::filesystem::path& temp, const Target& target) {
 
 void WriteHdf5(const VerificationReport& report, const std::filesystem::path& path) {
   CheckConsistent(report, path);
-  // Written under a temporary name and renamed, so that the final name never shows a partial
-  // file (a reader polling for verification.h5, a job killed at its time limit).
-  std::filesystem::path temp = path;
-  temp += fmt::format(".tmp-{}", ::getpid());
-  RemoveUnlessKept cleanup(temp);
+  // HDF5 writes by name, so the file is a named PendingPath: the final name never shows a partial
+  // file (a reader polling for verification.h5, a job killed at its time limit), and a failure
+  // removes it. An existing report is replaced, as a rerun's should be.
+  PendingPath temp = PendingPath::File(path.has_parent_path() ? path.parent_path() : ".",
+                                       "." + path.filename().string() + ".tmp-", path);
   {
     // Error printing is off for this thread only in a thread-safe HDF5 (Debian's is one); in
     // other builds it is process-wide, and no other thread may use HDF5 meanwhile.
     const h5::SilenceErrorPrinting quiet;
     Target target{H5I_INVALID_HID, path.string()};
-    h5::File file = CreateFile(temp, target);
+    h5::File file = CreateFile(temp.path(), target);
     target.file = file.get();
     WriteContents(target, report);
-    Check(file.Close(), target, "close", fmt::format("file '{}'", temp.string()));
+    Check(file.Close(), target, "close", fmt::format("file '{}'", temp.path().string()));
   }
-  FsyncFile(temp, path);
-  if (::rename(temp.c_str(), path.c_str()) != 0) {
-    Fail<IoError>("cannot write '{}': cannot rename '{}' into place: {}", path.string(),
-                  temp.string(), std::strerror(errno));
-  }
-  cleanup.Keep();
-  FsyncDirectory(path.has_parent_path() ? path.parent_path() : ".");
+  std::move(temp).Publish(path, /*overwrite=*/true);
 }
 
 }  // namespace adapter_job::verify

@@ -1,13 +1,8 @@
 #include "adapter_job/writer/staged_directory.h"
 
-#include <fcntl.h>
-#include <stdio.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <climits>
-#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -137,27 +132,17 @@ OutputFile& StagedDirectory::AddFile(std::string name) {
 }
 
 const fs::path& StagedDirectory::Stage() {
-  if (!staging_.empty()) return staging_;
+  if (staging_) return staging_->path();
   const fs::path parent = target_.parent_path();
   std::error_code ec;
   fs::create_directories(parent, ec);
   if (ec) Fail<IoError>("cannot create '{}': {}", parent.string(), ec.message());
-  std::string staging = (parent / ("." + target_.filename().string() + std::string(kPartial) +
-                                   OwnerTag() + "-XXXXXX"))
-                            .string();
-  if (::mkdtemp(staging.data()) == nullptr) {
-    Fail<IoError>("cannot create a staging directory in '{}': {}", parent.string(),
-                  std::strerror(errno));
-  }
-  staging_ = staging;
-  cleanup_.emplace(staging_);
-  // mkdtemp makes it private (0700); the output gets the permissions mkdir would give it.
-  const mode_t mask = ::umask(0);
-  ::umask(mask);
-  ::chmod(staging.c_str(), 0777 & ~mask);
-  for (auto& [name, file] : files_) std::move(file).CommitAs(staging_ / name, false);
-  FsyncDirectory(staging_);
-  return staging_;
+  staging_.emplace(PendingPath::Directory(
+      parent, "." + target_.filename().string() + std::string(kPartial) + OwnerTag() + "-",
+      target_));
+  cleanup_.emplace(staging_->path());
+  for (auto& [name, file] : files_) std::move(file).CommitAs(staging_->path() / name, false);
+  return staging_->path();
 }
 
 void StagedDirectory::MoveTo(const fs::path& destination) {
@@ -166,48 +151,12 @@ void StagedDirectory::MoveTo(const fs::path& destination) {
     if (!overwrite_)
       Fail("output '{}' appeared while exporting; not replacing it", destination.string());
     CheckReplaceable(destination, overwrite_, owned_names_);
-    // One atomic step: the destination always holds a complete adapter, old or new.
-    if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, destination.c_str(), RENAME_EXCHANGE) ==
-        0) {
-      FsyncDirectory(destination.parent_path());
-      fs::remove_all(staging_, ec);  // now the previous output
-      staging_.clear();
-      cleanup_.reset();
-      return;
-    }
-    if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP) {
-      Fail<IoError>("cannot exchange '{}' with '{}': {}", staging_.string(), destination.string(),
-                    std::strerror(errno));
-    }
-    // No RENAME_EXCHANGE on this file system: move the old one aside, then the new one in.
-    fs::path previous = staging_;
-    previous += ".previous";
-    if (::rename(destination.c_str(), previous.c_str()) != 0) {
-      Fail<IoError>("cannot move the existing '{}' aside: {}", destination.string(),
-                    std::strerror(errno));
-    }
-    if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, destination.c_str(), RENAME_NOREPLACE) !=
-        0) {
-      const int saved = errno;
-      ::rename(previous.c_str(), destination.c_str());
-      Fail<IoError>("cannot rename '{}' to '{}': {}", staging_.string(), destination.string(),
-                    std::strerror(saved));
-    }
-    staging_.clear();
-    cleanup_.reset();
-    FsyncDirectory(destination.parent_path());
-    fs::remove_all(previous, ec);
-    return;
   }
-  // RENAME_NOREPLACE: never replace something that appeared at the destination meanwhile.
-  if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, destination.c_str(), RENAME_NOREPLACE) !=
-      0) {
-    Fail<IoError>("cannot rename '{}' to '{}': {}", staging_.string(), destination.string(),
-                  std::strerror(errno));
-  }
-  staging_.clear();
+  // Exchanged with an existing output in one step, so the destination always holds a complete
+  // adapter, old or new; the old one goes with the staging.
+  std::move(*staging_).Publish(destination, overwrite_);
+  staging_.reset();
   cleanup_.reset();
-  FsyncDirectory(destination.parent_path());
 }
 
 void StagedDirectory::Publish() {
@@ -230,16 +179,10 @@ StagedDirectory::StagedDirectory(StagedDirectory&& other) noexcept
       owned_names_(std::move(other.owned_names_)),
       reject_suffix_(std::move(other.reject_suffix_)),
       files_(std::move(other.files_)),
-      staging_(std::exchange(other.staging_, {})),
-      cleanup_(std::move(other.cleanup_)) {
-  other.cleanup_.reset();
-}
+      staging_(std::exchange(other.staging_, std::nullopt)),
+      cleanup_(std::exchange(other.cleanup_, std::nullopt)) {}
 
-StagedDirectory::~StagedDirectory() {
-  if (!staging_.empty()) {
-    std::error_code ignored;
-    fs::remove_all(staging_, ignored);
-  }
-}
+// A staging directory that was neither published nor rejected goes with staging_.
+StagedDirectory::~StagedDirectory() = default;
 
 }  // namespace adapter_job::writer

@@ -1,13 +1,16 @@
-// RAII file handles: positional reads that count their bytes, read-only maps, and output files
-// that appear under their final name only once complete and on disk.
+// RAII file handles: positional reads that count their bytes, read-only maps, and outputs
+// (files and directories) that appear under their final name only once complete and on disk.
 #pragma once
 
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <memory>
+#include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace adapter_job {
@@ -73,9 +76,47 @@ class MappedFile {
   std::size_t size_ = 0;
 };
 
+// The one way an output is published (files, the staged adapter directory, the HDF5 report):
+// it is written under a unique hidden name in the target's directory, made durable (fsync), and
+// renamed into place, replacing an existing target only when asked; until then the destructor
+// removes it, so a failure leaves nothing behind.
+class PendingPath {
+ public:
+  // A new empty file, or directory, `dir/<prefix>XXXXXX` (a unique suffix), private to its
+  // creator until Publish (files 0644 and directories 0777, less the umask). Errors name
+  // `intended` (where it is meant to go).
+  static PendingPath File(const std::filesystem::path& dir, std::string_view prefix,
+                          const std::filesystem::path& intended, UniqueFd* fd = nullptr);
+  static PendingPath Directory(const std::filesystem::path& dir, std::string_view prefix,
+                               const std::filesystem::path& intended);
+  // Names the open unnamed (O_TMPFILE) file `fd` as `dir/<prefix>XXXXXX`.
+  static PendingPath Link(int fd, const std::filesystem::path& dir, std::string_view prefix,
+                          const std::filesystem::path& intended);
+  PendingPath(PendingPath&& other) noexcept;
+  PendingPath& operator=(PendingPath&&) = delete;
+  ~PendingPath();  // removes what was not published, a directory with all in it
+
+  const std::filesystem::path& path() const { return path_; }
+
+  // fsyncs it (a file's data, a directory's entries), renames it to `target` (in the same
+  // directory: rename(2) is atomic only within one file system) and fsyncs that directory.
+  // Without `overwrite` an existing target is never replaced, even one that appears meanwhile
+  // (RENAME_NOREPLACE, or link(2) where the file system lacks it). With it, a file replaces the
+  // target in one rename; a directory is exchanged with it (RENAME_EXCHANGE, so the target never
+  // goes missing), and the previous one is removed.
+  void Publish(const std::filesystem::path& target, bool overwrite) &&;
+
+ private:
+  PendingPath(std::filesystem::path path, std::filesystem::path intended)
+      : path_(std::move(path)), intended_(std::move(intended)) {}
+
+  std::filesystem::path path_;  // empty once published or moved from
+  std::filesystem::path intended_;
+};
+
 // A file that appears under its final name only once complete and on disk. Until Commit() it
 // is anonymous (O_TMPFILE) where the file system allows, so a killed process leaves nothing
-// behind; elsewhere (e.g. some network file systems) it is a hidden temporary that the
+// behind; elsewhere (e.g. some network file systems) it is a hidden PendingPath that the
 // destructor removes.
 class OutputFile {
  public:
@@ -97,22 +138,18 @@ class OutputFile {
   // Writes `pieces` back to back from `offset` (pwritev: no gathering copy).
   void WriteAt(uint64_t offset, std::span<const std::span<const std::byte>> pieces);
 
-  // fsyncs the data, links it in under `final_path` (replacing an existing file only when
-  // `overwrite`), and fsyncs the directory.
+  // fsyncs the data and publishes it under `final_path` as PendingPath::Publish does.
   void CommitAs(const std::filesystem::path& final_path, bool overwrite) &&;
   void Commit() && { std::move(*this).CommitAs(final_path_, overwrite_); }
 
  private:
-  static OutputFile OpenUnnamed(const std::filesystem::path& dir);
-  OutputFile(UniqueFd fd, std::filesystem::path temp_path, std::filesystem::path final_path,
-             bool overwrite);
+  OutputFile(UniqueFd fd, std::optional<PendingPath> named);
 
   UniqueFd fd_;
-  std::filesystem::path temp_path_;  // empty for an O_TMPFILE file
+  std::optional<PendingPath> named_;  // none for an O_TMPFILE file
   std::filesystem::path final_path_;
   std::filesystem::path name_for_errors_;
   bool overwrite_ = false;
-  bool committed_ = false;
 };
 
 void FsyncDirectory(const std::filesystem::path& dir);

@@ -35,8 +35,8 @@ class StagedDirectory {
   // Names the files inside a fresh hidden directory beside the target and returns its path, so
   // the complete output can be checked before anyone sees it.
   const std::filesystem::path& Stage();
-  // Stages if needed and moves into place. An existing target (allowed by `overwrite`) is
-  // exchanged with the new one in one step where the file system can (renameat2
+  // Stages if needed and moves into place (PendingPath::Publish). An existing target (allowed by
+  // `overwrite`) is exchanged with the new one in one step where the file system can (renameat2
   // RENAME_EXCHANGE), so the target path is never empty, then removed.
   void Publish();
   // Stages if needed and moves to `<target><reject_suffix>` instead, as Publish does.
@@ -62,7 +62,7 @@ class StagedDirectory {
   std::string reject_suffix_;
 
   std::deque<std::pair<std::string, OutputFile>> files_;
-  std::filesystem::path staging_;
+  std::optional<PendingPath> staging_;
   std::optional<RemoveOnSignal> cleanup_;
 };
 
