@@ -188,6 +188,13 @@ std::string UniqueSuffix() {
                 std::strerror(saved));
 }
 
+// The output that was replaced; the new one is in place, so a failure here loses nothing.
+void RemovePrevious(std::filesystem::path& path) {
+  std::error_code ignored;
+  std::filesystem::remove_all(path, ignored);
+  path.clear();
+}
+
 }  // namespace
 
 PendingPath PendingPath::File(const std::filesystem::path& dir, std::string_view prefix,
@@ -258,7 +265,8 @@ void PendingPath::Publish(const std::filesystem::path& target, bool overwrite) &
   } else if (::renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_EXCHANGE) == 0) {
     // One step: the target always holds a complete output, old or new; the old is now ours.
     FsyncDirectory(parent);
-    return;  // the destructor removes the previous output, now at path_
+    RemovePrevious(path_);
+    return;
   } else if (errno == ENOENT) {
     if (::renameat2(AT_FDCWD, from, AT_FDCWD, to, RENAME_NOREPLACE) != 0 &&
         (!unsupported() || ::rename(from, to) != 0))
@@ -277,8 +285,9 @@ void PendingPath::Publish(const std::filesystem::path& target, bool overwrite) &
       errno = saved;
       FailPublish(intended_, "rename into place", path_);
     }
-    path_ = previous;  // the destructor removes it, once the new output is durable
+    path_.clear();
     FsyncDirectory(parent);
+    RemovePrevious(previous);
     return;
   }
   path_.clear();

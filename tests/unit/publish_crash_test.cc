@@ -7,17 +7,18 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <fstream>
 #include <functional>
-#include <sstream>
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
 #include "adapter_job/core/signal_cleanup.h"
 #include "adapter_job/writer/staged_directory.h"
+#include "scratch_directory.h"
 
 namespace adapter_job::writer {
 namespace {
@@ -77,42 +78,23 @@ class Child {
   bool reached_ = false;
 };
 
-class PublishCrashTest : public ::testing::Test {
+class PublishCrashTest : public testing::ScratchDirectoryTest {
  protected:
-  void SetUp() override {
-    root_ = fs::temp_directory_path() /
-            ("adapter_job_publish_crash_test_" + std::to_string(::getpid()) + "_" +
-             ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(root_);
-    fs::create_directories(root_);
+  // A run that stages an adapter whose config says `text`, then waits to be killed.
+  std::function<void(const Child::Ready&)> StageThenWait(std::string text) const {
+    return [this, text](const Child::Ready& ready) {
+      StagedDirectory staged = StagedDirectory::Create(root_ / "out", false, kOwned);
+      staged.AddFile("adapter_config.json").Write(text);
+      staged.Stage();
+      ready();
+    };
   }
-  void TearDown() override { fs::remove_all(root_); }
-
-  static void WriteFile(const fs::path& path, const std::string& text) {
-    fs::create_directories(path.parent_path());
-    std::ofstream(path) << text;
-  }
-  static std::string ReadFile(const fs::path& path) {
-    std::ifstream in(path);
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
-  std::vector<std::string> Entries(const fs::path& dir) const {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(dir))
-      names.push_back(entry.path().filename().string());
-    return names;
-  }
-  std::vector<std::string> Entries() const { return Entries(root_); }
   void Publish(const std::string& text, bool overwrite = false) {
     StagedDirectory staged = StagedDirectory::Create(root_ / "out", overwrite, kOwned);
     staged.AddFile("adapter_config.json").Write(text);
     staged.AddFile("adapter_model.safetensors").Write(std::string_view("weights"));
     staged.Publish();
   }
-
-  fs::path root_;
 };
 
 const std::string kMegabyte(1 << 20, 'x');
@@ -185,12 +167,7 @@ TEST_F(PublishCrashTest, StagedDirectoryKilledMidWriteLeavesTheOldOutputWhole) {
 
 TEST_F(PublishCrashTest, AKilledRunsStagingIsRemovedAndALiveRunsIsKept) {
   // A run killed after staging: its directory stays behind, complete but never published.
-  Child killed([&](const Child::Ready& ready) {
-    StagedDirectory staged = StagedDirectory::Create(root_ / "out", false, kOwned);
-    staged.AddFile("adapter_config.json").Write(std::string_view("killed"));
-    staged.Stage();
-    ready();
-  });
+  Child killed(StageThenWait("killed"));
   ASSERT_TRUE(killed.reached());
   killed.Kill(SIGKILL);
   const std::vector<std::string> left = Entries();
@@ -199,12 +176,7 @@ TEST_F(PublishCrashTest, AKilledRunsStagingIsRemovedAndALiveRunsIsKept) {
   EXPECT_FALSE(fs::exists(root_ / "out"));
 
   // The next run removes it as it starts, and stages its own.
-  Child live([&](const Child::Ready& ready) {
-    StagedDirectory staged = StagedDirectory::Create(root_ / "out", false, kOwned);
-    staged.AddFile("adapter_config.json").Write(std::string_view("live"));
-    staged.Stage();
-    ready();
-  });
+  Child live(StageThenWait("live"));
   ASSERT_TRUE(live.reached());
   const std::vector<std::string> staged = Entries();
   ASSERT_EQ(staged.size(), 1u);
@@ -257,6 +229,59 @@ TEST_F(PublishCrashTest, AReaderAlwaysFindsACompleteOutputWhileItIsReplaced) {
   EXPECT_EQ(WEXITSTATUS(status), 0) << "the reader once found the output missing or empty";
   EXPECT_EQ(ReadFile(root_ / "out" / "adapter_config.json"), "100");
   EXPECT_THAT(Entries(), UnorderedElementsAre("out", "stop"));
+}
+
+TEST_F(PublishCrashTest, PendingPathAppearsOnlyWhenPublished) {
+  UniqueFd fd;
+  PendingPath file = PendingPath::File(root_, ".x.tmp-", root_ / "x", &fd);
+  ASSERT_EQ(::write(fd.get(), "data", 4), 4);
+  fd.Close(file.path());
+  EXPECT_THAT(Entries(), UnorderedElementsAre(file.path().filename().string()));
+  EXPECT_THAT(file.path().filename().string(), StartsWith(".x.tmp-"));
+  const mode_t mask = ::umask(0);
+  ::umask(mask);
+  EXPECT_EQ(fs::status(file.path()).permissions(), fs::perms(0644 & ~mask)) << "not mkstemp's 0600";
+  std::move(file).Publish(root_ / "x", false);
+  EXPECT_EQ(ReadFile(root_ / "x"), "data");
+  EXPECT_THAT(Entries(), UnorderedElementsAre("x"));
+
+  {
+    PendingPath again = PendingPath::File(root_, ".x.tmp-", root_ / "x");
+    EXPECT_THROW(std::move(again).Publish(root_ / "x", false), IoError);
+  }
+  EXPECT_EQ(ReadFile(root_ / "x"), "data");
+  EXPECT_THAT(Entries(), UnorderedElementsAre("x")) << "the refused temporary is removed";
+}
+
+TEST_F(PublishCrashTest, PendingDirectoryIsExchangedWithTheOldOne) {
+  PendingPath first = PendingPath::Directory(root_, ".d.tmp-", root_ / "d");
+  WriteFile(first.path() / "a", "first");
+  std::move(first).Publish(root_ / "d", false);
+  PendingPath second = PendingPath::Directory(root_, ".d.tmp-", root_ / "d");
+  WriteFile(second.path() / "b", "second");
+  EXPECT_THROW(PendingPath(std::move(second)).Publish(root_ / "d", false), IoError);
+  EXPECT_THAT(Entries(), UnorderedElementsAre("d")) << "refused, and removed";
+
+  PendingPath third = PendingPath::Directory(root_, ".d.tmp-", root_ / "d");
+  WriteFile(third.path() / "c", "third");
+  std::move(third).Publish(root_ / "d", true);
+  EXPECT_THAT(Entries(root_ / "d"), UnorderedElementsAre("c"));
+  EXPECT_THAT(Entries(), UnorderedElementsAre("d")) << "the previous output is gone";
+}
+
+TEST_F(PublishCrashTest, APendingFileNeverReplacesADirectory) {
+  WriteFile(root_ / "d" / "keep", "kept");
+  {
+    PendingPath file = PendingPath::File(root_, ".d.tmp-", root_ / "d");
+    try {
+      std::move(file).Publish(root_ / "d", true);
+      FAIL() << "a file replaced a directory";
+    } catch (const IoError& e) {
+      EXPECT_THAT(e.what(), ::testing::HasSubstr((root_ / "d").string()));
+    }
+  }
+  EXPECT_EQ(ReadFile(root_ / "d" / "keep"), "kept");
+  EXPECT_THAT(Entries(), UnorderedElementsAre("d"));
 }
 
 }  // namespace

@@ -5,12 +5,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
-#include <fstream>
-#include <sstream>
-
 #include "adapter_job/core/error.h"
 #include "adapter_job/writer/output_guard.h"
 #include "adapter_job/writer/staged_directory.h"
+#include "scratch_directory.h"
 
 namespace adapter_job::writer {
 namespace {
@@ -21,33 +19,8 @@ using ::testing::UnorderedElementsAre;
 
 const std::set<std::string> kOwned = {"adapter_model.safetensors", "adapter_config.json"};
 
-class WriterTest : public ::testing::Test {
+class WriterTest : public testing::ScratchDirectoryTest {
  protected:
-  void SetUp() override {
-    root_ = fs::temp_directory_path() /
-            ("adapter_job_writer_test_" + std::to_string(::getpid()) + "_" +
-             ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(root_);
-    fs::create_directories(root_);
-  }
-  void TearDown() override { fs::remove_all(root_); }
-
-  static void WriteFile(const fs::path& path, const std::string& text) {
-    fs::create_directories(path.parent_path());
-    std::ofstream(path) << text;
-  }
-  static std::string ReadFile(const fs::path& path) {
-    std::ifstream in(path);
-    std::stringstream text;
-    text << in.rdbuf();
-    return text.str();
-  }
-  std::vector<std::string> Entries() const {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(root_))
-      names.push_back(entry.path().filename().string());
-    return names;
-  }
   // A new adapter whose config says `text`, published to root_/out.
   void Publish(const std::string& text, bool overwrite) {
     StagedDirectory staged = StagedDirectory::Create(root_ / "out", overwrite, kOwned);
@@ -55,8 +28,6 @@ class WriterTest : public ::testing::Test {
     staged.AddFile("adapter_model.safetensors").Write(std::string_view("weights"));
     staged.Publish();
   }
-
-  fs::path root_;
 };
 
 TEST_F(WriterTest, PublishesWholeAndLeavesNothingBeside) {
