@@ -52,16 +52,17 @@ Resolution TryResolveCheckpoint(const fs::path& given) {
   // A directory with .metadata is an iteration itself, whatever marker lies beside its files.
   if (!fs::exists(given / ".metadata", ec) && fs::exists(marker, ec)) {
     location.label = Trim(ReadTextFile(marker, 4096));
+    const std::string malformed = fmt::format(
+        "{}: expected an iteration number (at most 9223372036854775807) or 'release', found '{}'",
+        marker.string(), location.label);
+    // Megatron rewrites the marker in place: empty is a moment of that, not a damaged file.
+    if (location.label.empty())
+      return NotYet(fmt::format("{} is empty", marker.string()), malformed);
     if (location.label == "release") {
       location.iteration_dir = given / "release";
     } else {
       location.iteration = ParseIteration(location.label);
-      if (!location.iteration) {
-        Fail(
-            "{}: expected an iteration number (at most 9223372036854775807) or 'release', found "
-            "'{}'",
-            marker.string(), location.label);
-      }
+      if (!location.iteration) Fail("{}", malformed);
       location.iteration_dir = given / fmt::format("iter_{:07d}", *location.iteration);
     }
     if (!fs::is_directory(location.iteration_dir, ec)) {

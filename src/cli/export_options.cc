@@ -1,11 +1,11 @@
 #include "export_options.h"
 
 #include <boost/program_options.hpp>
+#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <sstream>
-#include <utility>
 
 #include "adapter_job/core/error.h"
 #include "console.h"
@@ -37,6 +37,18 @@ std::optional<DType> ParseDType(const std::string& name) {
   if (name == "fp16" || name == "float16") return DType::kFloat16;
   if (name == "fp32" || name == "float32") return DType::kFloat32;
   Fail("--dtype must be auto, bf16, fp16 or fp32, not '{}'", name);
+}
+
+// Strings, not doubles, in the options: --print-config shows strings (and --config files hold
+// them).
+double Seconds(const po::variables_map& vm, const char* name) {
+  const std::string& text = vm[name].as<std::string>();
+  double value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size() || !std::isfinite(value) || value < 0) {
+    throw po::error(fmt::format("--{} must be a number of seconds >= 0, not '{}'", name, text));
+  }
+  return value;
 }
 
 }  // namespace
@@ -77,12 +89,12 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
         "verify the adapter's logits before publishing it (the default)")(
         "no-verify", po::bool_switch(), "skip verification");
     options.add_options()
-      ("wait", po::value<double>()->default_value(0),
+      ("wait", po::value<std::string>()->default_value("0"),
        "wait up to this many seconds for the checkpoint to be complete (its iteration's .metadata "
        "and metadata.json written, its files unchanged for --wait-settle); 0: export it as it is")
-      ("wait-poll", po::value<double>()->default_value(10),
+      ("wait-poll", po::value<std::string>()->default_value("10"),
        "seconds between looks while a checkpoint file is missing")
-      ("wait-settle", po::value<double>()->default_value(10),
+      ("wait-settle", po::value<std::string>()->default_value("10"),
        "seconds the iteration's files must stay unchanged (names, sizes, modification times)")
       ("result", po::value<std::string>(),
        "write the outcome as JSON to this file (status, exit code, message, checkpoint, adapter "
@@ -155,17 +167,11 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
       cl.options.verify = verify;
     }
     cl.overwrite_hint = vm["overwrite-hint"].as<std::string>();
-    if (const double seconds = vm["wait"].as<double>(); seconds != 0) {
+    if (const double seconds = Seconds(vm, "wait"); seconds != 0) {
       cl.wait.emplace();
       cl.wait->timeout_seconds = seconds;
-      cl.wait->poll_seconds = vm["wait-poll"].as<double>();
-      cl.wait->settle_seconds = vm["wait-settle"].as<double>();
-      for (const auto& [name, value] : {std::pair{"--wait", seconds},
-                                        {"--wait-poll", cl.wait->poll_seconds},
-                                        {"--wait-settle", cl.wait->settle_seconds}}) {
-        if (!std::isfinite(value) || value < 0)
-          throw po::error(fmt::format("{} must be a number of seconds >= 0, not {}", name, value));
-      }
+      cl.wait->poll_seconds = Seconds(vm, "wait-poll");
+      cl.wait->settle_seconds = Seconds(vm, "wait-settle");
     }
   }
   cl.values = vm;
