@@ -44,7 +44,25 @@ void CheckName(const std::string& name, const fs::path& manifest_file) {
   }
 }
 
+std::string Hex(const unsigned char* digest, unsigned int length) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) {
+    hex += kHex[digest[i] >> 4];
+    hex += kHex[digest[i] & 0xF];
+  }
+  return hex;
+}
+
 }  // namespace
+
+std::string Sha256Text(std::string_view text) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  if (EVP_Digest(text.data(), text.size(), digest, &length, EVP_sha256(), nullptr) != 1)
+    Fail<IoError>("OpenSSL cannot compute a sha256");
+  return Hex(digest, length);
+}
 
 std::string Sha256File(const fs::path& file) {
   const ReadOnlyFile input = ReadOnlyFile::Open(file);
@@ -63,13 +81,7 @@ std::string Sha256File(const fs::path& file) {
   unsigned int length = 0;
   if (EVP_DigestFinal_ex(context.get(), digest, &length) != 1)
     Fail<IoError>("OpenSSL failed to finish the sha256 of '{}'", file.string());
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string hex;
-  for (unsigned int i = 0; i < length; ++i) {
-    hex += kHex[digest[i] >> 4];
-    hex += kHex[digest[i] & 0xF];
-  }
-  return hex;
+  return Hex(digest, length);
 }
 
 std::size_t CheckIntegrity(const IntegrityManifest& manifest, const fs::path& iteration_dir,

@@ -2,10 +2,10 @@
 
 #include <yaml-cpp/yaml.h>
 
-#include <charconv>
 #include <cmath>
 #include <limits>
 
+#include "adapter_job/checkpoint/checkpoint_resolver.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
 #include "yaml_values.h"
@@ -14,8 +14,6 @@ namespace adapter_job::checkpoint {
 namespace {
 
 namespace fs = std::filesystem;
-
-constexpr std::string_view kLatestIterationFile = "latest_checkpointed_iteration.txt";
 
 // Size caps, far above what real checkpoints hold, so hostile files fail fast instead of
 // exhausting memory (yaml-cpp takes ~125 bytes of memory per input byte, nlohmann::json ~10-20).
@@ -26,45 +24,6 @@ constexpr std::size_t kMaxRunConfigBytes = std::size_t{1} << 20;
 constexpr std::size_t kMaxMetadataJsonBytes = std::size_t{1} << 20;
 // integrity.json holds one ~100-byte digest line per file: a 1024-rank DeepSeek-V3 run is ~100 KB.
 constexpr std::size_t kMaxIntegrityBytes = std::size_t{16} << 20;
-
-std::string Trim(std::string s) {
-  const auto not_space = [](unsigned char c) { return !std::isspace(c); };
-  s.erase(s.begin(), std::find_if(s.begin(), s.end(), not_space));
-  s.erase(std::find_if(s.rbegin(), s.rend(), not_space).base(), s.end());
-  return s;
-}
-
-std::optional<int64_t> ParseInt(std::string_view text) {
-  int64_t value = 0;
-  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
-  return value;
-}
-
-// Megatron-LM's layout: `<save>/iter_%07d`, or `<save>/release` for released weights.
-fs::path ResolveIterationDir(const fs::path& given, std::optional<int64_t>& iteration) {
-  if (!fs::exists(given)) Fail("checkpoint path '{}' does not exist", given.string());
-  if (!fs::is_directory(given)) Fail("checkpoint path '{}' is not a directory", given.string());
-  const fs::path marker = given / kLatestIterationFile;
-  if (!fs::exists(given / ".metadata") && fs::exists(marker)) {
-    const std::string text = Trim(ReadTextFile(marker, 4096));
-    if (text == "release") return given / "release";
-    const auto number = ParseInt(text);
-    if (!number || *number < 0) {
-      Fail("{}: expected an iteration number or 'release', found '{}'", marker.string(), text);
-    }
-    iteration = *number;
-    const fs::path dir = given / fmt::format("iter_{:07d}", *number);
-    if (!fs::is_directory(dir)) {
-      Fail("{} names iteration {}, but '{}' does not exist", marker.string(), *number,
-           dir.string());
-    }
-    return dir;
-  }
-  const std::string name = given.filename().string();
-  if (name.rfind("iter_", 0) == 0) iteration = ParseInt(name.substr(5));
-  return given;
-}
 
 // Beyond any Megatron run, and small enough that TP x PP x EP arithmetic stays far from overflow.
 constexpr int64_t kMaxParallelSize = 65536;
@@ -205,7 +164,9 @@ RunDirectory OpenRunDirectory(const fs::path& path,
                               const std::function<void(const RunDirectory&)>& before_parsing) {
   RunDirectory run;
   run.given = path;
-  run.iteration_dir = ResolveIterationDir(path, run.iteration);
+  const CheckpointLocation location = ResolveCheckpoint(path);
+  run.iteration_dir = location.iteration_dir;
+  run.iteration = location.iteration;
   if (!fs::exists(run.iteration_dir / ".metadata")) {
     Fail(
         "'{}' is not a torch_dist checkpoint: it has no .metadata (pass the save directory or an "

@@ -1,17 +1,20 @@
 // `adapter_job export` (the default command) and `adapter_job stream`.
 #include <fmt/format.h>
 
+#include <boost/program_options/errors.hpp>
 #include <filesystem>
 #include <iostream>
 #include <optional>
 
 #include "adapter_job/comm/mpi_world.h"
+#include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
 #include "adapter_job/safetensors/safetensors.h"
 #include "adapter_job/writer/output_guard.h"
 #include "commands.h"
 #include "console.h"
 #include "export_options.h"
+#include "export_result.h"
 #include "verify_options.h"
 
 namespace adapter_job::cli {
@@ -29,7 +32,17 @@ void WriteReport(const ExportCommandLine& cl, const ExportReport& report, const 
 }  // namespace
 
 int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args) {
-  const ExportCommandLine cl = ParseExportCommandLine(args, /*stream=*/false);
+  ExportCommandLine cl;
+  try {
+    cl = ParseExportCommandLine(args, /*stream=*/false);
+  } catch (const boost::program_options::error& e) {
+    RecordUnparsed(world, args, static_cast<int>(ExitCode::kBadInput), e.what());
+    throw;
+  } catch (const Error& e) {
+    RecordUnparsed(world, args, static_cast<int>(e.exit_code()), e.what());
+    throw;
+  }
+  if (cl.record_failure || (cl.help && cl.result_path)) return RecordWithoutExport(world, cl);
   if (cl.help) {
     if (world.rank() == 0) std::cout << cl.help_text;
     return 0;
@@ -38,22 +51,30 @@ int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args)
   ExportOptions options = cl.options;
   options.progress = console.Progress();
   options.report_path = cl.report_path;  // written by the export, before it publishes
-  if (cl.values.count("verify-h5")) {
-    writer::RefuseOutputsOverInputs({{"--verify-h5", cl.values["verify-h5"].as<std::string>()}},
-                                    {{"--megatron-peft-checkpoint", options.checkpoint},
-                                     {"--hf-model-id", options.hf_model_id}});
-  }
-  const ExportReport report = ExportAdapter(options, world);
-  if (world.rank() != 0) return 0;
-  console.Result(report.Summary());
-  if (!report.verification) {
-    console.Log(LogLevel::kWarning, "not verified (" + report.verification_skipped.value_or("") +
-                                        "): published " + report.published.string());
-    return 0;
-  }
-  return ReportVerification(
-      *report.verification, cl.values, console,
-      "; the adapter was NOT published: it is in " + report.published.string());
+  // --wait and --result around the export (export_result.h); `options` is then pinned to the
+  // iteration found.
+  return RunRecordedExport(
+      world, cl, console, options,
+      [&](const ExportOptions& pinned, std::optional<ExportReport>& kept) {
+        if (cl.values.count("verify-h5")) {
+          writer::RefuseOutputsOverInputs(
+              {{"--verify-h5", cl.values["verify-h5"].as<std::string>()}},
+              {{"--megatron-peft-checkpoint", options.checkpoint},
+               {"--hf-model-id", options.hf_model_id}});
+        }
+        const ExportReport& report = kept.emplace(ExportAdapter(pinned, world));
+        if (world.rank() != 0) return 0;
+        console.Result(report.Summary());
+        if (!report.verification) {
+          console.Log(LogLevel::kWarning, "not verified (" +
+                                              report.verification_skipped.value_or("") +
+                                              "): published " + report.published.string());
+          return 0;
+        }
+        return ReportVerification(
+            *report.verification, cl.values, console,
+            "; the adapter was NOT published: it is in " + report.published.string());
+      });
 }
 
 int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args) {

@@ -1,6 +1,8 @@
 #include "export_options.h"
 
 #include <boost/program_options.hpp>
+#include <charconv>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <sstream>
@@ -35,6 +37,18 @@ std::optional<DType> ParseDType(const std::string& name) {
   if (name == "fp16" || name == "float16") return DType::kFloat16;
   if (name == "fp32" || name == "float32") return DType::kFloat32;
   Fail("--dtype must be auto, bf16, fp16 or fp32, not '{}'", name);
+}
+
+// Strings, not doubles, in the options: --print-config shows strings (and --config files hold
+// them).
+double Seconds(const po::variables_map& vm, const char* name) {
+  const std::string& text = vm[name].as<std::string>();
+  double value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size() || !std::isfinite(value) || value < 0) {
+    throw po::error(fmt::format("--{} must be a number of seconds >= 0, not '{}'", name, text));
+  }
+  return value;
 }
 
 }  // namespace
@@ -74,6 +88,23 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
         "verify", po::value<bool>()->default_value(true)->implicit_value(true)->zero_tokens(),
         "verify the adapter's logits before publishing it (the default)")(
         "no-verify", po::bool_switch(), "skip verification");
+    options.add_options()
+      ("wait", po::value<std::string>()->default_value("0"),
+       "wait up to this many seconds for the checkpoint to be complete (its iteration's .metadata "
+       "and metadata.json written, its files unchanged for --wait-settle); 0: export it as it is")
+      ("wait-poll", po::value<std::string>()->default_value("10"),
+       "seconds between looks while a checkpoint file is missing")
+      ("wait-settle", po::value<std::string>()->default_value("10"),
+       "seconds the iteration's files must stay unchanged (names, sizes, modification times)")
+      ("result", po::value<std::string>(),
+       "write the outcome as JSON to this file (status, exit code, message, checkpoint, adapter "
+       "hashes, report); an adapter this file records as made from the same checkpoint is skipped")
+      ("record-failure", po::value<std::string>(),
+       "export nothing: write this message to --result as a failure (for wrappers)")
+      ("record-failure-code", po::value<int>()->default_value(2),
+       "the exit code --record-failure records and exits with (1 to 255)")
+      ("overwrite-hint", po::value<std::string>()->default_value("pass --overwrite"),
+       "with --result: how the refusal of an existing output says to replace it (for wrappers)");
     AddVerifyOptions(options);
   }
   // clang-format on
@@ -83,6 +114,21 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   const po::variables_map& vm = layered.merged;
 
   ExportCommandLine cl;
+  if (vm.count("result")) cl.result_path = vm["result"].as<std::string>();
+  if (vm.count("record-failure")) {
+    if (!cl.result_path) throw po::error("--record-failure needs --result");
+    cl.record_failure = vm["record-failure"].as<std::string>();
+    cl.record_failure_code = vm["record-failure-code"].as<int>();
+    if (cl.record_failure_code < 1 || cl.record_failure_code > 255) {
+      throw po::error("--record-failure-code must be 1 to 255");
+    }
+    // What the wrapper was given, for the result; none of it is needed.
+    if (vm.count("megatron-peft-checkpoint"))
+      cl.options.checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
+    cl.options.output = vm["output-hf-path"].as<std::string>();
+    cl.values = vm;
+    return cl;
+  }
   if (vm.count("help")) {
     std::ostringstream text;
     text << options;
@@ -114,10 +160,19 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   if (stream) {
     if (!vm.count("output")) throw po::error("the option '--output' is required");
     cl.stream_output = vm["output"].as<std::string>();
-  } else if (vm["verify"].as<bool>() && !vm["no-verify"].as<bool>()) {
-    verify::VerifyOptions verify;
-    ReadVerifyOptions(vm, verify);
-    cl.options.verify = verify;
+  } else {
+    if (vm["verify"].as<bool>() && !vm["no-verify"].as<bool>()) {
+      verify::VerifyOptions verify;
+      ReadVerifyOptions(vm, verify);
+      cl.options.verify = verify;
+    }
+    cl.overwrite_hint = vm["overwrite-hint"].as<std::string>();
+    if (const double seconds = Seconds(vm, "wait"); seconds != 0) {
+      cl.wait.emplace();
+      cl.wait->timeout_seconds = seconds;
+      cl.wait->poll_seconds = Seconds(vm, "wait-poll");
+      cl.wait->settle_seconds = Seconds(vm, "wait-settle");
+    }
   }
   cl.values = vm;
   return cl;

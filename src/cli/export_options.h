@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "adapter_job/checkpoint/checkpoint_readiness.h"
 #include "adapter_job/export.h"
 
 namespace adapter_job::cli {
@@ -15,6 +16,15 @@ struct ExportCommandLine {
   ExportOptions options;
   std::optional<std::string> report_path;
   std::optional<std::string> stream_output;  // `stream --output`
+  // `export --wait SECONDS` (> 0): wait for a complete, settled iteration first.
+  std::optional<checkpoint::WaitSettings> wait;
+  std::optional<std::string> result_path;  // `export --result FILE`: the hook's result JSON
+  // `export --record-failure MESSAGE`: only write MESSAGE to --result as a failure with this code
+  // (how jobs/export_hook.sh records settings it refuses, or a launcher that died).
+  std::optional<std::string> record_failure;
+  int record_failure_code = 2;
+  // How the refusal of an existing output tells the caller to replace it (--overwrite-hint).
+  std::string overwrite_hint = "pass --overwrite";
   bool help = false;
   std::string help_text;
   boost::program_options::variables_map values;  // for the verification options

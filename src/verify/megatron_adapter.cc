@@ -8,6 +8,7 @@
 
 #include <map>
 
+#include "adapter_job/checkpoint/checkpoint_resolver.h"
 #include "adapter_job/checkpoint/storage_budget.h"
 #include "adapter_job/core/error.h"
 #include "hf_weights.h"
@@ -64,7 +65,9 @@ std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(const std::filesystem::pa
                                                        const convert::HfModelConfig& model,
                                                        const LlamaSettings& settings,
                                                        at::ScalarType adapter_dtype) {
-  auto run = checkpoint::OpenRunDirectory(checkpoint);
+  // The resolver the export used: the iteration it pinned (export --wait/--result) resolves to
+  // itself, a save directory to the iteration its latest_checkpointed_iteration.txt names.
+  auto run = checkpoint::OpenRunDirectory(checkpoint::ResolveCheckpoint(checkpoint).iteration_dir);
   if (!run.peft) Fail("'{}' has no run_config.yaml peft: section", run.iteration_dir.string());
   auto reader = checkpoint::CheckpointReader::Open(run.iteration_dir);
   std::unique_ptr<MegatronAdapter> adapter(new MegatronAdapter(std::move(run), std::move(reader)));
