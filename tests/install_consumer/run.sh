@@ -19,7 +19,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 
 cmake --install "$build_dir" --prefix "$prefix" >/dev/null
 package_dir=$(dirname "$(find "$prefix" -name adapter_jobConfig.cmake)")
-if grep -nE 'MPI|CUDA|NCCL|HDF5|[Tt]orch|PCRE2|yaml' "$package_dir"/*.cmake; then
+if grep -nE '^[^#]*(MPI|CUDA|NCCL|HDF5|[Tt]orch|PCRE2|yaml)' "$package_dir"/*.cmake; then
   fail "the installed package names a private dependency of libadapter_job (above)"
 fi
 
