@@ -26,7 +26,9 @@ std::optional<fs::path> ConfigDir() {
         (exe.parent_path() / ADAPTER_JOB_CONFIG_DIR_FROM_BINDIR).lexically_normal());
     // The source tree is only trusted by the binary built from it: an installed copy never reads
     // a checkout that happens to still exist.
-    if (Inside(exe.lexically_normal(), fs::path(ADAPTER_JOB_BUILD_DIR).lexically_normal()))
+    // /proc/self/exe is a real path: compare it with the build directory's.
+    const fs::path build_dir = fs::weakly_canonical(ADAPTER_JOB_BUILD_DIR, ec);
+    if (!ec && Inside(exe.lexically_normal(), build_dir))
       candidates.emplace_back(ADAPTER_JOB_SOURCE_CONFIG_DIR);
   }
   candidates.emplace_back(ADAPTER_JOB_INSTALLED_CONFIG_DIR);
