@@ -1,11 +1,17 @@
-# `cmake --install` ships the libraries, public headers and a package config, so another project
-# can `find_package(adapter_job)` and link adapter_job::checkpoint and friends.
+# `cmake --install` ships libadapter_job.so (cmake/SharedLibrary.cmake), the public headers, the
+# binary, the verification plugin (in <libdir>/adapter_job/, where the library and the binary
+# look for it), config/ (share/adapter_job/config, which the installed binary reads) and a package
+# config, so another project can `find_package(adapter_job)` and link adapter_job::adapter_job.
 include(CMakePackageConfigHelpers)
-install(TARGETS core checkpoint integrity safetensors comm convert writer job verify_loader report tokenizer EXPORT adapter_job_targets
-        ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})
+install(TARGETS shared_library EXPORT adapter_job_targets
+        LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(TARGETS adapter_job RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
-install(TARGETS verify_plugin LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}/adapter_job)
-install(DIRECTORY include/adapter_job DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+if(ADAPTER_JOB_VERIFY)
+  install(TARGETS verify_plugin LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}/adapter_job)
+endif()
+# The tokenizer and verification.h5 are the plugin's parts, not the library's.
+install(DIRECTORY include/adapter_job DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
+        PATTERN tokenizer EXCLUDE PATTERN hdf5_writer.h EXCLUDE)
 install(DIRECTORY config/ DESTINATION ${CMAKE_INSTALL_DATADIR}/adapter_job/config)
 install(EXPORT adapter_job_targets NAMESPACE adapter_job::
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/adapter_job)
@@ -16,5 +22,4 @@ write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/adapter_jobConfigVe
                                  COMPATIBILITY SameMinorVersion)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/adapter_jobConfig.cmake
               ${CMAKE_CURRENT_BINARY_DIR}/adapter_jobConfigVersion.cmake
-              ${PROJECT_SOURCE_DIR}/cmake/FindNCCL.cmake
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/adapter_job)

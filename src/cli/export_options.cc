@@ -8,6 +8,8 @@
 #include <sstream>
 
 #include "adapter_job/core/error.h"
+#include "adapter_job/verify/plugin.h"
+#include "config_dir.h"
 #include "console.h"
 #include "layered_options.h"
 #include "verify_options.h"
@@ -18,17 +20,11 @@ namespace {
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
 
-// config/export.ini, the first found of: $ADAPTER_JOB_CONFIG_DIR, the installed copy, the source
-// tree's (none: no defaults file).
+// config/export.ini from the config directory (config_dir.h); none: no defaults file.
 std::vector<fs::path> DefaultsFiles() {
-  std::vector<fs::path> candidates;
-  if (const char* dir = std::getenv("ADAPTER_JOB_CONFIG_DIR")) candidates.emplace_back(dir);
-  candidates.emplace_back(ADAPTER_JOB_INSTALLED_CONFIG_DIR);
-  candidates.emplace_back(ADAPTER_JOB_SOURCE_CONFIG_DIR);
-  for (const auto& dir : candidates) {
-    if (fs::exists(dir / "export.ini")) return {dir / "export.ini"};
-  }
-  return {};
+  const std::optional<fs::path> dir = ConfigDir();
+  if (!dir) return {};
+  return {*dir / "export.ini"};
 }
 
 std::optional<DType> ParseDType(const std::string& name) {
@@ -162,6 +158,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
     cl.stream_output = vm["output"].as<std::string>();
   } else {
     if (vm["verify"].as<bool>() && !vm["no-verify"].as<bool>()) {
+      verify::RequireVerificationBuilt();  // before any work: never skip verification silently
       verify::VerifyOptions verify;
       ReadVerifyOptions(vm, verify);
       cl.options.verify = verify;

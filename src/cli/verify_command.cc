@@ -6,6 +6,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/verify/plugin.h"
 #include "adapter_job/verify/verify.h"
 #include "adapter_job/writer/output_guard.h"
 #include "commands.h"
@@ -101,7 +102,7 @@ void ReadVerifyOptions(const po::variables_map& vm, verify::VerifyOptions& optio
 int ReportVerification(const verify::VerificationReport& report, const po::variables_map& vm,
                        Console& console, std::string_view consequence) {
   console.Result(report.Table());
-  if (vm.count("verify-h5")) verify::WriteHdf5(report, vm["verify-h5"].as<std::string>());
+  if (vm.count("verify-h5")) verify::WriteHdf5WithPlugin(report, vm["verify-h5"].as<std::string>());
   if (report.passed()) return 0;
   // An error, so it shows at every log level, --quiet included: exit 3 alone says nothing of why.
   console.Log(LogLevel::kError, report.FailureLine() + std::string(consequence));
@@ -128,6 +129,7 @@ int RunVerify(const std::vector<std::string>& args) {
     std::cout << options;
     return 0;
   }
+  verify::RequireVerificationBuilt();
   if (!vm.count("hf-model-id")) throw po::error("the option '--hf-model-id' is required");
   if (!vm.count("hf-adapter-path")) throw po::error("the option '--hf-adapter-path' is required");
   verify::VerifyOptions verify;

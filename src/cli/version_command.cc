@@ -1,8 +1,12 @@
 #include <boost/program_options.hpp>
+#include <filesystem>
 #include <iostream>
+#include <optional>
 
 #include "adapter_job/comm/accelerator.h"
+#include "adapter_job/verify/plugin.h"
 #include "commands.h"
+#include "config_dir.h"
 #include "layered_options.h"
 
 namespace adapter_job::cli {
@@ -19,6 +23,16 @@ int RunVersion(const std::vector<std::string>& args) {
   }
   const comm::AcceleratorInfo info = comm::ProbeAccelerators();
   std::cout << "adapter_job " << ADAPTER_JOB_VERSION << "\n";
+  // Where this binary takes its defaults and its verification from (relative to where it lies).
+  const std::optional<std::filesystem::path> config = ConfigDir();
+  std::cout << "config: " << (config ? config->string() : "none (built-in defaults only)") << "\n";
+  if (!verify::VerificationBuilt()) {
+    std::cout << "verification: not built (-DADAPTER_JOB_VERIFY=OFF; export with --no-verify)\n";
+  } else if (const auto plugin = verify::FindVerificationPlugin()) {
+    std::cout << "verification plugin: " << plugin->string() << "\n";
+  } else {
+    std::cout << "verification plugin: not found (set ADAPTER_JOB_VERIFY_PLUGIN)\n";
+  }
   if (!info.built_with_cuda) {
     std::cout << "CUDA/NCCL: not built in (" << info.unavailable_reason << ")\n";
     return 0;

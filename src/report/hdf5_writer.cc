@@ -18,13 +18,14 @@
 // Strings are variable-length, UTF-8 tagged, stored with their bytes unchanged (h5py: .asstr()
 // on datasets, plain str from attributes); as C strings they end at a NUL byte. Numbers are
 // little-endian, uncompressed, contiguous.
+#include "adapter_job/report/hdf5_writer.h"
+
 #include <set>
 #include <string_view>
 
 #include "adapter_job/core/checked_math.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
-#include "adapter_job/report/report.h"
 #include "hdf5_handles.h"
 
 namespace adapter_job::verify {

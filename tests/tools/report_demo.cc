@@ -16,6 +16,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/report/hdf5_writer.h"
 #include "adapter_job/report/report.h"
 
 using namespace adapter_job;

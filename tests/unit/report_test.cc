@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "adapter_job/core/error.h"
+#include "adapter_job/report/hdf5_writer.h"
 
 namespace adapter_job::verify {
 namespace {

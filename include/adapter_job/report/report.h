@@ -1,6 +1,7 @@
 // What verification found: per prompt, every variant's logits and top-k tokens; each check with
 // its figure and threshold; statistics of every adapter tensor. Rendered as a table for people,
-// JSON for schedulers and HDF5 (verification.h5) for analysis. No libtorch here.
+// JSON for schedulers and HDF5 (verification.h5, report/hdf5_writer.h) for analysis. No libtorch
+// and no HDF5 here.
 #pragma once
 
 #include <cstdint>
@@ -74,12 +75,5 @@ struct VerificationReport {
   // failed verdict is an error, shown at every log level.
   std::string FailureLine() const;
 };
-
-// verification.h5, laid out as README.md ("verification.h5") documents: /prompts/<i>/{token_ids,
-// logits/<variant>, top_k/<variant>/{ids, logits, probabilities, text}} with the prompt text as an
-// attribute; /checks/{name, passed, figure, threshold, relation, detail}; /adapter_tensors/{name,
-// dtype, shape, mean, std, max_abs, frobenius_norm}; root attributes base_model, adapter_path,
-// device, compute_dtype, top_k, passed, seconds. Written to a temporary file and renamed.
-void WriteHdf5(const VerificationReport& report, const std::filesystem::path& path);
 
 }  // namespace adapter_job::verify
