@@ -1,7 +1,7 @@
 # `cmake --install` ships the libraries, public headers and a package config, so another project
 # can `find_package(adapter_job)` and link adapter_job::checkpoint and friends.
 include(CMakePackageConfigHelpers)
-install(TARGETS core checkpoint integrity safetensors comm convert writer job verify_loader report tokenizer EXPORT adapter_job_targets
+install(TARGETS core checkpoint integrity safetensors comm convert writer job verify_loader report text tokenizer EXPORT adapter_job_targets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR})
 install(TARGETS adapter_job RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 install(TARGETS verify_plugin LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}/adapter_job)
