@@ -31,28 +31,58 @@ std::string Pcre2Message(int code) {
                      static_cast<std::size_t>(length));
 }
 
+// Python's re refuses global inline flags such as "(?i)" anywhere but at the start of the
+// pattern (PEFT's rf"(.*\.)?({key})$" puts them inside); PCRE2 would apply them from there on.
+bool IsGlobalFlagGroup(std::string_view rest) {
+  if (!rest.starts_with("(?")) return false;
+  const std::size_t end = rest.find_first_not_of("aiLmsux", 2);
+  return end != 2 && end != std::string_view::npos && rest[end] == ')';
+}
+
 // Rewrites the escapes whose meaning differs from PCRE2's: Oniguruma's \uHHHH (PCRE2's
 // \x{HHHH}) and Python's \Z (PCRE2's \z: the very end, not before a final newline). Other
 // escapes pass through unchanged; an escaped backslash stays one, so "\\u0041" is no code point.
 std::string TranslateEscapes(std::string_view pattern, Regex::Dialect dialect) {
   const auto is_hex = [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; };
+  const bool python = dialect == Regex::Dialect::kPython;
   std::string out;
   out.reserve(pattern.size());
+  bool in_class = false;              // inside [...], where "(?" is two plain characters
+  std::size_t leading_flags_end = 0;  // "(?i)(?s)..." at the start is fine
+  while (IsGlobalFlagGroup(pattern.substr(leading_flags_end)))
+    leading_flags_end = pattern.find(')', leading_flags_end) + 1;
   for (std::size_t i = 0; i < pattern.size(); ++i) {
-    if (pattern[i] != '\\' || i + 1 == pattern.size()) {
-      out += pattern[i];
-    } else if (dialect == Regex::Dialect::kOniguruma && pattern[i + 1] == 'u' &&
-               i + 6 <= pattern.size() &&
-               std::all_of(pattern.begin() + i + 2, pattern.begin() + i + 6, is_hex)) {
-      out += fmt::format("\\x{{{}}}", pattern.substr(i + 2, 4));
-      i += 5;
-    } else if (dialect == Regex::Dialect::kPython && pattern[i + 1] == 'Z') {
-      out += "\\z";
-      ++i;
-    } else {
-      out += pattern.substr(i, 2);
-      ++i;
+    if (pattern[i] == '\\' && i + 1 < pattern.size()) {
+      if (dialect == Regex::Dialect::kOniguruma && pattern[i + 1] == 'u' &&
+          i + 6 <= pattern.size() &&
+          std::all_of(pattern.begin() + i + 2, pattern.begin() + i + 6, is_hex)) {
+        out += fmt::format("\\x{{{}}}", pattern.substr(i + 2, 4));
+        i += 5;
+      } else if (python && pattern[i + 1] == 'Z') {
+        out += "\\z";
+        ++i;
+      } else {
+        out += pattern.substr(i, 2);
+        ++i;
+      }
+      continue;
     }
+    if (!in_class && pattern[i] == '[') {
+      in_class = true;
+      // A ']' right after '[' or '[^' is a member, not the end.
+      const std::size_t first = i + (pattern.substr(i + 1, 1) == "^" ? 2 : 1);
+      if (pattern.substr(first, 1) == "]") {
+        out += pattern.substr(i, first + 1 - i);
+        i = first;
+        continue;
+      }
+    } else if (in_class && pattern[i] == ']') {
+      in_class = false;
+    } else if (python && !in_class && i >= leading_flags_end &&
+               IsGlobalFlagGroup(pattern.substr(i))) {
+      Fail("global flags not at the start of the expression at position {}", i);
+    }
+    out += pattern[i];
   }
   return out;
 }
