@@ -1,10 +1,5 @@
 // tokenizer.json patterns (on text::Regex), and splitting text around their matches.
-#include <fmt/format.h>
-
 #include <algorithm>
-#include <array>
-#include <cctype>
-#include <new>
 
 #include "adapter_job/core/error.h"
 #include "tokenizer_internal.h"
