@@ -33,8 +33,9 @@ bool IsSet(const Json& config, const char* key) {
 using text::Regex;
 using Anchor = Regex::Anchor;
 
-// Python's `re` refuses what PCRE2 refuses here, with few exceptions (e.g. PCRE2's possessive
-// quantifiers before Python 3.11); a pattern PEFT could load but PCRE2 cannot is named.
+// text::Regex reads Python's syntax as `re` does for what PEFT configs hold; the rare constructs
+// only one of them knows (PCRE2's \p{..} and (*VERB)s, Python's (?a) and (?u)) are not
+// translated: a pattern PCRE2 refuses is a FormatError naming the field.
 Regex Compile(const std::string& pattern, const char* field) {
   try {
     return Regex(pattern, Regex::Dialect::kPython);
