@@ -8,7 +8,7 @@ APT_PACKAGES=(
   build-essential cmake pkg-config git
   libopenmpi-dev openmpi-bin
   libhdf5-dev nlohmann-json3-dev libboost-program-options-dev
-  libgtest-dev libgmock-dev libyaml-cpp-dev libfmt-dev libzstd-dev libpcre2-dev libssl-dev
+  libgtest-dev libgmock-dev libyaml-cpp-dev libfmt-dev libzstd-dev libpcre2-dev libutf8proc-dev libssl-dev
   clang-14 libclang-rt-14-dev clang-format
   slurm-wlm munge shellcheck
 )

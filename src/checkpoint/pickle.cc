@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "adapter_job/core/error.h"
+#include "adapter_job/core/utf8.h"
 
 namespace adapter_job::pickle {
 namespace {
@@ -91,37 +92,8 @@ enum Opcode : uint8_t {
   kReadOnlyBuffer = 0x98,
 };
 
-// Structural UTF-8 check; surrogate code points pass, as Python's 'surrogatepass' lets them.
-bool IsUtf8(std::string_view s) {
-  std::size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    std::size_t extra;
-    uint32_t min;
-    if (c < 0x80) {
-      ++i;
-      continue;
-    } else if ((c & 0xe0) == 0xc0) {
-      extra = 1, min = 0x80;
-    } else if ((c & 0xf0) == 0xe0) {
-      extra = 2, min = 0x800;
-    } else if ((c & 0xf8) == 0xf0) {
-      extra = 3, min = 0x10000;
-    } else {
-      return false;
-    }
-    if (s.size() - i <= extra) return false;
-    uint32_t code = c & (0x3f >> extra);
-    for (std::size_t k = 1; k <= extra; ++k) {
-      const auto cc = static_cast<unsigned char>(s[i + k]);
-      if ((cc & 0xc0) != 0x80) return false;
-      code = (code << 6) | (cc & 0x3f);
-    }
-    if (code < min || code > 0x10ffff) return false;
-    i += extra + 1;
-  }
-  return true;
-}
+// Python pickles str with 'surrogatepass', so lone surrogates are written and must read back.
+bool IsUtf8(std::string_view s) { return utf8::IsValid(s, utf8::Surrogates::kAllow); }
 
 }  // namespace
 

@@ -9,59 +9,18 @@
 #include <limits>
 #include <string_view>
 
+#include "adapter_job/core/utf8.h"
+
 namespace adapter_job::verify {
 namespace {
 
 using Json = nlohmann::ordered_json;
 
-// Length of the well-formed UTF-8 sequence at the start of `s`, or 0 if it is not one
-// (truncated, overlong, a surrogate or past U+10FFFF).
-std::size_t Utf8SequenceLength(std::string_view s) {
-  const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(s[i]); };
-  const unsigned char lead = byte(0);
-  if (lead < 0x80) return 1;
-  std::size_t length = 0;
-  unsigned char low = 0x80;  // the second byte's bounds exclude overlong forms and surrogates
-  unsigned char high = 0xBF;
-  if (lead >= 0xC2 && lead <= 0xDF) {
-    length = 2;
-  } else if (lead >= 0xE0 && lead <= 0xEF) {
-    length = 3;
-    if (lead == 0xE0) low = 0xA0;
-    if (lead == 0xED) high = 0x9F;
-  } else if (lead >= 0xF0 && lead <= 0xF4) {
-    length = 4;
-    if (lead == 0xF0) low = 0x90;
-    if (lead == 0xF4) high = 0x8F;
-  } else {
-    return 0;
-  }
-  if (s.size() < length || byte(1) < low || byte(1) > high) return 0;
-  for (std::size_t i = 2; i < length; ++i) {
-    if (byte(i) < 0x80 || byte(i) > 0xBF) return 0;
-  }
-  return length;
-}
-
 // JSON text must be UTF-8, and nlohmann's dump() throws on anything else. Paths on Linux are
 // bytes, so a report about `/data/modèle` in Latin-1 would otherwise fail only when a scheduler
 // serializes it, after all the verification work. Invalid bytes become U+FFFD, as Python's
 // errors="replace" does.
-std::string ValidUtf8(std::string_view s) {
-  std::string out;
-  out.reserve(s.size());
-  while (!s.empty()) {
-    const std::size_t n = Utf8SequenceLength(s);
-    if (n == 0) {
-      out += "\xEF\xBF\xBD";
-      s.remove_prefix(1);
-    } else {
-      out += s.substr(0, n);
-      s.remove_prefix(n);
-    }
-  }
-  return out;
-}
+std::string ValidUtf8(std::string_view s) { return utf8::Lossy(s); }
 
 Json CheckJson(const CheckResult& check) {
   Json j;
@@ -130,14 +89,6 @@ struct Glyph {
   int width = 1;
 };
 
-char32_t DecodeSequence(std::string_view s, std::size_t length) {
-  const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(s[i]); };
-  if (length == 1) return byte(0);
-  char32_t c = byte(0) & (0xFF >> (length + 1));
-  for (std::size_t i = 1; i < length; ++i) c = (c << 6) | (byte(i) & 0x3F);
-  return c;
-}
-
 // Characters a terminal shows as nothing, or that reorder the rest of the line (bidi controls):
 // escaped so that two different tokens never look alike.
 bool IsInvisible(char32_t c) {
@@ -180,13 +131,14 @@ std::vector<Glyph> Escape(std::string_view text, bool mark_edge_spaces) {
   for (std::size_t i = 0; i < text.size();) {
     after_character =
         !glyphs.empty() && glyphs.back().text.front() != '\\' && glyphs.back().text != "\u2420";
-    const std::size_t length = Utf8SequenceLength(text.substr(i));
+    const std::size_t length = utf8::SequenceLength(text.substr(i));
     if (length == 0) {
       glyphs.push_back({fmt::format("\\x{:02x}", static_cast<unsigned char>(text[i])), 4});
       ++i;
       continue;
     }
-    const char32_t c = DecodeSequence(text.substr(i), length);
+    std::size_t decoded = 0;
+    const char32_t c = utf8::DecodeAt(text, i, &decoded);
     const auto code = static_cast<uint32_t>(c);
     const bool edge =
         i < first_visible || first_visible == std::string_view::npos || i > last_visible;

@@ -83,7 +83,7 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 std::vector<int64_t> Tokenizer::Encode(std::string_view text, bool add_special_tokens) const {
-  if (const std::size_t bad = internal::FindInvalidUtf8(text); bad != internal::kValidUtf8) {
+  if (const std::size_t bad = utf8::FindInvalid(text); bad != std::string_view::npos) {
     Fail("cannot encode: the text is not valid UTF-8 (byte {})", bad);
   }
   std::vector<internal::Piece> pieces =

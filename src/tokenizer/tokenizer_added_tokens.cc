@@ -28,12 +28,12 @@ bool EndsWithWord(std::string_view text) {
   std::size_t pos = text.size() - 1;
   while (pos > 0 && (static_cast<unsigned char>(text[pos]) & 0xC0) == 0x80) --pos;
   std::size_t length = 0;
-  return IsWordChar(DecodeUtf8(text, pos, &length));
+  return IsWordChar(utf8::DecodeAt(text, pos, &length));
 }
 
 bool StartsWithWord(std::string_view text) {
   std::size_t length = 0;
-  return !text.empty() && IsWordChar(DecodeUtf8(text, 0, &length));
+  return !text.empty() && IsWordChar(utf8::DecodeAt(text, 0, &length));
 }
 
 // Start of the whitespace run that ends `text`.
@@ -43,7 +43,7 @@ std::size_t TrailingSpaceStart(std::string_view text) {
     std::size_t pos = begin - 1;
     while (pos > 0 && (static_cast<unsigned char>(text[pos]) & 0xC0) == 0x80) --pos;
     std::size_t length = 0;
-    if (!IsWhiteSpace(DecodeUtf8(text, pos, &length))) break;
+    if (!text::IsWhiteSpace(utf8::DecodeAt(text, pos, &length))) break;
     begin = pos;
   }
   return begin;
@@ -53,7 +53,7 @@ std::size_t TrailingSpaceStart(std::string_view text) {
 std::size_t LeadingSpaceLength(std::string_view text) {
   std::size_t end = 0;
   for (std::size_t length = 0; end < text.size(); end += length) {
-    if (!IsWhiteSpace(DecodeUtf8(text, end, &length))) break;
+    if (!text::IsWhiteSpace(utf8::DecodeAt(text, end, &length))) break;
   }
   return end;
 }

@@ -193,7 +193,7 @@ void BpeModel::MergeWord(std::string_view word, std::vector<int64_t>& ids) const
     unk_pending_length = 0;
   };
   for (std::size_t pos = 0, length = 0; pos < word.size(); pos += length) {
-    length = Utf8Length(word[pos]);
+    length = utf8::LengthOf(word[pos]);
     std::string piece(word.substr(pos, length));
     if (pos != 0) piece.insert(0, continuing_subword_prefix_);
     if (pos + length == word.size()) piece += end_of_word_suffix_;

@@ -34,7 +34,7 @@ class ByteLevelDecoder final : public Decoder {
       // A token with a character outside the alphabet (an added token) passes through as is.
       bytes += ByteLevelDecode(token).value_or(token);
     }
-    return {LossyUtf8(bytes)};
+    return {utf8::Lossy(bytes)};
   }
 };
 
@@ -100,7 +100,7 @@ class ByteFallbackDecoder final : public Decoder {
     std::size_t byte_count = 0;
     const auto flush = [&] {
       if (byte_count == 0) return;
-      if (FindInvalidUtf8(bytes) == kValidUtf8) {
+      if (utf8::IsValid(bytes)) {
         out.push_back(bytes);
       } else {
         out.insert(out.end(), byte_count, "\xEF\xBF\xBD");
@@ -151,13 +151,13 @@ class StripDecoder final : public Decoder {
       : content_(content), start_(start), stop_(stop) {}
   std::vector<std::string> DecodeChain(std::vector<std::string> tokens) const override {
     for (std::string& token : tokens) {
-      const std::vector<char32_t> chars = CodePoints(token);
+      const std::vector<char32_t> chars = utf8::CodePoints(token);
       std::size_t begin = 0;
       while (begin < start_ && begin < chars.size() && chars[begin] == content_) ++begin;
       std::size_t end = chars.size();
       while (chars.size() - end < stop_ && end > begin && chars[end - 1] == content_) --end;
       std::string out;
-      for (std::size_t i = begin; i < end; ++i) AppendUtf8(chars[i], out);
+      for (std::size_t i = begin; i < end; ++i) utf8::Append(chars[i], out);
       token = std::move(out);
     }
     return tokens;

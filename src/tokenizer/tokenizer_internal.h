@@ -3,11 +3,6 @@
 // comments name the Rust code where the behavior is surprising.
 #pragma once
 
-#ifndef PCRE2_CODE_UNIT_WIDTH
-#define PCRE2_CODE_UNIT_WIDTH 8
-#endif
-#include <pcre2.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -19,6 +14,10 @@
 #include <unordered_set>
 #include <utility>
 #include <vector>
+
+#include "adapter_job/core/utf8.h"
+#include "adapter_job/text/regex.h"
+#include "adapter_job/text/unicode.h"
 
 namespace adapter_job::tokenizer::internal {
 
@@ -44,27 +43,13 @@ std::string ComponentType(const Json& component, std::string_view where);
 [[noreturn]] void FailUnsupported(std::string_view kind, std::string_view type,
                                   std::string_view where, std::string_view supported);
 
-// ---- UTF-8 --------------------------------------------------------------------------------
+// ---- Characters (UTF-8 is adapter_job::utf8, White_Space text::IsWhiteSpace)
+// ------------------------------------
 
-constexpr std::size_t kValidUtf8 = static_cast<std::size_t>(-1);
-// Byte offset of the first invalid sequence, or kValidUtf8.
-std::size_t FindInvalidUtf8(std::string_view text);
-// The code point at `pos` of valid UTF-8; `*length` receives its byte count.
-char32_t DecodeUtf8(std::string_view text, std::size_t pos, std::size_t* length);
-std::size_t Utf8Length(char lead_byte);
-void AppendUtf8(char32_t code_point, std::string& out);
-std::string Utf8(char32_t code_point);
-std::vector<char32_t> CodePoints(std::string_view text);
-// Rust's String::from_utf8_lossy: each maximal invalid subsequence becomes one U+FFFD.
-std::string LossyUtf8(std::string_view bytes);
-// The Unicode White_Space property: Rust's char::is_whitespace and regex \s.
-bool IsWhiteSpace(char32_t code_point);
 // Rust's regex \w: Alphabetic, Mark, Decimal_Number, Connector_Punctuation, Join_Control.
 bool IsWordChar(char32_t code_point);
 // Rust's char::to_lowercase, character by character (no context-dependent final sigma).
 void LowercaseInPlace(std::string& text);
-// Throws FormatError unless NFC provably leaves `text` unchanged (see tokenizer.h).
-void CheckNfcInert(std::string_view text);
 
 // ---- ByteLevel alphabet -------------------------------------------------------------------
 
@@ -75,13 +60,10 @@ std::optional<std::string> ByteLevelDecode(std::string_view token);
 
 // ---- Regular expressions ------------------------------------------------------------------
 
-struct Span {
-  std::size_t begin = 0;
-  std::size_t end = 0;
-};
+using text::Span;
 
-// A compiled PCRE2 pattern (UTF + UCP, JIT when available) with Oniguruma's conventions, which
-// `tokenizers` uses: ^ and $ anchor at line boundaries and only \n ends a line.
+// A tokenizer.json pattern with Oniguruma's conventions, which `tokenizers` uses (see
+// text::Regex::Dialect::kOniguruma), or a plain string.
 class Regex {
  public:
   enum class Syntax { kPattern, kLiteral };
@@ -92,23 +74,11 @@ class Regex {
   // where the previous match ended is skipped.
   std::vector<Span> FindAll(std::string_view text) const;
   // The first match.
-  std::optional<Span> Find(std::string_view text) const;
+  std::optional<Span> Find(std::string_view text) const { return regex_.Find(text); }
   bool Contains(std::string_view text) const { return Find(text).has_value(); }
 
  private:
-  struct CodeFree {
-    void operator()(pcre2_code* code) const { pcre2_code_free(code); }
-  };
-  struct MatchDataFree {
-    void operator()(pcre2_match_data* data) const { pcre2_match_data_free(data); }
-  };
-  using MatchData = std::unique_ptr<pcre2_match_data, MatchDataFree>;
-
-  std::optional<Span> MatchAt(std::string_view text, std::size_t start, uint32_t options,
-                              pcre2_match_data* data) const;
-
-  std::string pattern_;
-  std::unique_ptr<pcre2_code, CodeFree> code_;
+  text::Regex regex_;
 };
 
 // A tokenizers.json pattern object: {"String": "..."} or {"Regex": "..."}.

@@ -55,11 +55,11 @@ uint64_t UintField(const Json& object, std::string_view key, std::string_view wh
 char32_t CharField(const Json& object, std::string_view key, std::string_view where) {
   const std::string text = StringField(object, key, where);
   std::size_t length = 0;
-  if (text.empty() || FindInvalidUtf8(text) != kValidUtf8 ||
-      (DecodeUtf8(text, 0, &length), length != text.size())) {
+  if (text.empty() || !utf8::IsValid(text) ||
+      (utf8::DecodeAt(text, 0, &length), length != text.size())) {
     Fail("\"{}\" must be a single character, not \"{}\"", KeyPath(where, key), text);
   }
-  return DecodeUtf8(text, 0, &length);
+  return utf8::DecodeAt(text, 0, &length);
 }
 
 const Json& ArrayField(const Json& object, std::string_view key, std::string_view where) {

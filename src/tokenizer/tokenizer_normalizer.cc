@@ -1,12 +1,13 @@
 // tokenizer.json "normalizer": rewrites the text between added tokens before pre-tokenization.
 #include "adapter_job/core/error.h"
+#include "adapter_job/text/unicode.h"
 #include "tokenizer_internal.h"
 
 namespace adapter_job::tokenizer::internal {
 namespace {
 
 constexpr std::string_view kSupported =
-    "NFC, Prepend, Replace, Lowercase, Strip, ByteLevel, Sequence";
+    "NFC, NFD, NFKC, NFKD, Prepend, Replace, Lowercase, Strip, ByteLevel, Sequence";
 
 class SequenceNormalizer final : public Normalizer {
  public:
@@ -20,9 +21,13 @@ class SequenceNormalizer final : public Normalizer {
   std::vector<std::unique_ptr<Normalizer>> steps_;
 };
 
-class NfcNormalizer final : public Normalizer {
+class UnicodeNormalizer final : public Normalizer {
  public:
-  void Normalize(std::string& text) const override { CheckNfcInert(text); }
+  explicit UnicodeNormalizer(text::NormalizationForm form) : form_(form) {}
+  void Normalize(std::string& text) const override { text = text::Normalize(text, form_); }
+
+ private:
+  text::NormalizationForm form_;
 };
 
 class PrependNormalizer final : public Normalizer {
@@ -67,13 +72,13 @@ class StripNormalizer final : public Normalizer {
  public:
   StripNormalizer(bool left, bool right) : left_(left), right_(right) {}
   void Normalize(std::string& text) const override {
-    const std::vector<char32_t> chars = CodePoints(text);
+    const std::vector<char32_t> chars = utf8::CodePoints(text);
     std::size_t begin = 0;
     std::size_t end = chars.size();
-    while (left_ && begin < end && IsWhiteSpace(chars[begin])) ++begin;
-    while (right_ && end > begin && IsWhiteSpace(chars[end - 1])) --end;
+    while (left_ && begin < end && text::IsWhiteSpace(chars[begin])) ++begin;
+    while (right_ && end > begin && text::IsWhiteSpace(chars[end - 1])) --end;
     std::string out;
-    for (std::size_t i = begin; i < end; ++i) AppendUtf8(chars[i], out);
+    for (std::size_t i = begin; i < end; ++i) utf8::Append(chars[i], out);
     text = std::move(out);
   }
 
@@ -102,7 +107,10 @@ std::unique_ptr<Normalizer> ParseNormalizer(const Json& config, std::string_view
     }
     return std::make_unique<SequenceNormalizer>(std::move(steps));
   }
-  if (type == "NFC") return std::make_unique<NfcNormalizer>();
+  if (type == "NFC") return std::make_unique<UnicodeNormalizer>(text::NormalizationForm::kNfc);
+  if (type == "NFD") return std::make_unique<UnicodeNormalizer>(text::NormalizationForm::kNfd);
+  if (type == "NFKC") return std::make_unique<UnicodeNormalizer>(text::NormalizationForm::kNfkc);
+  if (type == "NFKD") return std::make_unique<UnicodeNormalizer>(text::NormalizationForm::kNfkd);
   if (type == "Prepend") {
     return std::make_unique<PrependNormalizer>(StringField(config, "prepend", where));
   }
@@ -117,12 +125,6 @@ std::unique_ptr<Normalizer> ParseNormalizer(const Json& config, std::string_view
                                              BoolField(config, "strip_right", where));
   }
   if (type == "ByteLevel") return std::make_unique<ByteLevelNormalizer>();
-  if (type == "NFD" || type == "NFKC" || type == "NFKD") {
-    Fail(
-        "\"{}\": normalizer type \"{}\" is not supported: Unicode normalization tables are not "
-        "built in (supported: {})",
-        where, type, kSupported);
-  }
   FailUnsupported("normalizer", type, where, kSupported);
 }
 

@@ -113,7 +113,7 @@ class MetaspacePreTokenizer final : public PreTokenizer {
 
 MetaspaceConfig ParseMetaspace(const Json& config, std::string_view where) {
   MetaspaceConfig result;
-  result.replacement = Utf8(CharField(config, "replacement", where));
+  result.replacement = utf8::Encode(CharField(config, "replacement", where));
   std::string scheme = "always";
   if (config.contains("prepend_scheme") && !config["prepend_scheme"].is_null()) {
     scheme = StringField(config, "prepend_scheme", where);

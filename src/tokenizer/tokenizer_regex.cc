@@ -1,10 +1,5 @@
-// PCRE2 patterns with Oniguruma's conventions, and splitting text around their matches.
-#include <fmt/format.h>
-
+// tokenizer.json patterns (on text::Regex), and splitting text around their matches.
 #include <algorithm>
-#include <array>
-#include <cctype>
-#include <new>
 
 #include "adapter_job/core/error.h"
 #include "tokenizer_internal.h"
@@ -12,100 +7,33 @@
 namespace adapter_job::tokenizer::internal {
 namespace {
 
-std::string Pcre2Message(int code) {
-  std::array<PCRE2_UCHAR, 256> buffer{};
-  const int length = pcre2_get_error_message(code, buffer.data(), buffer.size());
-  if (length < 0) return fmt::format("PCRE2 error {}", code);
-  return std::string(reinterpret_cast<const char*>(buffer.data()),
-                     static_cast<std::size_t>(length));
-}
-
-// Oniguruma writes a code point as \uHHHH, which PCRE2 spells \x{HHHH}; other escapes pass
-// through unchanged (an escaped backslash stays one, so "\\u0041" is not a code point).
-std::string TranslateOnigEscapes(std::string_view pattern) {
-  const auto is_hex = [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; };
-  std::string out;
-  out.reserve(pattern.size());
-  for (std::size_t i = 0; i < pattern.size(); ++i) {
-    if (pattern[i] != '\\' || i + 1 == pattern.size()) {
-      out += pattern[i];
-    } else if (pattern[i + 1] == 'u' && i + 6 <= pattern.size() &&
-               std::all_of(pattern.begin() + i + 2, pattern.begin() + i + 6, is_hex)) {
-      out += fmt::format("\\x{{{}}}", pattern.substr(i + 2, 4));
-      i += 5;
-    } else {
-      out += pattern.substr(i, 2);
-      ++i;
-    }
+text::Regex Compile(std::string_view pattern, Regex::Syntax syntax, std::string_view where) {
+  try {
+    return text::Regex(pattern, syntax == Regex::Syntax::kLiteral
+                                    ? text::Regex::Dialect::kLiteral
+                                    : text::Regex::Dialect::kOniguruma);
+  } catch (const FormatError& e) {
+    Fail("\"{}\": the regular expression \"{}\" does not compile: {}", where, pattern, e.what());
   }
-  return out;
 }
 
 }  // namespace
 
-Regex::Regex(std::string_view pattern, Syntax syntax, std::string_view where) : pattern_(pattern) {
-  uint32_t options = PCRE2_UTF;
-  std::string source;
-  if (syntax == Syntax::kLiteral) {
-    options |= PCRE2_LITERAL;
-    source = pattern;
-  } else {
-    // Oniguruma's default (Ruby) syntax, which tokenizers compiles with: \s, \w, \d are
-    // Unicode classes, ^ and $ always anchor at lines, and only \n is a newline.
-    options |= PCRE2_UCP | PCRE2_MULTILINE;
-    source = "(*LF)" + TranslateOnigEscapes(pattern);
-  }
-  int error = 0;
-  PCRE2_SIZE offset = 0;
-  code_.reset(pcre2_compile(reinterpret_cast<PCRE2_SPTR>(source.data()), source.size(), options,
-                            &error, &offset, nullptr));
-  if (!code_) {
-    Fail("\"{}\": the regular expression \"{}\" does not compile: {}", where, pattern,
-         Pcre2Message(error));
-  }
-  // Without JIT support (or memory for it) pcre2_match interprets: slower, same results.
-  pcre2_jit_compile(code_.get(), PCRE2_JIT_COMPLETE);
-}
-
-std::optional<Span> Regex::MatchAt(std::string_view text, std::size_t start, uint32_t options,
-                                   pcre2_match_data* data) const {
-  static constexpr char kEmpty[] = "";
-  const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.empty() ? kEmpty : text.data());
-  int rc = pcre2_match(code_.get(), subject, text.size(), start, options, data, nullptr);
-  if (rc == PCRE2_ERROR_JIT_STACKLIMIT) {
-    // The JIT backtracks on a 32 KiB stack; the interpreter keeps its frames on the heap.
-    rc = pcre2_match(code_.get(), subject, text.size(), start, options | PCRE2_NO_JIT, data,
-                     nullptr);
-  }
-  if (rc == PCRE2_ERROR_NOMATCH) return std::nullopt;
-  if (rc < 0) {
-    Fail("the regular expression \"{}\" failed on a {}-byte text: {}", pattern_, text.size(),
-         Pcre2Message(rc));
-  }
-  const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(data);
-  return Span{ovector[0], ovector[1]};
-}
-
-std::optional<Span> Regex::Find(std::string_view text) const {
-  const MatchData data(pcre2_match_data_create_from_pattern(code_.get(), nullptr));
-  if (!data) throw std::bad_alloc();
-  return MatchAt(text, 0, 0, data.get());
-}
+Regex::Regex(std::string_view pattern, Syntax syntax, std::string_view where)
+    : regex_(Compile(pattern, syntax, where)) {}
 
 std::vector<Span> Regex::FindAll(std::string_view text) const {
-  const MatchData data(pcre2_match_data_create_from_pattern(code_.get(), nullptr));
-  if (!data) throw std::bad_alloc();
   std::vector<Span> matches;
   // PCRE2 validates the UTF-8 once; later searches start at character boundaries of it.
-  uint32_t options = 0;
+  bool checked = false;
   std::size_t search_from = 0;
   std::optional<std::size_t> last_match_end;
   while (search_from <= text.size()) {
-    const std::optional<Span> match = MatchAt(text, search_from, options, data.get());
-    options = PCRE2_NO_UTF_CHECK;
+    const std::optional<Span> match = regex_.Find(text, search_from, checked);
+    checked = true;
     if (!match) break;
     if (match->begin == match->end && last_match_end == match->end) {
-      search_from += search_from < text.size() ? Utf8Length(text[search_from]) : 1;
+      search_from += search_from < text.size() ? utf8::LengthOf(text[search_from]) : 1;
       continue;
     }
     search_from = match->end;

@@ -6,9 +6,13 @@
 #include <cctype>
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string_view>
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/utf8.h"
+#include "adapter_job/text/unicode.h"
 
 namespace adapter_job::verify {
 namespace {
@@ -26,10 +30,16 @@ bool IsSet(const Json& config, const char* key) {
   return true;
 }
 
-std::regex Compile(const std::string& pattern, const char* field) {
+using text::Regex;
+using Anchor = Regex::Anchor;
+
+// text::Regex reads Python's syntax as `re` does for what PEFT configs hold; the rare constructs
+// only one of them knows (PCRE2's \p{..} and (*VERB)s, Python's (?a) and (?u)) are not
+// translated: a pattern PCRE2 refuses is a FormatError naming the field.
+Regex Compile(const std::string& pattern, const char* field) {
   try {
-    return std::regex(pattern);
-  } catch (const std::regex_error& e) {
+    return Regex(pattern, Regex::Dialect::kPython);
+  } catch (const FormatError& e) {
     Fail("{}: '{}' is not a regular expression this verifier can read ({})", field, pattern,
          e.what());
   }
@@ -48,23 +58,37 @@ bool NamedIn(const std::string& module, const std::vector<std::string>& names) {
   });
 }
 
+// rank_pattern / alpha_pattern: utils/other.py get_pattern_key tries
+// re.match(rf"(.*\.)?({key})$", module) for each key in the file's order.
 template <typename T>
-std::vector<std::pair<std::regex, T>> Patterns(const Json& config, const char* field) {
-  std::vector<std::pair<std::regex, T>> out;
+std::vector<std::pair<Regex, T>> Patterns(const Json& config, const char* field) {
+  std::vector<std::pair<Regex, T>> out;
   if (!config.contains(field) || config[field].is_null()) return out;
   if (!config[field].is_object()) Fail("{} must be an object of pattern: value", field);
   for (const auto& [key, value] : config[field].items())
-    out.emplace_back(Compile("(.*\\.)?(" + key + ")", field), value.template get<T>());
+    out.emplace_back(Compile("(.*\\.)?(" + key + ")$", field), value.template get<T>());
   return out;
 }
 
 template <typename T>
-T FirstMatch(const std::vector<std::pair<std::regex, T>>& patterns, const std::string& module,
+T FirstMatch(const std::vector<std::pair<Regex, T>>& patterns, const std::string& module,
              T fallback) {
   for (const auto& [pattern, value] : patterns) {
-    if (std::regex_match(module, pattern)) return value;
+    if (pattern.Matches(module, Anchor::kStart)) return value;
   }
   return fallback;
+}
+
+// int() of the digits that \d matched, which may be any script's ("\u0663" is 3); nullopt
+// past int64.
+std::optional<int64_t> LayerIndex(std::string_view digits) {
+  int64_t value = 0;
+  for (std::size_t pos = 0, length = 0; pos < digits.size(); pos += length) {
+    const int digit = text::DecimalDigitValue(utf8::DecodeAt(digits, pos, &length)).value_or(0);
+    if (__builtin_mul_overflow(value, 10, &value) || __builtin_add_overflow(value, digit, &value))
+      return std::nullopt;
+  }
+  return value;
 }
 
 // init_lora_weights that only seed lora_A/lora_B, which loading overwrites. The others (pissa,
@@ -172,14 +196,14 @@ PeftConfig PeftConfig::Read(const std::filesystem::path& path) {
             }
             if (!IsSet(j, "layers_pattern")) {
               // The first numbered component: "model.layers.3.mlp.experts.0" is layer 3.
-              c.layer_patterns_.push_back(std::regex(R"(.*?\.[^.]*\.(\d+)\.)"));
+              c.layer_patterns_.push_back(Compile(R"(.*?\.[^.]*\.(?P<idx>\d+)\.)", "layers"));
             } else {
               const Json& p = j["layers_pattern"];
               for (const std::string& pattern : p.is_string()
                                                     ? std::vector<std::string>{p.get<std::string>()}
                                                     : p.get<std::vector<std::string>>()) {
                 c.layer_patterns_.push_back(
-                    Compile("(?:^|.*?\\.)" + pattern + "\\.(\\d+)\\.", "layers_pattern"));
+                    Compile("(?:^|.*?\\.)" + pattern + "\\.(?P<idx>\\d+)\\.", "layers_pattern"));
               }
             }
           }
@@ -205,23 +229,26 @@ PeftConfig PeftConfig::Read(const std::filesystem::path& path) {
 }
 
 bool PeftConfig::Targets(const std::string& module) const {
-  if (exclude_regex_ ? std::regex_match(module, *exclude_regex_) : NamedIn(module, exclude_names_))
+  if (exclude_regex_ ? exclude_regex_->Matches(module, Anchor::kFull)
+                     : NamedIn(module, exclude_names_))
     return false;
   // PEFT keeps LoRA off a module it saves whole.
-  for (const std::regex& saved : modules_to_save_) {
-    if (std::regex_match(module, saved)) return false;
+  for (const Regex& saved : modules_to_save_) {
+    if (saved.Matches(module, Anchor::kStart)) return false;
   }
   if (all_linear_) return true;
-  if (target_regex_) return std::regex_match(module, *target_regex_);
+  if (target_regex_) return target_regex_->Matches(module, Anchor::kFull);
   if (std::find(target_names_.begin(), target_names_.end(), module) != target_names_.end())
     return true;  // an exact name bypasses layers_to_transform, as in PEFT
   if (!NamedIn(module, target_names_)) return false;
   if (!layers_) return true;
-  for (const std::regex& pattern : layer_patterns_) {
-    std::smatch m;
-    if (std::regex_search(module, m, pattern, std::regex_constants::match_continuous)) {
-      const int64_t index = std::stoll(m[m.size() - 1].str());
-      return std::find(layers_->begin(), layers_->end(), index) != layers_->end();
+  // check_target_module_exists: the first layers_pattern that matches gives the layer index.
+  for (const Regex& pattern : layer_patterns_) {
+    if (const std::optional<text::Groups> m = pattern.Match(module, Anchor::kStart)) {
+      const text::Span idx = *m->back();
+      const std::optional<int64_t> index =
+          LayerIndex(std::string_view(module).substr(idx.begin, idx.end - idx.begin));
+      return index && std::find(layers_->begin(), layers_->end(), *index) != layers_->end();
     }
   }
   return false;

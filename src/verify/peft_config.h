@@ -3,16 +3,18 @@
 // get_pattern_key, LoraLayer.update_layer): which modules it wraps, with which rank and scale.
 // A config PEFT refuses to load is a FormatError here too; a field that changes what PEFT
 // computes and that verification does not model is listed in unmodelled(), so the check fails
-// rather than pass on math PEFT does not do.
+// rather than pass on math PEFT does not do. Patterns are PCRE2 in Python's dialect
+// (text::Regex), anchored as PEFT's re.fullmatch / re.match calls anchor them.
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
 #include <optional>
-#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "adapter_job/text/regex.h"
 
 namespace adapter_job::verify {
 
@@ -39,13 +41,13 @@ class PeftConfig {
   bool rslora_ = false;
   bool dora_ = false;
   bool all_linear_ = false;
-  std::optional<std::regex> target_regex_, exclude_regex_;
+  std::optional<text::Regex> target_regex_, exclude_regex_;  // re.fullmatch
   std::vector<std::string> target_names_, exclude_names_;
-  std::vector<std::regex> modules_to_save_;
+  std::vector<text::Regex> modules_to_save_;    // re.match
   std::optional<std::vector<int64_t>> layers_;  // layers_to_transform, when it filters
-  std::vector<std::regex> layer_patterns_;      // from layers_pattern (or PEFT's default)
-  std::vector<std::pair<std::regex, int64_t>> rank_pattern_;
-  std::vector<std::pair<std::regex, double>> alpha_pattern_;
+  std::vector<text::Regex> layer_patterns_;     // re.match, from layers_pattern (or PEFT's default)
+  std::vector<std::pair<text::Regex, int64_t>> rank_pattern_;  // re.match
+  std::vector<std::pair<text::Regex, double>> alpha_pattern_;
   std::vector<std::string> unmodelled_;
 };
 

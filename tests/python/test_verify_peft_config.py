@@ -159,6 +159,11 @@ EXACT = {
     "exact_name_bypasses_layers": (
         {"target_modules": ["q_proj", "model.layers.3.mlp.up_proj"], "layers_to_transform": [0]},
         lambda k: (".q_proj." in k and layer_of(k) == 0) or "layers.3.mlp.up_proj." in k),
+    # Python `re` syntax that std::regex (ECMAScript) refused: PEFT's patterns are read with PCRE2 now.
+    "regex_target_lookbehind": ({"target_modules": r".*(?<!mlp)\.\w+_proj"}, lambda k: ".mlp." not in k),
+    "exclude_regex_inline_flag": ({"exclude_modules": r"(?i)MODEL\.LAYERS\.[13]\..*"},
+                                  lambda k: layer_of(k) in (0, 2)),
+    "alpha_pattern_lookbehind": ({"alpha_pattern": {r"(?<=mlp\.)down_proj": 64}}, lambda k: True),
 }
 
 

@@ -4,8 +4,8 @@
 // Supported, as real Llama / Mistral / Qwen / Gemma files use them:
 //   model           BPE (merges as "a b" or ["a", "b"], ignore_merges, byte_fallback, unk_token,
 //                   fuse_unk, continuing_subword_prefix, end_of_word_suffix; dropout must be off)
-//   normalizer      NFC (only for text it leaves unchanged, see below), Prepend, Replace,
-//                   Lowercase, Strip, ByteLevel, Sequence
+//   normalizer      NFC, NFD, NFKC, NFKD, Prepend, Replace, Lowercase, Strip, ByteLevel,
+//                   Sequence
 //   pre_tokenizer   ByteLevel, Split, Digits, Metaspace, Sequence
 //   post_processor  TemplateProcessing, ByteLevel, BertProcessing, RobertaProcessing, Sequence
 //   decoder         ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip, Sequence
@@ -14,16 +14,13 @@
 // key and the component type.
 //
 // Deliberate differences from `tokenizers`:
-//   - Unicode normalization tables are not linked in: an NFC normalizer accepts text that NFC
-//     provably leaves unchanged (no combining marks, no unassigned or singleton-decomposing
-//     characters) and throws FormatError for other text instead of guessing. NFD/NFKC/NFKD are
-//     rejected at load.
 //   - `truncation` and `padding` are ignored, as transformers' tokenizers ignore them unless a
 //     call asks for them.
 //   - Regular expressions run on PCRE2 rather than Oniguruma; the two agree on the syntax that
 //     tokenizer.json patterns use (\p{..}, \s, (?i:..), look-ahead, ^ and $ as line anchors,
-//     \uHHHH). Character properties come from PCRE2's Unicode 14 tables and Lowercase from
-//     glibc's, so characters added to Unicode since may be classified differently than in Rust.
+//     \uHHHH). Character properties come from PCRE2's tables (Unicode 14 in 10.42), and
+//     normalization, Lowercase and White_Space from utf8proc's (Unicode 15 in 2.8), so characters
+//     added to Unicode since either may be classified differently than in Rust.
 #pragma once
 
 #include <cstdint>
@@ -48,8 +45,7 @@ class Tokenizer {
   Tokenizer& operator=(Tokenizer&&) noexcept;
   ~Tokenizer();
 
-  // Throws FormatError if `text` is not valid UTF-8 (or, with an NFC normalizer, needs real
-  // normalization).
+  // Throws FormatError if `text` is not valid UTF-8.
   std::vector<int64_t> Encode(std::string_view text, bool add_special_tokens = true) const;
   // Ids the tokenizer does not know are skipped, as `tokenizers` does (a model's embedding is
   // often padded past the vocabulary). Invalid UTF-8 is replaced by U+FFFD.
