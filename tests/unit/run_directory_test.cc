@@ -72,7 +72,8 @@ TEST_F(RunDirectoryTest, MalformedMarkersAreRefusedNamingTheFile) {
   for (const char* text : {"", "abc", "-3", "3abc", "3.0", "0x3", "99999999999999999999"}) {
     WriteFile(root_ / "latest_checkpointed_iteration.txt", text);
     const std::string error = ErrorOf(root_);
-    EXPECT_THAT(error, HasSubstr("expected an iteration number or 'release'")) << text;
+    EXPECT_THAT(error, HasSubstr("expected an iteration number")) << text;
+    EXPECT_THAT(error, HasSubstr("or 'release', found '" + std::string(text) + "'")) << text;
     EXPECT_THAT(error, HasSubstr("latest_checkpointed_iteration.txt")) << text;
   }
   WriteFile(root_ / "latest_checkpointed_iteration.txt", "4");
