@@ -85,7 +85,7 @@ double Seconds(std::chrono::steady_clock::time_point since) {
 void PlaceChunk(const LayerLayout& layer, const LayerChunk& chunk, std::span<const std::byte> bytes,
                 std::span<std::byte> layer_buffer) {
   const auto& tensor = layer.tensors[chunk.tensor_index];
-  const StridedView view{tensor.meta->dtype, chunk.sizes_in_layer,
+  const StridedView view{tensor.dtype, chunk.sizes_in_layer,
                          ContiguousStrides(chunk.sizes_in_layer), bytes.data()};
   CopyIntoBlock(view, layer_buffer.data() + tensor.offset_in_layer, tensor.shape,
                 chunk.offsets_in_layer);
@@ -114,10 +114,8 @@ Buffer ReadContribution(const LayerLayout& layer, const Contribution& contributi
   Buffer packed = pool.Take(contribution.nbytes);
   uint64_t at = 0;
   for (const LayerChunk* chunk : contribution.chunks) {
-    const auto& tensor = layer.tensors[chunk->tensor_index];
     const std::vector<int64_t> origin(chunk->sizes_in_layer.size(), 0);
-    reader.ReadChunkInto(*tensor.meta, *chunk->chunk, packed.data() + at, chunk->sizes_in_layer,
-                         origin);
+    reader.ReadChunkInto(layer, *chunk, packed.data() + at, chunk->sizes_in_layer, origin);
     at += chunk->nbytes;
   }
   return packed;
@@ -178,9 +176,9 @@ std::vector<uint64_t> ExpectedBytesPerRank(const AdapterLayout& layout,
   for (const auto& layer : layout.layers) {
     for (const auto& chunk : layer.chunks) {
       const int shard = layout.ShardOf(chunk.slot, layer.pp_stage);
-      const auto& tensor = *layer.tensors[chunk.tensor_index].meta;
+      const auto& tensor = checkpoint::MetaOf(metadata, layer.tensors[chunk.tensor_index]);
       bytes[static_cast<std::size_t>(owners.owner[static_cast<std::size_t>(shard)])] +=
-          metadata.Locate(tensor, *chunk.chunk).length;
+          metadata.Locate(tensor, checkpoint::MetaOf(metadata, layer, chunk)).length;
     }
   }
   return bytes;
@@ -237,9 +235,8 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
       prepared.bytes = pool.Take(layer->nbytes);
       for (const auto& chunk : layer->chunks) {
         const auto& tensor = layer->tensors[chunk.tensor_index];
-        reader.ReadChunkInto(*tensor.meta, *chunk.chunk,
-                             prepared.bytes.data() + tensor.offset_in_layer, tensor.shape,
-                             chunk.offsets_in_layer);
+        reader.ReadChunkInto(*layer, chunk, prepared.bytes.data() + tensor.offset_in_layer,
+                             tensor.shape, chunk.offsets_in_layer);
       }
     } else {
       prepared.bytes =
