@@ -18,6 +18,7 @@
 #include "adapter_job/core/process_memory.h"
 #include "adapter_job/writer/export_sink.h"
 #include "export_plan.h"
+#include "layer_parts.h"
 #include "report_file.h"
 
 namespace adapter_job {
@@ -53,10 +54,10 @@ Gathered GatherConvertWrite(const job::ExportPlan& plan, comm::Transport& transp
   std::size_t next_index = 0;  // the announcement lists the tensors in layer order, as they come
   uint64_t layers_done = 0;
   uint64_t bytes_gathered = 0;
-  const auto write_layer = [&](const checkpoint::LayerLayout& layer,
-                               std::span<const std::byte> buffer) {
+  const auto write_layer = [&](std::size_t l, std::span<const std::byte> buffer) {
     const auto start = Clock::now();
-    const auto& outputs = plan.outputs[static_cast<std::size_t>(layer.layer)];
+    const checkpoint::LayerLayout& layer = plan.layout.layers[l];
+    const auto& outputs = plan.outputs[l];
     writer::LayerTensors tensors{layer.layer, {}};
     // Outputs are spans of the layer buffer, or of a copy when the dtype changes.
     std::vector<Tensor> casts;
@@ -83,8 +84,9 @@ Gathered GatherConvertWrite(const job::ExportPlan& plan, comm::Transport& transp
   };
   // Past this point ranks wait on each other: a failure must take every rank down (main aborts).
   try {
-    done.stats =
-        comm::GatherLayers(plan.layout, plan.reader, plan.owners, transport, rank, write_layer);
+    done.stats = comm::GatherLayers(job::ScheduleOf(plan.layout, plan.owners),
+                                    job::PartsOf(plan.layout, plan.reader, plan.owners, rank),
+                                    transport, rank, write_layer);
   } catch (Error& e) {
     e.MarkAbortPeers();
     throw;
@@ -145,7 +147,7 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
   // Collective, so gathered while every rank still takes part (rank 0 then finishes alone).
   report.bytes_read_per_rank = comm::GatherToRoot(world, plan->reader.bytes_read());
   report.expected_bytes_per_rank =
-      comm::ExpectedBytesPerRank(plan->layout, plan->reader.metadata(), plan->owners, world.size());
+      job::ExpectedBytesPerRank(plan->layout, plan->reader.metadata(), plan->owners, world.size());
   report.peak_rss_bytes_per_rank = comm::GatherToRoot(world, PeakResidentBytes());
   writer::FinishedOutput finished;
   comm::RunAgreed(world, [&] {
