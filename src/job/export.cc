@@ -19,7 +19,7 @@
 #include "adapter_job/writer/export_sink.h"
 #include "export_plan.h"
 #include "layer_parts.h"
-#include "report_file.h"
+#include "report.h"
 
 namespace adapter_job {
 namespace {
@@ -157,11 +157,7 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
   report.output = fs::absolute(output).lexically_normal();
   report.backend = std::string(transport->name());
   report.ranks = world.size();
-  report.tensor_parallel = plan->layout.tensor_parallel;
-  report.pipeline_parallel = plan->layout.pipeline_parallel;
-  report.virtual_pipeline = plan->layout.virtual_pipeline;
-  report.adapter_kind = std::string(checkpoint::AdapterKindName(plan->settings.kind));
-  report.layers = plan->layout.num_layers;
+  job::DescribePlan(*plan, report);
   report.tensors = gathered.tensors;
   report.tensor_bytes = gathered.tensor_bytes;
   report.seconds.read = gathered.stats.read_seconds;
@@ -171,8 +167,6 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
   // Rank 0 went on alone (finishing the output): its own peak is read again now.
   if (!report.peak_rss_bytes_per_rank.empty())
     report.peak_rss_bytes_per_rank[0] = PeakResidentBytes();
-  report.integrity_files = plan->integrity_files;
-  report.integrity_not_checked = plan->integrity_not_checked;
   if (!rank0) return report;
   report.file_bytes = finished.file_bytes;
 

@@ -1,11 +1,12 @@
 // The run report: its JSON (--report) and text summary, and the report file's life.
+#include "report.h"
+
 #include <fmt/format.h>
 
 #include <system_error>
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/export.h"
-#include "report_file.h"
 
 namespace adapter_job {
 
@@ -60,6 +61,16 @@ std::string ExportReport::Summary() const {
 }
 
 namespace job {
+
+void DescribePlan(const ExportPlan& plan, ExportReport& report) {
+  report.tensor_parallel = plan.layout.tensor_parallel;
+  report.pipeline_parallel = plan.layout.pipeline_parallel;
+  report.virtual_pipeline = plan.layout.virtual_pipeline;
+  report.adapter_kind = std::string(checkpoint::AdapterKindName(plan.settings.kind));
+  report.layers = plan.layout.num_layers;
+  report.integrity_files = plan.integrity_files;
+  report.integrity_not_checked = plan.integrity_not_checked;
+}
 
 OutputFile OpenReportFile(const fs::path& path) {
   return OutputFile::CreateUnnamed(NearestExistingDirectory(path), fs::absolute(path));
