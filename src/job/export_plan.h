@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "adapter_job/checkpoint/adapter_layout.h"
@@ -35,6 +36,9 @@ struct ExportPlan {
   // adapter's settings (adapter_config.json's inputs).
   writer::ExportAnnouncement Announce(const ExportOptions& options) const;
 };
+
+// Nothing in it points into it (the layout and settings hold indices and copies).
+static_assert(std::is_nothrow_move_constructible_v<ExportPlan>);
 
 // Runs alike on every rank (so all fail alike): resolves the base model and the run directory,
 // checks integrity.json (each rank its share), refuses `outputs` that lie on an input, checks
