@@ -1,6 +1,8 @@
 // The library behind `adapter_job export` and `adapter_job stream`, mirroring Megatron-Bridge's
 // programmatic API (AutoBridge.export_adapter_ckpt, save_hf_adapter, export_adapter_weights).
 // Functions taking an MpiWorld are collective: every rank calls them with the same options.
+// One pipeline serves them all: plan -> gather -> convert -> sink (writer/export_sink.h) ->
+// verify -> publish; they differ only in the sink.
 #pragma once
 
 #include <filesystem>
@@ -16,15 +18,19 @@
 #include "adapter_job/verify/verify.h"
 #include "adapter_job/writer/adapter_config.h"
 #include "adapter_job/writer/output_guard.h"
+#include "adapter_job/writer/peft_directory_sink.h"
 
 namespace adapter_job {
 
 namespace comm {
 class MpiWorld;
 }
+namespace writer {
+class ExportSink;
+}
 
 // A failed verification publishes the adapter under the output's name plus this suffix.
-inline constexpr const char* kUnverifiedSuffix = ".unverified";
+using writer::kUnverifiedSuffix;
 
 struct ExportOptions {
   // A local HF model directory (its config.json gives the dims) or a model id, which is then
@@ -32,7 +38,7 @@ struct ExportOptions {
   std::string hf_model_id;
   // The top-level run directory or an iter_* directory.
   std::filesystem::path checkpoint;
-  std::filesystem::path output = "./my_adapter";
+  std::filesystem::path output = "./my_adapter";  // ExportAdapter's; a sink names its own
   std::optional<DType> dtype;  // nullopt: keep the checkpoint's dtype (as Megatron-Bridge does)
   bool overwrite = false;
   comm::Backend backend = comm::Backend::kAuto;
@@ -88,8 +94,15 @@ struct ExportReport {
   std::string Summary() const;  // human-readable, several lines
 };
 
+// Exports the checkpoint's adapter into `sink` (used on rank 0 only; other ranks may pass any
+// sink, which they never touch). Verification runs when `options.verify` is set, and is then
+// required of the sink (ExportSink::verifiable). Valid on rank 0 only; other ranks get an empty
+// report.
+ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink,
+                          const comm::MpiWorld& world);
+
 // Exports the checkpoint's adapter as a PEFT directory (adapter_model.safetensors +
-// adapter_config.json). Valid on rank 0 only; other ranks get an empty report.
+// adapter_config.json) at options.output: ExportToSink with a writer::PeftDirectorySink.
 ExportReport ExportAdapter(const ExportOptions& options, const comm::MpiWorld& world);
 
 // HF-named adapter tensors one at a time (names as HF modules have them, e.g.

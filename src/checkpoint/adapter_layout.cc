@@ -52,7 +52,7 @@ int TensorParallelRank(std::span<const int64_t> shape, std::span<const int64_t> 
 // per-expert ones), split further by expert TP.
 int SlotOf(const LayerTensor& tensor, const std::vector<int64_t>& offsets,
            const std::vector<int64_t>& sizes, const AdapterLayout& layout) {
-  const std::string& fqn = tensor.meta->fqn;
+  const std::string& fqn = tensor.fqn;
   if (!IsExpertModule(tensor.key.module))
     return TensorParallelRank(tensor.shape, offsets, sizes, layout.tensor_parallel, fqn);
   const int etp_size = layout.expert_tensor_parallel;
@@ -142,6 +142,15 @@ int StageOfLayer(int64_t layer, int64_t num_layers, int pipeline_parallel, int v
   return static_cast<int>((layer / per_chunk) % pipeline_parallel);
 }
 
+const TensorMeta& MetaOf(const DcpMetadata& metadata, const LayerTensor& tensor) {
+  return metadata.tensors.at(tensor.meta_index);
+}
+
+const ChunkMeta& MetaOf(const DcpMetadata& metadata, const LayerLayout& layer,
+                        const LayerChunk& chunk) {
+  return MetaOf(metadata, layer.tensors.at(chunk.tensor_index)).chunks.at(chunk.chunk_index);
+}
+
 AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model) {
   AdapterLayout layout;
   layout.tensor_parallel = static_cast<int>(model.tensor_parallel);
@@ -154,13 +163,15 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
 
   // Collect adapter tensors and the layer count they imply.
   struct Found {
-    const TensorMeta* meta;
+    std::size_t index;       // into metadata.tensors
+    const TensorMeta* meta;  // planning only: the layout keeps the index
     AdapterKey key;
   };
   std::vector<Found> found;
   std::optional<int64_t> stacked_layers;
   int64_t per_layer_count = 0;
-  for (const auto& tensor : metadata.tensors) {
+  for (std::size_t index = 0; index < metadata.tensors.size(); ++index) {
+    const TensorMeta& tensor = metadata.tensors[index];
     auto key = ParseAdapterKey(tensor.fqn);
     if (!key) continue;
     if (key->layer) {
@@ -177,7 +188,7 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
       layout.slots =
           std::max(layout.tensor_parallel, layout.expert_parallel * layout.expert_tensor_parallel);
     }
-    found.push_back({&tensor, std::move(*key)});
+    found.push_back({index, &tensor, std::move(*key)});
   }
   if (found.empty()) Fail("the checkpoint holds no adapter tensors (no key contains '.adapter.')");
   layout.num_layers =
@@ -215,7 +226,8 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
     const std::vector<int64_t> shape(meta->size.begin() + (stacked ? 1 : 0), meta->size.end());
     const uint64_t nbytes =
         CheckedMul(CheckedNumel(shape, "adapter shape"), ItemSize(meta->dtype), "adapter bytes");
-    for (const auto& chunk : meta->chunks) {
+    for (std::size_t chunk_index = 0; chunk_index < meta->chunks.size(); ++chunk_index) {
+      const ChunkMeta& chunk = meta->chunks[chunk_index];
       const int64_t l = stacked ? chunk.offsets[0] : *key.layer;
       if (stacked && chunk.sizes[0] != 1) {
         Fail("'{}': chunk at {} spans {} layers; expected one chunk per layer", meta->fqn,
@@ -224,17 +236,18 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
       if (l >= layout.num_layers) Fail("'{}': layer {} is beyond num_layers", meta->fqn, l);
       auto& layer = layout.layers[static_cast<std::size_t>(l)];
       auto it = std::find_if(layer.tensors.begin(), layer.tensors.end(),
-                             [&](const LayerTensor& t) { return t.meta == meta; });
+                             [&](const LayerTensor& t) { return t.meta_index == entry.index; });
       if (it == layer.tensors.end()) {
         const std::size_t expert_axis_rank = key.param == AdapterParam::kMagnitude ? 2 : 3;
         const int64_t experts =
             IsExpertModule(key.module) && shape.size() == expert_axis_rank ? shape[0] : 0;
-        layer.tensors.push_back({meta, key, experts, shape, nbytes, 0});
+        layer.tensors.push_back(
+            {entry.index, meta->fqn, meta->dtype, key, experts, shape, nbytes, 0});
         it = layer.tensors.end() - 1;
       }
       LayerChunk c;
       c.tensor_index = static_cast<std::size_t>(it - layer.tensors.begin());
-      c.chunk = &chunk;
+      c.chunk_index = chunk_index;
       c.offsets_in_layer.assign(chunk.offsets.begin() + (stacked ? 1 : 0), chunk.offsets.end());
       c.sizes_in_layer.assign(chunk.sizes.begin() + (stacked ? 1 : 0), chunk.sizes.end());
       c.nbytes = CheckedNumel(c.sizes_in_layer, "chunk") * ItemSize(meta->dtype);

@@ -1,10 +1,10 @@
-#include "adapter_job/checkpoint/storage_budget.h"
-
+// CheckpointReader::CheckDeclaredBytes: what .metadata declares, held to what the shard files hold.
 #include <algorithm>
 #include <map>
 #include <system_error>
 #include <vector>
 
+#include "adapter_job/checkpoint/checkpoint_reader.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/tensor.h"
 
@@ -19,20 +19,22 @@ struct Range {
 
 }  // namespace
 
-void CheckDeclaredBytes(const AdapterLayout& layout, const DcpMetadata& metadata,
-                        const std::filesystem::path& dir) {
+void CheckpointReader::CheckDeclaredBytes(const AdapterLayout& layout) const {
+  const DcpMetadata& metadata = metadata_;
+  const std::filesystem::path& dir = dir_;
   std::map<std::string, uint64_t> file_sizes;
   std::vector<Range> ranges;
   for (const auto& layer : layout.layers) {
     for (const auto& chunk : layer.chunks) {
-      const TensorMeta& tensor = *layer.tensors[chunk.tensor_index].meta;
-      const StorageLocation& location = metadata.Locate(tensor, *chunk.chunk);
+      const TensorMeta& tensor = MetaOf(metadata, layer.tensors[chunk.tensor_index]);
+      const ChunkMeta& chunk_meta = MetaOf(metadata, layer, chunk);
+      const StorageLocation& location = metadata.Locate(tensor, chunk_meta);
       const std::filesystem::path file = dir / location.relative_path;
       if (chunk.nbytes > location.length) {
         Fail(
             "'{}': the chunk at {} declares {} bytes, but its storage in '{}' is only {} bytes "
             "long",
-            tensor.fqn, ShapeToString(chunk.chunk->offsets), chunk.nbytes, file.string(),
+            tensor.fqn, ShapeToString(chunk_meta.offsets), chunk.nbytes, file.string(),
             location.length);
       }
       auto size = file_sizes.find(location.relative_path);
@@ -58,7 +60,7 @@ void CheckDeclaredBytes(const AdapterLayout& layout, const DcpMetadata& metadata
         Fail("shard file '{}' is truncated: '{}' needs bytes [{}, +{}) but the file has {}",
              file.string(), tensor.fqn, location.offset, location.length, size->second);
       }
-      ranges.push_back({&location, &tensor, chunk.chunk});
+      ranges.push_back({&location, &tensor, &chunk_meta});
     }
   }
   std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {

@@ -8,9 +8,8 @@
 
 #include "adapter_job/comm/mpi_world.h"
 #include "adapter_job/core/error.h"
-#include "adapter_job/core/file.h"
-#include "adapter_job/safetensors/safetensors.h"
 #include "adapter_job/writer/output_guard.h"
+#include "adapter_job/writer/safetensors_file_sink.h"
 #include "commands.h"
 #include "console.h"
 #include "export_options.h"
@@ -18,18 +17,6 @@
 #include "verify_options.h"
 
 namespace adapter_job::cli {
-namespace {
-
-void WriteReport(const ExportCommandLine& cl, const ExportReport& report, const Console& console) {
-  console.Result(report.Summary());
-  if (cl.report_path) {
-    OutputFile out = OutputFile::Create(*cl.report_path, /*overwrite=*/true);
-    out.Write(report.ToJson().dump(2) + "\n");
-    std::move(out).Commit();
-  }
-}
-
-}  // namespace
 
 int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args) {
   ExportCommandLine cl;
@@ -86,24 +73,11 @@ int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args)
   Console console = Console::FromOptions(cl.values, world.rank());
   ExportOptions options = cl.options;
   options.progress = console.Progress();
+  options.report_path = cl.report_path;  // written by the export, before it publishes
   // Like stream_adapter_weights.py: raw HF names, one file, each tensor written as it arrives.
-  std::optional<OutputFile> file;
-  std::optional<safetensors::StreamWriter> writer;
-  ExportReport report = StreamAdapterWeights(
-      options, {{"--output", *cl.stream_output}, {"--report", cl.report_path.value_or("")}}, world,
-      [&](const std::vector<StreamedTensorInfo>& infos) {
-        std::vector<safetensors::TensorSpec> specs;
-        for (const auto& i : infos) specs.push_back({i.name, i.dtype, i.shape});
-        file.emplace(OutputFile::Create(*cl.stream_output, cl.options.overwrite));
-        writer.emplace(*file, std::move(specs), std::nullopt);
-      },
-      [&](const NamedTensor& t) { writer->Write(t.name, t.tensor.data); });
-  if (world.rank() == 0) {
-    writer->Finish();
-    std::move(*file).Commit();
-    report.output = std::filesystem::absolute(*cl.stream_output).lexically_normal();
-    WriteReport(cl, report, console);
-  }
+  writer::SafetensorsFileSink sink(*cl.stream_output, options.overwrite);
+  const ExportReport report = ExportToSink(options, sink, world);
+  if (world.rank() == 0) console.Result(report.Summary());
   return 0;
 }
 

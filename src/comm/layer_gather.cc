@@ -13,15 +13,12 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include "adapter_job/core/error.h"
 
 namespace adapter_job::comm {
 namespace {
-
-using checkpoint::AdapterLayout;
-using checkpoint::LayerChunk;
-using checkpoint::LayerLayout;
 
 // Uninitialized bytes: every byte of a layer buffer is written by exactly one chunk (chunks tile
 // their tensors), so zero-filling megabytes per layer would be wasted work.
@@ -81,48 +78,6 @@ double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
 
-// Copies a chunk's bytes (shape sizes_in_layer) into the layer buffer at its place.
-void PlaceChunk(const LayerLayout& layer, const LayerChunk& chunk, std::span<const std::byte> bytes,
-                std::span<std::byte> layer_buffer) {
-  const auto& tensor = layer.tensors[chunk.tensor_index];
-  const StridedView view{tensor.meta->dtype, chunk.sizes_in_layer,
-                         ContiguousStrides(chunk.sizes_in_layer), bytes.data()};
-  CopyIntoBlock(view, layer_buffer.data() + tensor.offset_in_layer, tensor.shape,
-                chunk.offsets_in_layer);
-}
-
-// What this rank contributes to one layer: the chunks of the shards it owns in the layer's stage,
-// in layout order, back to back.
-struct Contribution {
-  std::vector<const LayerChunk*> chunks;
-  uint64_t nbytes = 0;
-};
-
-Contribution ContributionOf(const LayerLayout& layer, const std::vector<int>& my_slots) {
-  Contribution c;
-  for (const auto& chunk : layer.chunks) {
-    if (std::find(my_slots.begin(), my_slots.end(), chunk.slot) != my_slots.end()) {
-      c.chunks.push_back(&chunk);
-      c.nbytes += chunk.nbytes;
-    }
-  }
-  return c;
-}
-
-Buffer ReadContribution(const LayerLayout& layer, const Contribution& contribution,
-                        const checkpoint::CheckpointReader& reader, BufferPool& pool) {
-  Buffer packed = pool.Take(contribution.nbytes);
-  uint64_t at = 0;
-  for (const LayerChunk* chunk : contribution.chunks) {
-    const auto& tensor = layer.tensors[chunk->tensor_index];
-    const std::vector<int64_t> origin(chunk->sizes_in_layer.size(), 0);
-    reader.ReadChunkInto(*tensor.meta, *chunk->chunk, packed.data() + at, chunk->sizes_in_layer,
-                         origin);
-    at += chunk->nbytes;
-  }
-  return packed;
-}
-
 // Test hook for fault tests: ADAPTER_JOB_TEST_KILL_RANK=<rank>:<layer> makes that rank die by
 // SIGKILL on reaching that layer, as a node failure would.
 std::optional<int64_t> KillAtLayer(int world_rank) {
@@ -161,113 +116,59 @@ std::vector<int> ShardOwnership::ShardsOf(int rank) const {
   return shards;
 }
 
-std::vector<int> StageMembers(const AdapterLayout& layout, const ShardOwnership& owners, int pp) {
-  std::vector<int> members;
-  for (int slot = 0; slot < layout.slots; ++slot) {
-    members.push_back(owners.owner[static_cast<std::size_t>(layout.ShardOf(slot, pp))]);
-  }
-  std::sort(members.begin(), members.end());
-  members.erase(std::unique(members.begin(), members.end()), members.end());
-  return members;
-}
-
-std::vector<uint64_t> ExpectedBytesPerRank(const AdapterLayout& layout,
-                                           const checkpoint::DcpMetadata& metadata,
-                                           const ShardOwnership& owners, int world_size) {
-  std::vector<uint64_t> bytes(static_cast<std::size_t>(world_size), 0);
-  for (const auto& layer : layout.layers) {
-    for (const auto& chunk : layer.chunks) {
-      const int shard = layout.ShardOf(chunk.slot, layer.pp_stage);
-      const auto& tensor = *layer.tensors[chunk.tensor_index].meta;
-      bytes[static_cast<std::size_t>(owners.owner[static_cast<std::size_t>(shard)])] +=
-          metadata.Locate(tensor, *chunk.chunk).length;
-    }
-  }
-  return bytes;
-}
-
-GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::CheckpointReader& reader,
-                         const ShardOwnership& owners, Transport& transport, int world_rank,
-                         const LayerConsumer& consume) {
+GatherStats GatherLayers(const GatherSchedule& schedule, const LayerParts& parts,
+                         Transport& transport, int world_rank, const LayerConsumer& consume) {
   GatherStats stats;
   BufferPool pool;  // before the read-ahead future, which must finish first
-  // Per stage: members, my slots in it, and (when shared) the group communicator.
+  // Per stage: my place among its members (none: not one), and (when shared) its communicator.
   struct Stage {
-    std::vector<int> members;
-    std::vector<int> my_slots;
+    std::optional<std::size_t> me;
     std::unique_ptr<GroupCommunicator> group;
   };
-  std::vector<Stage> stages(static_cast<std::size_t>(layout.pipeline_parallel));
-  for (int pp = 0; pp < layout.pipeline_parallel; ++pp) {
-    Stage& stage = stages[static_cast<std::size_t>(pp)];
-    stage.members = StageMembers(layout, owners, pp);
-    for (int slot = 0; slot < layout.slots; ++slot) {
-      if (owners.owner[static_cast<std::size_t>(layout.ShardOf(slot, pp))] == world_rank) {
-        stage.my_slots.push_back(slot);
-      }
-    }
+  std::vector<Stage> stages(schedule.stages.size());
+  for (std::size_t s = 0; s < schedule.stages.size(); ++s) {
+    const std::vector<int>& members = schedule.stages[s];
+    const auto it = std::find(members.begin(), members.end(), world_rank);
+    if (it == members.end()) continue;
+    stages[s].me = static_cast<std::size_t>(it - members.begin());
     // Groups are created in stage order on every member, as CreateGroup requires.
-    if (!stage.my_slots.empty() && stage.members.size() > 1)
-      stage.group = transport.CreateGroup(stage.members);
+    if (members.size() > 1) stages[s].group = transport.CreateGroup(members);
   }
 
-  // Which slots each stage member holds, in group-rank order (members are sorted world ranks).
-  const auto slots_by_member = [&](const Stage& stage, int pp) {
-    std::vector<std::vector<int>> slots(stage.members.size());
-    for (int slot = 0; slot < layout.slots; ++slot) {
-      const int owner = owners.owner[static_cast<std::size_t>(layout.ShardOf(slot, pp))];
-      const auto pos =
-          std::find(stage.members.begin(), stage.members.end(), owner) - stage.members.begin();
-      slots[static_cast<std::size_t>(pos)].push_back(slot);
-    }
-    return slots;
-  };
-
-  // What this rank reads for a layer: the whole layer, assembled in place, when it owns the
-  // stage alone; otherwise its packed contribution to the stage's all-gather.
   struct Prepared {
     Buffer bytes;
     double seconds = 0;
   };
-  const auto read = [&](const LayerLayout* layer) {
+  const auto read = [&](std::size_t l) {
     const auto start = std::chrono::steady_clock::now();
-    const Stage& stage = stages[static_cast<std::size_t>(layer->pp_stage)];
+    const auto& layer = schedule.layers[l];
     Prepared prepared;
-    if (stage.group == nullptr) {
-      prepared.bytes = pool.Take(layer->nbytes);
-      for (const auto& chunk : layer->chunks) {
-        const auto& tensor = layer->tensors[chunk.tensor_index];
-        reader.ReadChunkInto(*tensor.meta, *chunk.chunk,
-                             prepared.bytes.data() + tensor.offset_in_layer, tensor.shape,
-                             chunk.offsets_in_layer);
-      }
-    } else {
-      prepared.bytes =
-          ReadContribution(*layer, ContributionOf(*layer, stage.my_slots), reader, pool);
-    }
+    prepared.bytes = pool.Take(layer.part_bytes.at(*stages[layer.stage].me));
+    parts.read(l, prepared.bytes.span());
     prepared.seconds = Seconds(start);
     return prepared;
   };
 
   // The layers this rank reads, in order; the next one is read while the current one travels.
-  std::vector<const LayerLayout*> mine;
-  for (const auto& layer : layout.layers) {
-    if (!stages[static_cast<std::size_t>(layer.pp_stage)].my_slots.empty()) mine.push_back(&layer);
+  std::vector<std::size_t> mine;
+  for (std::size_t l = 0; l < schedule.layers.size(); ++l) {
+    if (stages[schedule.layers[l].stage].me) mine.push_back(l);
   }
   std::size_t next_read = 0;
   std::future<Prepared> prefetch;
   if (!mine.empty()) prefetch = std::async(std::launch::async, read, mine[next_read++]);
 
   const std::optional<int64_t> kill_at = KillAtLayer(world_rank);
-  for (const auto& layer : layout.layers) {
-    if (kill_at == layer.layer) std::raise(SIGKILL);
-    Stage& stage = stages[static_cast<std::size_t>(layer.pp_stage)];
-    const int leader = stage.members.front();
-    const bool member = !stage.my_slots.empty();
-    if (!member && world_rank != 0) continue;
+  for (std::size_t l = 0; l < schedule.layers.size(); ++l) {
+    if (kill_at == static_cast<int64_t>(l)) std::raise(SIGKILL);
+    const auto& layer = schedule.layers[l];
+    Stage& stage = stages[layer.stage];
+    const std::vector<int>& members = schedule.stages[layer.stage];
+    const int leader = members.front();
+    if (!stage.me && world_rank != 0) continue;
 
     Buffer layer_buffer;
-    if (member) {
+    if (stage.me) {
       Prepared prepared = prefetch.get();
       stats.read_seconds += prepared.seconds;
       if (next_read < mine.size())
@@ -277,25 +178,18 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
       if (stage.group == nullptr) {
         layer_buffer = std::move(prepared.bytes);
       } else {
-        // Contributions differ in size (replicated tensors live on slot 0): pad to the largest.
-        const auto slots = slots_by_member(stage, layer.pp_stage);
-        uint64_t widest = 0;
-        for (const auto& member_slots : slots)
-          widest = std::max(widest, ContributionOf(layer, member_slots).nbytes);
+        // Parts differ in size (replicated tensors live on slot 0): pad to the largest.
+        const uint64_t widest = *std::max_element(layer.part_bytes.begin(), layer.part_bytes.end());
         Buffer send = pool.Take(widest);
         std::copy_n(prepared.bytes.data(), prepared.bytes.size(), send.data());
         std::fill(send.data() + prepared.bytes.size(), send.data() + widest, std::byte{0});
-        Buffer gathered = pool.Take(widest * stage.members.size());
+        Buffer gathered = pool.Take(widest * members.size());
         stage.group->AllGather(send.span(), gathered.span());
         if (world_rank == leader) {
           layer_buffer = pool.Take(layer.nbytes);
-          for (std::size_t m = 0; m < slots.size(); ++m) {
-            uint64_t at = m * widest;
-            for (const LayerChunk* chunk : ContributionOf(layer, slots[m]).chunks) {
-              PlaceChunk(layer, *chunk, gathered.span().subspan(at, chunk->nbytes),
-                         layer_buffer.span());
-              at += chunk->nbytes;
-            }
+          for (std::size_t m = 0; m < members.size(); ++m) {
+            parts.place(l, m, gathered.span().subspan(m * widest, layer.part_bytes[m]),
+                        layer_buffer.span());
           }
         }
         pool.Give(std::move(send));
@@ -315,7 +209,7 @@ GatherStats GatherLayers(const AdapterLayout& layout, const checkpoint::Checkpoi
         transport.Recv(layer_buffer.span(), leader);
         stats.communicate_seconds += Seconds(start);
       }
-      consume(layer, layer_buffer.span());
+      consume(l, layer_buffer.span());
     }
     pool.Give(std::move(layer_buffer));
   }

@@ -28,8 +28,6 @@ BaseModel ResolveBaseModel(const std::string& hf_model_id) {
   const auto status = fs::status(path, ec);
   if (fs::is_directory(status)) {
     base.dir = path;
-    base.has_weights = fs::exists(path / "model.safetensors", ec) ||
-                       fs::exists(path / "model.safetensors.index.json", ec);
     return base;
   }
   if (fs::exists(status)) {
@@ -45,23 +43,6 @@ BaseModel ResolveBaseModel(const std::string& hf_model_id) {
         hf_model_id);
   }
   return base;
-}
-
-void RequireWeightsToVerify(const BaseModel& base) {
-  if (!base.dir) {
-    Fail(
-        "verification needs the base model's weights, but --hf-model-id '{}' is not a local "
-        "directory (a model id is only recorded in adapter_config.json); pass the local HF model "
-        "directory, or --no-verify to export without verification",
-        base.id);
-  }
-  if (!base.has_weights) {
-    Fail(
-        "verification needs the base model's weights, but '{}' has no model.safetensors or "
-        "model.safetensors.index.json; add them, or pass --no-verify to export without "
-        "verification",
-        base.dir->string());
-  }
 }
 
 }  // namespace adapter_job::convert

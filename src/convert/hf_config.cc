@@ -111,4 +111,28 @@ HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir) {
       });
 }
 
+HfModelConfig ModelConfigFromRunConfig(const checkpoint::RunDirectory& run) {
+  const auto& m = run.model;
+  const auto need = [&](const std::optional<int64_t>& v, const char* key) {
+    if (!v) {
+      Fail(
+          "--hf-model-id is not a local directory, and {} has no model.{} to take the model "
+          "dimensions from",
+          run.run_config_path ? run.run_config_path->string() : "the checkpoint", key);
+    }
+    return *v;
+  };
+  HfModelConfig c;
+  c.path = run.run_config_path.value_or(run.iteration_dir / "run_config.yaml");
+  c.architecture = "LlamaForCausalLM";
+  c.model_type = "llama";
+  c.hidden_size = need(m.hidden_size, "hidden_size");
+  c.num_attention_heads = need(m.num_attention_heads, "num_attention_heads");
+  c.num_key_value_heads = m.num_query_groups.value_or(c.num_attention_heads);
+  c.head_dim = m.kv_channels.value_or(c.hidden_size / c.num_attention_heads);
+  c.intermediate_size = need(m.ffn_hidden_size, "ffn_hidden_size");
+  c.num_hidden_layers = need(m.num_layers, "num_layers");
+  return c;
+}
+
 }  // namespace adapter_job::convert

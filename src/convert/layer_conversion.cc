@@ -122,7 +122,7 @@ void ExpectShape(const LayerTensor& t, std::vector<int64_t> expected, const HfMo
                  std::string_view why) {
   if (t.experts > 0) expected.insert(expected.begin(), m.num_experts);
   if (t.shape != expected) {
-    Fail("'{}' has per-layer shape {} but {} in {} implies {} ({}{})", t.meta->fqn,
+    Fail("'{}' has per-layer shape {} but {} in {} implies {} ({}{})", t.fqn,
          ShapeToString(t.shape), "the model config", m.path.string(), ShapeToString(expected), why,
          t.experts > 0 ? ", per expert" : "");
   }
@@ -132,7 +132,7 @@ void ExpectShape(const LayerTensor& t, std::vector<int64_t> expected, const HfMo
 
 std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
                                               const ConversionSettings& s) {
-  const ModelFamily& family = *s.family;
+  const ModelFamily& family = s.family;
   const std::string layer_prefix = fmt::format("{}.{}.", family.hf_layers_prefix, layer.layer);
   std::vector<OutputTensor> outputs;
   // HF module -> which params it received, to catch incomplete adapters.
@@ -142,7 +142,7 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
     const LayerTensor& t = layer.tensors[index];
     const auto& key = t.key;
     if (key.param == AdapterParam::kMagnitude && s.kind != checkpoint::AdapterKind::kDoRA) {
-      Fail("'{}' is a DoRA magnitude but run_config.yaml peft._target_ is not DoRA", t.meta->fqn);
+      Fail("'{}' is a DoRA magnitude but run_config.yaml peft._target_ is not DoRA", t.fqn);
     }
     std::vector<HfModule> targets;
     Fusion fusion = Fusion::kNone;
@@ -154,7 +154,7 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
         Fail(
             "'{}': {} has no adapter '{}' in the {} family (known: adapter_q/k/v on "
             "self_attention.linear_qkv, adapter_gate/up on mlp.linear_fc1)",
-            t.meta->fqn, key.module, key.canonical, family.name);
+            t.fqn, key.module, key.canonical, family.name);
       }
       targets = {c->hf};
       swiglu_sharded = c->swiglu_sharded;
@@ -163,8 +163,8 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
       if (mapping == nullptr) {
         std::string known;
         for (const auto& m : family.modules) known += (known.empty() ? "" : ", ") + m.megatron;
-        Fail("'{}': module '{}' has no HuggingFace mapping in the {} family (known: {})",
-             t.meta->fqn, key.module, family.name, known);
+        Fail("'{}': module '{}' has no HuggingFace mapping in the {} family (known: {})", t.fqn,
+             key.module, family.name, known);
       }
       targets = mapping->hf;
       fusion = mapping->fusion;
@@ -175,10 +175,10 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
         Fail(
             "'{}' holds MoE expert adapters but {} describes a dense model (no num_experts or "
             "num_local_experts)",
-            t.meta->fqn, s.model.path.string());
+            t.fqn, s.model.path.string());
       }
       if (key.param == AdapterParam::kMagnitude) {
-        Fail("'{}': DoRA on MoE experts is not supported (nor by Megatron-Bridge)", t.meta->fqn);
+        Fail("'{}': DoRA on MoE experts is not supported (nor by Megatron-Bridge)", t.fqn);
       }
     }
     // One expert's tensor (a dense module's whole tensor) without the expert axis.
@@ -191,12 +191,12 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
     switch (key.param) {
       case AdapterParam::kLinearIn:
         if (unit.size() != 2)
-          Fail("'{}' should be 2-D per layer, found {}", t.meta->fqn, ShapeToString(t.shape));
+          Fail("'{}' should be 2-D per layer, found {}", t.fqn, ShapeToString(t.shape));
         ExpectShape(t, {unit[0], in_width}, s.model, "lora_A is [rank, in_features]");
         break;
       case AdapterParam::kLinearOut:
         if (unit.size() != 2)
-          Fail("'{}' should be 2-D per layer, found {}", t.meta->fqn, ShapeToString(t.shape));
+          Fail("'{}' should be 2-D per layer, found {}", t.fqn, ShapeToString(t.shape));
         ExpectShape(t, {out_rows, unit[1]}, s.model, "lora_B is [out_features, rank]");
         break;
       case AdapterParam::kMagnitude:
@@ -225,7 +225,7 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
         out.module = layer_prefix + path;
         out.leaf = path.substr(path.rfind('.') + 1);
         out.param = key.param;
-        out.name = "base_model.model." + out.module + std::string(Suffix(key.param));
+        out.name = out.module + std::string(Suffix(key.param));
         out.source = index;
         out.rows = parts[p];
         if (t.experts > 0) {
@@ -240,7 +240,7 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
           out.shape[0] = 0;
           for (const auto& [begin, end] : out.rows) out.shape[0] += end - begin;
         }
-        out.dtype = s.dtype.value_or(t.meta->dtype);
+        out.dtype = s.dtype.value_or(t.dtype);
         if (experts != nullptr) {
           out.rank_keys.emplace_back(PathPattern(targets[p].path), rank_dim);
           if (!experts->fused_parameter.empty()) {
@@ -250,7 +250,7 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
         }
         if (!received[out.module].emplace(key.param, rank_dim).second) {
           Fail("two adapter tensors map to '{}'{} (from '{}')", out.module, Suffix(key.param),
-               t.meta->fqn);
+               t.fqn);
         }
         outputs.push_back(std::move(out));
       }
@@ -292,13 +292,13 @@ std::vector<std::span<const std::byte>> OutputPieces(const OutputTensor& output,
 }
 
 bool NeedsCast(const OutputTensor& output, const LayerLayout& layer) {
-  return layer.tensors[output.source].meta->dtype != output.dtype;
+  return layer.tensors[output.source].dtype != output.dtype;
 }
 
 Tensor MaterializeOutput(const OutputTensor& output, const LayerLayout& layer,
                          std::span<const std::byte> layer_buffer) {
   Tensor out;
-  out.dtype = layer.tensors[output.source].meta->dtype;
+  out.dtype = layer.tensors[output.source].dtype;
   out.shape = output.shape;
   for (const auto& piece : OutputPieces(output, layer, layer_buffer)) {
     out.data.insert(out.data.end(), piece.begin(), piece.end());

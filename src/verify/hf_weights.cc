@@ -8,6 +8,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/verify/verify.h"
 
 namespace adapter_job::verify {
 
@@ -62,10 +63,14 @@ at::ScalarType ToTorch(DType dtype) {
 HfWeights HfWeights::Open(const fs::path& model_dir) {
   HfWeights weights;
   std::vector<fs::path> shards;
-  const fs::path index = model_dir / "model.safetensors.index.json";
-  if (fs::exists(model_dir / "model.safetensors")) {
-    shards.push_back(model_dir / "model.safetensors");
-  } else if (fs::exists(index)) {
+  const std::optional<fs::path> found = FindBaseWeights(model_dir);
+  if (!found) {
+    Fail("'{}' has neither model.safetensors nor model.safetensors.index.json", model_dir.string());
+  }
+  if (found->filename() == "model.safetensors") {
+    shards.push_back(*found);
+  } else {
+    const fs::path& index = *found;
     WithContext(
         [&] { return index.string(); },
         [&] {
@@ -89,8 +94,6 @@ HfWeights HfWeights::Open(const fs::path& model_dir) {
             shards.push_back(model_dir / name);
           }
         });
-  } else {
-    Fail("'{}' has neither model.safetensors nor model.safetensors.index.json", model_dir.string());
   }
   for (const auto& shard : shards) {
     weights.shards_.push_back(

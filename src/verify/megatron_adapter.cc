@@ -9,7 +9,6 @@
 #include <map>
 
 #include "adapter_job/checkpoint/checkpoint_resolver.h"
-#include "adapter_job/checkpoint/storage_budget.h"
 #include "adapter_job/core/error.h"
 #include "hf_weights.h"
 #include "lora_merge.h"
@@ -73,8 +72,7 @@ std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(const std::filesystem::pa
   std::unique_ptr<MegatronAdapter> adapter(new MegatronAdapter(std::move(run), std::move(reader)));
   adapter->layout_ =
       checkpoint::PlanAdapterLayout(adapter->reader_.metadata(), adapter->run_.model);
-  checkpoint::CheckDeclaredBytes(adapter->layout_, adapter->reader_.metadata(),
-                                 adapter->run_.iteration_dir);
+  adapter->reader_.CheckDeclaredBytes(adapter->layout_);
   adapter->model_ = model;
   adapter->adapter_dtype_ = adapter_dtype;
   adapter->moe_ = settings.moe;
@@ -89,10 +87,12 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
   std::map<std::pair<std::string, std::string>, Parts> adapters;
   for (std::size_t index = 0; index < layout.tensors.size(); ++index) {
     const auto& t = layout.tensors[index];
-    Tensor host = Tensor::Zeros(t.meta->dtype, t.shape);
+    Tensor host = Tensor::Zeros(t.dtype, t.shape);
     for (const auto& chunk : layout.chunks) {
       if (chunk.tensor_index == index) {
-        reader_.ReadChunkInto(*t.meta, *chunk.chunk, host, chunk.offsets_in_layer);
+        reader_.ReadChunkInto(checkpoint::MetaOf(reader_.metadata(), t),
+                              checkpoint::MetaOf(reader_.metadata(), layout, chunk), host,
+                              chunk.offsets_in_layer);
       }
     }
     const at::Tensor tensor =

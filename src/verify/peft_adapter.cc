@@ -7,13 +7,14 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/tensor.h"
+#include "adapter_job/writer/adapter_config.h"
 #include "lora_merge.h"
 #include "peft_config.h"
 
 namespace adapter_job::verify {
 namespace {
 
-constexpr std::string_view kPrefix = "base_model.model.";
+constexpr std::string_view kPrefix = writer::kPeftNamePrefix;
 
 TensorStat StatOf(const std::string& name, const at::Tensor& t, DType dtype) {
   TensorStat s;
@@ -33,7 +34,7 @@ TensorStat StatOf(const std::string& name, const at::Tensor& t, DType dtype) {
 PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights& base,
                               int64_t num_layers, const std::vector<std::string>& linears) {
   PeftAdapter adapter;
-  const auto config_path = dir / "adapter_config.json";
+  const auto config_path = dir / writer::kAdapterConfigFile;
   const PeftConfig config = PeftConfig::Read(config_path);
   adapter.unmodelled_ = config.unmodelled();
   const bool moe = std::any_of(linears.begin(), linears.end(),
@@ -70,7 +71,7 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
         config_path.string());
   }
 
-  const auto weights_path = dir / "adapter_model.safetensors";
+  const auto weights_path = dir / writer::kAdapterWeightsFile;
   const safetensors::File file = safetensors::File::Open(weights_path);
   for (const auto& entry : file.header().tensors) {
     if (adapter.tensor_count_++ == 0 ||

@@ -34,9 +34,13 @@ std::optional<AdapterKey> ParseAdapterKey(std::string_view fqn);
 // grouped and sequential expert MLPs both save under that doubled name).
 bool IsExpertModule(std::string_view module);
 
-// One adapter tensor as seen from one layer: its per-layer shape (the stacked axis removed).
+// One adapter tensor as seen from one layer: its per-layer shape (the stacked axis removed). The
+// layout refers to `.metadata` by index, never by pointer, so a layout and the metadata it was
+// planned from move independently (see MetaOf).
 struct LayerTensor {
-  const TensorMeta* meta = nullptr;
+  std::size_t meta_index = 0;  // into DcpMetadata::tensors
+  std::string fqn;
+  DType dtype = DType::kFloat32;
   AdapterKey key;
   // Expert modules: [experts, ...] since Megatron-Bridge 0.5.1 (per-expert adapters, or a shared
   // one saved once per expert slot); 0 for a tensor without that axis (dense modules, and the
@@ -50,8 +54,8 @@ struct LayerTensor {
 // One stored chunk of one layer tensor and the training shard that owns it.
 struct LayerChunk {
   std::size_t tensor_index = 0;  // into LayerLayout::tensors
-  const ChunkMeta* chunk = nullptr;
-  int slot = 0;  // the shard within the stage: tp, or ep x ETP + etp for experts
+  std::size_t chunk_index = 0;   // into that tensor's TensorMeta::chunks
+  int slot = 0;                  // the shard within the stage: tp, or ep x ETP + etp for experts
   std::vector<int64_t> offsets_in_layer;  // chunk offsets with the stacked axis removed
   std::vector<int64_t> sizes_in_layer;
   uint64_t nbytes = 0;
@@ -79,6 +83,11 @@ struct AdapterLayout {
   int shard_count() const { return slots * pipeline_parallel; }
   int ShardOf(int slot, int pp) const { return pp * slots + slot; }
 };
+
+// The `.metadata` entries a layout names (`metadata` must be the one it was planned from).
+const TensorMeta& MetaOf(const DcpMetadata& metadata, const LayerTensor& tensor);
+const ChunkMeta& MetaOf(const DcpMetadata& metadata, const LayerLayout& layer,
+                        const LayerChunk& chunk);
 
 // Groups the adapter tensors of `metadata` by layer and assigns each chunk to the shard (slot, pp)
 // the training TP x PP (and EP x ETP) of `model` implies, checking the chunk layout agrees with

@@ -8,6 +8,7 @@
 #include <span>
 #include <string>
 
+#include "adapter_job/checkpoint/adapter_layout.h"
 #include "adapter_job/checkpoint/dcp_metadata.h"
 #include "adapter_job/core/file.h"
 #include "adapter_job/core/tensor.h"
@@ -31,8 +32,22 @@ class CheckpointReader {
   void ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& chunk, std::byte* dest,
                      std::span<const int64_t> dest_shape,
                      std::span<const int64_t> dest_offsets) const;
+  // One chunk of a layout planned from this reader's metadata, into a buffer of `dest_shape`.
+  void ReadChunkInto(const LayerLayout& layer, const LayerChunk& chunk, std::byte* dest,
+                     std::span<const int64_t> dest_shape,
+                     std::span<const int64_t> dest_offsets) const;
   // Assembles the whole global tensor from all of its chunks.
   Tensor ReadTensor(const TensorMeta& tensor) const;
+
+  // The shard-file preflight, before any buffer is sized from `.metadata`: throws FormatError
+  // naming the key and the file unless every adapter chunk of `layout`
+  // - declares no more bytes than its storage range holds (torch.save stores a chunk's elements
+  //   uncompressed, so its payload is at least that long),
+  // - lies inside its shard file (which must exist), and
+  // - owns its range: no two chunks share bytes of a file, as torch's DCP writer never writes them.
+  // Together these bound the bytes that the layout's buffers take by the shard files' sizes: a
+  // few hostile bytes of .metadata must not make the export allocate terabytes.
+  void CheckDeclaredBytes(const AdapterLayout& layout) const;
 
   // Bytes read so far from `.distcp` files (not counting `.metadata`).
   uint64_t bytes_read() const;

@@ -12,15 +12,10 @@ namespace adapter_job::convert {
 struct BaseModel {
   std::string id;                            // as given
   std::optional<std::filesystem::path> dir;  // set when it is a local directory
-  bool has_weights = false;  // the directory holds model.safetensors or its sharded index
 };
 
 // Throws FormatError when `hf_model_id` looks like a path (absolute, ./ or ../, ~, or a parent
 // directory that exists) but names no directory.
 BaseModel ResolveBaseModel(const std::string& hf_model_id);
-
-// Throws FormatError unless the base weights are there to verify with; the message says what is
-// missing and that --no-verify exports without verification.
-void RequireWeightsToVerify(const BaseModel& base);
 
 }  // namespace adapter_job::convert

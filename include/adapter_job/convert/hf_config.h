@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include "adapter_job/checkpoint/run_directory.h"
 #include "adapter_job/core/dtype.h"
 
 namespace adapter_job::convert {
@@ -34,5 +35,11 @@ struct HfModelConfig {
 
 // Reads `<model_dir>/config.json`; throws FormatError naming the file and the missing key.
 HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir);
+
+// The model config when --hf-model-id is a model id rather than a local directory: the dims come
+// from the training's run_config.yaml and the Megatron GPT layout maps like Llama's (as
+// Megatron-Bridge's GPTModelProvider does). `path` is the run_config.yaml. Throws FormatError
+// naming the missing model.<key>.
+HfModelConfig ModelConfigFromRunConfig(const checkpoint::RunDirectory& run);
 
 }  // namespace adapter_job::convert

@@ -19,7 +19,7 @@
 namespace adapter_job::convert {
 
 struct ConversionSettings {
-  const ModelFamily* family = nullptr;
+  ModelFamily family;  // a copy, so that settings move freely
   HfModelConfig model;
   checkpoint::AdapterKind kind = checkpoint::AdapterKind::kLoRA;
   int training_tensor_parallel = 1;  // undoes the TP-interleaved DoRA fc1 magnitude
@@ -27,8 +27,9 @@ struct ConversionSettings {
 };
 
 struct OutputTensor {
-  std::string
-      name;  // PEFT key, e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+  // The HF name, e.g. model.layers.0.self_attn.q_proj.lora_A.weight (PEFT's file prefixes it with
+  // base_model.model., see writer::PeftName).
+  std::string name;
   std::string module;  // e.g. model.layers.0.self_attn.q_proj
   std::string leaf;    // e.g. q_proj
   checkpoint::AdapterParam param = checkpoint::AdapterParam::kLinearIn;

@@ -33,6 +33,15 @@ struct VerifyOptions {
 // Default prompt when none is given, as Megatron-Bridge's verify_adapter.py.
 inline constexpr const char* kDefaultPrompt = "The capital of France is";
 
+// The base model's weights as verification reads them from `model_dir`: model.safetensors, else
+// the index of a sharded model (model.safetensors.index.json); nullopt when there is neither.
+std::optional<std::filesystem::path> FindBaseWeights(const std::filesystem::path& model_dir);
+
+// Throws FormatError unless `hf_model` is a local directory holding the base weights, saying what
+// is missing and that --no-verify exports without verification. Needs no plugin (and no
+// libtorch), so an export checks it before any work.
+void RequireVerifiable(const std::string& hf_model);
+
 // Throws FormatError for inputs that cannot be read; a failed check is a report that did not
 // pass, not an exception. Defined in the verification plugin (libadapter_job_verify.so), the only
 // part of the project that links libtorch.

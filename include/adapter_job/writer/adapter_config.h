@@ -5,9 +5,21 @@
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace adapter_job::writer {
+
+// A PEFT adapter directory's files, named here only.
+inline constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
+inline constexpr const char* kAdapterConfigFile = "adapter_config.json";
+
+// PEFT saves the HF module names under this prefix (its PeftModel wraps the model as
+// base_model.model); everything else in the export uses the bare HF names.
+inline constexpr std::string_view kPeftNamePrefix = "base_model.model.";
+inline std::string PeftName(std::string_view hf_name) {
+  return std::string(kPeftNamePrefix) + std::string(hf_name);
+}
 
 struct AdaptedModule {
   std::string module;  // e.g. "model.layers.3.mlp.down_proj"

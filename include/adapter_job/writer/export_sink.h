@@ -1,0 +1,87 @@
+// Where the export's tensors go. The pipeline (src/job/export.cc) plans, gathers and converts; a
+// sink only writes what it is given, on rank 0, in this order:
+//   Begin(announcement) once, Write(layer) for every layer in layer order, Finish(), then
+//   Publish(accepted); or Abort() at any point (the destructor aborts too), which leaves nothing
+//   at the outputs.
+// Sinks: PeftDirectorySink (a PEFT adapter directory), SafetensorsFileSink (the `stream` file).
+// A merged full-weight export is one more sink: the announcement carries the ranks, alpha and
+// adapter kind, and each layer arrives whole (every lora_A, lora_B and magnitude of its modules),
+// so such a sink reads the base layer it needs and merges in Write.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "adapter_job/core/dtype.h"
+#include "adapter_job/writer/adapter_config.h"
+#include "adapter_job/writer/output_guard.h"
+
+namespace adapter_job::writer {
+
+// Which weight of a module's adapter a tensor is (PEFT's lora_A, lora_B, lora_magnitude_vector).
+enum class AdapterWeight { kLoraA, kLoraB, kMagnitude };
+
+struct AnnouncedTensor {
+  std::string name;    // the HF name, e.g. model.layers.0.self_attn.q_proj.lora_A.weight
+  std::string module;  // e.g. model.layers.0.self_attn.q_proj
+  AdapterWeight weight = AdapterWeight::kLoraA;
+  int64_t layer = 0;
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> shape;
+};
+
+// Everything that will follow, known from the checkpoint's metadata before any data is read.
+struct ExportAnnouncement {
+  std::vector<AnnouncedTensor> tensors;  // in the order they are written, layer by layer
+  AdapterConfigInputs config;            // ranks, alpha, dropout, DoRA or not, base model
+};
+
+// One tensor's bytes as consecutive pieces (the pipeline avoids copying them together); valid
+// during Write only.
+struct TensorBytes {
+  std::size_t index = 0;  // into ExportAnnouncement::tensors
+  std::vector<std::span<const std::byte>> pieces;
+};
+
+// One layer's tensors, all of them.
+struct LayerTensors {
+  int64_t layer = 0;
+  std::vector<TensorBytes> tensors;
+};
+
+// What Finish leaves: complete, not yet visible under its name.
+struct FinishedOutput {
+  uint64_t file_bytes = 0;
+  std::filesystem::path accepted_path;  // where Publish(true) puts it
+  std::filesystem::path rejected_path;  // where Publish(false) puts it
+  // A PEFT directory the verifier can read before it is published; empty when the output is not
+  // one (it is then never verified).
+  std::filesystem::path verifiable_directory;
+};
+
+class ExportSink {
+ public:
+  ExportSink() = default;
+  ExportSink(const ExportSink&) = delete;
+  ExportSink& operator=(const ExportSink&) = delete;
+  virtual ~ExportSink() = default;
+
+  // Where it writes, first the output itself: each is refused if it lies on an input.
+  virtual std::vector<NamedPath> Outputs() const = 0;
+  // Whether Finish gives a directory to verify (decided before any work).
+  virtual bool verifiable() const = 0;
+
+  virtual void Begin(const ExportAnnouncement& announcement) = 0;
+  virtual void Write(const LayerTensors& layer) = 0;
+  virtual FinishedOutput Finish() = 0;
+  // Makes the finished output visible at FinishedOutput's accepted or rejected path.
+  virtual void Publish(bool accepted) = 0;
+  // Drops everything written; safe at any point and more than once.
+  virtual void Abort() noexcept = 0;
+};
+
+}  // namespace adapter_job::writer

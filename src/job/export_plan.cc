@@ -1,0 +1,148 @@
+#include "export_plan.h"
+
+#include <fmt/format.h>
+
+#include "adapter_job/checkpoint/integrity.h"
+#include "adapter_job/convert/hf_config.h"
+#include "adapter_job/convert/model_family.h"
+#include "adapter_job/core/error.h"
+#include "adapter_job/verify/verify.h"
+
+namespace adapter_job::job {
+namespace {
+
+namespace fs = std::filesystem;
+
+writer::AdapterWeight WeightOf(checkpoint::AdapterParam param) {
+  switch (param) {
+    case checkpoint::AdapterParam::kLinearIn:
+      return writer::AdapterWeight::kLoraA;
+    case checkpoint::AdapterParam::kLinearOut:
+      return writer::AdapterWeight::kLoraB;
+    case checkpoint::AdapterParam::kMagnitude:
+      return writer::AdapterWeight::kMagnitude;
+  }
+  Fail("unknown adapter parameter");
+}
+
+// The digests first: a damaged file is then named as such, not as whatever parse error it causes.
+checkpoint::RunDirectory OpenRun(const ExportOptions& options, int world_size, int rank,
+                                 std::optional<std::size_t>& integrity_files,
+                                 std::string& integrity_not_checked) {
+  auto run = checkpoint::OpenRunDirectory(options.checkpoint, [&](const auto& opened) {
+    if (!opened.integrity) {
+      integrity_not_checked = "the checkpoint has no integrity.json";
+    } else if (!options.check_integrity) {
+      integrity_not_checked = "--no-integrity-check";
+    } else {
+      checkpoint::CheckIntegrity(*opened.integrity, opened.iteration_dir, rank, world_size);
+      integrity_files = opened.integrity->files.size();
+    }
+  });
+  if (!run.peft) {
+    Fail(
+        "no run_config.yaml with a peft: section in or above '{}': the adapter's dim, alpha and "
+        "kind are unknown",
+        run.iteration_dir.string());
+  }
+  return run;
+}
+
+convert::ConversionSettings SettingsFor(const ExportOptions& options,
+                                        const convert::BaseModel& base,
+                                        const checkpoint::RunDirectory& run,
+                                        const checkpoint::AdapterLayout& layout) {
+  convert::ConversionSettings settings;
+  settings.model =
+      base.dir ? convert::ReadHfConfig(*base.dir) : convert::ModelConfigFromRunConfig(run);
+  if (settings.model.num_hidden_layers != layout.num_layers) {
+    Fail("{} says {} layers but the checkpoint has {}", settings.model.path.string(),
+         settings.model.num_hidden_layers, layout.num_layers);
+  }
+  const auto families = convert::LoadModelFamilies(options.model_family_dirs);
+  settings.family = WithContext([&] { return settings.model.path.string(); },
+                                [&] {
+                                  return convert::FamilyFor(families, settings.model.architecture,
+                                                            settings.model.model_type);
+                                });
+  settings.kind = run.peft->kind;
+  settings.training_tensor_parallel = layout.tensor_parallel;
+  settings.dtype = options.dtype;
+  return settings;
+}
+
+// Expert tensors with an expert axis are checked against the model's count by the conversion; a
+// shared adapter saved without one (before Megatron-Bridge 0.5.1) says nothing of it, so the
+// training's own count must agree with the model's, or the adapter is copied to experts that were
+// never trained.
+void CheckExpertCount(const convert::BaseModel& base, const checkpoint::RunDirectory& run,
+                      const convert::ConversionSettings& settings) {
+  if (const auto experts = run.model.num_moe_experts;
+      experts && base.dir && *experts != settings.model.num_experts) {
+    const int64_t model_experts = settings.model.num_experts;
+    Fail("{} describes {}, but {}: model.num_moe_experts is {}", settings.model.path.string(),
+         model_experts == 0 ? "a dense model"
+                            : fmt::format("{} experts per MoE layer", model_experts),
+         run.run_config_path->string(), *experts);
+  }
+}
+
+}  // namespace
+
+ExportPlan PlanExport(const ExportOptions& options, bool verify,
+                      const std::vector<writer::NamedPath>& outputs, int world_size, int rank) {
+  // Verification asked for but impossible is an error before any work, never a quiet skip.
+  convert::BaseModel base = convert::ResolveBaseModel(options.hf_model_id);
+  if (verify) verify::RequireVerifiable(options.hf_model_id);
+  std::optional<std::size_t> integrity_files;
+  std::string integrity_not_checked;
+  checkpoint::RunDirectory run =
+      OpenRun(options, world_size, rank, integrity_files, integrity_not_checked);
+
+  std::vector<writer::NamedPath> inputs = {
+      {"--megatron-peft-checkpoint", options.checkpoint},
+      {"the checkpoint's iteration directory", run.iteration_dir},
+      {"--hf-model-id", base.dir.value_or(fs::path())}};
+  for (const auto& dir : options.model_family_dirs) inputs.push_back({"--model-families", dir});
+  writer::RefuseOutputsOverInputs(outputs, inputs);
+
+  auto reader = checkpoint::CheckpointReader::Open(run.iteration_dir);
+  auto layout = checkpoint::PlanAdapterLayout(reader.metadata(), run.model);
+  // Before any collective, and before any buffer is sized from the .metadata: a missing or short
+  // shard, or a .metadata that declares more than the files hold. Every rank checks every chunk,
+  // so all fail alike.
+  reader.CheckDeclaredBytes(layout);
+  auto settings = SettingsFor(options, base, run, layout);
+  std::vector<std::vector<convert::OutputTensor>> layer_outputs;
+  for (const auto& layer : layout.layers) {
+    layer_outputs.push_back(convert::PlanLayerConversion(layer, settings));
+  }
+  CheckExpertCount(base, run, settings);
+  auto owners = comm::ShardOwnership::Assign(layout.shard_count(), world_size);
+  return ExportPlan{std::move(base),   std::move(run),      std::move(reader),
+                    std::move(layout), std::move(settings), std::move(layer_outputs),
+                    std::move(owners), integrity_files,     std::move(integrity_not_checked)};
+}
+
+writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) const {
+  writer::ExportAnnouncement announced;
+  // Megatron's peft settings plus the rank of every adapted module (for rank_pattern).
+  writer::AdapterConfigInputs& config = announced.config;
+  config.base_model_name_or_path = options.hf_model_id;
+  config.r = run.peft->dim;
+  config.lora_alpha = run.peft->alpha;
+  config.lora_dropout = run.peft->dropout;
+  config.use_dora = settings.kind == checkpoint::AdapterKind::kDoRA;
+  for (std::size_t l = 0; l < outputs.size(); ++l) {
+    for (const auto& out : outputs[l]) {
+      announced.tensors.push_back({out.name, out.module, WeightOf(out.param),
+                                   static_cast<int64_t>(l), out.dtype, out.shape});
+      if (out.param == checkpoint::AdapterParam::kLinearIn) {
+        config.modules.push_back({out.module, out.leaf, out.shape[0], out.rank_keys});
+      }
+    }
+  }
+  return announced;
+}
+
+}  // namespace adapter_job::job

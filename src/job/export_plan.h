@@ -1,0 +1,50 @@
+// The export planned on every rank from the checkpoint's metadata alone: which rank reads which
+// shard, and what each layer becomes. The plan owns the checkpoint reader and its layout names the
+// metadata by index, so a plan moves like any value.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "adapter_job/checkpoint/adapter_layout.h"
+#include "adapter_job/checkpoint/checkpoint_reader.h"
+#include "adapter_job/checkpoint/run_directory.h"
+#include "adapter_job/comm/layer_gather.h"
+#include "adapter_job/convert/base_model.h"
+#include "adapter_job/convert/layer_conversion.h"
+#include "adapter_job/export.h"
+#include "adapter_job/writer/export_sink.h"
+#include "adapter_job/writer/output_guard.h"
+
+namespace adapter_job::job {
+
+struct ExportPlan {
+  convert::BaseModel base;
+  checkpoint::RunDirectory run;
+  checkpoint::CheckpointReader reader;
+  checkpoint::AdapterLayout layout;
+  convert::ConversionSettings settings;
+  std::vector<std::vector<convert::OutputTensor>> outputs;  // per layer
+  comm::ShardOwnership owners;
+  std::optional<std::size_t> integrity_files;  // checked against integrity.json
+  std::string integrity_not_checked;           // why not
+
+  // What the sink learns before the first layer: every output tensor, layer by layer, and the
+  // adapter's settings (adapter_config.json's inputs).
+  writer::ExportAnnouncement Announce(const ExportOptions& options) const;
+};
+
+// Nothing in it points into it (the layout and settings hold indices and copies).
+static_assert(std::is_nothrow_move_constructible_v<ExportPlan>);
+
+// Runs alike on every rank (so all fail alike): resolves the base model and the run directory,
+// checks integrity.json (each rank its share), refuses `outputs` that lie on an input, checks
+// the shard files against the metadata, plans the layout and each layer's conversion, and
+// assigns shards to ranks. With `verify`, verification that cannot run fails here, before any work.
+ExportPlan PlanExport(const ExportOptions& options, bool verify,
+                      const std::vector<writer::NamedPath>& outputs, int world_size, int rank);
+
+}  // namespace adapter_job::job

@@ -1,0 +1,94 @@
+// The run report: its JSON (--report) and text summary, and the report file's life.
+#include "report.h"
+
+#include <fmt/format.h>
+
+#include <system_error>
+
+#include "adapter_job/core/error.h"
+#include "adapter_job/export.h"
+
+namespace adapter_job {
+
+namespace fs = std::filesystem;
+
+nlohmann::ordered_json ExportReport::ToJson() const {
+  nlohmann::ordered_json j;
+  j["output"] = output.string();
+  j["backend"] = backend;
+  j["ranks"] = ranks;
+  j["tensor_model_parallel_size"] = tensor_parallel;
+  j["pipeline_model_parallel_size"] = pipeline_parallel;
+  j["virtual_pipeline_model_parallel_size"] = virtual_pipeline;
+  j["adapter"] = adapter_kind;
+  j["layers"] = layers;
+  j["tensors"] = tensors;
+  j["tensor_bytes"] = tensor_bytes;
+  j["file_bytes"] = file_bytes;
+  j["bytes_read_per_rank"] = bytes_read_per_rank;
+  j["expected_bytes_per_rank"] = expected_bytes_per_rank;
+  j["peak_rss_bytes_per_rank"] = peak_rss_bytes_per_rank;
+  j["seconds"] = {{"plan", seconds.plan},
+                  {"read", seconds.read},
+                  {"communicate", seconds.communicate},
+                  {"convert_write", seconds.convert_write},
+                  {"verify", seconds.verify},
+                  {"total", seconds.total}};
+  j["published"] = published.string();
+  j["verified"] = verified();
+  if (verification_skipped) j["verification_skipped"] = *verification_skipped;
+  if (integrity_files) {
+    j["integrity"] = {{"checked", true}, {"files", *integrity_files}};
+  } else {
+    j["integrity"] = {{"checked", false}, {"why", integrity_not_checked}};
+  }
+  if (verification) j["verification"] = verification->ToJson();
+  return j;
+}
+
+std::string ExportReport::Summary() const {
+  std::string read;
+  for (std::size_t r = 0; r < bytes_read_per_rank.size(); ++r) {
+    read += fmt::format("{}{}: {}", r ? ", " : "", r, bytes_read_per_rank[r]);
+  }
+  return fmt::format(
+      "exported {} adapter: {} layers, {} tensors, {} bytes -> {}\n"
+      "ranks {} ({} backend) over TP {} x PP {}{}; bytes read per rank: {}\n"
+      "seconds: plan {:.3f}, read {:.3f}, communicate {:.3f}, convert+write {:.3f}, total {:.3f}\n",
+      adapter_kind, layers, tensors, tensor_bytes, output.string(), ranks, backend, tensor_parallel,
+      pipeline_parallel, virtual_pipeline > 1 ? fmt::format(" (VPP {})", virtual_pipeline) : "",
+      read, seconds.plan, seconds.read, seconds.communicate, seconds.convert_write, seconds.total);
+}
+
+namespace job {
+
+void DescribePlan(const ExportPlan& plan, ExportReport& report) {
+  report.tensor_parallel = plan.layout.tensor_parallel;
+  report.pipeline_parallel = plan.layout.pipeline_parallel;
+  report.virtual_pipeline = plan.layout.virtual_pipeline;
+  report.adapter_kind = std::string(checkpoint::AdapterKindName(plan.settings.kind));
+  report.layers = plan.layout.num_layers;
+  report.integrity_files = plan.integrity_files;
+  report.integrity_not_checked = plan.integrity_not_checked;
+}
+
+OutputFile OpenReportFile(const fs::path& path) {
+  return OutputFile::CreateUnnamed(NearestExistingDirectory(path), fs::absolute(path));
+}
+
+void CommitReportFile(OutputFile file, const ExportReport& report, const fs::path& path) {
+  file.Write(report.ToJson().dump(2) + "\n");
+  const fs::path parent = fs::absolute(path).parent_path();
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  if (ec) Fail<IoError>("cannot create '{}': {}", parent.string(), ec.message());
+  std::move(file).CommitAs(path, /*overwrite=*/true);
+}
+
+void RemoveReportFile(const fs::path& path) noexcept {
+  std::error_code ignored;
+  fs::remove(path, ignored);
+}
+
+}  // namespace job
+}  // namespace adapter_job
