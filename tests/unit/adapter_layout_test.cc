@@ -60,7 +60,7 @@ using Placement = std::tuple<int, std::string, std::vector<int64_t>>;
 std::vector<Placement> Placements(const LayerLayout& layer) {
   std::vector<Placement> out;
   for (const auto& c : layer.chunks)
-    out.emplace_back(c.slot, layer.tensors[c.tensor_index].meta->fqn, c.offsets_in_layer);
+    out.emplace_back(c.slot, layer.tensors[c.tensor_index].fqn, c.offsets_in_layer);
   return out;
 }
 
@@ -126,7 +126,7 @@ TEST(AdapterLayout, StackedLayersSplitEvenlyOverPipelineStages) {
     stages.push_back(layer.pp_stage);
     ASSERT_EQ(layer.chunks.size(), 2u);
     EXPECT_EQ(layer.tensors[0].shape, (std::vector<int64_t>{2, 6})) << "the layer axis is removed";
-    EXPECT_THAT(layer.chunks[0].chunk->offsets, ElementsAre(layer.layer, 0, 0));
+    EXPECT_THAT(MetaOf(md, layer, layer.chunks[0]).offsets, ElementsAre(layer.layer, 0, 0));
     EXPECT_THAT(layer.chunks[0].offsets_in_layer, ElementsAre(0, 0));
   }
   EXPECT_THAT(stages, ElementsAre(0, 0, 1, 1));

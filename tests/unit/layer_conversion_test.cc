@@ -37,18 +37,15 @@ class Layer {
  public:
   void Add(const std::string& module, AdapterParam param, std::vector<int64_t> shape,
            std::string canonical = "", int64_t experts = 0) {
-    auto meta = std::make_unique<TensorMeta>();
-    meta->fqn = "decoder.layers.0." + module + ".adapter." +
-                (canonical.empty() ? "" : canonical + ".") +
-                std::string(checkpoint::AdapterParamName(param));
-    meta->dtype = DType::kFloat32;
-    meta->size = shape;
     int64_t numel = 1;
     for (int64_t d : shape) numel *= d;
     const int64_t cols = shape.size() < 2 ? 1 : shape.back();
     for (int64_t i = 0; i < numel; ++i) Push(static_cast<float>(i / cols));
     LayerTensor t;
-    t.meta = meta.get();
+    t.meta_index = layout_.tensors.size();
+    t.fqn = "decoder.layers.0." + module + ".adapter." + (canonical.empty() ? "" : canonical + ".") +
+            std::string(checkpoint::AdapterParamName(param));
+    t.dtype = DType::kFloat32;
     t.key = AdapterKey{module, canonical, param, 0};
     t.experts = experts;
     t.shape = std::move(shape);
@@ -56,7 +53,6 @@ class Layer {
     t.offset_in_layer = layout_.nbytes;
     layout_.nbytes += t.nbytes;
     layout_.tensors.push_back(std::move(t));
-    metas_.push_back(std::move(meta));
   }
 
   std::map<std::string, OutputTensor> Plan(const ConversionSettings& s) const {
@@ -84,14 +80,13 @@ class Layer {
     buffer_.insert(buffer_.end(), p, p + 4);
   }
   LayerLayout layout_;
-  std::vector<std::unique_ptr<TensorMeta>> metas_;
   std::vector<std::byte> buffer_;
 };
 
 // Llama-shaped: hidden 8, 4 query heads in 2 groups (2 kv heads), head_dim 2, ffn 4.
 ConversionSettings Llama(AdapterKind kind = AdapterKind::kLoRA, int tp = 1) {
   ConversionSettings s;
-  s.family = &Family("LlamaForCausalLM");
+  s.family = Family("LlamaForCausalLM");
   s.model.hidden_size = 8;
   s.model.num_attention_heads = 4;
   s.model.num_key_value_heads = 2;
@@ -103,7 +98,7 @@ ConversionSettings Llama(AdapterKind kind = AdapterKind::kLoRA, int tp = 1) {
 }
 
 constexpr int64_t kRank = 3;
-const std::string kPrefix = "base_model.model.model.layers.0.";
+const std::string kPrefix = "model.layers.0.";
 
 TEST(RowSplits, QkvSplitsPerQueryGroup) {
   Layer layer;
@@ -220,7 +215,7 @@ TEST(RowSplits, CanonicalGateUndoesSwigluShardingAtTp2) {
 
 TEST(RowSplits, ExpertsTakeTheirOwnSlice) {
   ConversionSettings s = Llama();
-  s.family = &Family("Qwen3MoeForCausalLM");
+  s.family = Family("Qwen3MoeForCausalLM");
   s.model.num_experts = 2;
   s.model.expert_intermediate_size = 3;
   Layer layer;
