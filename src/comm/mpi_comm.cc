@@ -84,9 +84,16 @@ void Check(int rc, const char* call) {
   if (rc != MPI_SUCCESS) FailMpi(rc, call);
 }
 
-void FailDeadPeer(const MpiWorld& world, int dead, const char* call) {
-  FailComm(fmt::format("{} failed: rank {} on {} has died, so every rank is aborted", call, dead,
-                       world.HostOf(dead)));
+void CheckPeersAlive(const MpiWorld& world, const char* call) {
+  const std::vector<int> dead = world.DeadPeers();
+  if (dead.empty()) return;
+  std::string names;
+  for (std::size_t i = 0; i < dead.size(); ++i) {
+    if (i > 0) names += i + 1 == dead.size() ? " and " : ", ";
+    names += fmt::format("rank {} on {}", dead[i], world.HostOf(dead[i]));
+  }
+  FailComm(fmt::format("{} failed: {} {} died, so every rank is aborted", call, names,
+                       dead.size() == 1 ? "has" : "have"));
 }
 
 void Wait(MPI_Request& request, const char* call, const MpiWorld& world) {
@@ -99,7 +106,7 @@ void Wait(MPI_Request& request, const char* call, const MpiWorld& world) {
     if (done) return;
     // MPI_Test drives MPI's progress engine, as MPI_Wait's own loop does.
     if (const auto now = std::chrono::steady_clock::now(); now >= next_watch) {
-      if (const int dead = world.FirstDeadPeer(); dead >= 0) FailDeadPeer(world, dead, call);
+      CheckPeersAlive(world, call);
       next_watch = now + kWatchPeriod;
     }
   }

@@ -24,8 +24,9 @@ void Check(int rc, const char* call);
 // is a FailComm naming it, where MPI would keep waiting.
 void Wait(MPI_Request& request, const char* call, const MpiWorld& world);
 
-// Throws the FailComm for `dead`, a rank whose process has ended, seen while waiting in `call`.
-[[noreturn]] void FailDeadPeer(const MpiWorld& world, int dead, const char* call);
+// Throws FailComm if a peer's process has ended (MpiWorld::DeadPeers), naming every one that has
+// (the first to die cannot be told from those ended after it) and `call`, the wait that saw it.
+void CheckPeersAlive(const MpiWorld& world, const char* call);
 
 // Owns an MPI communicator (MPI_Comm is a pointer in Open MPI and an int in MPICH).
 class MpiComm {

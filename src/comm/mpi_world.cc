@@ -118,7 +118,10 @@ MpiWorld::MpiWorld(int& argc, char**& argv) {
     PeerProcess peer;
     peer.host = record.host;
     // Only a process in this one's PID namespace can be watched: elsewhere the pid means another.
-    if (mine.pid != 0 && record.pid != 0 &&
+    // And only one this process can see now, alive (it just took part): /proc may hide others
+    // (hidepid), which must not read as their death later.
+    const auto seen = record.pid != 0 ? ReadProcStat(record.pid) : std::nullopt;
+    if (mine.pid != 0 && seen && seen->start_ticks == record.start_ticks &&
         std::strncmp(record.pid_namespace, mine.pid_namespace, sizeof mine.pid_namespace) == 0) {
       peer.pid = record.pid;
       peer.start_ticks = record.start_ticks;
@@ -134,7 +137,8 @@ MpiWorld::~MpiWorld() {
   if (!finalized) MPI_Finalize();
 }
 
-int MpiWorld::FirstDeadPeer() const {
+std::vector<int> MpiWorld::DeadPeers() const {
+  std::vector<int> dead;
   for (std::size_t rank = 0; rank < peers_.size(); ++rank) {
     const PeerProcess& peer = peers_[rank];
     if (peer.pid == 0 || static_cast<int>(rank) == rank_) continue;
@@ -142,10 +146,10 @@ int MpiWorld::FirstDeadPeer() const {
     // Gone, a zombie not yet reaped, or the pid already reused by a process started later.
     if (!stat || stat->state == 'Z' || stat->state == 'X' ||
         stat->start_ticks != peer.start_ticks) {
-      return static_cast<int>(rank);
+      dead.push_back(static_cast<int>(rank));
     }
   }
-  return -1;
+  return dead;
 }
 
 void MpiWorld::Abort(int exit_code) const {

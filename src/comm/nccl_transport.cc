@@ -128,9 +128,9 @@ class NcclComm {
       Check(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError");
       Check(async, call);
       if (const auto now = std::chrono::steady_clock::now(); now >= next_watch) {
-        if (const int dead = world_.FirstDeadPeer(); dead >= 0) {
+        if (!world_.DeadPeers().empty()) {
           Abort();
-          FailDeadPeer(world_, dead, call);
+          CheckPeersAlive(world_, call);
         }
         next_watch = now + kWatchPeriod;
       }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_peer_failure import HOST, INFRA, check_dead_peer_ends_every_rank, export_with_dead_rank
+from test_peer_failure import HOST, check_dead_peer_ends_every_rank, export_with_dead_rank
 
 
 def _gpus() -> int:
@@ -47,8 +47,6 @@ def test_a_rank_killed_mid_gather_under_nccl_ends_every_rank_with_4(adapter_job_
                                            mb_fixtures / "tp2pp2/lora/megatron_ckpt", out, tmp_path / "status", kill,
                                            "--backend", "nccl", mpirun_args=NCCL_MPIRUN_ARGS, timeout=180)
     check_dead_peer_ends_every_rank(proc, statuses, np, int(kill.split(":")[0]), out)
-    if np == 2:
-        assert statuses == {0: INFRA, 1: 137}, proc.stderr
     # The survivor saw it in an NCCL wait, or before (the MPI collectives around the gather): either names the host.
     assert f"on {HOST}" in proc.stderr
 

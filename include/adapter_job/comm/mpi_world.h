@@ -36,11 +36,11 @@ class MpiWorld {
   const std::string& host() const { return host_; }
   const std::string& HostOf(int rank) const { return peers_[static_cast<std::size_t>(rank)].host; }
 
-  // The lowest rank whose process has ended, among those this process can watch (same host and
-  // PID namespace); -1 if none has. MPI over shared memory and NCCL over NVLink would wait for a
-  // dead peer forever, and a launcher started with recovery on (or srun without --kill-on-bad-exit)
+  // The ranks whose processes have ended, among those this process can watch (same host and PID
+  // namespace), in rank order. MPI over shared memory and NCCL over NVLink would wait for a dead
+  // peer forever, and a launcher started with recovery on (or srun without --kill-on-bad-exit)
   // leaves the survivors running.
-  int FirstDeadPeer() const;
+  std::vector<int> DeadPeers() const;
 
   // Ends every rank: a peer may be blocked in a collective that this rank will never join.
   [[noreturn]] void Abort(int exit_code) const;
