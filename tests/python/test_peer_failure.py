@@ -4,8 +4,10 @@ host that saw it, never a hang.
 Under a plain `mpirun` Open MPI kills the other ranks itself when one dies (exit 137: test_export_bad_input.py).
 Here the launcher is told to leave the survivors running (`--enable-recovery`, as srun without --kill-on-bad-exit
 does), so it is the survivors themselves that must notice: every wait watches the peers' processes, and the first
-to see the dead one aborts the job with 4. Each rank runs under a shell that records its own exit status. A time
-bound is given by the subprocess timeout only (a hang fails the test); ASan runs these too.
+to see the dead one aborts the job with 4 (MPI_Abort). Each rank runs under a shell that records its own exit
+status; the abort races those shells (Open MPI ends them too), so a survivor may record 4, be recorded ended by the
+abort's SIGTERM, or record nothing, and the test then checks that no process of the run is left. The time bound is
+the subprocess timeout only (a hang fails the test); ASan runs these too. Before this, the survivors waited forever.
 
 The same under `--backend nccl` on two GPUs: test_gpu_peer_failure.py.
 """
