@@ -1,29 +1,30 @@
 // The NCCL backend: one communicator per group (ids broadcast over MPI, as nccl-tests does),
 // one CUDA stream each, and pinned host buffers staging the host-side adapter bytes.
+//
+// A dead peer must end the job rather than hang it. Waiting polls the stream, NCCL's asynchronous
+// error and the peers' processes (as nccl-tests does, plus the processes: over NVLink a kernel
+// waits for a dead peer's data forever); and every failure aborts the communicator
+// (ncclCommAbort), which stops its kernels, where ncclCommDestroy would wait for operations that
+// will never complete.
 #include <cuda_runtime_api.h>
-#include <mpi.h>
 #include <nccl.h>
 
+#include <chrono>
 #include <cstring>
+#include <exception>
+#include <thread>
 
-#include "adapter_job/comm/mpi_world.h"
 #include "adapter_job/comm/transport.h"
+#include "mpi_comm.h"
 
 namespace adapter_job::comm {
 namespace {
 
+// As in Wait (mpi_comm.cc): the peers' processes are looked at this often.
+constexpr auto kWatchPeriod = std::chrono::milliseconds(100);
+
 void CudaCheck(cudaError_t rc, const char* call) {
-  if (rc != cudaSuccess) Fail<DistError>("{} failed: {}", call, cudaGetErrorString(rc));
-}
-
-void NcclCheck(ncclResult_t rc, const char* call) {
-  if (rc != ncclSuccess) {
-    Fail<DistError>("{} failed: {} ({})", call, ncclGetErrorString(rc), ncclGetLastError(nullptr));
-  }
-}
-
-void MpiCheck(int rc, const char* call) {
-  if (rc != MPI_SUCCESS) Fail<DistError>("{} failed with MPI error {}", call, rc);
+  if (rc != cudaSuccess) FailComm(fmt::format("{} failed: {}", call, cudaGetErrorString(rc)));
 }
 
 class CudaStream {
@@ -35,7 +36,6 @@ class CudaStream {
   CudaStream& operator=(const CudaStream&) = delete;
   ~CudaStream() { cudaStreamDestroy(stream_); }
   cudaStream_t get() const { return stream_; }
-  void Synchronize() const { CudaCheck(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
 
  private:
   cudaStream_t stream_ = nullptr;
@@ -71,83 +71,131 @@ class StagingBuffers {
   std::size_t capacity_ = 0;
 };
 
+// Owns an NCCL communicator: destroyed after success, aborted after any failure.
 class NcclComm {
  public:
-  // Collective over `mpi_comm`: its rank 0 makes the id, everyone joins.
-  explicit NcclComm(MPI_Comm mpi_comm) {
-    int rank = 0, size = 1;
-    MpiCheck(MPI_Comm_rank(mpi_comm, &rank), "MPI_Comm_rank");
-    MpiCheck(MPI_Comm_size(mpi_comm, &size), "MPI_Comm_size");
-    ncclUniqueId id;
-    if (rank == 0) NcclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
-    MpiCheck(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, mpi_comm), "MPI_Bcast");
-    NcclCheck(ncclCommInitRank(&comm_, size, id, rank), "ncclCommInitRank");
-    rank_ = rank;
-    size_ = size;
+  // Collective over `group`, the members' MPI communicator: its rank 0 makes the id, everyone
+  // joins.
+  NcclComm(const MpiComm& group, const MpiWorld& world) : world_(world) {
+    rank_ = group.rank();
+    size_ = group.size();
+    ncclUniqueId id{};
+    if (rank_ == 0) Check(ncclGetUniqueId(&id), "ncclGetUniqueId");
+    MPI_Request request;
+    comm::Check(MPI_Ibcast(&id, sizeof id, MPI_BYTE, 0, group.get(), &request), "MPI_Bcast");
+    Wait(request, "MPI_Bcast", world);
+    Check(ncclCommInitRank(&comm_, size_, id, rank_), "ncclCommInitRank");
   }
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
   ~NcclComm() {
-    if (comm_) ncclCommDestroy(comm_);
+    // Unwinding means this rank or a peer failed: operations may be queued that never complete.
+    if (std::uncaught_exceptions() > uncaught_at_start_) {
+      Abort();
+    } else if (comm_ != nullptr) {
+      ncclCommDestroy(comm_);
+    }
   }
   ncclComm_t get() const { return comm_; }
   int rank() const { return rank_; }
   int size() const { return size_; }
 
+  // A failed NCCL call aborts the communicator, then throws.
+  void Check(ncclResult_t rc, const char* call) {
+    if (rc == ncclSuccess || rc == ncclInProgress) return;
+    const std::string detail = comm_ != nullptr ? ncclGetLastError(comm_) : "";
+    Abort();
+    // NCCL's codes for a peer or connection lost; the others are this rank's own failure.
+    const bool peer = rc == ncclRemoteError || rc == ncclSystemError;
+    FailComm(fmt::format(
+        "{} failed: {}{}{}; {}", call, ncclGetErrorString(rc), detail.empty() ? "" : ": ", detail,
+        peer ? "another rank has died or cannot be reached, so every rank is aborted"
+             : "every rank is aborted"));
+  }
+
+  // Waits until the work queued on `stream` for `call` is done, or fails: a CUDA error, NCCL's
+  // asynchronous error (a peer's connection lost) or a dead peer abort the communicator and throw.
+  void Synchronize(cudaStream_t stream, const char* call) {
+    auto next_watch = std::chrono::steady_clock::now() + kWatchPeriod;
+    for (;;) {
+      const cudaError_t status = cudaStreamQuery(stream);
+      if (status == cudaSuccess) return;
+      if (status != cudaErrorNotReady) {
+        Abort();
+        CudaCheck(status, call);
+      }
+      ncclResult_t async = ncclSuccess;
+      Check(ncclCommGetAsyncError(comm_, &async), "ncclCommGetAsyncError");
+      Check(async, call);
+      if (const auto now = std::chrono::steady_clock::now(); now >= next_watch) {
+        if (!world_.DeadPeers().empty()) {
+          Abort();
+          CheckPeersAlive(world_, call);
+        }
+        next_watch = now + kWatchPeriod;
+      }
+      std::this_thread::yield();
+    }
+  }
+
  private:
+  void Abort() {
+    if (comm_ != nullptr) ncclCommAbort(comm_);
+    comm_ = nullptr;
+  }
+
+  const MpiWorld& world_;
   ncclComm_t comm_ = nullptr;
   int rank_ = 0;
   int size_ = 1;
+  const int uncaught_at_start_ = std::uncaught_exceptions();
 };
 
+// Members are destroyed in reverse order: the communicator first, so that an abort has stopped
+// its kernels before the stream and the buffers they use are freed.
 class NcclGroup final : public GroupCommunicator {
  public:
-  explicit NcclGroup(MPI_Comm mpi_comm) : comm_(mpi_comm) { MPI_Comm_free(&mpi_comm); }
+  NcclGroup(const MpiComm& members, const MpiWorld& world) : comm_(members, world) {}
   int rank() const override { return comm_.rank(); }
   int size() const override { return comm_.size(); }
 
   void AllGather(std::span<const std::byte> send, std::span<std::byte> recv) override {
     const std::size_t total = send.size() * static_cast<std::size_t>(size());
     if (recv.size() != total)
-      Fail<DistError>("AllGather: receive buffer of {} bytes for {}", recv.size(), total);
+      Fail<CommError>("AllGather: receive buffer of {} bytes for {}", recv.size(), total);
     staging_.Reserve(total + send.size());
     std::byte* send_device = staging_.device() + total;
     std::memcpy(staging_.host(), send.data(), send.size());
     CudaCheck(cudaMemcpyAsync(send_device, staging_.host(), send.size(), cudaMemcpyHostToDevice,
                               stream_.get()),
               "cudaMemcpyAsync");
-    NcclCheck(ncclAllGather(send_device, staging_.device(), send.size(), ncclUint8, comm_.get(),
-                            stream_.get()),
-              "ncclAllGather");
+    comm_.Check(ncclAllGather(send_device, staging_.device(), send.size(), ncclUint8, comm_.get(),
+                              stream_.get()),
+                "ncclAllGather");
     CudaCheck(cudaMemcpyAsync(staging_.host(), staging_.device(), total, cudaMemcpyDeviceToHost,
                               stream_.get()),
               "cudaMemcpyAsync");
-    stream_.Synchronize();
+    comm_.Synchronize(stream_.get(), "ncclAllGather");
     std::memcpy(recv.data(), staging_.host(), total);
   }
 
  private:
-  NcclComm comm_;
   CudaStream stream_;
   StagingBuffers staging_;
+  NcclComm comm_;
 };
 
 class NcclTransport final : public Transport {
  public:
-  explicit NcclTransport(MPI_Comm world) : world_(world) {}
+  // `mpi` first: the world's NCCL communicator is made over it.
+  explicit NcclTransport(const MpiWorld& world)
+      : world_(world), mpi_(DuplicateWorld()), comm_(mpi_, world) {}
   std::string_view name() const override { return "nccl"; }
 
   std::unique_ptr<GroupCommunicator> CreateGroup(const std::vector<int>& members) override {
-    MPI_Group world_group, group;
-    MpiCheck(MPI_Comm_group(MPI_COMM_WORLD, &world_group), "MPI_Comm_group");
-    MpiCheck(MPI_Group_incl(world_group, static_cast<int>(members.size()), members.data(), &group),
-             "MPI_Group_incl");
-    MPI_Comm comm;
-    const int rc = MPI_Comm_create_group(MPI_COMM_WORLD, group, members.front(), &comm);
-    MPI_Group_free(&group);
-    MPI_Group_free(&world_group);
-    MpiCheck(rc, "MPI_Comm_create_group");
-    return std::make_unique<NcclGroup>(comm);
+    // The MPI communicator only carries the NCCL id: freed once the group has its own.
+    const MpiComm group = CreateGroupComm(mpi_, members);
+    return std::make_unique<NcclGroup>(group, world_);
   }
 
   void Send(std::span<const std::byte> data, int dest) override {
@@ -156,36 +204,38 @@ class NcclTransport final : public Transport {
     CudaCheck(cudaMemcpyAsync(staging_.device(), staging_.host(), data.size(),
                               cudaMemcpyHostToDevice, stream_.get()),
               "cudaMemcpyAsync");
-    NcclCheck(
-        ncclSend(staging_.device(), data.size(), ncclUint8, dest, world_.get(), stream_.get()),
+    comm_.Check(
+        ncclSend(staging_.device(), data.size(), ncclUint8, dest, comm_.get(), stream_.get()),
         "ncclSend");
-    stream_.Synchronize();
+    comm_.Synchronize(stream_.get(), "ncclSend");
   }
 
   void Recv(std::span<std::byte> data, int source) override {
     staging_.Reserve(data.size());
-    NcclCheck(
-        ncclRecv(staging_.device(), data.size(), ncclUint8, source, world_.get(), stream_.get()),
+    comm_.Check(
+        ncclRecv(staging_.device(), data.size(), ncclUint8, source, comm_.get(), stream_.get()),
         "ncclRecv");
     CudaCheck(cudaMemcpyAsync(staging_.host(), staging_.device(), data.size(),
                               cudaMemcpyDeviceToHost, stream_.get()),
               "cudaMemcpyAsync");
-    stream_.Synchronize();
+    comm_.Synchronize(stream_.get(), "ncclRecv");
     std::memcpy(data.data(), staging_.host(), data.size());
   }
 
  private:
-  NcclComm world_;
+  const MpiWorld& world_;
+  MpiComm mpi_;
   CudaStream stream_;
   StagingBuffers staging_;
+  NcclComm comm_;  // last: destroyed (or aborted) first, as in NcclGroup
 };
 
 }  // namespace
 
 // MakeTransport chose `device` and checked that no other rank of the host drives it.
-std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld&, int device) {
+std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld& world, int device) {
   CudaCheck(cudaSetDevice(device), "cudaSetDevice");
-  return std::make_unique<NcclTransport>(MPI_COMM_WORLD);
+  return std::make_unique<NcclTransport>(world);
 }
 
 }  // namespace adapter_job::comm

@@ -3,7 +3,7 @@
 namespace adapter_job::comm {
 
 std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld&, int) {
-  Fail<DistError>("this build has no NCCL backend (the CUDA toolkit or NCCL was not found)");
+  Fail<CommError>("this build has no NCCL backend (the CUDA toolkit or NCCL was not found)");
 }
 
 }  // namespace adapter_job::comm

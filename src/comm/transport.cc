@@ -59,7 +59,7 @@ std::unique_ptr<Transport> MakeTransport(const MpiWorld& world, Backend backend)
   const std::string problem = FirstNonEmpty(world, gpu.problem);
   if (backend == Backend::kNccl) {
     if (!problem.empty())
-      Fail<DistError>("--backend nccl needs a GPU of its own for every rank: {}", problem);
+      Fail<CommError>("--backend nccl needs a GPU of its own for every rank: {}", problem);
     return MakeNcclTransport(world, gpu.device);
   }
   // auto: the shards live in host memory, so on one host MPI's shared memory moves them with one
@@ -68,6 +68,13 @@ std::unique_ptr<Transport> MakeTransport(const MpiWorld& world, Backend backend)
   const bool one_host = gpu.ranks_on_host == world.size();
   return problem.empty() && !one_host ? MakeNcclTransport(world, gpu.device)
                                       : MakeMpiTransport(world);
+}
+
+Backend ParseBackend(std::string_view name) {
+  if (name == "auto") return Backend::kAuto;
+  if (name == "mpi") return Backend::kMpi;
+  if (name == "nccl") return Backend::kNccl;
+  Fail("--backend must be auto, nccl or mpi, not '{}'", name);
 }
 
 }  // namespace adapter_job::comm

@@ -1,28 +1,19 @@
 // How ranks move adapter bytes: collectives inside groups of world ranks plus point-to-point
 // transfers to rank 0. Two backends implement it: MPI (host memory, any machine) and NCCL (GPU
-// memory through pinned host staging). All calls are blocking for the caller.
+// memory through pinned host staging). All calls are blocking for the caller, and each fails with
+// a CommError, marked to abort every rank, rather than wait forever for a peer that has died.
 #pragma once
 
 #include <cstddef>
-#include <functional>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
-#include "adapter_job/core/error.h"
+#include "adapter_job/comm/mpi_world.h"
 
 namespace adapter_job::comm {
-
-class MpiWorld;
-
-// MPI, NCCL or CUDA failed.
-class DistError : public Error {
- public:
-  using Error::Error;
-  ExitCode exit_code() const override { return ExitCode::kInfrastructure; }
-};
 
 class GroupCommunicator {
  public:
@@ -56,35 +47,5 @@ std::unique_ptr<Transport> MakeTransport(const MpiWorld& world, Backend backend)
 std::unique_ptr<Transport> MakeMpiTransport(const MpiWorld& world);
 // `device`: the CUDA device this rank drives, as numbered in this process.
 std::unique_ptr<Transport> MakeNcclTransport(const MpiWorld& world, int device);
-
-// Another rank failed and has reported why; this rank ends quietly with the same exit code.
-class PeerFailure : public Error {
- public:
-  PeerFailure(int rank, ExitCode code)
-      : Error("rank " + std::to_string(rank) + " failed"), code_(code) {}
-  ExitCode exit_code() const override { return code_; }
-
- private:
-  ExitCode code_;
-};
-
-// Collective helpers on the world (MPI), used for agreement and reports.
-// The non-empty `value` of the lowest rank that has one, on every rank; empty if none has.
-std::string FirstNonEmpty(const MpiWorld& world, const std::string& value);
-// Every `value` of the ranks on this rank's host, by host-local rank.
-std::vector<std::string> AllGatherOnHost(const MpiWorld& world, const std::string& value);
-
-// Collective: runs `step` on every rank, then agrees on the outcome so that a failure on any
-// rank ends every rank without a hang. The lowest failing rank rethrows its own error (the one
-// message the user sees); every other rank throws PeerFailure with that error's exit code.
-void RunAgreed(const MpiWorld& world, const std::function<void()>& step);
-std::vector<uint64_t> GatherToRoot(const MpiWorld& world, uint64_t value);
-void Barrier(const MpiWorld& world);
-// This rank's place among the ranks of the world that run on its host.
-struct HostPlacement {
-  int local_rank = 0;
-  int local_size = 1;
-};
-HostPlacement PlaceOnHost(const MpiWorld& world);
 
 }  // namespace adapter_job::comm

@@ -51,6 +51,23 @@ class IoError : public Error {
   ExitCode exit_code() const override { return ExitCode::kInfrastructure; }
 };
 
+// Communication between the ranks failed (MPI, NCCL, CUDA) or a peer rank died. It names the rank
+// and host that saw it: on a cluster, which node's log to read. Set-up problems that every rank
+// reports alike (a missing GPU, a build without NCCL) have no place.
+class CommError : public Error {
+ public:
+  explicit CommError(const std::string& message) : Error(message) {}
+  CommError(const std::string& message, const std::string& host, int rank)
+      : Error(fmt::format("rank {} on {}: {}", rank, host, message)), host_(host), rank_(rank) {}
+  ExitCode exit_code() const override { return ExitCode::kInfrastructure; }
+  const std::string& host() const { return host_; }  // empty without a place
+  int rank() const { return rank_; }                 // the world rank; -1 without a place
+
+ private:
+  std::string host_;
+  int rank_ = -1;
+};
+
 // An error that crossed a boundary (a plugin, another rank) with its exit code.
 class CodedError : public Error {
  public:
