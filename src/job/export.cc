@@ -98,13 +98,14 @@ Gathered GatherConvertWrite(const job::ExportPlan& plan, comm::Transport& transp
   return done;
 }
 
-verify::VerificationReport VerifyOutput(const ExportOptions& options,
+verify::VerificationReport VerifyOutput(const ExportOptions& options, const job::ExportPlan& plan,
                                         const writer::FinishedOutput& finished) {
   verify::VerifyOptions v = *options.verify;
   v.hf_model = options.hf_model_id;
   v.base_model_name = options.hf_model_id;
   v.adapter = finished.verifiable_directory;
-  v.megatron_checkpoint = options.checkpoint;
+  // The iteration this export read: a newer save appearing meanwhile must not be verified instead.
+  v.megatron_checkpoint = plan.run.iteration_dir;
   if (!v.progress) v.progress = options.progress;
   v.model_family_dirs = options.model_family_dirs;
   verify::VerificationReport report = verify::VerifyWithPlugin(v);
@@ -173,7 +174,7 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
   // Verify the output as written, before anyone can see it.
   if (options.verify) {
     const auto verify_start = Clock::now();
-    report.verification = VerifyOutput(options, finished);
+    report.verification = VerifyOutput(options, *plan, finished);
     report.seconds.verify = Since(verify_start);
   } else if (sink.verifiable()) {
     report.verification_skipped = "--no-verify was given";

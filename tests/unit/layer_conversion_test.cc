@@ -43,7 +43,8 @@ class Layer {
     for (int64_t i = 0; i < numel; ++i) Push(static_cast<float>(i / cols));
     LayerTensor t;
     t.meta_index = layout_.tensors.size();
-    t.fqn = "decoder.layers.0." + module + ".adapter." + (canonical.empty() ? "" : canonical + ".") +
+    t.fqn = "decoder.layers.0." + module + ".adapter." +
+            (canonical.empty() ? "" : canonical + ".") +
             std::string(checkpoint::AdapterParamName(param));
     t.dtype = DType::kFloat32;
     t.key = AdapterKey{module, canonical, param, 0};
