@@ -57,6 +57,17 @@ def logits(h5_path):
         return {v: f[f"prompts/0/logits/{v}"][()] for v in ("base", "peft", "merged")}
 
 
+def assert_same_adapter_and_logits(gpu_run, cpu_run):
+    """Two exports of one checkpoint (`<dir>` + `<dir>.h5` each): byte-identical adapter files, and
+    every variant's logits within float32 rounding of the CPU run's."""
+    for name in ADAPTER_FILES:
+        assert (gpu_run / name).read_bytes() == (cpu_run / name).read_bytes(), name
+    cuda, cpu = logits(gpu_run.with_suffix(".h5")), logits(cpu_run.with_suffix(".h5"))
+    for variant in cpu:
+        worst = np.abs(cuda[variant] - cpu[variant]).max() / np.abs(cpu[variant]).max()
+        assert worst < LOGITS_RTOL, f"{variant}: CUDA vs CPU logits differ by {worst:.2e} of their scale"
+
+
 @pytest.mark.parametrize("kind,tp,pp,ranks", CASES, ids=[f"{k}-tp{t}pp{p}-np{n}" for k, t, p, n in CASES])
 def test_nccl_export_and_cuda_verification_match_mpi_and_cpu(adapter_job_bin, base, tmp_path, kind, tp, pp, ranks):
     if ranks > GPUS:
@@ -71,14 +82,7 @@ def test_nccl_export_and_cuda_verification_match_mpi_and_cpu(adapter_job_bin, ba
     assert mpi["verification"]["device"] == "cpu"
     assert mpi["verification"]["passed"] and nccl["verification"]["passed"], proc.stdout
 
-    for name in ADAPTER_FILES:
-        assert (tmp_path / "nccl" / name).read_bytes() == (tmp_path / "mpi" / name).read_bytes(), name
-
-    cuda, cpu = logits(tmp_path / "nccl.h5"), logits(tmp_path / "mpi.h5")
-    for variant in cpu:
-        scale = np.abs(cpu[variant]).max()
-        worst = np.abs(cuda[variant] - cpu[variant]).max() / scale
-        assert worst < LOGITS_RTOL, f"{variant}: CUDA vs CPU logits differ by {worst:.2e} of their scale"
+    assert_same_adapter_and_logits(tmp_path / "nccl", tmp_path / "mpi")
 
     peft = peft_logits(base, tmp_path / "nccl", TOKENS)
     assert peft.warnings == [] and peft.missing == [] and peft.unexpected == []
@@ -104,12 +108,7 @@ def test_moe_over_nccl_and_cuda_match_mpi_and_cpu(adapter_job_bin, tmp_path):
     nccl, proc = export(adapter_job_bin, 2, base, written.root, tmp_path / "nccl", "nccl", "cuda")
     assert nccl["backend"] == "nccl" and nccl["verification"]["device"].startswith("cuda")
     assert mpi["verification"]["passed"] and nccl["verification"]["passed"], proc.stdout
-    for name in ADAPTER_FILES:
-        assert (tmp_path / "nccl" / name).read_bytes() == (tmp_path / "mpi" / name).read_bytes(), name
-    cuda, cpu = logits(tmp_path / "nccl.h5"), logits(tmp_path / "mpi.h5")
-    for variant in cpu:
-        worst = np.abs(cuda[variant] - cpu[variant]).max() / np.abs(cpu[variant]).max()
-        assert worst < LOGITS_RTOL, f"{variant}: CUDA vs CPU logits differ by {worst:.2e} of their scale"
+    assert_same_adapter_and_logits(tmp_path / "nccl", tmp_path / "mpi")
 
 
 def per_rank_gpu_launcher(tmp_path, visible):
@@ -164,12 +163,7 @@ def test_cuda_verification_matches_cpu_on_one_gpu(adapter_job_bin, base, tmp_pat
     cuda, proc = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cuda", "cuda")
     assert cuda["verification"]["device"].startswith("cuda"), cuda["verification"]["device"]
     assert cpu["verification"]["passed"] and cuda["verification"]["passed"], proc.stdout
-    for name in ADAPTER_FILES:
-        assert (tmp_path / "cuda" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name
-    on_cuda, on_cpu = logits(tmp_path / "cuda.h5"), logits(tmp_path / "cpu.h5")
-    for variant in on_cpu:
-        worst = np.abs(on_cuda[variant] - on_cpu[variant]).max() / np.abs(on_cpu[variant]).max()
-        assert worst < LOGITS_RTOL, f"{variant}: CUDA vs CPU logits differ by {worst:.2e} of their scale"
+    assert_same_adapter_and_logits(tmp_path / "cuda", tmp_path / "cpu")
 
 
 # A device this test leaves this much memory free: enough for the verifier's CUDA context, far too
