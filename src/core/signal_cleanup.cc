@@ -14,7 +14,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct Registry {
-  std::mutex mutex;
+  std::recursive_mutex mutex;  // DeferSignalCleanup's holder may register and unregister paths
   std::multiset<fs::path> paths;
 };
 
@@ -53,6 +53,10 @@ sigset_t StopSignals() {
 }
 
 }  // namespace
+
+std::unique_lock<std::recursive_mutex> DeferSignalCleanup() {
+  return std::unique_lock(TheRegistry().mutex);
+}
 
 void InstallSignalCleanup() {
   const sigset_t set = StopSignals();

@@ -137,6 +137,9 @@ const fs::path& StagedDirectory::Stage() {
   std::error_code ec;
   fs::create_directories(parent, ec);
   if (ec) Fail<IoError>("cannot create '{}': {}", parent.string(), ec.message());
+  // A stop signal waits until the directory is registered and filled: removed mid-way, it would
+  // stay behind holding the files linked in after the removal had passed them.
+  const auto defer = DeferSignalCleanup();
   staging_.emplace(PendingPath::Directory(
       parent, "." + target_.filename().string() + std::string(kPartial) + OwnerTag() + "-",
       target_));
@@ -153,7 +156,9 @@ void StagedDirectory::MoveTo(const fs::path& destination) {
     CheckReplaceable(destination, overwrite_, owned_names_);
   }
   // Exchanged with an existing output in one step, so the destination always holds a complete
-  // adapter, old or new; the old one goes with the staging.
+  // adapter, old or new; the old one goes with the staging. A stop signal waits until the rename
+  // is done and the path unregistered, so it never removes files from the published output.
+  const auto defer = DeferSignalCleanup();
   std::move(*staging_).Publish(destination, overwrite_);
   staging_.reset();
   cleanup_.reset();
@@ -182,7 +187,13 @@ StagedDirectory::StagedDirectory(StagedDirectory&& other) noexcept
       staging_(std::exchange(other.staging_, std::nullopt)),
       cleanup_(std::exchange(other.cleanup_, std::nullopt)) {}
 
-// A staging directory that was neither published nor rejected goes with staging_.
-StagedDirectory::~StagedDirectory() = default;
+// A staging directory that was neither published nor rejected goes with staging_, whole: a stop
+// signal meanwhile waits rather than leave the process to die half-way through the removal.
+StagedDirectory::~StagedDirectory() {
+  if (!staging_) return;
+  const auto defer = DeferSignalCleanup();
+  staging_.reset();
+  cleanup_.reset();
+}
 
 }  // namespace adapter_job::writer

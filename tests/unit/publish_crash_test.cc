@@ -206,6 +206,42 @@ TEST_F(PublishCrashTest, AStoppedRunRemovesItsStaging) {
   EXPECT_THAT(Entries(), IsEmpty());
 }
 
+// The stop arrives while a file is being linked into the staging (the race scancel hit in
+// test_trust): the removal waits for the step, so it neither fails on the late file nor leaves
+// the directory behind.
+TEST_F(PublishCrashTest, AStopDuringADeferredStepRemovesWhatTheStepAdded) {
+  const fs::path staging = root_ / ".out.partial-test";
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    try {
+      InstallSignalCleanup();
+      fs::create_directory(staging);
+      const RemoveOnSignal cleanup(staging);
+      {
+        const auto defer = DeferSignalCleanup();
+        ::kill(::getpid(), SIGTERM);
+        ::usleep(200'000);  // ample time for the cleanup thread to act, were it not held off
+        if (!fs::exists(staging)) ::_exit(4);
+        WriteFile(staging / "adapter_config.json", "linked in late");
+        WriteFile(root_ / "step-finished", "");  // the signal did not end the step
+      }
+      ::sleep(10);
+      ::_exit(5);  // the signal never ended the process
+    } catch (...) {
+      ::_exit(6);
+    }
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFSIGNALED(status))
+      << "exit status " << WEXITSTATUS(status)
+      << " (4: removed while held off; 5: the signal was lost; 6: threw)";
+  EXPECT_EQ(WTERMSIG(status), SIGTERM);
+  EXPECT_THAT(Entries(), UnorderedElementsAre("step-finished"))
+      << "the staging went after the step";
+}
+
 TEST_F(PublishCrashTest, AReaderAlwaysFindsACompleteOutputWhileItIsReplaced) {
   Publish("0");
   // The reader counts the times it found no output; it stops when `stop` appears.

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <filesystem>
+#include <mutex>
 
 namespace adapter_job {
 
@@ -16,6 +17,12 @@ void InstallSignalCleanup();
 
 // While alive, `path` (a directory tree this process created) is removed if SIGINT or SIGTERM
 // ends the process.
+// Holds the removal off while alive: a stop signal that arrives meanwhile is acted on when it
+// ends. Hold it across a step that creates, fills or publishes a registered tree, so the removal
+// never runs beside the step (rmdir failing on a file linked in meanwhile, or a directory renamed
+// into place while its files are being removed).
+[[nodiscard]] std::unique_lock<std::recursive_mutex> DeferSignalCleanup();
+
 class RemoveOnSignal {
  public:
   explicit RemoveOnSignal(std::filesystem::path path);
