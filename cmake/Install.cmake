@@ -9,9 +9,8 @@ install(TARGETS adapter_job RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 if(ADAPTER_JOB_VERIFY)
   install(TARGETS verify_plugin LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}/adapter_job)
 endif()
-# The tokenizer and verification.h5 are the plugin's parts, not the library's.
-install(DIRECTORY include/adapter_job DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
-        PATTERN tokenizer EXCLUDE PATTERN hdf5_writer.h EXCLUDE)
+# The public headers only (cmake/PublicHeaders.cmake); the stages' shared headers stay private.
+install(DIRECTORY ${ADAPTER_JOB_PUBLIC_INCLUDE_DIR}/adapter_job DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(DIRECTORY config/ DESTINATION ${CMAKE_INSTALL_DATADIR}/adapter_job/config)
 install(EXPORT adapter_job_targets NAMESPACE adapter_job::
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/adapter_job)

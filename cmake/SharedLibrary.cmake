@@ -17,7 +17,7 @@ add_library(adapter_job::adapter_job ALIAS shared_library)
 target_link_libraries(shared_library
   PUBLIC fmt::fmt nlohmann_json::nlohmann_json
   PRIVATE ${_adapter_job_stages})
-target_include_directories(shared_library PUBLIC $<BUILD_INTERFACE:${PROJECT_SOURCE_DIR}/include>
+target_include_directories(shared_library PUBLIC $<BUILD_INTERFACE:${ADAPTER_JOB_PUBLIC_INCLUDE_DIR}>
                                                  $<INSTALL_INTERFACE:${CMAKE_INSTALL_INCLUDEDIR}>)
 set_target_properties(shared_library PROPERTIES
   OUTPUT_NAME adapter_job

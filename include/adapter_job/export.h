@@ -12,10 +12,11 @@
 #include <string>
 #include <vector>
 
-#include "adapter_job/comm/transport.h"
+#include "adapter_job/comm/backend.h"
 #include "adapter_job/core/progress.h"
 #include "adapter_job/core/tensor.h"
-#include "adapter_job/verify/verify.h"
+#include "adapter_job/report/report.h"
+#include "adapter_job/verify/options.h"
 #include "adapter_job/writer/adapter_config.h"
 #include "adapter_job/writer/output_guard.h"
 #include "adapter_job/writer/peft_directory_sink.h"

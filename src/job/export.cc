@@ -16,6 +16,7 @@
 #include "adapter_job/comm/mpi_world.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/process_memory.h"
+#include "adapter_job/verify/verify.h"
 #include "adapter_job/writer/export_sink.h"
 #include "export_plan.h"
 #include "layer_parts.h"

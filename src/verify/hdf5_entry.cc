@@ -6,7 +6,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/report/hdf5_writer.h"
-#include "adapter_job/verify/plugin.h"
+#include "adapter_job/verify/verify.h"
 
 extern "C" __attribute__((visibility("default"))) int adapter_job_write_hdf5_v1(
     const adapter_job::verify::VerificationReport* report, const std::filesystem::path* path,

@@ -11,6 +11,7 @@
 #include <string_view>
 #include <vector>
 
+#include "adapter_job/comm/backend.h"
 #include "adapter_job/comm/mpi_world.h"
 
 namespace adapter_job::comm {
@@ -35,9 +36,6 @@ class Transport {
   virtual void Send(std::span<const std::byte> data, int dest) = 0;
   virtual void Recv(std::span<std::byte> data, int source) = 0;
 };
-
-enum class Backend { kAuto, kMpi, kNccl };
-Backend ParseBackend(std::string_view name);  // "auto" | "mpi" | "nccl"
 
 // Collective over the world: picks NCCL for kAuto only when the ranks span hosts and every rank
 // drives a GPU no other rank of its host drives; an explicit kNccl that cannot work is an error on

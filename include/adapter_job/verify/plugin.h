@@ -29,9 +29,4 @@ std::optional<std::filesystem::path> FindVerificationPlugin(std::string* tried =
 // HDF5.
 void WriteHdf5WithPlugin(const VerificationReport& report, const std::filesystem::path& path);
 
-// The plugin's second entry point: 0 on success, else the exit code with `error` filled.
-inline constexpr const char* kHdf5Entry = "adapter_job_write_hdf5_v1";
-using Hdf5Entry = int (*)(const VerificationReport* report, const std::filesystem::path* path,
-                          std::string* error);
-
 }  // namespace adapter_job::verify

@@ -9,29 +9,10 @@
 #include <string>
 #include <vector>
 
-#include "adapter_job/core/progress.h"
 #include "adapter_job/report/report.h"
+#include "adapter_job/verify/options.h"
 
 namespace adapter_job::verify {
-
-struct VerifyOptions {
-  std::filesystem::path hf_model;  // local HF model directory (config.json + safetensors)
-  std::string base_model_name;     // for the report; the directory when empty
-  std::filesystem::path adapter;   // PEFT directory to verify
-  std::optional<std::filesystem::path> megatron_checkpoint;  // enables the merged variant
-  std::vector<std::string> prompts;  // encoded with <hf_model>/tokenizer.json
-  std::vector<std::vector<int64_t>> prompt_ids;
-  int top_k = 5;
-  std::string device = "auto";  // auto | cuda | cpu
-  // Weights held on the device at once: the embedding and output head, plus one layer in each
-  // variant. Layers are always streamed; a model whose single layer cannot fit is refused.
-  std::optional<uint64_t> max_device_bytes;
-  ProgressSink progress;                                 // after every layer of the forward pass
-  std::vector<std::filesystem::path> model_family_dirs;  // besides the built-in families
-};
-
-// Default prompt when none is given, as Megatron-Bridge's verify_adapter.py.
-inline constexpr const char* kDefaultPrompt = "The capital of France is";
 
 // The base model's weights as verification reads them from `model_dir`: model.safetensors, else
 // the index of a sharded model (model.safetensors.index.json); nullopt when there is neither.
@@ -57,5 +38,11 @@ VerificationReport VerifyWithPlugin(const VerifyOptions& options);
 inline constexpr const char* kPluginEntry = "adapter_job_verify_v1";
 using PluginEntry = int (*)(const VerifyOptions* options, VerificationReport* report,
                             std::string* error);
+
+// The plugin's second entry point (verify/plugin.h's WriteHdf5WithPlugin): 0 on success, else
+// the exit code with `error` filled.
+inline constexpr const char* kHdf5Entry = "adapter_job_write_hdf5_v1";
+using Hdf5Entry = int (*)(const VerificationReport* report, const std::filesystem::path* path,
+                          std::string* error);
 
 }  // namespace adapter_job::verify

@@ -1,0 +1,33 @@
+// What verification runs on and how (ExportOptions::verify, `adapter_job verify`).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "adapter_job/core/progress.h"
+
+namespace adapter_job::verify {
+
+struct VerifyOptions {
+  std::filesystem::path hf_model;  // local HF model directory (config.json + safetensors)
+  std::string base_model_name;     // for the report; the directory when empty
+  std::filesystem::path adapter;   // PEFT directory to verify
+  std::optional<std::filesystem::path> megatron_checkpoint;  // enables the merged variant
+  std::vector<std::string> prompts;  // encoded with <hf_model>/tokenizer.json
+  std::vector<std::vector<int64_t>> prompt_ids;
+  int top_k = 5;
+  std::string device = "auto";  // auto | cuda | cpu
+  // Weights held on the device at once: the embedding and output head, plus one layer in each
+  // variant. Layers are always streamed; a model whose single layer cannot fit is refused.
+  std::optional<uint64_t> max_device_bytes;
+  ProgressSink progress;                                 // after every layer of the forward pass
+  std::vector<std::filesystem::path> model_family_dirs;  // besides the built-in families
+};
+
+// Default prompt when none is given, as Megatron-Bridge's verify_adapter.py.
+inline constexpr const char* kDefaultPrompt = "The capital of France is";
+
+}  // namespace adapter_job::verify
