@@ -12,6 +12,7 @@ namespace adapter_job::cli {
 
 int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args);
 int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args);
+int RunMerge(const comm::MpiWorld& world, const std::vector<std::string>& args);
 int RunVerify(const std::vector<std::string>& args);
 int RunInspect(const std::vector<std::string>& args);
 int RunVersion(const std::vector<std::string>& args);

@@ -1,4 +1,4 @@
-// `adapter_job export` (the default command) and `adapter_job stream`.
+// `adapter_job export` (the default command), `adapter_job stream` and `adapter_job merge`.
 #include <fmt/format.h>
 
 #include <boost/program_options/errors.hpp>
@@ -8,6 +8,7 @@
 
 #include "adapter_job/comm/mpi_world.h"
 #include "adapter_job/core/error.h"
+#include "adapter_job/merge/merged_model_sink.h"
 #include "adapter_job/writer/output_guard.h"
 #include "adapter_job/writer/safetensors_file_sink.h"
 #include "commands.h"
@@ -21,7 +22,7 @@ namespace adapter_job::cli {
 int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args) {
   ExportCommandLine cl;
   try {
-    cl = ParseExportCommandLine(args, /*stream=*/false);
+    cl = ParseExportCommandLine(args, ExportCommand::kExport);
   } catch (const boost::program_options::error& e) {
     RecordUnparsed(world, args, static_cast<int>(ExitCode::kBadInput), e.what());
     throw;
@@ -65,7 +66,7 @@ int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args)
 }
 
 int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args) {
-  const ExportCommandLine cl = ParseExportCommandLine(args, /*stream=*/true);
+  const ExportCommandLine cl = ParseExportCommandLine(args, ExportCommand::kStream);
   if (cl.help) {
     if (world.rank() == 0) std::cout << cl.help_text;
     return 0;
@@ -79,6 +80,36 @@ int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args)
   const ExportReport report = ExportToSink(options, sink, world);
   if (world.rank() == 0) console.Result(report.Summary());
   return 0;
+}
+
+int RunMerge(const comm::MpiWorld& world, const std::vector<std::string>& args) {
+  const ExportCommandLine cl = ParseExportCommandLine(args, ExportCommand::kMerge);
+  if (cl.help) {
+    if (world.rank() == 0) std::cout << cl.help_text;
+    return 0;
+  }
+  Console console = Console::FromOptions(cl.values, world.rank());
+  ExportOptions options = cl.options;
+  options.progress = console.Progress();
+  options.report_path = cl.report_path;
+  merge::MergedModelSink sink(cl.merge, world);
+  const ExportReport report = ExportToSink(options, sink, world);
+  const merge::MergeStats& merged = sink.stats();
+  console.Log(LogLevel::kInfo,
+              fmt::format("rank {}: merged {} tensors, read {} bytes of the base, wrote {} bytes "
+                          "in {:.2f} s",
+                          world.rank(), merged.tensors_merged, merged.base_bytes_read,
+                          merged.bytes_written, merged.seconds));
+  if (world.rank() != 0) return 0;
+  console.Result(report.Summary());
+  if (!report.verification) {
+    console.Log(LogLevel::kWarning, "not verified (" + report.verification_skipped.value_or("") +
+                                        "): published " + report.published.string());
+    return 0;
+  }
+  return ReportVerification(
+      *report.verification, cl.values, console,
+      "; the merged model was NOT published: it is in " + report.published.string());
 }
 
 }  // namespace adapter_job::cli

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "adapter_job/core/error.h"
+#include "adapter_job/merge/merged_layout.h"
 #include "adapter_job/verify/plugin.h"
 #include "config_dir.h"
 #include "console.h"
@@ -20,11 +21,22 @@ namespace {
 namespace po = boost::program_options;
 namespace fs = std::filesystem;
 
-// config/export.ini from the config directory (config_dir.h); none: no defaults file.
-std::vector<fs::path> DefaultsFiles() {
+// config/<command>.ini from the config directory (config_dir.h); none: no defaults file.
+std::vector<fs::path> DefaultsFiles(ExportCommand command) {
   const std::optional<fs::path> dir = ConfigDir();
   if (!dir) return {};
-  return {*dir / "export.ini"};
+  return {*dir / (command == ExportCommand::kMerge ? "merge.ini" : "export.ini")};
+}
+
+const char* Usage(ExportCommand command) {
+  switch (command) {
+    case ExportCommand::kStream:
+      return "adapter_job stream [options]";
+    case ExportCommand::kMerge:
+      return "adapter_job merge [options]";
+    default:
+      return "adapter_job export [options]";
+  }
 }
 
 std::optional<DType> ParseDType(const std::string& name) {
@@ -49,9 +61,11 @@ double Seconds(const po::variables_map& vm, const char* name) {
 
 }  // namespace
 
-ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, bool stream) {
-  po::options_description options(stream ? "adapter_job stream [options]"
-                                         : "adapter_job export [options]");
+ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
+                                         ExportCommand command) {
+  const bool stream = command == ExportCommand::kStream;
+  const bool merge = command == ExportCommand::kMerge;
+  po::options_description options(Usage(command));
   // clang-format off
   options.add_options()
     ("help,h", "show this help")
@@ -62,9 +76,11 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
      "base model: a local HF model directory (config.json is read) or a model id string")
     ("megatron-peft-checkpoint", po::value<std::string>(),
      "Megatron-Bridge checkpoint: the top-level run directory or an iter_* directory")
-    ("output-hf-path", po::value<std::string>()->default_value("./my_adapter"),
-     "PEFT adapter directory to write")
-    ("dtype", po::value<std::string>()->default_value("auto"), "auto | bf16 | fp16 | fp32")
+    ("output-hf-path", merge ? po::value<std::string>() : po::value<std::string>()->default_value("./my_adapter"),
+     merge ? "the merged model's directory to write" : "PEFT adapter directory to write")
+    ("dtype", po::value<std::string>()->default_value("auto"),
+     merge ? "auto (each tensor keeps the base's dtype) | bf16 | fp16 | fp32"
+           : "auto | bf16 | fp16 | fp32")
     ("backend", po::value<std::string>()->default_value("auto"), "auto | nccl | mpi")
     ("overwrite", po::value<bool>()->default_value(false)->implicit_value(true)->zero_tokens(),
      "replace an existing output directory")
@@ -82,8 +98,17 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   } else {
     options.add_options()(
         "verify", po::value<bool>()->default_value(true)->implicit_value(true)->zero_tokens(),
-        "verify the adapter's logits before publishing it (the default)")(
+        merge ? "verify before publishing (the default)"
+              : "verify the adapter's logits before publishing it (the default)")(
         "no-verify", po::bool_switch(), "skip verification");
+  }
+  if (merge) {
+    options.add_options()(
+        "max-shard-size", po::value<std::string>()->default_value("50GB"),
+        "the largest weights file, as transformers' save_pretrained (5GB, 500MB, 2GiB, bytes)")(
+        "merge-threads", po::value<int>()->default_value(0),
+        "threads per rank for the merge; 0: the host's cores shared by its ranks");
+  } else if (!stream) {
     options.add_options()
       ("wait", po::value<std::string>()->default_value("0"),
        "wait up to this many seconds for the checkpoint to be complete (its iteration's .metadata "
@@ -101,12 +126,12 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
        "the exit code --record-failure records and exits with (1 to 255)")
       ("overwrite-hint", po::value<std::string>()->default_value("pass --overwrite"),
        "with --result: how the refusal of an existing output says to replace it (for wrappers)");
-    AddVerifyOptions(options);
   }
+  if (!stream) AddVerifyOptions(options);
   // clang-format on
   AddConsoleOptions(options);
 
-  const LayeredOptions layered = ParseLayered(args, options, DefaultsFiles());
+  const LayeredOptions layered = ParseLayered(args, options, DefaultsFiles(command));
   const po::variables_map& vm = layered.merged;
 
   ExportCommandLine cl;
@@ -143,8 +168,20 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
   }
   cl.options.hf_model_id = vm["hf-model-id"].as<std::string>();
   cl.options.checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
+  if (!vm.count("output-hf-path")) throw po::error("the option '--output-hf-path' is required");
   cl.options.output = vm["output-hf-path"].as<std::string>();
-  cl.options.dtype = ParseDType(vm["dtype"].as<std::string>());
+  if (merge) {
+    // The adapter the merge goes through keeps the checkpoint's dtype; --dtype is the model's.
+    cl.merge.base_model = cl.options.hf_model_id;
+    cl.merge.target = cl.options.output;
+    cl.merge.overwrite = vm["overwrite"].as<bool>();
+    cl.merge.dtype = ParseDType(vm["dtype"].as<std::string>());
+    cl.merge.max_shard_bytes = merge::ParseShardSize(vm["max-shard-size"].as<std::string>());
+    cl.merge.threads = vm["merge-threads"].as<int>();
+    if (cl.merge.threads < 0) throw po::error("--merge-threads must be >= 0");
+  } else {
+    cl.options.dtype = ParseDType(vm["dtype"].as<std::string>());
+  }
   cl.options.backend = comm::ParseBackend(vm["backend"].as<std::string>());
   cl.options.overwrite = vm["overwrite"].as<bool>();
   cl.options.check_integrity = !vm["no-integrity-check"].as<bool>();
@@ -163,6 +200,8 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, b
       ReadVerifyOptions(vm, verify);
       cl.options.verify = verify;
     }
+  }
+  if (!stream && !merge) {
     cl.overwrite_hint = vm["overwrite-hint"].as<std::string>();
     if (const double seconds = Seconds(vm, "wait"); seconds != 0) {
       cl.wait.emplace();

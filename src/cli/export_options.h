@@ -1,5 +1,6 @@
-// Options shared by `export` and `stream`: parsed with Boost.Program_options from the command
-// line, an optional --config INI file, and the defaults in config/export.ini, in that priority.
+// Options shared by `export`, `stream` and `merge`: parsed with Boost.Program_options from the
+// command line, an optional --config INI file, and the defaults in config/export.ini, in that
+// priority.
 #pragma once
 
 #include <boost/program_options/variables_map.hpp>
@@ -9,11 +10,15 @@
 
 #include "adapter_job/checkpoint/checkpoint_readiness.h"
 #include "adapter_job/export.h"
+#include "adapter_job/merge/merged_model_sink.h"
 
 namespace adapter_job::cli {
 
+enum class ExportCommand { kExport, kStream, kMerge };
+
 struct ExportCommandLine {
   ExportOptions options;
+  merge::MergeOptions merge;  // `merge`: the merged model's settings (its --dtype, shards, ...)
   std::optional<std::string> report_path;
   std::optional<std::string> stream_output;  // `stream --output`
   // `export --wait SECONDS` (> 0): wait for a complete, settled iteration first.
@@ -30,6 +35,7 @@ struct ExportCommandLine {
   boost::program_options::variables_map values;  // for the verification options
 };
 
-ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args, bool stream);
+ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
+                                         ExportCommand command);
 
 }  // namespace adapter_job::cli

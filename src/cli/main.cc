@@ -19,6 +19,7 @@ constexpr const char* kUsage = R"(usage: adapter_job [command] [options]
 commands:
   export         (default) export a Megatron-Bridge LoRA/DoRA checkpoint as a HuggingFace PEFT adapter
   stream         write the HF-named adapter tensors into one safetensors file
+  merge          write the base model with the adapter merged in, as HF safetensors shards
   verify         compare a PEFT adapter's logits with the base model and the Megatron merge
   inspect CKPT   list the tensors, shards and PEFT settings of a Megatron torch_dist checkpoint
   version        print versions and the GPUs this process can use
@@ -77,13 +78,14 @@ int main(int argc, char** argv) {
   if (command == "version" || command == "--version") {
     return Guarded(command, 0, &abort_peers, [&] { return adapter_job::cli::RunVersion(args); });
   }
-  if (command != "export" && command != "stream") {
+  if (command != "export" && command != "stream" && command != "merge") {
     std::fprintf(stderr, "adapter_job: unknown command '%s'\n\n%s", command.c_str(), kUsage);
     return Code(ExitCode::kBadInput);
   }
 
   adapter_job::comm::MpiWorld world(argc, argv);
   const int code = Guarded(command, world.rank(), &abort_peers, [&] {
+    if (command == "merge") return adapter_job::cli::RunMerge(world, args);
     return command == "export" ? adapter_job::cli::RunExport(world, args)
                                : adapter_job::cli::RunStream(world, args);
   });

@@ -118,6 +118,8 @@ int RunVerify(const std::vector<std::string>& args) {
     ("hf-adapter-path", po::value<std::string>(), "the PEFT adapter directory to verify")
     ("megatron-peft-checkpoint", po::value<std::string>(),
      "also compare against the checkpoint's adapter merged in Megatron's layout")
+    ("merged-model", po::value<std::string>(),
+     "also hold this merged model (adapter_job merge's output) to the adapter")
     ("report", po::value<std::string>(), "write the verification report as JSON to this file");
   // clang-format on
   AddVerifyOptions(options);
@@ -137,13 +139,15 @@ int RunVerify(const std::vector<std::string>& args) {
   verify.adapter = vm["hf-adapter-path"].as<std::string>();
   if (vm.count("megatron-peft-checkpoint"))
     verify.megatron_checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
+  if (vm.count("merged-model")) verify.merged_model = vm["merged-model"].as<std::string>();
   ReadVerifyOptions(vm, verify);
   writer::RefuseOutputsOverInputs(
       {{"--report", vm.count("report") ? vm["report"].as<std::string>() : ""},
        {"--verify-h5", vm.count("verify-h5") ? vm["verify-h5"].as<std::string>() : ""}},
       {{"--hf-model-id", verify.hf_model},
        {"--hf-adapter-path", verify.adapter},
-       {"--megatron-peft-checkpoint", verify.megatron_checkpoint.value_or("")}});
+       {"--megatron-peft-checkpoint", verify.megatron_checkpoint.value_or("")},
+       {"--merged-model", verify.merged_model.value_or("")}});
   Console console = Console::FromOptions(vm, /*rank=*/0);
   verify.progress = console.Progress();
   const verify::VerificationReport report = verify::VerifyWithPlugin(verify);

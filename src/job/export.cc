@@ -105,6 +105,7 @@ verify::VerificationReport VerifyOutput(const ExportOptions& options, const job:
   v.hf_model = options.hf_model_id;
   v.base_model_name = options.hf_model_id;
   v.adapter = finished.verifiable_directory;
+  if (!finished.merged_model_directory.empty()) v.merged_model = finished.merged_model_directory;
   // The iteration this export read: a newer save appearing meanwhile must not be verified instead.
   v.megatron_checkpoint = plan.run.iteration_dir;
   if (!v.progress) v.progress = options.progress;
@@ -146,15 +147,16 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
   const Gathered gathered =
       GatherConvertWrite(*plan, *transport, world.rank(), sink, options.progress);
 
-  // Collective, so gathered while every rank still takes part (rank 0 then finishes alone).
+  // Collective, so gathered while every rank still takes part (rank 0 then verifies and publishes
+  // alone); peak memory once the sink has finished, which a collective sink does on every rank.
   report.bytes_read_per_rank = comm::GatherToRoot(world, plan->reader.bytes_read());
   report.expected_bytes_per_rank =
       job::ExpectedBytesPerRank(plan->layout, plan->reader.metadata(), plan->owners, world.size());
-  report.peak_rss_bytes_per_rank = comm::GatherToRoot(world, PeakResidentBytes());
   writer::FinishedOutput finished;
   comm::RunAgreed(world, [&] {
-    if (rank0) finished = sink.Finish();
+    if (rank0 || sink.collective()) finished = sink.Finish();
   });
+  report.peak_rss_bytes_per_rank = comm::GatherToRoot(world, PeakResidentBytes());
 
   report.output = fs::absolute(output).lexically_normal();
   report.backend = std::string(transport->name());

@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
+#include <string>
+#include <utility>
 
 namespace adapter_job::verify {
 namespace {
@@ -70,7 +73,62 @@ double MinRowCosine(const at::Tensor& a, const at::Tensor& b) {
   return lowest;
 }
 
+struct LogitsPair {
+  at::Tensor ours, reference;  // one prompt's [tokens, vocab]
+};
+
+// The four checks that hold `ours` to `reference` over every prompt: <prefix>_topk,
+// _max_abs_diff, _mean_abs_diff and _min_cosine. None when `pairs` is empty.
+void ComparePair(std::vector<CheckResult>& checks, const std::string& prefix,
+                 const std::pair<std::string, std::string>& shown,
+                 const std::vector<LogitsPair>& pairs, int top_k) {
+  if (pairs.empty()) return;
+  double max_diff = 0, sum_diff = 0, count = 0, scale = 1, min_cosine = 1;
+  bool topk_ok = true;
+  std::string topk_detail = fmt::format("top-{} ids of {} equal {} at the last position", top_k,
+                                        shown.first, shown.second);
+  for (std::size_t i = 0; i < pairs.size(); ++i) {
+    const at::Tensor ours = pairs[i].ours.to(at::kDouble);
+    const at::Tensor reference = pairs[i].reference.to(at::kDouble);
+    const at::Tensor diff = (ours - reference).abs();
+    max_diff = std::max(max_diff, diff.max().item<double>());
+    sum_diff += diff.sum().item<double>();
+    count += static_cast<double>(diff.numel());
+    scale = std::max(scale, reference.abs().max().item<double>());
+    min_cosine = std::min(min_cosine, MinRowCosine(ours, reference));
+    if (topk_ok) {
+      const int64_t last = ours.size(0) - 1;
+      const int k = static_cast<int>(std::min<int64_t>(top_k, ours.size(1)));
+      const at::Tensor last_reference = reference.index({last});
+      const double tolerance =
+          kTieRelative * std::max(1.0, last_reference.abs().max().item<double>());
+      auto [agree, why] = TopKAgree(ours.index({last}), last_reference, k, tolerance);
+      if (!agree) {
+        topk_ok = false;
+        topk_detail = fmt::format("prompt {}: {}", i, why);
+      }
+    }
+  }
+  checks.push_back(Check(prefix + "_topk", topk_ok ? 1 : 0, "==", 1, topk_detail));
+  checks.push_back(
+      Check(prefix + "_max_abs_diff", max_diff, "<=", kMaxDiffRelative * scale,
+            fmt::format("every logit of every prompt; largest |logit| {:.3g}", scale)));
+  checks.push_back(Check(prefix + "_mean_abs_diff", count > 0 ? sum_diff / count : 0,
+                         "<=", kMeanDiffRelative * scale, "mean over every logit of every prompt"));
+  checks.push_back(Check(prefix + "_min_cosine", min_cosine, ">=", kMinCosine,
+                         "cosine similarity of the logit vectors, lowest over positions"));
+}
+
 }  // namespace
+
+at::Tensor& PromptLogits::Of(std::string_view variant) {
+  if (variant == "base") return base;
+  if (variant == "peft") return peft;
+  if (variant == "merged") return merged.emplace();
+  if (variant == "peft_as_stored") return peft_as_stored.emplace();
+  if (variant == "merged_model") return merged_model.emplace();
+  throw std::logic_error(fmt::format("no logits variant '{}'", variant));
+}
 
 std::vector<CheckResult> RunChecks(const CheckInputs& in) {
   std::vector<CheckResult> checks;
@@ -99,41 +157,17 @@ std::vector<CheckResult> RunChecks(const CheckInputs& in) {
                              : "PEFT applies what this check does not model: " + fields));
   }
 
-  if (in.prompts.empty() || !in.prompts.front().merged) return checks;
-
-  double max_diff = 0, sum_diff = 0, count = 0, scale = 1, min_cosine = 1;
-  bool topk_ok = true;
-  std::string topk_detail =
-      fmt::format("top-{} ids of PEFT equal merged at the last position", in.top_k);
-  for (std::size_t i = 0; i < in.prompts.size(); ++i) {
-    const at::Tensor peft = in.prompts[i].peft.to(at::kDouble);
-    const at::Tensor merged = in.prompts[i].merged->to(at::kDouble);
-    const at::Tensor diff = (peft - merged).abs();
-    max_diff = std::max(max_diff, diff.max().item<double>());
-    sum_diff += diff.sum().item<double>();
-    count += static_cast<double>(diff.numel());
-    scale = std::max(scale, merged.abs().max().item<double>());
-    min_cosine = std::min(min_cosine, MinRowCosine(peft, merged));
-    if (topk_ok) {
-      const int64_t last = peft.size(0) - 1;
-      const int k = static_cast<int>(std::min<int64_t>(in.top_k, peft.size(1)));
-      const at::Tensor reference = merged.index({last});
-      const double tolerance = kTieRelative * std::max(1.0, reference.abs().max().item<double>());
-      auto [agree, why] = TopKAgree(peft.index({last}), reference, k, tolerance);
-      if (!agree) {
-        topk_ok = false;
-        topk_detail = fmt::format("prompt {}: {}", i, why);
-      }
-    }
+  if (in.prompts.empty()) return checks;
+  // The adapter as PEFT applies it against the checkpoint's own adapter merged in Megatron's
+  // layout; a merged model against PEFT's weights stored as the merged files store them.
+  std::vector<LogitsPair> peft_vs_merged, merged_model_vs_peft;
+  for (const auto& p : in.prompts) {
+    if (p.merged) peft_vs_merged.push_back({p.peft, *p.merged});
+    if (p.merged_model) merged_model_vs_peft.push_back({*p.merged_model, *p.peft_as_stored});
   }
-  checks.push_back(Check("peft_vs_merged_topk", topk_ok ? 1 : 0, "==", 1, topk_detail));
-  checks.push_back(
-      Check("peft_vs_merged_max_abs_diff", max_diff, "<=", kMaxDiffRelative * scale,
-            fmt::format("every logit of every prompt; largest |logit| {:.3g}", scale)));
-  checks.push_back(Check("peft_vs_merged_mean_abs_diff", count > 0 ? sum_diff / count : 0,
-                         "<=", kMeanDiffRelative * scale, "mean over every logit of every prompt"));
-  checks.push_back(Check("peft_vs_merged_min_cosine", min_cosine, ">=", kMinCosine,
-                         "cosine similarity of the logit vectors, lowest over positions"));
+  ComparePair(checks, "peft_vs_merged", {"PEFT", "merged"}, peft_vs_merged, in.top_k);
+  ComparePair(checks, "merged_model_vs_peft", {"the merged model", "PEFT as stored"},
+              merged_model_vs_peft, in.top_k);
   return checks;
 }
 

@@ -9,9 +9,15 @@
 
 namespace adapter_job::verify {
 
+// Each variant's logits, [tokens, vocab], float32 on the CPU; the optional ones when computed.
 struct PromptLogits {
-  at::Tensor base, peft;  // [tokens, vocab], float32 on the CPU
-  std::optional<at::Tensor> merged;
+  at::Tensor base, peft;
+  std::optional<at::Tensor> merged;          // given the Megatron checkpoint
+  std::optional<at::Tensor> peft_as_stored;  // given a merged model
+  std::optional<at::Tensor> merged_model;
+
+  // By the variant's name in the report ("base", "peft", "merged", ...).
+  at::Tensor& Of(std::string_view variant);
 };
 
 struct CheckInputs {

@@ -81,6 +81,25 @@ at::Tensor& LayerWeights::Linear(const std::string& module) {
   Fail("'{}' is not a linear module of this decoder layer", module);
 }
 
+void ForEachWeight(LayerWeights& w, const LlamaSettings& s,
+                   const std::function<void(const std::string&, at::Tensor&)>& visit) {
+  const auto maybe = [&](const std::string& name, at::Tensor& t) {
+    if (t.defined()) visit(name, t);
+  };
+  for (const std::string linear : kDecoderLinears) maybe(linear + ".weight", w.Linear(linear));
+  for (auto& [path, t] : w.expert_linears) maybe(path + ".weight", t);
+  if (!s.moe.router.empty()) maybe(s.moe.router + ".weight", w.router);
+  maybe("input_layernorm.weight", w.input_layernorm);
+  maybe("post_attention_layernorm.weight", w.post_attention_layernorm);
+  maybe("self_attn.q_proj.bias", w.q_bias);
+  maybe("self_attn.k_proj.bias", w.k_bias);
+  maybe("self_attn.v_proj.bias", w.v_bias);
+  maybe("self_attn.q_norm.weight", w.q_norm);
+  maybe("self_attn.k_norm.weight", w.k_norm);
+  maybe("pre_feedforward_layernorm.weight", w.pre_feedforward_layernorm);
+  maybe("post_feedforward_layernorm.weight", w.post_feedforward_layernorm);
+}
+
 std::vector<std::string> DecoderLinearPaths(const LlamaSettings& s) {
   std::vector<std::string> paths(kDecoderLinears.begin(), kDecoderLinears.end());
   for (int64_t e = 0; e < s.moe.experts; ++e) {

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -86,6 +87,11 @@ struct LayerWeights {
   // "self_attn.q_proj" -> q_proj; an expert's path -> its entry in expert_linears.
   at::Tensor& Linear(const std::string& module);
 };
+
+// Calls `visit` with every defined tensor of `w` and its HF name within the layer (e.g.
+// "self_attn.q_proj.weight", "input_layernorm.weight").
+void ForEachWeight(LayerWeights& w, const LlamaSettings& s,
+                   const std::function<void(const std::string&, at::Tensor&)>& visit);
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps, double offset = 0);
 

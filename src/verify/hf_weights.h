@@ -26,6 +26,7 @@ class HfWeights {
   // The tensor converted to `dtype` on `device`.
   at::Tensor Get(const std::string& name, const at::Device& device, at::ScalarType dtype) const;
   std::vector<int64_t> Shape(const std::string& name) const;
+  DType DTypeOf(const std::string& name) const { return location_.at(name).second->dtype; }
   // The safetensors file that holds `name` (which must exist).
   const std::filesystem::path& FileOf(const std::string& name) const {
     return location_.at(name).first->file.path();

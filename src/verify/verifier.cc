@@ -4,6 +4,7 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/InferenceMode.h>
 
+#include <algorithm>
 #include <chrono>
 
 #include "adapter_job/convert/hf_config.h"
@@ -168,6 +169,26 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
   }
 
+  // The variants, in this order: base; peft (the adapter as stock PEFT applies it); merged (the
+  // checkpoint's adapter merged in Megatron's layout); then, given a merged model, peft_as_stored
+  // (peft's weights rounded to the dtypes the merged files store) and merged_model (those files).
+  std::optional<HfWeights> merged_files;
+  if (options.merged_model) {
+    merged_files.emplace(HfWeights::Open(*options.merged_model));
+    CheckBaseShapes(*merged_files, config, settings);
+  }
+  std::vector<std::string> names = {"base", "peft"};
+  if (megatron) names.push_back("merged");
+  if (merged_files) names.insert(names.end(), {"peft_as_stored", "merged_model"});
+  const std::size_t variants = names.size();
+  const auto variant = [&](std::string_view name) {
+    return static_cast<std::size_t>(std::find(names.begin(), names.end(), name) - names.begin());
+  };
+  // A weight of peft_as_stored: as the merged model stores the tensor `name`, back in float32.
+  const auto as_stored = [&](const at::Tensor& t, const std::string& name) {
+    return t.to(ToTorch(merged_files->DTypeOf(name))).to(at::kFloat);
+  };
+
   // Layers stream through the device one at a time: what must fit is the embedding and head and
   // one layer per variant, in float32.
   if (options.max_device_bytes) {
@@ -183,7 +204,8 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
     const bool tied = !base.Has("lm_head.weight") || config.tie_word_embeddings;
     const uint64_t needed =
-        bytes_of("model.embed_tokens.weight") * (tied ? 1 : 2) + layer * (megatron ? 3 : 2);
+        bytes_of("model.embed_tokens.weight") * (tied ? 1 : 2) * (merged_files ? 3 : 1) +
+        layer * variants;
     if (needed > *options.max_device_bytes) {
       Fail(
           "verification needs {} bytes of device memory (embedding, head and one layer per variant "
@@ -193,14 +215,19 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
   }
 
-  // Hidden states: [variant][prompt], variants base, peft, merged.
-  const std::size_t variants = megatron ? 3 : 2;
+  // Hidden states: [variant][prompt].
   std::vector<std::vector<at::Tensor>> hidden(variants);
   {
-    const at::Tensor embed = base.Get("model.embed_tokens.weight", device, at::kFloat);
+    const std::string name = "model.embed_tokens.weight";
+    std::vector<at::Tensor> embed(variants, base.Get(name, device, at::kFloat));
+    if (merged_files) {
+      embed[variant("peft_as_stored")] = as_stored(embed[0], name);
+      embed[variant("merged_model")] = merged_files->Get(name, device, at::kFloat);
+    }
     for (const auto& p : report.prompts) {
       const at::Tensor ids = at::tensor(p.token_ids, at::kLong).to(device);
-      for (auto& h : hidden) h.push_back(embed.index_select(0, ids) * settings.embedding_scale);
+      for (std::size_t v = 0; v < variants; ++v)
+        hidden[v].push_back(embed[v].index_select(0, ids) * settings.embedding_scale);
     }
   }
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
@@ -208,11 +235,20 @@ VerificationReport Verify(const VerifyOptions& options) {
     LayerWeights peft_weights = base_weights;
     peft.Apply(layer, peft_weights, device);
     std::vector<const LayerWeights*> per_variant = {&base_weights, &peft_weights};
-    LayerWeights merged_weights;
+    LayerWeights merged_weights, stored_weights, merged_model_weights;
     if (megatron) {
       merged_weights = base_weights;
       megatron->Apply(layer, merged_weights, device);
       per_variant.push_back(&merged_weights);
+    }
+    if (merged_files) {
+      merged_model_weights = LoadLayer(*merged_files, layer, settings, device);
+      stored_weights = peft_weights;
+      const std::string prefix = fmt::format("model.layers.{}.", layer);
+      ForEachWeight(stored_weights, settings, [&](const std::string& name, at::Tensor& t) {
+        t = as_stored(t, prefix + name);
+      });
+      per_variant.insert(per_variant.end(), {&stored_weights, &merged_model_weights});
     }
     for (std::size_t v = 0; v < variants; ++v) {
       for (auto& h : hidden[v]) h = DecoderLayer(h, *per_variant[v], settings, layer);
@@ -223,23 +259,29 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
   }
 
-  const at::Tensor norm = base.Get("model.norm.weight", device, at::kFloat);
   const std::string head = base.Has("lm_head.weight") && !config.tie_word_embeddings
                                ? "lm_head.weight"
                                : "model.embed_tokens.weight";
-  const at::Tensor lm_head = base.Get(head, device, at::kFloat);
+  std::vector<at::Tensor> norms(variants, base.Get("model.norm.weight", device, at::kFloat));
+  std::vector<at::Tensor> heads(variants, base.Get(head, device, at::kFloat));
+  if (merged_files) {
+    norms[variant("peft_as_stored")] = as_stored(norms[0], "model.norm.weight");
+    heads[variant("peft_as_stored")] = as_stored(heads[0], head);
+    norms[variant("merged_model")] = merged_files->Get("model.norm.weight", device, at::kFloat);
+    heads[variant("merged_model")] = merged_files->Get(head, device, at::kFloat);
+  }
   CheckInputs inputs;
   inputs.top_k = options.top_k;
-  const char* const names[] = {"base", "peft", "merged"};
   for (std::size_t i = 0; i < report.prompts.size(); ++i) {
     PromptLogits logits;
     for (std::size_t v = 0; v < variants; ++v) {
-      const at::Tensor out = SoftCap(at::matmul(RmsNorm(hidden[v][i], norm, settings.rms_norm_eps,
-                                                        settings.norm_weight_offset),
-                                                lm_head.t()),
-                                     settings.final_softcap)
-                                 .to(at::kCPU);
-      (v == 0 ? logits.base : v == 1 ? logits.peft : logits.merged.emplace()) = out;
+      const at::Tensor out =
+          SoftCap(at::matmul(RmsNorm(hidden[v][i], norms[v], settings.rms_norm_eps,
+                                     settings.norm_weight_offset),
+                             heads[v].t()),
+                  settings.final_softcap)
+              .to(at::kCPU);
+      logits.Of(names[v]) = out;
       report.prompts[i].logits.push_back({names[v], out.sizes().vec(), ToVector(out)});
       report.prompts[i].top_k.push_back(
           TopK(names[v], out, options.top_k, tokenizer ? &*tokenizer : nullptr));

@@ -16,6 +16,9 @@ struct VerifyOptions {
   std::string base_model_name;     // for the report; the directory when empty
   std::filesystem::path adapter;   // PEFT directory to verify
   std::optional<std::filesystem::path> megatron_checkpoint;  // enables the merged variant
+  // A merged full-weight model (adapter_job merge) read as a fourth variant, held to the PEFT
+  // variant with its weights rounded to the merged files' dtypes.
+  std::optional<std::filesystem::path> merged_model;
   std::vector<std::string> prompts;  // encoded with <hf_model>/tokenizer.json
   std::vector<std::vector<int64_t>> prompt_ids;
   int top_k = 5;

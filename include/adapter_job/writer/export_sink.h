@@ -3,10 +3,10 @@
 //   Begin(announcement) once, Write(layer) for every layer in layer order, Finish(), then
 //   Publish(accepted); or Abort() at any point (the destructor aborts too), which leaves nothing
 //   at the outputs.
-// Sinks: PeftDirectorySink (a PEFT adapter directory), SafetensorsFileSink (the `stream` file).
-// A merged full-weight export is one more sink: the announcement carries the ranks, alpha and
-// adapter kind, and each layer arrives whole (every lora_A, lora_B and magnitude of its modules),
-// so such a sink reads the base layer it needs and merges in Write.
+// A collective sink's Finish runs on every rank (each rank's sink then does its share of the
+// work, as the merged model's does), with the same outcome agreed by all.
+// Sinks: PeftDirectorySink (a PEFT adapter directory), SafetensorsFileSink (the `stream` file),
+// merge::MergedModelSink (the base model with the adapter merged in, written by every rank).
 #pragma once
 
 #include <cstddef>
@@ -61,6 +61,9 @@ struct FinishedOutput {
   // A PEFT directory the verifier can read before it is published; empty when the output is not
   // one (it is then never verified).
   std::filesystem::path verifiable_directory;
+  // A merged full-weight model, staged beside it, that verification reads as a variant of its own;
+  // empty when the output is not one.
+  std::filesystem::path merged_model_directory;
 };
 
 class ExportSink {
@@ -74,6 +77,8 @@ class ExportSink {
   virtual std::vector<NamedPath> Outputs() const = 0;
   // Whether Finish gives a directory to verify (decided before any work).
   virtual bool verifiable() const = 0;
+  // Whether Finish runs on every rank rather than on rank 0 alone.
+  virtual bool collective() const { return false; }
 
   virtual void Begin(const ExportAnnouncement& announcement) = 0;
   virtual void Write(const LayerTensors& layer) = 0;
