@@ -6,7 +6,7 @@ tied embeddings), 8b (Llama-3-8B: 32 layers, hidden 4096, 32 heads, 8 KV heads, 
 dtype (sharded model-0000i-of-0000n.safetensors with an index), drawn on the GPU when there is one (about 16 GB for
 8b): normal with std 0.02 for matrices, RMSNorm gains 1. Nothing about them is meaningful but their bytes.
 
-    python bench/llama_shape.py --shape 8b --out DIR [--weights]
+    python bench/llama_shape.py --shape 8b --out DIR [--weights] [--layers N]
     python bench/llama_shape.py --shape 8b --checkpoint-args   # the megatron_checkpoint.py dims of the shape
 """
 import argparse
@@ -84,8 +84,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--weights", action="store_true")
     ap.add_argument("--checkpoint-args", action="store_true")
+    ap.add_argument("--layers", type=int, help="fewer (or more) layers than the shape has")
     a = ap.parse_args()
-    s = SHAPES[a.shape]
+    s = SHAPES[a.shape] | ({"layers": a.layers} if a.layers else {})
     if a.checkpoint_args:
         print(" ".join(map(str, checkpoint_args(s))))
         return

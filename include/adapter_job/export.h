@@ -81,6 +81,8 @@ struct ExportReport {
   std::vector<uint64_t> bytes_read_per_rank;
   std::vector<uint64_t> expected_bytes_per_rank;  // the rank's own shards' storage
   std::vector<uint64_t> peak_rss_bytes_per_rank;  // each process's peak resident memory
+  // A collective sink's work on each rank (the merge: base bytes read, bytes written, seconds).
+  std::optional<std::vector<writer::SinkStats>> sink_per_rank;
   StageTimes seconds;
   std::optional<verify::VerificationReport> verification;
   std::optional<std::string> verification_skipped;  // why it did not run (--no-verify)

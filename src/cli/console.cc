@@ -83,10 +83,11 @@ void Console::Show(const adapter_job::Progress& p) {
   }
   const double elapsed = std::chrono::duration<double>(now - stage_start_).count();
   const bool finished = p.done >= p.total;
-  std::string figures = fmt::format("{}/{} layers", p.done, p.total);
+  std::string figures = fmt::format("{}/{} {}", p.done, p.total, p.unit);
+  if (p.bytes_gathered > 0)
+    figures += fmt::format(", {} gathered", Megabytes(static_cast<double>(p.bytes_gathered)));
   if (p.tensors > 0) {
-    figures += fmt::format(", {} gathered, {} tensors ({}) written",
-                           Megabytes(static_cast<double>(p.bytes_gathered)), p.tensors,
+    figures += fmt::format(", {} tensors ({}) written", p.tensors,
                            Megabytes(static_cast<double>(p.bytes)));
     if (elapsed > 0) figures += fmt::format(", {}/s", Megabytes(p.bytes / elapsed));
   }

@@ -92,14 +92,10 @@ int RunMerge(const comm::MpiWorld& world, const std::vector<std::string>& args) 
   ExportOptions options = cl.options;
   options.progress = console.Progress();
   options.report_path = cl.report_path;
-  merge::MergedModelSink sink(cl.merge, world);
+  merge::MergeOptions merge = cl.merge;
+  merge.progress = options.progress;
+  merge::MergedModelSink sink(merge, world);
   const ExportReport report = ExportToSink(options, sink, world);
-  const merge::MergeStats& merged = sink.stats();
-  console.Log(LogLevel::kInfo,
-              fmt::format("rank {}: merged {} tensors, read {} bytes of the base, wrote {} bytes "
-                          "in {:.2f} s",
-                          world.rank(), merged.tensors_merged, merged.base_bytes_read,
-                          merged.bytes_written, merged.seconds));
   if (world.rank() != 0) return 0;
   console.Result(report.Summary());
   if (!report.verification) {

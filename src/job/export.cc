@@ -99,6 +99,16 @@ Gathered GatherConvertWrite(const job::ExportPlan& plan, comm::Transport& transp
   return done;
 }
 
+std::vector<writer::SinkStats> GatherSinkStats(const comm::MpiWorld& world,
+                                               const writer::SinkStats& mine) {
+  const auto read = comm::GatherToRoot(world, mine.bytes_read);
+  const auto written = comm::GatherToRoot(world, mine.bytes_written);
+  const auto micros = comm::GatherToRoot(world, static_cast<uint64_t>(mine.seconds * 1e6));
+  std::vector<writer::SinkStats> all(read.size());
+  for (std::size_t r = 0; r < all.size(); ++r) all[r] = {read[r], written[r], micros[r] / 1e6};
+  return all;
+}
+
 verify::VerificationReport VerifyOutput(const ExportOptions& options, const job::ExportPlan& plan,
                                         const writer::FinishedOutput& finished) {
   verify::VerifyOptions v = *options.verify;
@@ -157,6 +167,7 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
     if (rank0 || sink.collective()) finished = sink.Finish();
   });
   report.peak_rss_bytes_per_rank = comm::GatherToRoot(world, PeakResidentBytes());
+  if (sink.collective()) report.sink_per_rank = GatherSinkStats(world, sink.stats());
 
   report.output = fs::absolute(output).lexically_normal();
   report.backend = std::string(transport->name());

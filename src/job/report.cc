@@ -28,6 +28,17 @@ nlohmann::ordered_json ExportReport::ToJson() const {
   j["bytes_read_per_rank"] = bytes_read_per_rank;
   j["expected_bytes_per_rank"] = expected_bytes_per_rank;
   j["peak_rss_bytes_per_rank"] = peak_rss_bytes_per_rank;
+  if (sink_per_rank) {
+    nlohmann::ordered_json& per_rank = j["output_per_rank"];
+    per_rank["bytes_read"] = nlohmann::ordered_json::array();
+    per_rank["bytes_written"] = nlohmann::ordered_json::array();
+    per_rank["seconds"] = nlohmann::ordered_json::array();
+    for (const auto& rank : *sink_per_rank) {
+      per_rank["bytes_read"].push_back(rank.bytes_read);
+      per_rank["bytes_written"].push_back(rank.bytes_written);
+      per_rank["seconds"].push_back(rank.seconds);
+    }
+  }
   j["seconds"] = {{"plan", seconds.plan},
                   {"read", seconds.read},
                   {"communicate", seconds.communicate},
@@ -51,13 +62,25 @@ std::string ExportReport::Summary() const {
   for (std::size_t r = 0; r < bytes_read_per_rank.size(); ++r) {
     read += fmt::format("{}{}: {}", r ? ", " : "", r, bytes_read_per_rank[r]);
   }
+  std::string output_lines;
+  if (sink_per_rank) {
+    for (std::size_t r = 0; r < sink_per_rank->size(); ++r) {
+      const writer::SinkStats& s = (*sink_per_rank)[r];
+      output_lines += fmt::format("output, rank {}: read {} bytes, wrote {} bytes in {:.3f} s\n", r,
+                                  s.bytes_read, s.bytes_written, s.seconds);
+    }
+  }
   return fmt::format(
-      "exported {} adapter: {} layers, {} tensors, {} bytes -> {}\n"
-      "ranks {} ({} backend) over TP {} x PP {}{}; bytes read per rank: {}\n"
-      "seconds: plan {:.3f}, read {:.3f}, communicate {:.3f}, convert+write {:.3f}, total {:.3f}\n",
-      adapter_kind, layers, tensors, tensor_bytes, output.string(), ranks, backend, tensor_parallel,
-      pipeline_parallel, virtual_pipeline > 1 ? fmt::format(" (VPP {})", virtual_pipeline) : "",
-      read, seconds.plan, seconds.read, seconds.communicate, seconds.convert_write, seconds.total);
+             "exported {} adapter: {} layers, {} tensors, {} bytes -> {}\n"
+             "ranks {} ({} backend) over TP {} x PP {}{}; bytes read per rank: {}\n"
+             "seconds: plan {:.3f}, read {:.3f}, communicate {:.3f}, convert+write {:.3f}, total "
+             "{:.3f}\n",
+             adapter_kind, layers, tensors, tensor_bytes, output.string(), ranks, backend,
+             tensor_parallel, pipeline_parallel,
+             virtual_pipeline > 1 ? fmt::format(" (VPP {})", virtual_pipeline) : "", read,
+             seconds.plan, seconds.read, seconds.communicate, seconds.convert_write,
+             seconds.total) +
+         output_lines;
 }
 
 namespace job {

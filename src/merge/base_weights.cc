@@ -107,8 +107,10 @@ const fs::path& BaseWeights::PathOf(const Tensor& tensor) const {
   return files_.at(tensor.file).path();
 }
 
-void BaseWeights::Read(const Tensor& tensor, std::span<std::byte> out) const {
-  files_.at(tensor.file).ReadExact(tensor.offset, out);
+void BaseWeights::Read(const Tensor& tensor, uint64_t from, std::span<std::byte> out) const {
+  if (from + out.size() > tensor.entry.end - tensor.entry.begin)
+    Fail("reading past the end of '{}' in '{}'", tensor.entry.name, PathOf(tensor).string());
+  files_.at(tensor.file).ReadExact(tensor.offset + from, out);
 }
 
 uint64_t BaseWeights::bytes_read() const {

@@ -1,5 +1,7 @@
 #include "adapter_job/merge/merge_math.h"
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <thread>
@@ -7,92 +9,137 @@
 #include "adapter_job/core/dtype_cast.h"
 #include "adapter_job/core/error.h"
 
+// The loops below are where a merge spends its compute: built for AVX2/FMA as well where the
+// CPU has them (picked at load time), and plain x86-64 otherwise.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ADAPTER_JOB_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define ADAPTER_JOB_VECTOR_CLONES
+#endif
+
 namespace adapter_job::merge {
 namespace {
 
-template <typename Bits>
-Bits Load(const std::byte* p) {
-  Bits bits;
-  std::memcpy(&bits, p, sizeof bits);
-  return bits;
+bool Supported(DType dtype) {
+  return dtype == DType::kFloat32 || dtype == DType::kBFloat16 || dtype == DType::kFloat16;
 }
 
-// Rows [begin, end): each gets s·Σ_k B[o,k]·A[k,:] added, a rank-1 update at a time, so the row
-// stays in cache while A streams through.
-void MergeRows(float* weight, int64_t begin, int64_t end, int64_t in, const LowRankUpdate& u) {
-  for (int64_t o = begin; o < end; ++o) {
-    float* row = weight + o * in;
-    for (int64_t k = 0; k < u.rank; ++k) {
-      const float c = static_cast<float>(u.scale * u.b[o * u.rank + k]);
-      const float* a = u.a.data() + k * in;
-      for (int64_t i = 0; i < in; ++i) row[i] += c * a[i];
+// bfloat16 is the top half of a float32: widening is a shift, rounding adds half an ulp with
+// ties to even (NaNs stay quiet NaNs, as FloatToBFloat16 keeps them).
+ADAPTER_JOB_VECTOR_CLONES
+void WidenBFloat16(const uint16_t* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::bit_cast<float>(static_cast<uint32_t>(in[i]) << 16);
+}
+
+ADAPTER_JOB_VECTOR_CLONES
+void RoundToBFloat16(const float* in, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = std::bit_cast<uint32_t>(in[i]);
+    const uint32_t rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    const bool nan = (bits & 0x7fffffff) > 0x7f800000;
+    out[i] = static_cast<uint16_t>(nan ? (bits >> 16) | 0x40 : rounded);
+  }
+}
+
+// One rank-1 update after another, so the row stays in cache while lora_A streams through.
+ADAPTER_JOB_VECTOR_CLONES
+void AddLowRank(float* row, const float* a, const float* b_row, int64_t rank, int64_t cols,
+                float scale) {
+  for (int64_t k = 0; k < rank; ++k) {
+    const float c = scale * b_row[k];
+    const float* a_row = a + k * cols;
+    for (int64_t i = 0; i < cols; ++i) row[i] += c * a_row[i];
+  }
+}
+
+ADAPTER_JOB_VECTOR_CLONES
+double SquaredNorm(const float* row, int64_t cols) {
+  double sum = 0;
+  for (int64_t i = 0; i < cols; ++i) sum += static_cast<double>(row[i]) * row[i];
+  return sum;
+}
+
+void Widen(const std::byte* in, DType dtype, float* out, int64_t n) {
+  switch (dtype) {
+    case DType::kFloat32:
+      std::memcpy(out, in, n * sizeof(float));
+      return;
+    case DType::kBFloat16:
+      return WidenBFloat16(reinterpret_cast<const uint16_t*>(in), out, n);
+    default:  // float16: rare in checkpoints, converted one element at a time
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, in + 2 * i, 2);
+        out[i] = HalfToFloat(h);
+      }
+  }
+}
+
+void Round(const float* in, DType dtype, std::byte* out, int64_t n) {
+  switch (dtype) {
+    case DType::kFloat32:
+      std::memcpy(out, in, n * sizeof(float));
+      return;
+    case DType::kBFloat16:
+      return RoundToBFloat16(in, reinterpret_cast<uint16_t*>(out), n);
+    default:
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t h = FloatToHalf(in[i]);
+        std::memcpy(out + 2 * i, &h, 2);
+      }
+  }
+}
+
+void MergeRowRange(std::span<const std::byte> in, DType in_dtype, std::span<std::byte> out,
+                   DType out_dtype, int64_t first_row, int64_t begin, int64_t end, int64_t cols,
+                   const LowRankUpdate* u) {
+  std::vector<float> row(cols);
+  const std::size_t in_item = ItemSize(in_dtype), out_item = ItemSize(out_dtype);
+  for (int64_t r = begin; r < end; ++r) {
+    Widen(in.data() + r * cols * in_item, in_dtype, row.data(), cols);
+    if (u) {
+      const int64_t o = first_row + r;
+      AddLowRank(row.data(), u->a.data(), u->b.data() + o * u->rank, u->rank, cols,
+                 static_cast<float>(u->scale));
+      if (!u->magnitude.empty()) {
+        const float factor =
+            static_cast<float>(u->magnitude[o] / std::sqrt(SquaredNorm(row.data(), cols)));
+        for (float& x : row) x *= factor;
+      }
     }
-    if (u.magnitude.empty()) continue;
-    double sum = 0;
-    for (int64_t i = 0; i < in; ++i) sum += static_cast<double>(row[i]) * row[i];
-    const float factor = static_cast<float>(u.magnitude[o] / std::sqrt(sum));
-    for (int64_t i = 0; i < in; ++i) row[i] *= factor;
+    Round(row.data(), out_dtype, out.data() + r * cols * out_item, cols);
   }
 }
 
 }  // namespace
 
 std::vector<float> ToFloat32(std::span<const std::byte> bytes, DType dtype) {
-  const std::size_t item = ItemSize(dtype);
-  std::vector<float> values(bytes.size() / item);
-  const std::byte* p = bytes.data();
-  switch (dtype) {
-    case DType::kFloat32:
-      std::memcpy(values.data(), p, values.size() * sizeof(float));
-      break;
-    case DType::kBFloat16:
-      for (std::size_t i = 0; i < values.size(); ++i)
-        values[i] = BFloat16ToFloat(Load<uint16_t>(p + 2 * i));
-      break;
-    case DType::kFloat16:
-      for (std::size_t i = 0; i < values.size(); ++i)
-        values[i] = HalfToFloat(Load<uint16_t>(p + 2 * i));
-      break;
-    default:
-      Fail("cannot merge {} weights: only float32, bfloat16 and float16 are merged",
-           TorchName(dtype));
-  }
+  if (!Supported(dtype))
+    Fail("cannot merge {} weights: only float32, bfloat16 and float16 are merged",
+         TorchName(dtype));
+  std::vector<float> values(bytes.size() / ItemSize(dtype));
+  Widen(bytes.data(), dtype, values.data(), static_cast<int64_t>(values.size()));
   return values;
 }
 
-void FromFloat32(std::span<const float> values, DType dtype, std::span<std::byte> out) {
-  std::byte* p = out.data();
-  switch (dtype) {
-    case DType::kFloat32:
-      std::memcpy(p, values.data(), values.size() * sizeof(float));
-      return;
-    case DType::kBFloat16:
-      for (std::size_t i = 0; i < values.size(); ++i) {
-        const uint16_t bits = FloatToBFloat16(values[i]);
-        std::memcpy(p + 2 * i, &bits, 2);
-      }
-      return;
-    case DType::kFloat16:
-      for (std::size_t i = 0; i < values.size(); ++i) {
-        const uint16_t bits = FloatToHalf(values[i]);
-        std::memcpy(p + 2 * i, &bits, 2);
-      }
-      return;
-    default:
-      Fail("cannot write merged weights as {}", TorchName(dtype));
-  }
-}
-
-void MergeInto(std::span<float> weight, int64_t out, int64_t in, const LowRankUpdate& update,
-               int threads) {
-  threads = std::max(1, std::min<int>(threads, static_cast<int>(std::max<int64_t>(out / 64, 1))));
-  if (threads == 1) return MergeRows(weight.data(), 0, out, in, update);
+void MergeRows(std::span<const std::byte> in, DType in_dtype, std::span<std::byte> out,
+               DType out_dtype, int64_t first_row, int64_t rows, int64_t cols,
+               const LowRankUpdate* update, int threads) {
+  if (!Supported(in_dtype) || !Supported(out_dtype))
+    Fail("cannot merge {} weights into {}: only float32, bfloat16 and float16 are merged",
+         TorchName(in_dtype), TorchName(out_dtype));
+  // Enough rows per thread to be worth starting it (a row of 4096 takes microseconds).
+  const int64_t per_thread_min = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(cols, 1));
+  threads = static_cast<int>(std::clamp<int64_t>(rows / per_thread_min, 1, std::max(threads, 1)));
+  if (threads == 1)
+    return MergeRowRange(in, in_dtype, out, out_dtype, first_row, 0, rows, cols, update);
   std::vector<std::jthread> workers;
-  const int64_t per = (out + threads - 1) / threads;
-  for (int t = 0; t < threads; ++t) {
-    const int64_t begin = t * per, end = std::min(out, begin + per);
-    if (begin >= end) break;
-    workers.emplace_back([&, begin, end] { MergeRows(weight.data(), begin, end, in, update); });
+  const int64_t per = (rows + threads - 1) / threads;
+  for (int64_t begin = 0; begin < rows; begin += per) {
+    workers.emplace_back([&, begin] {
+      MergeRowRange(in, in_dtype, out, out_dtype, first_row, begin, std::min(rows, begin + per),
+                    cols, update);
+    });
   }
 }
 

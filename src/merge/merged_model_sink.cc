@@ -4,7 +4,6 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <chrono>
 #include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -15,18 +14,18 @@
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
 #include "adapter_job/merge/base_weights.h"
-#include "adapter_job/merge/merge_math.h"
 #include "adapter_job/merge/merged_layout.h"
 #include "adapter_job/safetensors/safetensors.h"
 #include "adapter_job/writer/adapter_config.h"
 #include "adapter_job/writer/peft_directory_sink.h"
 #include "adapter_job/writer/staged_directory.h"
+#include "peft_file.h"
+#include "rank_share.h"
 
 namespace adapter_job::merge {
 namespace {
 
 namespace fs = std::filesystem;
-using Clock = std::chrono::steady_clock;
 
 constexpr const char* kConfigFile = "config.json";
 constexpr const char* kIndexFile = "model.safetensors.index.json";
@@ -74,88 +73,6 @@ std::string MergedConfig(const fs::path& base_model, const std::optional<DType>&
       config.contains("torch_dtype") && !config.contains("dtype") ? "torch_dtype" : "dtype";
   config[key] = std::string(TorchName(*dtype));
   return config.dump(2) + "\n";
-}
-
-void WriteAllAt(int fd, uint64_t offset, std::span<const std::byte> bytes, const fs::path& path) {
-  while (!bytes.empty()) {
-    const ssize_t n = ::pwrite(fd, bytes.data(), bytes.size(), static_cast<off_t>(offset));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) Fail<IoError>("cannot write '{}': {}", path.string(), std::strerror(errno));
-    bytes = bytes.subspan(n);
-    offset += n;
-  }
-}
-
-// One module's adapter tensors in the PEFT file.
-struct ModuleAdapter {
-  const safetensors::TensorEntry* a = nullptr;
-  const safetensors::TensorEntry* b = nullptr;
-  const safetensors::TensorEntry* magnitude = nullptr;
-};
-
-std::map<std::string, ModuleAdapter> AdapterModules(const safetensors::File& adapter) {
-  std::map<std::string, ModuleAdapter> modules;
-  for (const auto& entry : adapter.header().tensors) {
-    std::string_view name = entry.name;
-    if (!name.starts_with(writer::kPeftNamePrefix))
-      Fail("'{}': tensor '{}' lacks PEFT's '{}' prefix", adapter.path().string(), name,
-           writer::kPeftNamePrefix);
-    name.remove_prefix(writer::kPeftNamePrefix.size());
-    const auto take = [&](std::string_view suffix,
-                          const safetensors::TensorEntry* ModuleAdapter::*slot) {
-      if (!name.ends_with(suffix)) return false;
-      modules[std::string(name.substr(0, name.size() - suffix.size()))].*slot = &entry;
-      return true;
-    };
-    if (!take(".lora_A.weight", &ModuleAdapter::a) && !take(".lora_B.weight", &ModuleAdapter::b) &&
-        !take(".lora_magnitude_vector", &ModuleAdapter::magnitude))
-      Fail("'{}': tensor '{}' is not a LoRA or DoRA weight this merge knows",
-           adapter.path().string(), entry.name);
-  }
-  return modules;
-}
-
-LowRankUpdate LoadUpdate(const safetensors::File& adapter, const std::string& module,
-                         const ModuleAdapter& parts, double alpha, const OutputTensor& target) {
-  const auto where = [&] {
-    return fmt::format("'{}', module '{}'", adapter.path().string(), module);
-  };
-  if (!parts.a || !parts.b) Fail("{}: lora_A or lora_B is missing", where());
-  if (parts.a->shape.size() != 2 || parts.b->shape.size() != 2 || target.shape.size() != 2)
-    Fail("{}: lora_A, lora_B and the base weight must be matrices", where());
-  const int64_t rank = parts.a->shape[0];
-  const int64_t out = target.shape[0], in = target.shape[1];
-  if (parts.a->shape[1] != in || parts.b->shape[0] != out || parts.b->shape[1] != rank)
-    Fail(
-        "{}: lora_A is {} and lora_B {}, which do not fit the base weight '{}' of {} (expected "
-        "lora_A [r, {}] and lora_B [{}, r])",
-        where(), ShapeToString(parts.a->shape), ShapeToString(parts.b->shape), target.name,
-        ShapeToString(target.shape), in, out);
-  LowRankUpdate update;
-  update.rank = rank;
-  update.scale = alpha / static_cast<double>(rank);
-  update.a = ToFloat32(adapter.Data(*parts.a), parts.a->dtype);
-  update.b = ToFloat32(adapter.Data(*parts.b), parts.b->dtype);
-  if (parts.magnitude) {
-    if (parts.magnitude->shape != std::vector<int64_t>{out})
-      Fail("{}: the DoRA magnitude is {}, expected [{}]", where(),
-           ShapeToString(parts.magnitude->shape), out);
-    update.magnitude = ToFloat32(adapter.Data(*parts.magnitude), parts.magnitude->dtype);
-  }
-  return update;
-}
-
-// lora_alpha from the adapter's config, refusing what this merge does not model.
-double AdapterAlpha(const fs::path& adapter_dir) {
-  const fs::path path = adapter_dir / writer::kAdapterConfigFile;
-  const auto config = nlohmann::json::parse(ReadTextFile(path));
-  const auto& alpha = config.at("lora_alpha");
-  if (!alpha.is_number())
-    Fail("'{}': lora_alpha is {}, expected a number", path.string(), alpha.dump());
-  if (config.value("use_rslora", false)) Fail("'{}': use_rslora is not merged", path.string());
-  if (config.contains("alpha_pattern") && !config["alpha_pattern"].empty())
-    Fail("'{}': alpha_pattern is not merged", path.string());
-  return alpha.get<double>();
 }
 
 }  // namespace
@@ -250,60 +167,17 @@ writer::FinishedOutput MergedModelSink::Finish() {
   const fs::path adapter_dir = shared.substr(shared.find('\0') + 1);
 
   comm::RunAgreed(world_, [&] {
-    const auto start = Clock::now();
     if (!fs::is_directory(staging))
       Fail(
           "rank {} cannot see the staging directory '{}': --output-hf-path must be on a file "
           "system every rank sees",
           world_.rank(), staging.string());
     const BaseWeights base = BaseWeights::Open(options_.base_model);
-    const safetensors::File adapter =
-        safetensors::File::Open(adapter_dir / writer::kAdapterWeightsFile);
-    const double alpha = AdapterAlpha(adapter_dir);
-    const std::map<std::string, ModuleAdapter> parts = AdapterModules(adapter);
-    std::vector<std::string> modules;
-    for (const auto& [module, unused] : parts) modules.push_back(module);
-    const MergedLayout layout =
-        PlanMergedLayout(base, modules, options_.dtype, options_.max_shard_bytes, world_.size());
-
-    std::map<std::size_t, UniqueFd> files;  // the shards this rank writes into
-    std::vector<std::byte> in_bytes, out_bytes;
-    for (const OutputTensor& t : layout.tensors) {
-      if (t.rank != world_.rank()) continue;
-      const fs::path path = staging / layout.shards[t.shard].file;
-      auto file = files.find(t.shard);
-      if (file == files.end()) {
-        UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
-        if (!fd.valid()) Fail<IoError>("cannot open '{}': {}", path.string(), std::strerror(errno));
-        file = files.emplace(t.shard, std::move(fd)).first;
-      }
-      const auto& entry = t.base->entry;
-      in_bytes.resize(entry.end - entry.begin);
-      base.Read(*t.base, in_bytes);
-      std::span<const std::byte> bytes = in_bytes;
-      if (t.module || t.dtype != entry.dtype) {
-        std::vector<float> values = ToFloat32(in_bytes, entry.dtype);
-        if (t.module) {
-          const LowRankUpdate update =
-              LoadUpdate(adapter, *t.module, parts.at(*t.module), alpha, t);
-          MergeInto(values, t.shape[0], t.shape[1], update, options_.threads);
-          ++stats_.tensors_merged;
-        }
-        out_bytes.resize(t.nbytes);
-        FromFloat32(values, t.dtype, out_bytes);
-        bytes = out_bytes;
-      }
-      WriteAllAt(file->second.get(), t.offset, bytes, path);
-      stats_.bytes_written += bytes.size();
-    }
-    for (auto& [shard, fd] : files) {
-      const fs::path path = staging / layout.shards[shard].file;
-      if (::fsync(fd.get()) != 0)
-        Fail<IoError>("cannot flush '{}': {}", path.string(), std::strerror(errno));
-      fd.Close(path);
-    }
-    stats_.base_bytes_read = base.bytes_read();
-    stats_.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    const PeftFile adapter = PeftFile::Open(adapter_dir);
+    const MergedLayout layout = PlanMergedLayout(base, adapter.Modules(), options_.dtype,
+                                                 options_.max_shard_bytes, world_.size());
+    stats_ = WriteShare({layout, base, adapter, staging, world_.rank(), options_.threads,
+                         rank0 ? options_.progress : ProgressSink()});
   });
   if (!rank0) return {};
   finished.file_bytes = open_->file_bytes;

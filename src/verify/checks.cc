@@ -27,6 +27,10 @@ constexpr double kMaxDiffRelative = 1e-4;  // of the largest |logit|
 constexpr double kMeanDiffRelative = 1e-5;
 constexpr double kMinCosine = 1.0 - 1e-6;
 constexpr double kTieRelative = 1e-4;  // near-ties: logits closer than this may swap ranks
+// A merge summing in another order than PEFT's lands on the other side of a rounding tie for
+// about 1e-5 of the elements at most (1e-4 of the sum's fp32 noise per bf16 step, times |ΔW|/|W|);
+// rounding the update to bf16 before adding it, as some merges do, flips half of |ΔW|/|W|.
+constexpr double kMaxMisroundedFraction = 1e-3;
 
 CheckResult Check(std::string name, double figure, std::string relation, double threshold,
                   std::string detail) {
@@ -157,6 +161,21 @@ std::vector<CheckResult> RunChecks(const CheckInputs& in) {
                              : "PEFT applies what this check does not model: " + fields));
   }
 
+  if (in.merged_model_weights) {
+    const RoundingTally& t = *in.merged_model_weights;
+    checks.push_back(Check(
+        "merged_model_weights_within_rounding", t.worst, "<=", 1,
+        fmt::format("largest |merged file - PEFT merge| per what rounding allows (one step of the "
+                    "stored dtype + 1e-5 of the row); worst in {}",
+                    t.worst_tensor.empty() ? "none" : t.worst_tensor)));
+    checks.push_back(Check("merged_model_weights_rounded_to_nearest",
+                           t.elements ? static_cast<double>(t.misrounded) / t.elements : 0,
+                           "<=", kMaxMisroundedFraction,
+                           fmt::format("fraction of {} bf16/fp16 elements not rounded to the "
+                                       "nearest value (float32 sums in another order flip about "
+                                       "1e-5)",
+                                       t.elements)));
+  }
   if (in.prompts.empty()) return checks;
   // The adapter as PEFT applies it against the checkpoint's own adapter merged in Megatron's
   // layout; a merged model against PEFT's weights stored as the merged files store them.

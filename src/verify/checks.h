@@ -20,8 +20,19 @@ struct PromptLogits {
   at::Tensor& Of(std::string_view variant);
 };
 
+// How the merged model's weights compare with PEFT's merge of the same adapter in float32: each
+// element's distance in units of what rounding to the stored dtype may add (one step of that
+// dtype, plus float32 noise of 1e-5 of the tensor row's largest element).
+struct RoundingTally {
+  uint64_t elements = 0;    // stored as bf16 or fp16
+  uint64_t misrounded = 0;  // of those, not the nearest value of the stored dtype
+  double worst = 0;         // largest distance / allowed (NaN counts as infinite)
+  std::string worst_tensor;
+};
+
 struct CheckInputs {
   std::vector<PromptLogits> prompts;
+  std::optional<RoundingTally> merged_model_weights;
   int top_k = 5;
   std::size_t unused_tensors = 0;
   std::size_t missing_tensors = 0;

@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <limits>
+#include <map>
 
 #include "adapter_job/convert/hf_config.h"
 #include "adapter_job/core/error.h"
@@ -101,6 +104,61 @@ VariantTopK TopK(const std::string& variant, const at::Tensor& logits, int k,
   return out;
 }
 
+// Float32 noise a correct merge may differ by, relative to the largest element of the row.
+constexpr double kMergeNoiseRelative = 1e-5;
+
+int MantissaBits(DType dtype) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return 7;
+    case DType::kFloat16:
+      return 10;
+    case DType::kFloat32:
+      return 23;
+    default:
+      Fail("a merged model stored as {} is not verified", TorchName(dtype));
+  }
+}
+
+// `stored` (the merged file's tensor `name`, in float32) against `reference` (PEFT's merge in
+// float32), tallied into `tally`. Returns the reference as the file should store it: where
+// `stored` is within what rounding allows, `stored` itself (either neighbour of a value near a
+// tie is right), elsewhere the reference rounded to the stored dtype. A correct merge so gives
+// the merged model's logits exactly, and a wrong element keeps its distance.
+at::Tensor AsStored(const at::Tensor& reference, const at::Tensor& stored, DType dtype,
+                    const std::string& name, RoundingTally& tally) {
+  if (!stored.sizes().equals(reference.sizes()))
+    Fail("the merged model's '{}' is {}, PEFT's merge {}", name,
+         ShapeToString({stored.sizes().data(), stored.sizes().size()}),
+         ShapeToString({reference.sizes().data(), reference.sizes().size()}));
+  const int bits = MantissaBits(dtype);
+  const double smallest_normal =
+      dtype == DType::kFloat16 ? std::ldexp(1.0, -14) : std::ldexp(1.0, -126);
+  const at::Tensor step =
+      at::exp2(at::floor(at::log2(reference.abs().clamp_min(smallest_normal))) - bits);
+  const at::Tensor row_scale = reference.dim() >= 2
+                                   ? reference.abs().amax(reference.dim() - 1, /*keepdim=*/true)
+                                   : reference.abs().max();
+  const at::Tensor allowed = step + kMergeNoiseRelative * row_scale;
+  const at::Tensor distance =
+      at::nan_to_num((stored - reference).abs() / allowed, std::numeric_limits<double>::infinity());
+  const at::Tensor nearest = reference.to(ToTorch(dtype)).to(at::kFloat);
+  // Nearest rounding means something only where the stored dtype is coarser than float32's
+  // noise: a float32 file is held to the distance alone.
+  if (dtype != DType::kFloat32) {
+    tally.elements += static_cast<uint64_t>(stored.numel());
+    tally.misrounded += static_cast<uint64_t>(stored.ne(nearest).sum().item<int64_t>());
+  }
+  if (stored.numel() > 0) {
+    const double worst = distance.max().item<double>();
+    if (tally.worst_tensor.empty() || worst > tally.worst) {
+      tally.worst = worst;
+      tally.worst_tensor = name;
+    }
+  }
+  return at::where(distance <= 1, stored, nearest);
+}
+
 }  // namespace
 
 VerificationReport Verify(const VerifyOptions& options) {
@@ -184,9 +242,12 @@ VerificationReport Verify(const VerifyOptions& options) {
   const auto variant = [&](std::string_view name) {
     return static_cast<std::size_t>(std::find(names.begin(), names.end(), name) - names.begin());
   };
-  // A weight of peft_as_stored: as the merged model stores the tensor `name`, back in float32.
-  const auto as_stored = [&](const at::Tensor& t, const std::string& name) {
-    return t.to(ToTorch(merged_files->DTypeOf(name))).to(at::kFloat);
+  // A weight of peft_as_stored: PEFT's `reference` as the merged model's `stored` tensor `name`
+  // should hold it (AsStored), each comparison tallied.
+  RoundingTally rounding;
+  const auto as_stored = [&](const at::Tensor& reference, const at::Tensor& stored,
+                             const std::string& name) {
+    return AsStored(reference, stored, merged_files->DTypeOf(name), name, rounding);
   };
 
   // Layers stream through the device one at a time: what must fit is the embedding and head and
@@ -221,8 +282,8 @@ VerificationReport Verify(const VerifyOptions& options) {
     const std::string name = "model.embed_tokens.weight";
     std::vector<at::Tensor> embed(variants, base.Get(name, device, at::kFloat));
     if (merged_files) {
-      embed[variant("peft_as_stored")] = as_stored(embed[0], name);
       embed[variant("merged_model")] = merged_files->Get(name, device, at::kFloat);
+      embed[variant("peft_as_stored")] = as_stored(embed[0], embed[variant("merged_model")], name);
     }
     for (const auto& p : report.prompts) {
       const at::Tensor ids = at::tensor(p.token_ids, at::kLong).to(device);
@@ -243,10 +304,15 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
     if (merged_files) {
       merged_model_weights = LoadLayer(*merged_files, layer, settings, device);
+      std::map<std::string, at::Tensor> in_files;
+      ForEachWeight(merged_model_weights, settings,
+                    [&](const std::string& name, at::Tensor& t) { in_files.emplace(name, t); });
       stored_weights = peft_weights;
       const std::string prefix = fmt::format("model.layers.{}.", layer);
       ForEachWeight(stored_weights, settings, [&](const std::string& name, at::Tensor& t) {
-        t = as_stored(t, prefix + name);
+        const auto file = in_files.find(name);
+        if (file == in_files.end()) Fail("the merged model has no tensor '{}'", prefix + name);
+        t = as_stored(t, file->second, prefix + name);
       });
       per_variant.insert(per_variant.end(), {&stored_weights, &merged_model_weights});
     }
@@ -265,10 +331,12 @@ VerificationReport Verify(const VerifyOptions& options) {
   std::vector<at::Tensor> norms(variants, base.Get("model.norm.weight", device, at::kFloat));
   std::vector<at::Tensor> heads(variants, base.Get(head, device, at::kFloat));
   if (merged_files) {
-    norms[variant("peft_as_stored")] = as_stored(norms[0], "model.norm.weight");
-    heads[variant("peft_as_stored")] = as_stored(heads[0], head);
-    norms[variant("merged_model")] = merged_files->Get("model.norm.weight", device, at::kFloat);
-    heads[variant("merged_model")] = merged_files->Get(head, device, at::kFloat);
+    const std::size_t files = variant("merged_model"), stored = variant("peft_as_stored");
+    norms[files] = merged_files->Get("model.norm.weight", device, at::kFloat);
+    heads[files] = merged_files->Get(head, device, at::kFloat);
+    norms[stored] = as_stored(norms[0], norms[files], "model.norm.weight");
+    // A tied head is the embedding again: tallied twice, which changes no verdict.
+    heads[stored] = as_stored(heads[0], heads[files], head);
   }
   CheckInputs inputs;
   inputs.top_k = options.top_k;
@@ -288,6 +356,7 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
     inputs.prompts.push_back(std::move(logits));
   }
+  if (merged_files) inputs.merged_model_weights = rounding;
   inputs.unused_tensors = peft.unused_tensors().size();
   inputs.missing_tensors = peft.missing_tensors().size();
   inputs.unmodelled_fields = peft.unmodelled_fields();

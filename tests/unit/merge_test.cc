@@ -61,9 +61,19 @@ TEST_P(MergeMath, EqualsAFloat64MergeToFloat32RoundingAndDoesNotDependOnThreads)
   const std::vector<float> w = Random(out * in, gen);
   const std::vector<double> expected = Reference(w, out, in, u);
 
-  std::vector<float> one = w, three = w;
-  MergeInto(one, out, in, u, 1);
-  MergeInto(three, out, in, u, 3);
+  // In two blocks of rows, as a rank's pipeline merges a tensor, on 1 and on 3 threads.
+  const auto merge = [&](int threads) {
+    const auto bytes = std::as_bytes(std::span(w));
+    std::vector<float> merged(w.size());
+    const auto out_bytes = std::as_writable_bytes(std::span(merged));
+    const int64_t split = 113;
+    MergeRows(bytes.first(split * in * 4), DType::kFloat32, out_bytes.first(split * in * 4),
+              DType::kFloat32, 0, split, in, &u, threads);
+    MergeRows(bytes.subspan(split * in * 4), DType::kFloat32, out_bytes.subspan(split * in * 4),
+              DType::kFloat32, split, out - split, in, &u, threads);
+    return merged;
+  };
+  const std::vector<float> one = merge(1), three = merge(3);
   EXPECT_EQ(one, three);
   double worst = 0, scale = 0;
   for (std::size_t i = 0; i < one.size(); ++i) {
@@ -79,16 +89,23 @@ TEST_P(MergeMath, EqualsAFloat64MergeToFloat32RoundingAndDoesNotDependOnThreads)
 INSTANTIATE_TEST_SUITE_P(LoraAndDora, MergeMath, ::testing::Bool());
 
 TEST(MergeMath, RoundsToBFloat16AndFloat16OnceToNearestEven) {
-  const std::vector<float> values = {1.0f, 1.00390625f, 1.01171875f, -2.5f};
+  const std::vector<float> values = {1.0f, 1.00390625f, 1.01171875f, -2.5f, NAN};
+  const auto in = std::as_bytes(std::span(values));
   std::vector<std::byte> bf16(values.size() * 2);
-  FromFloat32(values, DType::kBFloat16, bf16);
+  MergeRows(in, DType::kFloat32, bf16, DType::kBFloat16, 0, 1, 5, nullptr, 1);
   // 1 + 2^-8 is half-way between bf16 neighbours 1 and 1 + 2^-7: to even (1); 1 + 3·2^-8 to 1 +
   // 2^-6.
-  EXPECT_THAT(ToFloat32(bf16, DType::kBFloat16), ElementsAre(1.0f, 1.0f, 1.015625f, -2.5f));
+  const std::vector<float> widened = ToFloat32(bf16, DType::kBFloat16);
+  EXPECT_THAT(std::vector<float>(widened.begin(), widened.begin() + 4),
+              ElementsAre(1.0f, 1.0f, 1.015625f, -2.5f));
+  EXPECT_TRUE(std::isnan(widened[4]));
   std::vector<std::byte> fp16(values.size() * 2);
-  FromFloat32(values, DType::kFloat16, fp16);
-  EXPECT_THAT(ToFloat32(fp16, DType::kFloat16), ElementsAre(1.0f, 1.00390625f, 1.01171875f, -2.5f));
+  MergeRows(in, DType::kFloat32, fp16, DType::kFloat16, 0, 1, 4, nullptr, 1);
+  EXPECT_THAT(ToFloat32(std::span(fp16).first(8), DType::kFloat16),
+              ElementsAre(1.0f, 1.00390625f, 1.01171875f, -2.5f));
   EXPECT_THROW(ToFloat32(bf16, DType::kInt16), FormatError);
+  EXPECT_THROW(MergeRows(bf16, DType::kInt16, fp16, DType::kFloat16, 0, 1, 5, nullptr, 1),
+               FormatError);
 }
 
 TEST(ShardSize, ReadsTransformersSizes) {

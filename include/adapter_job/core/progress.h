@@ -9,12 +9,13 @@
 namespace adapter_job {
 
 struct Progress {
-  std::string_view stage;       // "export", "verify"
-  uint64_t done = 0;            // layers finished
-  uint64_t total = 0;           // layers in all
-  uint64_t bytes_gathered = 0;  // adapter bytes gathered on rank 0 so far (export)
-  uint64_t tensors = 0;         // tensors written so far (export)
-  uint64_t bytes = 0;           // bytes written so far (export)
+  std::string_view stage;            // "export", "merge", "verify"
+  uint64_t done = 0;                 // steps finished
+  uint64_t total = 0;                // steps in all
+  uint64_t bytes_gathered = 0;       // adapter bytes gathered on rank 0 so far (export)
+  uint64_t tensors = 0;              // tensors written so far (export, merge)
+  uint64_t bytes = 0;                // bytes written so far (export, merge)
+  std::string_view unit = "layers";  // what a step is
 };
 
 // Called after every step of a stage, from the thread that runs it; must not throw.

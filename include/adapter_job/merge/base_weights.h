@@ -30,8 +30,8 @@ class BaseWeights {
   const std::map<std::string, Tensor>& tensors() const { return tensors_; }
   const Tensor* Find(const std::string& name) const;
   const std::filesystem::path& PathOf(const Tensor& tensor) const;
-  // Reads the tensor's bytes (entry.end - entry.begin of them) into `out`.
-  void Read(const Tensor& tensor, std::span<std::byte> out) const;
+  // Reads `out.size()` bytes of the tensor from byte `from` of it.
+  void Read(const Tensor& tensor, uint64_t from, std::span<std::byte> out) const;
   uint64_t bytes_read() const;
 
  private:

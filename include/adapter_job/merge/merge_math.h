@@ -1,6 +1,7 @@
 // The merge itself, W' = W + s·B·A, in float32 whatever the weights are stored in, rounded once
 // to the output dtype; for DoRA then W'' = m ⊙ W' / ‖W'‖ with the row norm PEFT uses (one norm
-// per output feature) and the magnitude the run trained.
+// per output feature) and the magnitude the run trained. Every step is row by row, so a tensor
+// can be merged in blocks of rows, and rows are split over threads.
 #pragma once
 
 #include <cstddef>
@@ -21,14 +22,15 @@ struct LowRankUpdate {
   std::vector<float> magnitude;  // DoRA's lora_magnitude_vector, [out]; empty for LoRA
 };
 
-// Widens `count` elements of `bytes` (float32, bfloat16 or float16) to float32.
+// Widens `bytes` (float32, bfloat16 or float16) to float32.
 std::vector<float> ToFloat32(std::span<const std::byte> bytes, DType dtype);
-// Rounds `values` to `dtype` (to nearest even, as torch's .to()) into `out`.
-void FromFloat32(std::span<const float> values, DType dtype, std::span<std::byte> out);
 
-// Merges `update` into `weight` ([out, in], float32, row-major) in place, rows split over
-// `threads` threads.
-void MergeInto(std::span<float> weight, int64_t out, int64_t in, const LowRankUpdate& update,
-               int threads);
+// Rows [first_row, first_row + rows) of a [*, cols] tensor: `in` holds them as `in_dtype`; each
+// is widened to float32, merged with `update`'s rows when there is one, and rounded (to nearest
+// even, as torch's .to()) into `out` as `out_dtype`. Rows are split over `threads` threads.
+// FormatError for a dtype other than float32, bfloat16 or float16.
+void MergeRows(std::span<const std::byte> in, DType in_dtype, std::span<std::byte> out,
+               DType out_dtype, int64_t first_row, int64_t rows, int64_t cols,
+               const LowRankUpdate* update, int threads);
 
 }  // namespace adapter_job::merge

@@ -17,6 +17,7 @@
 #include <optional>
 
 #include "adapter_job/core/dtype.h"
+#include "adapter_job/core/progress.h"
 #include "adapter_job/writer/export_sink.h"
 
 namespace adapter_job::comm {
@@ -31,14 +32,8 @@ struct MergeOptions {
   bool overwrite = false;
   std::optional<DType> dtype;  // nullopt: each tensor keeps the base's dtype
   uint64_t max_shard_bytes = 50'000'000'000;
-  int threads = 0;  // merge threads per rank; 0: this host's cores shared by its ranks
-};
-
-struct MergeStats {
-  uint64_t base_bytes_read = 0;
-  uint64_t bytes_written = 0;
-  uint64_t tensors_merged = 0;
-  double seconds = 0;
+  int threads = 0;        // merge threads per rank; 0: this host's cores shared by its ranks
+  ProgressSink progress;  // on rank 0, after each of its tensors
 };
 
 class MergedModelSink final : public writer::ExportSink {
@@ -54,16 +49,14 @@ class MergedModelSink final : public writer::ExportSink {
   writer::FinishedOutput Finish() override;
   void Publish(bool accepted) override;
   void Abort() noexcept override;
-
-  // This rank's share, once Finish has run.
-  const MergeStats& stats() const { return stats_; }
+  writer::SinkStats stats() const override { return stats_; }
 
  private:
   struct Open;  // rank 0's staged output and adapter, from Begin on
   MergeOptions options_;
   const comm::MpiWorld& world_;
   std::unique_ptr<Open> open_;
-  MergeStats stats_;
+  writer::SinkStats stats_;
 };
 
 }  // namespace adapter_job::merge

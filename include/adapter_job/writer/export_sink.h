@@ -66,6 +66,13 @@ struct FinishedOutput {
   std::filesystem::path merged_model_directory;
 };
 
+// What a collective sink did on one rank, for the run report.
+struct SinkStats {
+  uint64_t bytes_read = 0;     // of inputs the sink reads itself (the merge: base weights)
+  uint64_t bytes_written = 0;  // into its outputs
+  double seconds = 0;          // in Finish
+};
+
 class ExportSink {
  public:
   ExportSink() = default;
@@ -79,6 +86,8 @@ class ExportSink {
   virtual bool verifiable() const = 0;
   // Whether Finish runs on every rank rather than on rank 0 alone.
   virtual bool collective() const { return false; }
+  // This rank's share once Finish has run (collective sinks).
+  virtual SinkStats stats() const { return {}; }
 
   virtual void Begin(const ExportAnnouncement& announcement) = 0;
   virtual void Write(const LayerTensors& layer) = 0;

@@ -1,0 +1,133 @@
+#include "rank_share.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <future>
+#include <map>
+#include <memory>
+
+#include "adapter_job/core/error.h"
+#include "adapter_job/core/file.h"
+
+namespace adapter_job::merge {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Input bytes per block: large enough that a read or write is one long sequential request,
+// small enough that three blocks are nothing beside a layer.
+constexpr uint64_t kBlockBytes = 32ull << 20;
+
+// A run of whole rows of one output tensor, seen as [rows, cols] (a vector is one row).
+struct Block {
+  const OutputTensor* tensor = nullptr;
+  int64_t first_row = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::vector<std::byte> in;
+  std::vector<std::byte> out;  // empty when the bytes are written as read
+};
+
+std::vector<Block> BlocksOf(const MergedLayout& layout, int rank) {
+  std::vector<Block> blocks;
+  for (const OutputTensor& t : layout.tensors) {
+    if (t.rank != rank || t.nbytes == 0) continue;
+    const int64_t rows = t.shape.size() > 1 ? t.shape[0] : 1;
+    const int64_t cols = static_cast<int64_t>(t.nbytes / ItemSize(t.dtype)) / rows;
+    const uint64_t row_bytes = cols * std::max<uint64_t>(ItemSize(t.base->entry.dtype), 4);
+    const int64_t per_block = std::max<int64_t>(1, static_cast<int64_t>(kBlockBytes / row_bytes));
+    for (int64_t first = 0; first < rows; first += per_block)
+      blocks.push_back({&t, first, std::min(per_block, rows - first), cols, {}, {}});
+  }
+  return blocks;
+}
+
+}  // namespace
+
+void WriteAllAt(int fd, uint64_t offset, std::span<const std::byte> bytes, const fs::path& path) {
+  while (!bytes.empty()) {
+    const ssize_t n = ::pwrite(fd, bytes.data(), bytes.size(), static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) Fail<IoError>("cannot write '{}': {}", path.string(), std::strerror(errno));
+    bytes = bytes.subspan(n);
+    offset += n;
+  }
+}
+
+writer::SinkStats WriteShare(const ShareInputs& in) {
+  const auto start = std::chrono::steady_clock::now();
+  // Every module this rank merges is checked before a byte is written.
+  for (const OutputTensor& t : in.layout.tensors) {
+    if (t.rank == in.rank && t.module) in.adapter.Check(t);
+  }
+  std::vector<Block> blocks = BlocksOf(in.layout, in.rank);
+  std::map<std::size_t, UniqueFd> files;
+  for (const Block& b : blocks) {
+    const std::size_t shard = b.tensor->shard;
+    if (files.count(shard)) continue;
+    const fs::path path = in.staging / in.layout.shards[shard].file;
+    UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
+    if (!fd.valid()) Fail<IoError>("cannot open '{}': {}", path.string(), std::strerror(errno));
+    files.emplace(shard, std::move(fd));
+  }
+
+  const auto read = [&](Block b) {
+    const auto in_item = ItemSize(b.tensor->base->entry.dtype);
+    b.in.resize(b.rows * b.cols * in_item);
+    in.base.Read(*b.tensor->base, b.first_row * b.cols * in_item, b.in);
+    return b;
+  };
+  const auto write = [&](const Block& b) {
+    const std::vector<std::byte>& bytes = b.out.empty() ? b.in : b.out;
+    const uint64_t at = b.tensor->offset + b.first_row * b.cols * ItemSize(b.tensor->dtype);
+    WriteAllAt(files.at(b.tensor->shard).get(), at, bytes,
+               in.staging / in.layout.shards[b.tensor->shard].file);
+  };
+
+  writer::SinkStats stats;
+  std::unique_ptr<LowRankUpdate> update;  // of the tensor being merged
+  const OutputTensor* updated = nullptr;
+  uint64_t tensors_done = 0, tensors_total = 0;
+  for (const OutputTensor& t : in.layout.tensors) tensors_total += t.rank == in.rank;
+  std::future<Block> next;
+  std::future<void> writing;
+  if (!blocks.empty()) next = std::async(std::launch::async, read, std::move(blocks[0]));
+  for (std::size_t k = 0; k < blocks.size(); ++k) {
+    Block b = next.get();
+    if (k + 1 < blocks.size())
+      next = std::async(std::launch::async, read, std::move(blocks[k + 1]));
+    const OutputTensor& t = *b.tensor;
+    if (t.module || t.dtype != t.base->entry.dtype) {
+      if (t.module && updated != &t) {
+        update = std::make_unique<LowRankUpdate>(in.adapter.Update(t));
+        updated = &t;
+      }
+      b.out.resize(b.rows * b.cols * ItemSize(t.dtype));
+      MergeRows(b.in, t.base->entry.dtype, b.out, t.dtype, b.first_row, b.rows, b.cols,
+                t.module ? update.get() : nullptr, in.threads);
+    }
+    stats.bytes_written += b.out.empty() ? b.in.size() : b.out.size();
+    if (writing.valid()) writing.get();
+    writing = std::async(std::launch::async, [&write, block = std::move(b)] { write(block); });
+    const bool last_of_tensor = k + 1 == blocks.size() || blocks[k + 1].tensor != &t;
+    if (last_of_tensor && in.progress)
+      in.progress({"merge", ++tensors_done, tensors_total, 0, tensors_done, stats.bytes_written,
+                   "tensors"});
+  }
+  if (writing.valid()) writing.get();
+  for (auto& [shard, fd] : files) {
+    const fs::path path = in.staging / in.layout.shards[shard].file;
+    if (::fsync(fd.get()) != 0)
+      Fail<IoError>("cannot flush '{}': {}", path.string(), std::strerror(errno));
+    fd.Close(path);
+  }
+  stats.bytes_read = in.base.bytes_read();
+  stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return stats;
+}
+
+}  // namespace adapter_job::merge
