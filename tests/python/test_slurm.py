@@ -156,6 +156,31 @@ def test_sbatch_exports_with_four_tasks(cluster, demo, adapter_job_bin, tmp_path
         assert (tmp_path / "adapter" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
 
 
+def test_sbatch_merges_with_four_tasks(cluster, demo, adapter_job_bin, tmp_path):
+    base, ckpt = demo
+    proc = sbatch(cluster, tmp_path, "--hf-model-id", base, "--megatron-peft-checkpoint", ckpt,
+                  "--output-hf-path", tmp_path / "merged", "--verify-device", "cpu", "--max-shard-size", "100KB",
+                  extra_env={"ADAPTER_JOB_BIN": str(adapter_job_bin), "ADAPTER_JOB_COMMAND": "merge"})
+    log = job_log(tmp_path, proc)
+    assert proc.returncode == 0, f"{proc.stderr}\n{log}"
+    assert "adapter_job merge: job" in log and "verification PASSED" in log, log
+    # The same files as one process writes without Slurm.
+    run([adapter_job_bin, "merge", "--hf-model-id", base, "--megatron-peft-checkpoint", ckpt,
+         "--output-hf-path", tmp_path / "plain", "--no-verify", "--max-shard-size", "100KB"])
+    names = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert len([n for n in names if n.startswith("model-")]) > 1
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "merged" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+
+
+def test_sbatch_refuses_an_unknown_command(cluster, demo, adapter_job_bin, tmp_path):
+    proc = sbatch(cluster, tmp_path, extra_env={"ADAPTER_JOB_BIN": str(adapter_job_bin),
+                                                "ADAPTER_JOB_COMMAND": "mrege"})
+    log = job_log(tmp_path, proc)
+    assert proc.returncode == 2 and "'mrege' is not export or merge" in log, log
+
+
 def test_sbatch_passes_the_exit_code_through(cluster, demo, adapter_job_bin, tmp_path):
     base, ckpt = demo
     # Inputs from the environment, as the hook names them; the checkpoint does not exist: bad input, exit 2.
