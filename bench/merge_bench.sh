@@ -5,11 +5,12 @@
 # merge_and_unload + save_pretrained, bench/reference_merge.py), run one after the other with the
 # page cache as the previous run left it. Wall time and peak RSS of every process; the merge runs
 # with --no-verify (the peers do not verify), then once more verifying on the CPU to show its cost.
+# The floor and the merges are the median of REPEAT runs (this VM's disk varies run to run).
 # Prints a Markdown table.
 #   bench/merge_bench.sh [WORKDIR]   (default: bench/work)
 # Env: SHAPE=8b|70b|1b|smoke, LAYERS (default: the shape's), KIND=lora|dora, RANK (LoRA rank,
 #      default the shape's), RANKS="direct 2" (direct: one process without mpirun; N: mpirun -np N),
-#      REFERENCE=1 (0 skips the Python reference), VERIFY=1, BIN=build/src/cli/adapter_job.
+#      REFERENCE=1 (0 skips the Python reference), VERIFY=1, REPEAT=3, BIN=build/src/cli/adapter_job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -19,6 +20,7 @@ KIND=${KIND:-lora}
 RANKS=${RANKS:-"direct 2"}
 REFERENCE=${REFERENCE:-1}
 VERIFY=${VERIFY:-1}
+REPEAT=${REPEAT:-3}
 BIN=${BIN:-build/src/cli/adapter_job}
 PYTHON=${PYTHON:-python3}
 
@@ -45,17 +47,20 @@ if [[ ! -f $adapter/adapter_config.json ]]; then
 fi
 
 now() { date +%s.%N; }
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 mib() { echo $(( $1 / 1024 / 1024 )); }
 shards=("$base"/model-*.safetensors)
 bytes=$(cat "${shards[@]}" | wc -c)
 
-s=$(now); cat "${shards[@]}" >"$dir/copy"; sync "$dir/copy"; e=$(now)
-floor=$(echo "$e - $s" | bc -l)
-rm -f "$dir/copy"
+floor=$(for _ in $(seq "$REPEAT"); do
+  s=$(now); cat "${shards[@]}" >"$dir/copy"; sync "$dir/copy"; e=$(now)
+  rm -f "$dir/copy"
+  echo "$e - $s" | bc -l
+done | median)
 
 echo "| run | wall s | x floor | peak RSS per process (MiB) |"
 echo "|---|---:|---:|---|"
-echo "| floor: cat base shards > file; sync | $(printf %.2f "$floor") | 1.0 | - |"
+echo "| floor: cat base shards > file; sync (median of $REPEAT) | $(printf %.2f "$floor") | 1.0 | - |"
 row() {  # label, wall, rss files...
   local label=$1 wall=$2
   shift 2
@@ -66,21 +71,25 @@ row() {  # label, wall, rss files...
 merge_args=(merge --hf-model-id "$base" --megatron-peft-checkpoint "$ckpt" --quiet)
 for n in $RANKS; do
   out=$dir/merged-$n
-  rm -rf "$out" "$dir"/rss.*
-  s=$(now)
-  if [[ $n == direct ]]; then
-    /usr/bin/time -f %M -o "$dir/rss.0" "$BIN" "${merge_args[@]}" --output-hf-path "$out" --no-verify
-    files=("$dir/rss.0")
-  else
-    # shellcheck disable=SC2016  # expanded by the inner sh, per rank
-    mpirun --oversubscribe -np "$n" sh -c 'exec /usr/bin/time -f %M -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' \
-      "$dir/rss" "$BIN" "${merge_args[@]}" --output-hf-path "$out" --no-verify
-    files=("$dir"/rss.*)
-  fi
-  e=$(now)
+  walls=()
+  for _ in $(seq "$REPEAT"); do
+    rm -rf "$out" "$dir"/rss.*
+    s=$(now)
+    if [[ $n == direct ]]; then
+      /usr/bin/time -f %M -o "$dir/rss.0" "$BIN" "${merge_args[@]}" --output-hf-path "$out" --no-verify
+      files=("$dir/rss.0")
+    else
+      # shellcheck disable=SC2016  # expanded by the inner sh, per rank
+      mpirun --oversubscribe -np "$n" sh -c 'exec /usr/bin/time -f %M -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' \
+        "$dir/rss" "$BIN" "${merge_args[@]}" --output-hf-path "$out" --no-verify
+      files=("$dir"/rss.*)
+    fi
+    e=$(now)
+    walls+=("$(echo "$e - $s" | bc -l)")
+    rm -rf "$out"
+  done
   label=$([[ $n == direct ]] && echo "adapter_job merge (1 process)" || echo "mpirun -np $n adapter_job merge")
-  row "$label" "$(echo "$e - $s" | bc -l)" "${files[@]}"
-  rm -rf "$out"
+  row "$label, median of $REPEAT" "$(printf '%s\n' "${walls[@]}" | median)" "${files[@]}"
 done
 if [[ $VERIFY == 1 ]]; then
   out=$dir/merged-verified
