@@ -10,7 +10,11 @@
 3. small --max-shard-size: save_pretrained's shard names and a valid index; -np 1, 2 and 4 write the same bytes;
 4. Megatron-Bridge's real TP2xPP2 checkpoint: equal to PEFT's merge of Megatron-Bridge's own export;
 5. bad input (a base lacking a targeted tensor, a base whose tensor has the wrong shape, an existing output) exits 2
-   naming the file and key, and leaves nothing behind.
+   naming the file and key, and leaves nothing behind;
+6. four faults planted in a correct merge (DoRA norm dropped, update rounded to bf16 before adding, a layer not
+   merged, a tensor never written) fail `verify --merged-model`;
+7. every family the export supports: Qwen2, Qwen3, Mistral, Gemma 1-3 against PEFT's merge_and_unload, Qwen3-MoE
+   and Mixtral experts (per-expert, shared, normalize_moe_lora) against the fp32 merge of the checkpoint.
 """
 import json
 import logging
@@ -319,3 +323,54 @@ def test_planted_merge_fault_fails_verification(good_merge, tmp_path, fault):
     failing = [c["name"] for c in report["checks"] if not c["passed"]]
     assert failing and all(name.startswith("merged_model_") for name in failing), failing
     assert "merged_model_weights_within_rounding" in failing, failing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every family the export supports (test_families.py's models and checkpoints)
+
+FAMILY_CASES = [("qwen2", "dora", 2, 1), ("qwen3", "canonical_lora", 2, 1), ("mistral", "lora", 1, 2),
+                ("gemma", "lora", 2, 1), ("gemma2", "dora", 1, 2), ("gemma3", "lora", 2, 1)]
+MOE_CASES = [("qwen3_moe", dict(ep=2, etp=1, share_expert_adapters=False)),
+             ("mixtral", dict(ep=2, etp=1, share_expert_adapters=False, normalize_moe_lora=True)),
+             ("qwen3_moe", dict(ep=2, etp=1))]
+
+
+def family_case(tmp_path, binary, base_cfg, **fields):
+    base = build_tiny_llama(base_cfg, tmp_path / "base")
+    cfg = CheckpointConfig(out=tmp_path / "ckpt", base_model=base, heads=base_cfg.heads,
+                           query_groups=base_cfg.kv_heads, head_dim=base_cfg.head_dim, hidden=base_cfg.hidden,
+                           ffn=base_cfg.ffn, num_layers=base_cfg.layers, **fields)
+    written = write_checkpoint(cfg)
+    adapter_job(binary, "export", "--hf-model-id", base, "--megatron-peft-checkpoint", written.root,
+                "--output-hf-path", tmp_path / "adapter", "--no-verify")
+    out = tmp_path / "merged"
+    proc = adapter_job(binary, "merge", "--hf-model-id", base, "--megatron-peft-checkpoint", written.root,
+                       "--output-hf-path", out, "--dtype", "fp32", "--verify-device", "cpu", np=2)
+    assert "verification PASSED" in proc.stdout, proc.stdout
+    return base, cfg, written, out
+
+
+@pytest.mark.parametrize("family,kind,tp,pp", FAMILY_CASES, ids=[f"{f}-{k}" for f, k, _, _ in FAMILY_CASES])
+def test_every_dense_family_merges_as_peft(adapter_job_bin, tmp_path, family, kind, tp, pp):
+    base_cfg = TinyLlamaConfig(architecture=family, tie_word_embeddings=family.startswith("gemma"),
+                               head_dim=32 if family == "qwen3" else 16)
+    base, cfg, written, out = family_case(tmp_path, adapter_job_bin, base_cfg, kind=kind, tp=tp, pp=pp)
+    ids = tokens(256, 16)
+    ours = logits_of(load_merged(out), ids)
+    peft = logits_of(peft_merged_model(base, tmp_path / "adapter"), ids)
+    assert rel_err(peft, logits_of(load_base(base), ids)) > MIN_EFFECT
+    assert rel_err(ours, peft) < REL_TOL, f"{family} {kind}: merged model != PEFT merge_and_unload"
+
+
+@pytest.mark.parametrize("family,fields", MOE_CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(MOE_CASES)])
+def test_moe_experts_merge_as_the_fp32_reference(adapter_job_bin, tmp_path, family, fields):
+    base_cfg = TinyLlamaConfig(architecture=family, head_dim=32 if family == "qwen3_moe" else 16)
+    base, cfg, written, out = family_case(tmp_path, adapter_job_bin, base_cfg, kind="lora", tp=2, pp=1,
+                                          experts=base_cfg.experts, expert_ffn=base_cfg.expert_ffn,
+                                          topk=base_cfg.experts_per_token, **fields)
+    ids = tokens(256, 16)
+    ours = logits_of(load_merged(out), ids)
+    reference = merged_reference_logits(base, live_tensors(written), "lora", cfg.alpha, cfg.dim, ids,
+                                        nq=cfg.heads, ng=cfg.query_groups, head_dim=cfg.head_dim, ffn=cfg.ffn)
+    assert rel_err(reference, logits_of(load_base(base), ids)) > MIN_EFFECT
+    assert rel_err(ours, reference) < REL_TOL, f"{family}: merged model != the fp32 merge of the checkpoint"
