@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <map>
@@ -45,6 +46,19 @@ bool IsCopiedFile(const std::string& name) {
                                                "chat_template.json",
                                                "chat_template.jinja"};
   return kExact.count(name) > 0;
+}
+
+// model.safetensors or model-00001-of-00004.safetensors, as save_pretrained names weights files.
+bool IsShardFileName(const std::string& name) {
+  if (name == "model.safetensors") return true;
+  static constexpr std::string_view kPattern = "model-DDDDD-of-DDDDD.safetensors";
+  if (name.size() != kPattern.size()) return false;
+  for (std::size_t i = 0; i < name.size(); ++i) {
+    const bool digit = kPattern[i] == 'D';
+    if (digit ? !std::isdigit(static_cast<unsigned char>(name[i])) : name[i] != kPattern[i])
+      return false;
+  }
+  return true;
 }
 
 std::vector<std::string> CopiedFiles(const fs::path& base_model) {
@@ -124,6 +138,14 @@ void MergedModelSink::Begin(const writer::ExportAnnouncement& announcement) {
   owned.insert(kConfigFile);
   owned.insert(kIndexFile);
   for (const auto& shard : layout.shards) owned.insert(shard.file);
+  // An earlier merge split into another number of shards is ours to replace too.
+  for (const fs::path& earlier : {target, fs::path(target.string() + writer::kUnverifiedSuffix)}) {
+    std::error_code ec;
+    for (fs::directory_iterator it(earlier, ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      if (IsShardFileName(name)) owned.insert(name);
+    }
+  }
   open_->output.emplace(writer::StagedDirectory::Create(target, options_.overwrite, owned,
                                                         writer::kUnverifiedSuffix));
   writer::StagedDirectory& output = *open_->output;

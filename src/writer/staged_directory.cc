@@ -72,7 +72,7 @@ void CheckReplaceable(const fs::path& path, bool overwrite, const std::set<std::
     Fail("output '{}' exists and is not a directory; not replacing it", path.string());
   if (const std::string foreign = ForeignEntry(path, owned); !foreign.empty()) {
     Fail(
-        "output '{}' holds '{}', which is not part of an adapter this tool writes; not "
+        "output '{}' holds '{}', which is not part of an output this tool writes; not "
         "replacing it, even with --overwrite (choose another --output-hf-path)",
         path.string(), foreign);
   }

@@ -252,6 +252,17 @@ def test_an_existing_output_is_kept_without_overwrite(cases, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["merged"] and (out / "config.json").read_text() == "{}"
     case.merge(out, "--no-verify", "--overwrite")
     load_merged(out)
+    # An earlier merge in another number of shards is replaced too, and nothing of it is left.
+    case.merge(out, "--no-verify", "--overwrite", "--max-shard-size", "40KB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    case.merge(out, "--no-verify", "--overwrite", "--max-shard-size", "60KB")
+    assert sorted(p.name for p in out.glob("model-*.safetensors")) != shards
+    load_merged(out)
+    # What this tool never writes is never replaced.
+    (out / "notes.txt").write_text("mine")
+    proc = case.merge(out, "--no-verify", "--overwrite", check=False)
+    assert proc.returncode == EXIT_BAD_INPUT and "notes.txt" in proc.stderr
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------------------------------------------
