@@ -5,6 +5,8 @@
 
 #include <cerrno>
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <map>
@@ -56,6 +58,14 @@ std::vector<Block> BlocksOf(const MergedLayout& layout, int rank) {
       blocks.push_back({&t, first, std::min(per_block, rows - first), cols, {}, {}});
   }
   return blocks;
+}
+
+// Test hook for fault tests: ADAPTER_JOB_TEST_KILL_RANK=<rank>:merge makes that rank die by
+// SIGKILL once its first block is written, as a node failure would (comm/layer_gather.cc reads
+// <rank>:<layer> for the gather).
+bool KilledWhileMerging(int rank) {
+  const char* spec = std::getenv("ADAPTER_JOB_TEST_KILL_RANK");
+  return spec != nullptr && std::string_view(spec) == fmt::format("{}:merge", rank);
 }
 
 }  // namespace
@@ -139,7 +149,10 @@ writer::SinkStats WriteShare(const ShareInputs& in) {
                 t.module ? update.get() : nullptr, in.threads);
     }
     stats.bytes_written += b.out.empty() ? b.in.size() : b.out.size();
-    if (writing.valid()) writing.get();
+    if (writing.valid()) {
+      writing.get();
+      if (k == 1 && KilledWhileMerging(in.rank)) std::raise(SIGKILL);
+    }
     writing = std::async(std::launch::async, write, b);
     const bool last_of_tensor = k + 1 == blocks.size() || blocks[k + 1].tensor != &t;
     if (last_of_tensor && in.progress)

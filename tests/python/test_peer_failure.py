@@ -32,13 +32,13 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def export_with_dead_rank(binary, np, hf, ckpt, out, status_dir: Path, kill: str, *extra, mpirun_args=(),
-                          timeout=120):
+                          timeout=120, command="export"):
     """`mpirun --enable-recovery -np N`, each rank under `sh` writing its exit status to status_dir/<rank>; rank:layer
     in `kill` SIGKILLs itself on reaching that layer (ADAPTER_JOB_TEST_KILL_RANK)."""
     status_dir.mkdir()
     record = '"$@"; echo $? > "$ADAPTER_JOB_STATUS_DIR/$OMPI_COMM_WORLD_RANK"'
     cmd = [*MPIRUN, *mpirun_args, "--enable-recovery", "-x", "ADAPTER_JOB_STATUS_DIR", "-x",
-           "ADAPTER_JOB_TEST_KILL_RANK", "-np", str(np), "sh", "-c", record, "sh", binary, "export",
+           "ADAPTER_JOB_TEST_KILL_RANK", "-np", str(np), "sh", "-c", record, "sh", binary, command,
            "--hf-model-id", hf, "--megatron-peft-checkpoint", ckpt, "--output-hf-path", out, "--no-verify", *extra]
     env = {**os.environ, "ADAPTER_JOB_STATUS_DIR": str(status_dir), "ADAPTER_JOB_TEST_KILL_RANK": kill}
     proc = run(cmd, check=False, timeout=timeout, env=env)
@@ -98,6 +98,19 @@ def test_a_rank_killed_mid_gather_ends_every_rank_with_4(adapter_job_bin, mb_fix
     proc, statuses = export_with_dead_rank(adapter_job_bin, np, mb_fixtures / "hf_base",
                                            mb_fixtures / "tp2pp2/lora/megatron_ckpt", out, tmp_path / "status", kill)
     check_dead_peer_ends_every_rank(proc, statuses, np, int(kill.split(":")[0]), out)
+
+
+def test_a_rank_killed_mid_merge_ends_every_rank_with_4(adapter_job_bin, mb_fixtures, tmp_path):
+    """`adapter_job merge`: rank 1 dies after writing its first block of the merged model (<rank>:merge); rank 0,
+    done with its own share, notices while they agree on the outcome, and removes both staging directories (the
+    merged model's and the adapter's it merged from)."""
+    out = tmp_path / "outputs" / "merged"
+    out.parent.mkdir()
+    proc, statuses = export_with_dead_rank(adapter_job_bin, 2, mb_fixtures / "hf_base",
+                                           mb_fixtures / "tp2pp2/lora/megatron_ckpt", out, tmp_path / "status",
+                                           "1:merge", "--max-shard-size", "100KB", command="merge")
+    check_dead_peer_ends_every_rank(proc, statuses, 2, 1, out)
+    assert list(out.parent.iterdir()) == [], "staging left behind"
 
 
 # <rank>:<call>:<n>: the n-th such call on that rank. Each rank's first MPI_Allgather picks the transport (the
