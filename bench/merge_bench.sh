@@ -10,7 +10,8 @@
 #   bench/merge_bench.sh [WORKDIR]   (default: bench/work)
 # Env: SHAPE=8b|70b|1b|smoke, LAYERS (default: the shape's), KIND=lora|dora, RANK (LoRA rank,
 #      default the shape's), RANKS="direct 2" (direct: one process without mpirun; N: mpirun -np N),
-#      REFERENCE=1 (0 skips the Python reference), VERIFY=1, REPEAT=3, BIN=build/src/cli/adapter_job.
+#      REFERENCE=1 (0 skips the Python reference), VERIFY=1, VERIFY_DEVICE=cpu|cuda|auto, REPEAT=3,
+#      BIN=build/src/cli/adapter_job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -20,6 +21,7 @@ KIND=${KIND:-lora}
 RANKS=${RANKS:-"direct 2"}
 REFERENCE=${REFERENCE:-1}
 VERIFY=${VERIFY:-1}
+VERIFY_DEVICE=${VERIFY_DEVICE:-cpu}
 REPEAT=${REPEAT:-3}
 BIN=${BIN:-build/src/cli/adapter_job}
 PYTHON=${PYTHON:-python3}
@@ -93,15 +95,15 @@ for n in $RANKS; do
 done
 if [[ $VERIFY == 1 ]]; then
   out=$dir/merged-verified
-  rm -rf "$out"
+  rm -rf "$out" "$out.unverified"
   s=$(now)
   /usr/bin/time -f %M -o "$dir/rss.v" "$BIN" "${merge_args[@]}" --output-hf-path "$out" \
-    --verify-device cpu --report "$dir/report.json"
+    --verify-device "$VERIFY_DEVICE" --report "$dir/report.json"
   e=$(now)
-  row "adapter_job merge, verified on the CPU (1 process)" "$(echo "$e - $s" | bc -l)" "$dir/rss.v"
+  row "adapter_job merge, verified ($VERIFY_DEVICE, 1 process)" "$(echo "$e - $s" | bc -l)" "$dir/rss.v"
   verify_s=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["seconds"]["verify"])' "$dir/report.json")
   echo "| (of which verification) | $(printf %.2f "$verify_s") | | |"
-  rm -rf "$out"
+  rm -rf "$out" "$out.unverified"
 fi
 if [[ $REFERENCE == 1 ]]; then
   out=$dir/reference

@@ -9,6 +9,9 @@
 #   bench-verify  bench/gpu_bench.sh verify (8B shape, one GPU)
 #   trust-1b      a Llama-3.2-1B-shaped model (vocab 128256, tied) with an r16 LoRA: `export` (CUDA
 #                 verification, the default) and `verify` must pass; their figures go to the summary
+#   merge-1b      the same model merged (`adapter_job merge`, CUDA verification) must pass, and
+#                 `verify --merged-model` on the CPU must give the same verdict; figures to the summary
+#   bench-merge   bench/merge_bench.sh at the 8B shape with 16 layers (LoRA r16), verification on CUDA
 #   all           the three, in that order (about 12 minutes on 4 H100s: more than one device call
 #                 allows, so split it over two calls on the same machine)
 #   scripts/gpu/run.sh [tests|bench-export|bench-verify|all]...   (default: tests)
@@ -122,21 +125,9 @@ with h5py.File(sys.argv[1]) as g, h5py.File(sys.argv[2]) as c:
 PY
 }
 
-# The verdict on a real vocabulary on the GPU (issue 12): a correct export must pass with margin.
-run_trust_1b() {
-  local dir=/tmp/trust-1b
-  rm -rf "$dir" && mkdir -p "$dir"
-  python3 bench/llama_shape.py --shape 1b --out "$dir/hf" --weights >"$LOGS/trust-1b-model.log" 2>&1 || { status=1; return; }
-  # shellcheck disable=SC2046  # the shape's dims, one word each
-  python3 tests/fixtures/megatron_checkpoint.py --out "$dir/ckpt" --base-model "$dir/hf" --no-expected \
-    $(python3 bench/llama_shape.py --shape 1b --checkpoint-args) >"$LOGS/trust-1b-ckpt.log" 2>&1 || { status=1; return; }
-  $B export --hf-model-id "$dir/hf" --megatron-peft-checkpoint "$dir/ckpt" --output-hf-path "$dir/adapter" \
-    --report "$LOGS/trust-1b-export.json" >"$LOGS/trust-1b-export.log" 2>&1
-  note "1B-shaped export (CUDA verification): exit $?"
-  $B verify --hf-model-id "$dir/hf" --hf-adapter-path "$dir/adapter" --megatron-peft-checkpoint "$dir/ckpt" \
-    --verify-device cuda --report "$LOGS/trust-1b-verify.json" >"$LOGS/trust-1b-verify.log" 2>&1
-  note "1B-shaped verify --verify-device cuda: exit $?"
-  python3 - "$LOGS/trust-1b-export.json" "$LOGS/trust-1b-verify.json" <<'PY' | tee -a "$SUMMARY" || status=1
+# Every check of the verification reports given, and whether all passed.
+print_checks() {
+  python3 - "$@" <<'PY'
 import json, sys
 ok = True
 for path in sys.argv[1:]:
@@ -150,6 +141,48 @@ sys.exit(0 if ok else 1)
 PY
 }
 
+# A Llama-3.2-1B-shaped model with an r16 LoRA checkpoint in /tmp/trust-1b, made once.
+make_1b() {
+  local dir=/tmp/trust-1b
+  [[ -f $dir/ckpt/latest_checkpointed_iteration.txt ]] && return 0
+  rm -rf "$dir" && mkdir -p "$dir"
+  python3 bench/llama_shape.py --shape 1b --out "$dir/hf" --weights >"$LOGS/trust-1b-model.log" 2>&1 || return 1
+  # shellcheck disable=SC2046  # the shape's dims, one word each
+  python3 tests/fixtures/megatron_checkpoint.py --out "$dir/ckpt" --base-model "$dir/hf" --no-expected \
+    $(python3 bench/llama_shape.py --shape 1b --checkpoint-args) >"$LOGS/trust-1b-ckpt.log" 2>&1
+}
+
+# The verdict on a real vocabulary on the GPU (issue 12): a correct export must pass with margin.
+run_trust_1b() {
+  local dir=/tmp/trust-1b
+  make_1b || { status=1; return; }
+  rm -rf "$dir/adapter"
+  $B export --hf-model-id "$dir/hf" --megatron-peft-checkpoint "$dir/ckpt" --output-hf-path "$dir/adapter" \
+    --report "$LOGS/trust-1b-export.json" >"$LOGS/trust-1b-export.log" 2>&1
+  note "1B-shaped export (CUDA verification): exit $?"
+  $B verify --hf-model-id "$dir/hf" --hf-adapter-path "$dir/adapter" --megatron-peft-checkpoint "$dir/ckpt" \
+    --verify-device cuda --report "$LOGS/trust-1b-verify.json" >"$LOGS/trust-1b-verify.log" 2>&1
+  note "1B-shaped verify --verify-device cuda: exit $?"
+  print_checks "$LOGS/trust-1b-export.json" "$LOGS/trust-1b-verify.json" | tee -a "$SUMMARY" || status=1
+}
+
+# The merged export's verdict on the GPU (issue 14): a correct merge passes on CUDA and on the CPU.
+run_merge_1b() {
+  local dir=/tmp/trust-1b
+  make_1b || { status=1; return; }
+  rm -rf "$dir/merged" "$dir/merged.unverified" "$dir/adapter"
+  $B merge --hf-model-id "$dir/hf" --megatron-peft-checkpoint "$dir/ckpt" --output-hf-path "$dir/merged" \
+    --verify-device cuda --report "$LOGS/merge-1b.json" >"$LOGS/merge-1b.log" 2>&1
+  note "1B-shaped merge (CUDA verification): exit $?"
+  $B export --hf-model-id "$dir/hf" --megatron-peft-checkpoint "$dir/ckpt" --output-hf-path "$dir/adapter" \
+    --no-verify >"$LOGS/merge-1b-adapter.log" 2>&1 || status=1
+  $B verify --hf-model-id "$dir/hf" --hf-adapter-path "$dir/adapter" --megatron-peft-checkpoint "$dir/ckpt" \
+    --merged-model "$dir/merged" --verify-device cpu --report "$LOGS/merge-1b-verify-cpu.json" \
+    >"$LOGS/merge-1b-verify-cpu.log" 2>&1
+  note "1B-shaped verify --merged-model --verify-device cpu: exit $?"
+  print_checks "$LOGS/merge-1b.json" "$LOGS/merge-1b-verify-cpu.json" | tee -a "$SUMMARY" || status=1
+}
+
 for stage in "$@"; do
   t=$(date +%s)
   case $stage in
@@ -158,6 +191,10 @@ for stage in "$@"; do
     bench-export) BIN=$B bash bench/gpu_bench.sh export 2>&1 | tee -a "$SUMMARY" || status=1 ;;
     bench-verify) BIN=$B bash bench/gpu_bench.sh verify 2>&1 | tee -a "$SUMMARY" || status=1 ;;
     trust-1b) run_trust_1b ;;
+    merge-1b) run_merge_1b ;;
+    bench-merge)
+      VERIFY_DEVICE=cuda SHAPE=8b LAYERS=16 BIN=$B bash bench/merge_bench.sh /tmp/bench-work 2>&1 |
+        tee -a "$SUMMARY" || status=1 ;;
     *) echo "unknown stage '$stage'" >&2; status=2; exit ;;
   esac
   note "stage $stage: $(($(date +%s) - t)) s, status so far $status"
