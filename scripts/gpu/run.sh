@@ -12,6 +12,8 @@
 #   merge-1b      the same model merged (`adapter_job merge`, CUDA verification) must pass, and
 #                 `verify --merged-model` on the CPU must give the same verdict; figures to the summary
 #   bench-merge   bench/merge_bench.sh at the 8B shape with 16 layers (LoRA r16), verification on CUDA
+#   select        ctest -R "$CTEST_SELECT" in the GPU build (g++ 13 / CMake 4): CPU tests that must
+#                 also pass on the image's toolchain, e.g. install.find_package|comm.mpi
 #   all           the three, in that order (about 12 minutes on 4 H100s: more than one device call
 #                 allows, so split it over two calls on the same machine)
 #   scripts/gpu/run.sh [tests|bench-export|bench-verify|all]...   (default: tests)
@@ -71,7 +73,7 @@ cmake -S . -B build-gpu -G Ninja -DADAPTER_JOB_WERROR=ON \
   >"$LOGS/configure.log" 2>&1 || { tail -40 "$LOGS/configure.log"; status=1; exit; }
 # Benchmarks alone need only the job and its verification plugin.
 targets=()
-[[ " $* " == *" tests "* || " $* " == *" gpu-tests "* ]] || targets=(--target adapter_job verify_plugin)
+[[ " $* " == *" tests "* || " $* " == *" gpu-tests "* || " $* " == *" select "* ]] || targets=(--target adapter_job verify_plugin)
 cmake --build build-gpu -j"$(nproc)" "${targets[@]}" >"$LOGS/build.log" 2>&1 ||
   { grep -E "error|Error" -A3 "$LOGS/build.log" | head -60; status=1; exit; }
 note "build ok ($(($(date +%s) - start)) s)"
@@ -192,6 +194,11 @@ for stage in "$@"; do
     bench-verify) BIN=$B bash bench/gpu_bench.sh verify 2>&1 | tee -a "$SUMMARY" || status=1 ;;
     trust-1b) run_trust_1b ;;
     merge-1b) run_merge_1b ;;
+    select)
+      (cd build-gpu && ctest -R "${CTEST_SELECT:?select needs CTEST_SELECT}" --output-on-failure --timeout 300) \
+        >"$LOGS/ctest-select.log" 2>&1 || status=1
+      note "ctest -R '$CTEST_SELECT': $(grep -E "tests passed|tests failed" "$LOGS/ctest-select.log")"
+      grep -E "Test +#|\*\*\*Failed|Timeout" "$LOGS/ctest-select.log" | tee -a "$SUMMARY" ;;
     bench-merge)
       VERIFY_DEVICE=cuda SHAPE=8b LAYERS=16 BIN=$B bash bench/merge_bench.sh /tmp/bench-work 2>&1 |
         tee -a "$SUMMARY" || status=1 ;;

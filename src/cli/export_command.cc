@@ -3,6 +3,7 @@
 
 #include <boost/program_options/errors.hpp>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <optional>
 
@@ -19,15 +20,23 @@
 
 namespace adapter_job::cli {
 
-int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args) {
+namespace {
+
+// Parses the command line, and runs `publish` (which writes the output as `pinned` says, keeps
+// its report and returns the exit code) under --wait and --result; the result records a command
+// line it could not parse too.
+int RunRecorded(
+    const comm::MpiWorld& world, const std::vector<std::string>& args, ExportCommand command,
+    const std::function<int(const ExportCommandLine&, Console&, const ExportOptions& pinned,
+                            std::optional<ExportReport>& kept)>& publish) {
   ExportCommandLine cl;
   try {
-    cl = ParseExportCommandLine(args, ExportCommand::kExport);
+    cl = ParseExportCommandLine(args, command);
   } catch (const boost::program_options::error& e) {
-    RecordUnparsed(world, args, static_cast<int>(ExitCode::kBadInput), e.what());
+    RecordUnparsed(world, command, args, static_cast<int>(ExitCode::kBadInput), e.what());
     throw;
   } catch (const Error& e) {
-    RecordUnparsed(world, args, static_cast<int>(e.exit_code()), e.what());
+    RecordUnparsed(world, command, args, static_cast<int>(e.exit_code()), e.what());
     throw;
   }
   if (cl.record_failure || (cl.help && cl.result_path)) return RecordWithoutExport(world, cl);
@@ -41,28 +50,42 @@ int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args)
   options.report_path = cl.report_path;  // written by the export, before it publishes
   // --wait and --result around the export (export_result.h); `options` is then pinned to the
   // iteration found.
-  return RunRecordedExport(
-      world, cl, console, options,
-      [&](const ExportOptions& pinned, std::optional<ExportReport>& kept) {
-        if (cl.values.count("verify-h5")) {
-          writer::RefuseOutputsOverInputs(
-              {{"--verify-h5", cl.values["verify-h5"].as<std::string>()}},
-              {{"--megatron-peft-checkpoint", options.checkpoint},
-               {"--hf-model-id", options.hf_model_id}});
-        }
-        const ExportReport& report = kept.emplace(ExportAdapter(pinned, world));
-        if (world.rank() != 0) return 0;
-        console.Result(report.Summary());
-        if (!report.verification) {
-          console.Log(LogLevel::kWarning, "not verified (" +
-                                              report.verification_skipped.value_or("") +
-                                              "): published " + report.published.string());
-          return 0;
-        }
-        return ReportVerification(
-            *report.verification, cl.values, console,
-            "; the adapter was NOT published: it is in " + report.published.string());
-      });
+  return RunRecordedExport(world, cl, console, options,
+                           [&](const ExportOptions& pinned, std::optional<ExportReport>& kept) {
+                             if (cl.values.count("verify-h5")) {
+                               writer::RefuseOutputsOverInputs(
+                                   {{"--verify-h5", cl.values["verify-h5"].as<std::string>()}},
+                                   {{"--megatron-peft-checkpoint", options.checkpoint},
+                                    {"--hf-model-id", options.hf_model_id}});
+                             }
+                             return publish(cl, console, pinned, kept);
+                           });
+}
+
+// What rank 0 says of a published (or rejected) output; the exit code.
+int Conclude(const comm::MpiWorld& world, const ExportCommandLine& cl, Console& console,
+             const ExportReport& report, const char* what) {
+  if (world.rank() != 0) return 0;
+  console.Result(report.Summary());
+  if (!report.verification) {
+    console.Log(LogLevel::kWarning, "not verified (" + report.verification_skipped.value_or("") +
+                                        "): published " + report.published.string());
+    return 0;
+  }
+  return ReportVerification(
+      *report.verification, cl.values, console,
+      fmt::format("; the {} was NOT published: it is in {}", what, report.published.string()));
+}
+
+}  // namespace
+
+int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args) {
+  return RunRecorded(world, args, ExportCommand::kExport,
+                     [&](const ExportCommandLine& cl, Console& console, const ExportOptions& pinned,
+                         std::optional<ExportReport>& kept) {
+                       return Conclude(world, cl, console,
+                                       kept.emplace(ExportAdapter(pinned, world)), "adapter");
+                     });
 }
 
 int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args) {
@@ -83,29 +106,16 @@ int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args)
 }
 
 int RunMerge(const comm::MpiWorld& world, const std::vector<std::string>& args) {
-  const ExportCommandLine cl = ParseExportCommandLine(args, ExportCommand::kMerge);
-  if (cl.help) {
-    if (world.rank() == 0) std::cout << cl.help_text;
-    return 0;
-  }
-  Console console = Console::FromOptions(cl.values, world.rank());
-  ExportOptions options = cl.options;
-  options.progress = console.Progress();
-  options.report_path = cl.report_path;
-  merge::MergeOptions merge = cl.merge;
-  merge.progress = options.progress;
-  merge::MergedModelSink sink(merge, world);
-  const ExportReport report = ExportToSink(options, sink, world);
-  if (world.rank() != 0) return 0;
-  console.Result(report.Summary());
-  if (!report.verification) {
-    console.Log(LogLevel::kWarning, "not verified (" + report.verification_skipped.value_or("") +
-                                        "): published " + report.published.string());
-    return 0;
-  }
-  return ReportVerification(
-      *report.verification, cl.values, console,
-      "; the merged model was NOT published: it is in " + report.published.string());
+  return RunRecorded(world, args, ExportCommand::kMerge,
+                     [&](const ExportCommandLine& cl, Console& console, const ExportOptions& pinned,
+                         std::optional<ExportReport>& kept) {
+                       merge::MergeOptions merge = cl.merge;
+                       merge.progress = pinned.progress;
+                       merge::MergedModelSink sink(merge, world);
+                       return Conclude(world, cl, console,
+                                       kept.emplace(ExportToSink(pinned, sink, world)),
+                                       "merged model");
+                     });
 }
 
 }  // namespace adapter_job::cli

@@ -108,20 +108,25 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
         "the largest weights file, as transformers' save_pretrained (5GB, 500MB, 2GiB, bytes)")(
         "merge-threads", po::value<int>()->default_value(0),
         "threads per rank for the merge; 0: the host's cores shared by its ranks");
-  } else if (!stream) {
+  }
+  if (!stream) {
     options.add_options()
       ("wait", po::value<std::string>()->default_value("0"),
        "wait up to this many seconds for the checkpoint to be complete (its iteration's .metadata "
-       "and metadata.json written, its files unchanged for --wait-settle); 0: export it as it is")
+       "and metadata.json written, its files unchanged for --wait-settle); 0: take it as it is")
       ("wait-poll", po::value<std::string>()->default_value("10"),
        "seconds between looks while a checkpoint file is missing")
       ("wait-settle", po::value<std::string>()->default_value("10"),
        "seconds the iteration's files must stay unchanged (names, sizes, modification times)")
       ("result", po::value<std::string>(),
-       "write the outcome as JSON to this file (status, exit code, message, checkpoint, adapter "
-       "hashes, report); an adapter this file records as made from the same checkpoint is skipped")
+       merge ? "write the outcome as JSON to this file (status, exit code, message, checkpoint, "
+               "the output's files, report); a merged model this file records as made from the "
+               "same checkpoint is skipped"
+             : "write the outcome as JSON to this file (status, exit code, message, checkpoint, "
+               "adapter hashes, report); an adapter this file records as made from the same "
+               "checkpoint is skipped")
       ("record-failure", po::value<std::string>(),
-       "export nothing: write this message to --result as a failure (for wrappers)")
+       "write nothing else: this message to --result as a failure (for wrappers)")
       ("record-failure-code", po::value<int>()->default_value(2),
        "the exit code --record-failure records and exits with (1 to 255)")
       ("overwrite-hint", po::value<std::string>()->default_value("pass --overwrite"),
@@ -135,6 +140,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
   const po::variables_map& vm = layered.merged;
 
   ExportCommandLine cl;
+  cl.command = command;
   if (vm.count("result")) cl.result_path = vm["result"].as<std::string>();
   if (vm.count("record-failure")) {
     if (!cl.result_path) throw po::error("--record-failure needs --result");
@@ -146,7 +152,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
     // What the wrapper was given, for the result; none of it is needed.
     if (vm.count("megatron-peft-checkpoint"))
       cl.options.checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
-    cl.options.output = vm["output-hf-path"].as<std::string>();
+    if (vm.count("output-hf-path")) cl.options.output = vm["output-hf-path"].as<std::string>();
     cl.values = vm;
     return cl;
   }
@@ -201,7 +207,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
       cl.options.verify = verify;
     }
   }
-  if (!stream && !merge) {
+  if (!stream) {
     cl.overwrite_hint = vm["overwrite-hint"].as<std::string>();
     if (const double seconds = Seconds(vm, "wait"); seconds != 0) {
       cl.wait.emplace();

@@ -17,14 +17,15 @@ namespace adapter_job::cli {
 enum class ExportCommand { kExport, kStream, kMerge };
 
 struct ExportCommandLine {
+  ExportCommand command = ExportCommand::kExport;
   ExportOptions options;
   merge::MergeOptions merge;  // `merge`: the merged model's settings (its --dtype, shards, ...)
   std::optional<std::string> report_path;
   std::optional<std::string> stream_output;  // `stream --output`
-  // `export --wait SECONDS` (> 0): wait for a complete, settled iteration first.
+  // `--wait SECONDS` (> 0): wait for a complete, settled iteration first.
   std::optional<checkpoint::WaitSettings> wait;
-  std::optional<std::string> result_path;  // `export --result FILE`: the hook's result JSON
-  // `export --record-failure MESSAGE`: only write MESSAGE to --result as a failure with this code
+  std::optional<std::string> result_path;  // `--result FILE`: the hook's result JSON
+  // `--record-failure MESSAGE`: only write MESSAGE to --result as a failure with this code
   // (how jobs/export_hook.sh records settings it refuses, or a launcher that died).
   std::optional<std::string> record_failure;
   int record_failure_code = 2;

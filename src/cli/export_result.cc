@@ -15,6 +15,7 @@
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
 #include "adapter_job/writer/output_guard.h"
+#include "output_files.h"
 
 namespace adapter_job::cli {
 namespace {
@@ -23,8 +24,6 @@ namespace fs = std::filesystem;
 using Json = nlohmann::ordered_json;
 using Clock = std::chrono::steady_clock;
 
-constexpr std::array<const char*, 2> kAdapterFiles = {"adapter_model.safetensors",
-                                                      "adapter_config.json"};
 // A result is a few KB plus the export's report; a larger file is not one of ours.
 constexpr std::size_t kMaxResultBytes = std::size_t{64} << 20;
 
@@ -34,6 +33,7 @@ double Since(Clock::time_point start) {
 
 // What the result says besides the outcome.
 struct Record {
+  ExportCommand command = ExportCommand::kExport;
   fs::path file;           // --result (empty: none asked for)
   std::string checkpoint;  // as given
   std::string output;      // as given
@@ -45,6 +45,7 @@ struct Record {
 
 Record RecordOf(const ExportCommandLine& cl) {
   Record r;
+  r.command = cl.command;
   r.file = cl.result_path.value_or("");
   r.checkpoint = cl.options.checkpoint.string();
   r.output = cl.options.output.string();
@@ -63,10 +64,15 @@ std::string Text(const Json* j, const std::string& fallback) {
                                                                           : fallback;
 }
 
-Json AdapterHashes(const fs::path& output) {
-  Json files = Json::object();
-  for (const char* name : kAdapterFiles) files[name] = checkpoint::Sha256File(output / name);
-  return files;
+// How the messages name the command and what it writes.
+const char* CommandName(ExportCommand command) {
+  return command == ExportCommand::kMerge ? "merge" : "export";
+}
+const char* OutputNoun(ExportCommand command) {
+  return command == ExportCommand::kMerge ? "merged model" : "adapter";
+}
+const char* PastTense(ExportCommand command) {
+  return command == ExportCommand::kMerge ? "merged" : "exported";
 }
 
 // The previous result, or null when there is none that parses (a damaged one counts as none).
@@ -131,7 +137,12 @@ void Write(const Record& r, const std::string& status, int code, const std::stri
                           {"integrity", integrity},
                           {"fingerprint", r.fingerprint}};
   result["output"] = r.output;
-  result["files"] = hashed ? AdapterHashes(r.output) : Json::object();
+  result["files"] = Json::object();
+  // Recorded before the seconds: a merged model adds "weights" next to "files".
+  if (hashed) {
+    const Json recorded = RecordOutputFiles(r.command, r.output);
+    for (const auto& [key, value] : recorded.items()) result[key] = value;
+  }
   result["seconds"] = {
       {"wait", r.wait_seconds}, {"export", r.export_seconds}, {"total", Since(r.start)}};
   result["export"] = report;
@@ -150,13 +161,13 @@ void TryWrite(const comm::MpiWorld& world, const Record& r, const std::string& s
   try {
     Write(r, status, code, message, report, hashed);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "adapter_job export: warning: cannot write the result file '%s': %s\n",
-                 r.file.c_str(), e.what());
+    std::fprintf(stderr, "adapter_job %s: warning: cannot write the result file '%s': %s\n",
+                 CommandName(r.command), r.file.c_str(), e.what());
   }
 }
 
-// The earlier result records a success for this checkpoint, and `output` still holds the adapter
-// files with the sha256 it records.
+// The earlier result records a success for this checkpoint, and `output` still holds the files it
+// records, as recorded.
 bool AlreadyExported(const Record& r) {
   std::error_code ec;
   if (!fs::is_directory(r.output, ec) || !fs::is_regular_file(r.file, ec)) return false;
@@ -164,21 +175,8 @@ bool AlreadyExported(const Record& r) {
   const Json* code = Member(before, "exit_code");
   const Json* checkpoint = Member(before, "checkpoint");
   const Json* fingerprint = checkpoint ? Member(*checkpoint, "fingerprint") : nullptr;
-  const Json* files = Member(before, "files");
-  if (!code || !code->is_number() || *code != 0 || !fingerprint || *fingerprint != r.fingerprint ||
-      !files || !files->is_object() || files->size() != kAdapterFiles.size()) {
-    return false;
-  }
-  try {
-    const Json now = AdapterHashes(r.output);
-    for (const char* name : kAdapterFiles) {
-      const Json* recorded = Member(*files, name);
-      if (!recorded || *recorded != now[name]) return false;
-    }
-  } catch (const Error&) {
-    return false;  // a file is gone or unreadable: not the adapter that was made
-  }
-  return true;
+  return code && code->is_number() && *code == 0 && fingerprint && *fingerprint == r.fingerprint &&
+         OutputUnchanged(r.command, r.output, before);
 }
 
 }  // namespace
@@ -231,8 +229,8 @@ int RunRecordedExport(
       }
     });
     if (comm::FirstNonEmpty(world, skip) == "skip") {
-      const std::string message =
-          fmt::format("the adapter in {} already matches this checkpoint", r.output);
+      const std::string message = fmt::format("the {} in {} already matches this checkpoint",
+                                              OutputNoun(r.command), r.output);
       if (rank0) console.Log(LogLevel::kInfo, message);
       TryWrite(world, r, "skipped", 0, message, nullptr, /*hashed=*/true);
       return 0;
@@ -250,18 +248,20 @@ int RunRecordedExport(
     const Json report_json = report && rank0 ? Json(report->ToJson()) : Json(nullptr);
     if (code == 0) {
       const std::string why = NotVerified(report_json);
+      // "exported" for a merge too: the hook's callers key on the status.
       TryWrite(world, r, "exported", 0,
-               why.empty() ? fmt::format("exported and verified {}", r.output)
-                           : fmt::format("exported {}; verification skipped: {}", r.output, why),
+               why.empty() ? fmt::format("{} and verified {}", PastTense(r.command), r.output)
+                           : fmt::format("{} {}; verification skipped: {}", PastTense(r.command),
+                                         r.output, why),
                report_json, /*hashed=*/true);
     } else if (code == static_cast<int>(ExitCode::kVerificationFailed)) {
       TryWrite(world, r, "failed", code,
-               fmt::format("verification failed: the adapter is in {}{}, {} is unchanged", r.output,
-                           kUnverifiedSuffix, r.output),
+               fmt::format("verification failed: the {} is in {}{}, {} is unchanged",
+                           OutputNoun(r.command), r.output, kUnverifiedSuffix, r.output),
                report_json);
     } else {
-      TryWrite(world, r, "failed", code, fmt::format("adapter_job export exited {}", code),
-               report_json);
+      TryWrite(world, r, "failed", code,
+               fmt::format("adapter_job {} exited {}", CommandName(r.command), code), report_json);
     }
     return code;
   } catch (const comm::PeerFailure& e) {
@@ -284,19 +284,22 @@ int RunRecordedExport(
 int RecordWithoutExport(const comm::MpiWorld& world, const ExportCommandLine& cl) {
   const Record r = RecordOf(cl);
   const int code = cl.record_failure ? cl.record_failure_code : 2;
-  const std::string message = cl.record_failure.value_or(
+  const std::string message = cl.record_failure.value_or(fmt::format(
       "--help or --print-config (on the command line or in a --config file) prints instead of "
-      "exporting: adapter_job export exported nothing");
+      "{}: adapter_job {} {} nothing",
+      r.command == ExportCommand::kMerge ? "merging" : "exporting", CommandName(r.command),
+      PastTense(r.command)));
   if (world.rank() == 0) {
-    std::fprintf(stderr, "adapter_job export: error: %s\n", message.c_str());
+    std::fprintf(stderr, "adapter_job %s: error: %s\n", CommandName(r.command), message.c_str());
   }
   TryWrite(world, r, "failed", code, message);
   return code;
 }
 
-void RecordUnparsed(const comm::MpiWorld& world, const std::vector<std::string>& args, int code,
-                    const std::string& message) {
+void RecordUnparsed(const comm::MpiWorld& world, ExportCommand command,
+                    const std::vector<std::string>& args, int code, const std::string& message) {
   Record r;
+  r.command = command;
   // As written on the command line; the first of each (the parse failed, maybe on a repeat).
   const auto take = [&](std::size_t& i, const std::string& name, std::string& value) {
     const std::string& arg = args[i];

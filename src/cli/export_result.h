@@ -1,11 +1,12 @@
-// `adapter_job export --wait` and `--result`: what jobs/export_hook.sh did in bash and Python,
-// around the export itself. Waits for the checkpoint, pins the export to the iteration found,
-// skips an adapter that --result records as made from that iteration, and records the outcome,
-// whatever it is, in the hook's result schema:
+// `adapter_job export|merge --wait` and `--result`: what jobs/export_hook.sh did in bash and
+// Python, around the export itself. Waits for the checkpoint, pins the export to the iteration
+// found, skips an adapter that --result records as made from that iteration, and records the
+// outcome, whatever it is, in the hook's result schema:
 //   {"status": "exported" | "skipped" | "failed", "exit_code", "message", "verified",
 //    ["verification_skipped"], "checkpoint": {"path", "iteration_dir", "iteration", "integrity",
-//    "fingerprint"}, "output", "files": {name: sha256}, "seconds": {"wait", "export", "total"},
-//    "export": the export's report or null}
+//    "fingerprint"}, "output", "files": {name: sha256}, ["weights": {name: {"bytes",
+//    "modified_ns"}}, a merged model's shards (output_files.h)], "seconds": {"wait", "export",
+//    "total"}, "export": the export's report or null}
 #pragma once
 
 #include <functional>
@@ -32,7 +33,7 @@ int RunRecordedExport(
 int RecordWithoutExport(const comm::MpiWorld& world, const ExportCommandLine& cl);
 
 // A command line that could not be parsed: when it names --result, the failure goes there too.
-void RecordUnparsed(const comm::MpiWorld& world, const std::vector<std::string>& args, int code,
-                    const std::string& message);
+void RecordUnparsed(const comm::MpiWorld& world, ExportCommand command,
+                    const std::vector<std::string>& args, int code, const std::string& message);
 
 }  // namespace adapter_job::cli

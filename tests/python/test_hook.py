@@ -144,3 +144,53 @@ def test_bad_settings_and_failed_verification(adapter_job_bin, mb_fixtures, ckpt
     proc, result = hook(adapter_job_bin, ckpt, other, tmp_path / "adapter")
     assert proc.returncode == 2 and result["exit_code"] == 2 and result["status"] == "failed"
     assert "error:" in proc.stderr and not (tmp_path / "adapter").exists()
+
+
+def test_merge_then_skip_and_a_changed_shard_is_not_skipped(adapter_job_bin, mb_fixtures, ckpt, tmp_path):
+    """ADAPTER_JOB_COMMAND=merge: the merged model, recorded by the sha256 of its small files and the size and mtime
+    of its shards (re-hashing a 140 GB model on every run would take minutes); a shard changed in place is caught."""
+    out = tmp_path / "merged"
+    args = "--verify-device cpu --max-shard-size 100KB"
+    proc, result = hook(adapter_job_bin, ckpt, mb_fixtures / "hf_base", out, ADAPTER_JOB_COMMAND="merge",
+                        ADAPTER_JOB_ARGS=args)
+    assert proc.returncode == 0, proc.stderr
+    assert result["status"] == "exported" and result["verified"] is True
+    assert result["message"] == f"merged and verified {out}"
+    assert result["export"]["verification"]["passed"] is True
+    shards = sorted(out.glob("*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and {p.name for p in shards} == set(index["weight_map"].values())
+    assert result["files"] == {p.name: sha256(p) for p in out.iterdir() if p.suffix != ".safetensors"}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= result["files"].keys()
+    assert result["weights"] == {p.name: {"bytes": p.stat().st_size, "modified_ns": p.stat().st_mtime_ns}
+                                 for p in shards}
+    original = {p.name: p.read_bytes() for p in shards}
+
+    again, second = hook(adapter_job_bin, ckpt, mb_fixtures / "hf_base", out, ADAPTER_JOB_COMMAND="merge",
+                         ADAPTER_JOB_ARGS=args)
+    assert again.returncode == 0, again.stderr
+    assert second["status"] == "skipped" and second["message"] == f"the merged model in {out} already matches this checkpoint"
+    assert second["files"] == result["files"] and second["weights"] == result["weights"]
+    assert second["verified"] is True
+
+    # One byte of a shard changed, its size kept: its mtime tells, and the hook refuses to touch it.
+    data = bytearray(original[shards[0].name])
+    data[-1] ^= 0x01
+    shards[0].write_bytes(bytes(data))
+    third, refused = hook(adapter_job_bin, ckpt, mb_fixtures / "hf_base", out, ADAPTER_JOB_COMMAND="merge",
+                          ADAPTER_JOB_ARGS=args)
+    assert third.returncode == 2 and refused["status"] == "failed", third.stderr
+    assert "ADAPTER_JOB_OVERWRITE=1" in refused["message"]
+    assert shards[0].read_bytes() == bytes(data)
+    fourth, redone = hook(adapter_job_bin, ckpt, mb_fixtures / "hf_base", out, ADAPTER_JOB_COMMAND="merge",
+                          ADAPTER_JOB_ARGS=args, ADAPTER_JOB_OVERWRITE="1")
+    assert fourth.returncode == 0 and redone["status"] == "exported", fourth.stderr
+    assert {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))} == original
+
+
+def test_an_unknown_command_is_refused_and_recorded(adapter_job_bin, mb_fixtures, ckpt, tmp_path):
+    out = tmp_path / "merged"
+    proc, result = hook(adapter_job_bin, ckpt, mb_fixtures / "hf_base", out, ADAPTER_JOB_COMMAND="mrege")
+    assert proc.returncode == 2 and result["status"] == "failed" and result["exit_code"] == 2
+    assert result["message"] == "ADAPTER_JOB_COMMAND 'mrege' is not export or merge"
+    assert not out.exists()

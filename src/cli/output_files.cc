@@ -1,0 +1,90 @@
+#include "output_files.h"
+
+#include <sys/stat.h>
+
+#include <array>
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include "adapter_job/checkpoint/integrity.h"
+#include "adapter_job/core/error.h"
+
+namespace adapter_job::cli {
+namespace {
+
+namespace fs = std::filesystem;
+using Json = nlohmann::ordered_json;
+
+constexpr std::array<const char*, 2> kAdapterFiles = {"adapter_model.safetensors",
+                                                      "adapter_config.json"};
+
+bool IsWeights(const fs::path& name) { return name.extension() == ".safetensors"; }
+
+Json StatOf(const fs::path& file) {
+  struct stat st {};
+  if (::stat(file.c_str(), &st) != 0)
+    Fail<IoError>("cannot stat {}: {}", file.string(), std::strerror(errno));
+  return {{"bytes", static_cast<std::uint64_t>(st.st_size)},
+          {"modified_ns",
+           static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec}};
+}
+
+const Json* ObjectMember(const Json& j, const char* key) {
+  if (!j.is_object()) return nullptr;
+  const auto it = j.find(key);
+  return it != j.end() && it->is_object() ? &*it : nullptr;
+}
+
+}  // namespace
+
+Json RecordOutputFiles(ExportCommand command, const fs::path& output) {
+  Json files = Json::object();
+  if (command != ExportCommand::kMerge) {
+    for (const char* name : kAdapterFiles) files[name] = checkpoint::Sha256File(output / name);
+    return {{"files", files}};
+  }
+  Json weights = Json::object();
+  std::error_code ec;
+  for (fs::directory_iterator it(output, ec), end; !ec && it != end; it.increment(ec)) {
+    if (!it->is_regular_file(ec)) continue;
+    const fs::path name = it->path().filename();
+    if (IsWeights(name)) {
+      weights[name.string()] = StatOf(it->path());
+    } else {
+      files[name.string()] = checkpoint::Sha256File(it->path());
+    }
+  }
+  if (ec) Fail<IoError>("cannot list {}: {}", output.string(), ec.message());
+  return {{"files", files}, {"weights", weights}};
+}
+
+bool OutputUnchanged(ExportCommand command, const fs::path& output, const Json& recorded) {
+  const Json* files = ObjectMember(recorded, "files");
+  if (!files) return false;
+  const Json* weights = ObjectMember(recorded, "weights");
+  if (command == ExportCommand::kMerge) {
+    // A model is at least its config and one weights file.
+    if (!weights || weights->empty() || !files->contains("config.json")) return false;
+  } else {
+    for (const char* name : kAdapterFiles) {
+      if (!files->contains(name)) return false;
+    }
+  }
+  try {
+    for (const auto& [name, digest] : files->items()) {
+      if (fs::path(name).filename() != name || digest != checkpoint::Sha256File(output / name)) {
+        return false;
+      }
+    }
+    if (!weights) return true;
+    for (const auto& [name, identity] : weights->items()) {
+      if (fs::path(name).filename() != name || identity != StatOf(output / name)) return false;
+    }
+  } catch (const Error&) {
+    return false;  // a file is gone or unreadable: not the output that was made
+  }
+  return true;
+}
+
+}  // namespace adapter_job::cli
