@@ -63,6 +63,50 @@ def test_full_disk_keeps_the_existing_adapter(adapter_job_bin, mb_fixtures, smal
     assert snapshot(out) == before, "the existing adapter was touched"
 
 
+def merge(binary, np, hf, ckpt, out, *extra, timeout=120):
+    return run([*MPIRUN, "-np", str(np), binary, "merge", "--hf-model-id", hf, "--megatron-peft-checkpoint", ckpt,
+                "--output-hf-path", out, "--verify-device", "cpu", *extra], check=False, timeout=timeout)
+
+
+@pytest.mark.parametrize("np", [1, 4])
+def test_full_disk_merge(adapter_job_bin, mb_fixtures, small_disk, np):
+    """The merged model (366 KB of shards) on the 128 KiB disk: every rank writes its own shards, one of them
+    fills the disk; all end with 4, one message naming the file, and nothing is left on the disk."""
+    out = small_disk / "out" / "merged"
+    out.parent.mkdir()
+    start = time.monotonic()
+    proc = merge(adapter_job_bin, np, mb_fixtures / "hf_base", mb_fixtures / "tp2pp2/lora/megatron_ckpt", out,
+                 "--max-shard-size", "60KB", timeout=60)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == INFRA, f"exit {proc.returncode}\n{proc.stderr}"
+    error = one_error(proc)
+    assert "No space left on device" in error and str(out.parent) in error and ".safetensors" in error, error
+    assert snapshot(out) == {}, "partial output or staging left on the full disk"
+    assert os.statvfs(small_disk).f_bfree * os.statvfs(small_disk).f_frsize > 100 << 10, "space not given back"
+
+
+def test_full_disk_merge_keeps_the_existing_model(adapter_job_bin, mb_fixtures, tmp_path):
+    """Room for one merged model (with its scratch adapter), not for a second beside it: --overwrite stages the
+    new one first, so the disk fills before the old one is touched."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = mount / "merged"
+        ckpt = mb_fixtures / "tp2pp2/lora/megatron_ckpt"
+        ok = merge(adapter_job_bin, 2, mb_fixtures / "hf_base", ckpt, out, "--max-shard-size", "60KB")
+        assert ok.returncode == 0, ok.stderr
+        before = snapshot(out)
+        proc = merge(adapter_job_bin, 2, mb_fixtures / "hf_base", ckpt, out, "--max-shard-size", "60KB",
+                     "--overwrite", "--dtype", "fp32", timeout=60)
+        assert proc.returncode == INFRA, proc.stderr
+        assert "No space left on device" in one_error(proc)
+        assert snapshot(out) == before, "the existing merged model was touched"
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
 @pytest.mark.parametrize("np", [4, 1])
 def test_unreadable_shard(adapter_job_bin, mb_fixtures, tmp_path, np):
     """A shard that cannot be read (here: a directory where the file should be; as root, permissions would not
