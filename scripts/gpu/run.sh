@@ -9,8 +9,9 @@
 #   bench-verify  bench/gpu_bench.sh verify (8B shape, one GPU)
 #   trust-1b      a Llama-3.2-1B-shaped model (vocab 128256, tied) with an r16 LoRA: `export` (CUDA
 #                 verification, the default) and `verify` must pass; their figures go to the summary
-#   merge-1b      the same model merged (`adapter_job merge`, CUDA verification) must pass, and
-#                 `verify --merged-model` on the CPU must give the same verdict; figures to the summary
+#   merge-1b      the same model merged on the GPU (`adapter_job merge --merge-device cuda`, CUDA
+#                 verification) must pass and equal the CPU's merge byte for byte, and `verify
+#                 --merged-model` on the CPU must give the same verdict; figures to the summary
 #   bench-merge   bench/merge_bench.sh at the 8B shape with 16 layers (LoRA r16), verification on CUDA
 #   select        ctest -R "$CTEST_SELECT" in the GPU build (g++ 13 / CMake 4): CPU tests that must
 #                 also pass on the image's toolchain, e.g. install.find_package|comm.mpi
@@ -174,8 +175,16 @@ run_merge_1b() {
   make_1b || { status=1; return; }
   rm -rf "$dir/merged" "$dir/merged.unverified" "$dir/adapter"
   $B merge --hf-model-id "$dir/hf" --megatron-peft-checkpoint "$dir/ckpt" --output-hf-path "$dir/merged" \
-    --verify-device cuda --report "$LOGS/merge-1b.json" >"$LOGS/merge-1b.log" 2>&1
-  note "1B-shaped merge (CUDA verification): exit $?"
+    --merge-device cuda --verify-device cuda --report "$LOGS/merge-1b.json" >"$LOGS/merge-1b.log" 2>&1
+  note "1B-shaped merge on the GPU (CUDA verification): exit $?"
+  rm -rf "$dir/merged-cpu"
+  $B merge --hf-model-id "$dir/hf" --megatron-peft-checkpoint "$dir/ckpt" --output-hf-path "$dir/merged-cpu" \
+    --merge-device cpu --no-verify --report "$LOGS/merge-1b-cpu.json" >"$LOGS/merge-1b-cpu.log" 2>&1 || status=1
+  if diff -rq "$dir/merged" "$dir/merged-cpu" >/dev/null; then
+    note "1B-shaped merge: the GPU's files == the CPU's ($(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["output_per_rank"]["device"], r["output_per_rank"]["seconds"])' "$LOGS/merge-1b.json") vs $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["output_per_rank"]["device"], r["output_per_rank"]["seconds"])' "$LOGS/merge-1b-cpu.json"))"
+  else
+    note "1B-shaped merge: the GPU's files DIFFER from the CPU's"; status=1
+  fi
   $B export --hf-model-id "$dir/hf" --megatron-peft-checkpoint "$dir/ckpt" --output-hf-path "$dir/adapter" \
     --no-verify >"$LOGS/merge-1b-adapter.log" 2>&1 || status=1
   $B verify --hf-model-id "$dir/hf" --hf-adapter-path "$dir/adapter" --megatron-peft-checkpoint "$dir/ckpt" \

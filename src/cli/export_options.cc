@@ -106,8 +106,11 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
     options.add_options()(
         "max-shard-size", po::value<std::string>()->default_value("50GB"),
         "the largest weights file, as transformers' save_pretrained (5GB, 500MB, 2GiB, bytes)")(
+        "merge-device", po::value<std::string>()->default_value("auto"),
+        "where each rank merges: auto (its GPU when it sees one, else the CPU), cpu or cuda; "
+        "the bytes written are the same")(
         "merge-threads", po::value<int>()->default_value(0),
-        "threads per rank for the merge; 0: the host's cores shared by its ranks");
+        "CPU threads per rank for the merge; 0: the host's cores shared by its ranks");
   }
   if (!stream) {
     options.add_options()
@@ -183,6 +186,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
     cl.merge.overwrite = vm["overwrite"].as<bool>();
     cl.merge.dtype = ParseDType(vm["dtype"].as<std::string>());
     cl.merge.max_shard_bytes = merge::ParseShardSize(vm["max-shard-size"].as<std::string>());
+    cl.merge.device = merge::ParseMergeDevice(vm["merge-device"].as<std::string>());
     cl.merge.threads = vm["merge-threads"].as<int>();
     if (cl.merge.threads < 0) throw po::error("--merge-threads must be >= 0");
   } else {

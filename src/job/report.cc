@@ -12,6 +12,12 @@ namespace adapter_job {
 
 namespace fs = std::filesystem;
 
+namespace {
+
+std::string DeviceName(int gpu) { return gpu < 0 ? "cpu" : fmt::format("cuda:{}", gpu); }
+
+}  // namespace
+
 nlohmann::ordered_json ExportReport::ToJson() const {
   nlohmann::ordered_json j;
   j["output"] = output.string();
@@ -33,10 +39,12 @@ nlohmann::ordered_json ExportReport::ToJson() const {
     per_rank["bytes_read"] = nlohmann::ordered_json::array();
     per_rank["bytes_written"] = nlohmann::ordered_json::array();
     per_rank["seconds"] = nlohmann::ordered_json::array();
+    per_rank["device"] = nlohmann::ordered_json::array();
     for (const auto& rank : *sink_per_rank) {
       per_rank["bytes_read"].push_back(rank.bytes_read);
       per_rank["bytes_written"].push_back(rank.bytes_written);
       per_rank["seconds"].push_back(rank.seconds);
+      per_rank["device"].push_back(DeviceName(rank.gpu));
     }
   }
   j["seconds"] = {{"plan", seconds.plan},
@@ -66,8 +74,9 @@ std::string ExportReport::Summary() const {
   if (sink_per_rank) {
     for (std::size_t r = 0; r < sink_per_rank->size(); ++r) {
       const writer::SinkStats& s = (*sink_per_rank)[r];
-      output_lines += fmt::format("output, rank {}: read {} bytes, wrote {} bytes in {:.3f} s\n", r,
-                                  s.bytes_read, s.bytes_written, s.seconds);
+      output_lines +=
+          fmt::format("output, rank {}: read {} bytes, wrote {} bytes in {:.3f} s on {}\n", r,
+                      s.bytes_read, s.bytes_written, s.seconds, DeviceName(s.gpu));
     }
   }
   return fmt::format(

@@ -25,7 +25,8 @@ bool Supported(DType dtype) {
 }
 
 // bfloat16 is the top half of a float32: widening is a shift, rounding adds half an ulp with
-// ties to even (NaNs stay quiet NaNs, as FloatToBFloat16 keeps them).
+// ties to even. A NaN is written as the canonical quiet NaN in every dtype: the sign and payload
+// that arithmetic gives a NaN differ between processors (x86 and CUDA), the merged bytes must not.
 ADAPTER_JOB_VECTOR_CLONES
 void WidenBFloat16(const uint16_t* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = std::bit_cast<float>(static_cast<uint32_t>(in[i]) << 16);
@@ -37,7 +38,15 @@ void RoundToBFloat16(const float* in, uint16_t* out, int64_t n) {
     const uint32_t bits = std::bit_cast<uint32_t>(in[i]);
     const uint32_t rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
     const bool nan = (bits & 0x7fffffff) > 0x7f800000;
-    out[i] = static_cast<uint16_t>(nan ? (bits >> 16) | 0x40 : rounded);
+    out[i] = static_cast<uint16_t>(nan ? kBFloat16NaN : rounded);
+  }
+}
+
+ADAPTER_JOB_VECTOR_CLONES
+void CopyFloat32(const float* in, uint32_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = std::bit_cast<uint32_t>(in[i]);
+    out[i] = (bits & 0x7fffffff) > 0x7f800000 ? kFloat32NaN : bits;
   }
 }
 
@@ -52,11 +61,27 @@ void AddLowRank(float* row, const float* a, const float* b_row, int64_t rank, in
   }
 }
 
+// In double over kNormLanes interleaved lanes, the lanes then added pairwise: the order a GPU
+// block of kNormLanes threads follows (device_merge.cu), so that both give the same bits. Each
+// product of two floats is exact in double.
 ADAPTER_JOB_VECTOR_CLONES
 double SquaredNorm(const float* row, int64_t cols) {
-  double sum = 0;
-  for (int64_t i = 0; i < cols; ++i) sum += static_cast<double>(row[i]) * row[i];
-  return sum;
+  double lanes[kNormLanes] = {};
+  int64_t base = 0;
+  for (; base + kNormLanes <= cols; base += kNormLanes) {
+    for (int j = 0; j < kNormLanes; ++j) {
+      const double x = row[base + j];
+      lanes[j] += x * x;
+    }
+  }
+  for (int j = 0; base + j < cols; ++j) {
+    const double x = row[base + j];
+    lanes[j] += x * x;
+  }
+  for (int width = kNormLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  }
+  return lanes[0];
 }
 
 void Widen(const std::byte* in, DType dtype, float* out, int64_t n) {
@@ -78,13 +103,12 @@ void Widen(const std::byte* in, DType dtype, float* out, int64_t n) {
 void Round(const float* in, DType dtype, std::byte* out, int64_t n) {
   switch (dtype) {
     case DType::kFloat32:
-      std::memcpy(out, in, n * sizeof(float));
-      return;
+      return CopyFloat32(in, reinterpret_cast<uint32_t*>(out), n);
     case DType::kBFloat16:
       return RoundToBFloat16(in, reinterpret_cast<uint16_t*>(out), n);
     default:
       for (int64_t i = 0; i < n; ++i) {
-        const uint16_t h = FloatToHalf(in[i]);
+        const uint16_t h = std::isnan(in[i]) ? kFloat16NaN : FloatToHalf(in[i]);
         std::memcpy(out + 2 * i, &h, 2);
       }
   }

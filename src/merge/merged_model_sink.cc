@@ -11,6 +11,7 @@
 #include <set>
 #include <thread>
 
+#include "adapter_job/comm/accelerator.h"
 #include "adapter_job/comm/mpi_world.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
@@ -20,6 +21,7 @@
 #include "adapter_job/writer/adapter_config.h"
 #include "adapter_job/writer/peft_directory_sink.h"
 #include "adapter_job/writer/staged_directory.h"
+#include "device_merge.h"
 #include "peft_file.h"
 #include "rank_share.h"
 
@@ -89,7 +91,28 @@ std::string MergedConfig(const fs::path& base_model, const std::optional<DType>&
   return config.dump(2) + "\n";
 }
 
+// This rank's GPU for the merge, -1 for the CPU, or why --merge-device cuda cannot be had.
+std::pair<int, std::string> ChooseMergeGpu(MergeDevice device, const comm::MpiWorld& world,
+                                           int local_rank) {
+  if (device == MergeDevice::kCpu) return {-1, ""};
+  const comm::AcceleratorInfo info =
+      DeviceMergeBuilt() ? comm::ProbeAccelerators() : comm::AcceleratorInfo{};
+  if (info.device_count > 0) return {local_rank % info.device_count, ""};
+  if (device == MergeDevice::kAuto) return {-1, ""};
+  return {-1, DeviceMergeBuilt()
+                  ? fmt::format("--merge-device cuda: rank {} on {} sees no GPU ({})", world.rank(),
+                                world.host(), info.unavailable_reason)
+                  : "--merge-device cuda: this adapter_job was built without the CUDA toolkit"};
+}
+
 }  // namespace
+
+MergeDevice ParseMergeDevice(std::string_view name) {
+  if (name == "auto") return MergeDevice::kAuto;
+  if (name == "cpu") return MergeDevice::kCpu;
+  if (name == "cuda") return MergeDevice::kCuda;
+  Fail("--merge-device must be auto, cpu or cuda, not '{}'", name);
+}
 
 struct MergedModelSink::Open {
   writer::PeftDirectorySink adapter;
@@ -101,10 +124,16 @@ struct MergedModelSink::Open {
 
 MergedModelSink::MergedModelSink(MergeOptions options, const comm::MpiWorld& world)
     : options_(std::move(options)), world_(world) {
+  const comm::HostPlacement here = comm::PlaceOnHost(world);
   if (options_.threads <= 0) {
     const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    options_.threads = std::max(1, cores / std::max(1, comm::PlaceOnHost(world).local_size));
+    options_.threads = std::max(1, cores / std::max(1, here.local_size));
   }
+  std::string problem;
+  std::tie(gpu_, problem) = ChooseMergeGpu(options_.device, world, here.local_rank);
+  // Every rank fails alike, before any work, when one cannot have what was asked.
+  problem = comm::FirstNonEmpty(world, problem);
+  if (!problem.empty()) throw FormatError(problem);
 }
 
 MergedModelSink::~MergedModelSink() { Abort(); }
@@ -198,7 +227,7 @@ writer::FinishedOutput MergedModelSink::Finish() {
     const PeftFile adapter = PeftFile::Open(adapter_dir);
     const MergedLayout layout = PlanMergedLayout(base, adapter.Modules(), options_.dtype,
                                                  options_.max_shard_bytes, world_.size());
-    stats_ = WriteShare({layout, base, adapter, staging, world_.rank(), options_.threads,
+    stats_ = WriteShare({layout, base, adapter, staging, world_.rank(), options_.threads, gpu_,
                          rank0 ? options_.progress : ProgressSink()});
   });
   if (!rank0) return {};

@@ -11,9 +11,11 @@
 #include <future>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "device_merge.h"
 
 namespace adapter_job::merge {
 namespace {
@@ -43,7 +45,7 @@ struct Block {
 struct Buffers {
   static constexpr int kIn = 3;   // being read, being merged, being written
   static constexpr int kOut = 2;  // being merged, being written
-  std::unique_ptr<std::byte[]> in[kIn], out[kOut];
+  HostBuffer in[kIn], out[kOut];
 };
 
 std::vector<Block> BlocksOf(const MergedLayout& layout, int rank) {
@@ -110,9 +112,14 @@ writer::SinkStats WriteShare(const ShareInputs& in) {
     in_max = std::max(in_max, b.in_bytes());
     if (b.converted()) out_max = std::max(out_max, b.out_bytes());
   }
+  std::optional<DeviceMerger> gpu;
+  if (in.gpu >= 0) gpu.emplace(in.gpu);
+  const auto allocate = [&](uint64_t bytes) {
+    return gpu ? gpu->AllocateHost(bytes) : HostBuffer(new std::byte[bytes], HostBufferDeleter{});
+  };
   Buffers buffers;
-  for (auto& buffer : buffers.in) buffer = std::make_unique_for_overwrite<std::byte[]>(in_max);
-  for (auto& buffer : buffers.out) buffer = std::make_unique_for_overwrite<std::byte[]>(out_max);
+  for (auto& buffer : buffers.in) buffer = allocate(in_max);
+  for (auto& buffer : buffers.out) buffer = allocate(out_max);
 
   const auto read = [&](Block b, std::size_t k) {
     b.in = {buffers.in[k % Buffers::kIn].get(), b.in_bytes()};
@@ -128,6 +135,7 @@ writer::SinkStats WriteShare(const ShareInputs& in) {
   };
 
   writer::SinkStats stats;
+  stats.gpu = in.gpu;
   std::unique_ptr<LowRankUpdate> update;  // of the tensor being merged
   const OutputTensor* updated = nullptr;
   uint64_t tensors_done = 0, tensors_total = 0;
@@ -143,10 +151,16 @@ writer::SinkStats WriteShare(const ShareInputs& in) {
       if (t.module && updated != &t) {
         update = std::make_unique<LowRankUpdate>(in.adapter.Update(t));
         updated = &t;
+        if (gpu) gpu->Load(*update);
       }
       b.out = {buffers.out[k % Buffers::kOut].get(), b.out_bytes()};
-      MergeRows(b.in, t.base->entry.dtype, b.out, t.dtype, b.first_row, b.rows, b.cols,
-                t.module ? update.get() : nullptr, in.threads);
+      if (gpu) {
+        gpu->MergeRows(b.in, t.base->entry.dtype, b.out, t.dtype, b.first_row, b.rows, b.cols,
+                       t.module.has_value());
+      } else {
+        MergeRows(b.in, t.base->entry.dtype, b.out, t.dtype, b.first_row, b.rows, b.cols,
+                  t.module ? update.get() : nullptr, in.threads);
+      }
     }
     stats.bytes_written += b.out.empty() ? b.in.size() : b.out.size();
     if (writing.valid()) {

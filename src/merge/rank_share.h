@@ -1,7 +1,8 @@
 // One rank's share of a merged model: the output tensors the layout gives it, read from the base
 // in blocks of whole rows, merged and written into their places in the shard files. Reading the
 // next block, merging this one and writing the last overlap, so the disk and the cores are busy
-// at once, and memory holds three blocks, never a tensor.
+// at once, and memory holds three blocks, never a tensor. A GPU, when given, merges each block
+// (copied in and out of page-locked buffers); the CPU's threads otherwise.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +23,8 @@ struct ShareInputs {
   const PeftFile& adapter;
   std::filesystem::path staging;  // where the shard files are, headers written and sized
   int rank = 0;
-  int threads = 1;
+  int threads = 1;        // CPU threads, when no GPU merges
+  int gpu = -1;           // the CUDA device that merges (device_merge.h); -1: the CPU
   ProgressSink progress;  // after each tensor, when set
 };
 

@@ -192,3 +192,37 @@ def test_out_of_device_memory_is_exit_4_with_the_figure(adapter_job_bin, tmp_pat
     assert "ran out of device memory" in proc.stderr and "--verify-device cpu" in proc.stderr, proc.stderr
     assert "GiB" in proc.stderr or "MiB" in proc.stderr, f"no figure in: {proc.stderr}"
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.unverified").exists()
+
+
+def merge_one_process(binary, base, ckpt, out, device, *extra):
+    report = out.with_suffix(".json")
+    proc = run([binary, "merge", "--hf-model-id", base, "--megatron-peft-checkpoint", ckpt, "--output-hf-path", out,
+                "--merge-device", device, "--verify-device", "cuda", "--report", report, *extra], timeout=300)
+    return json.loads(report.read_text()), proc
+
+
+@pytest.mark.parametrize("kind,dtype", [("lora", "auto"), ("dora", "auto"), ("dora", "fp32"), ("canonical_lora", "fp16")])
+def test_merge_on_the_gpu_writes_the_cpus_bytes(adapter_job_bin, base, tmp_path, kind, dtype):
+    """`merge --merge-device cuda` (device_merge.h) against `--merge-device cpu`: the same files byte for byte, both
+    verified; -np 2 on two GPUs too, when the machine has them."""
+    cfg = CheckpointConfig(out=tmp_path / "ckpt", base_model=base, kind=kind, **DIMS)
+    written = write_checkpoint(cfg)
+    cpu, _ = merge_one_process(adapter_job_bin, base, written.root, tmp_path / "cpu", "cpu", "--dtype", dtype,
+                               "--max-shard-size", "200KB")
+    cuda, proc = merge_one_process(adapter_job_bin, base, written.root, tmp_path / "cuda", "cuda", "--dtype", dtype,
+                                   "--max-shard-size", "200KB")
+    assert cpu["output_per_rank"]["device"] == ["cpu"] and cuda["output_per_rank"]["device"] == ["cuda:0"]
+    assert cpu["verification"]["passed"] and cuda["verification"]["passed"], proc.stdout
+    files = sorted(p.name for p in (tmp_path / "cpu").iterdir())
+    assert len([f for f in files if f.startswith("model-")]) > 1
+    assert sorted(p.name for p in (tmp_path / "cuda").iterdir()) == files
+    for f in files:
+        assert (tmp_path / "cuda" / f).read_bytes() == (tmp_path / "cpu" / f).read_bytes(), f"{f} differs"
+    if GPUS >= 2:
+        report = tmp_path / "np2.json"
+        run([*MPIRUN, "-np", "2", adapter_job_bin, "merge", "--hf-model-id", base, "--megatron-peft-checkpoint",
+             written.root, "--output-hf-path", tmp_path / "np2", "--merge-device", "cuda", "--dtype", dtype,
+             "--max-shard-size", "200KB", "--verify-device", "cuda", "--report", report], timeout=300)
+        assert json.loads(report.read_text())["output_per_rank"]["device"] == ["cuda:0", "cuda:1"]
+        for f in files:
+            assert (tmp_path / "np2" / f).read_bytes() == (tmp_path / "cpu" / f).read_bytes(), f"-np 2: {f} differs"

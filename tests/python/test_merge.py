@@ -202,6 +202,24 @@ def test_sharded_output_and_any_rank_count_write_the_same_bytes(cases, tmp_path)
                    logits_of(peft_merged_model(case.base, case.adapter), ids)) < REL_TOL
 
 
+def test_merge_device_choice(cases, tmp_path):
+    """--merge-device: the report names where each rank merged; cuda without a GPU (or without the CUDA kernels) is
+    exit 2 on every rank before anything is written; a bad value is exit 2. (The GPU against the CPU: test_gpu.py.)"""
+    case = cases("lora_tp2_fp32")
+    report = tmp_path / "report.json"
+    case.merge(tmp_path / "cpu", "--merge-device", "cpu", "--no-verify", "--report", report, np=2)
+    per_rank = json.loads(report.read_text())["output_per_rank"]
+    assert per_rank["device"] == ["cpu", "cpu"] and all(n > 0 for n in per_rank["bytes_written"])
+    if not torch.cuda.is_available():
+        proc = case.merge(tmp_path / "cuda", "--merge-device", "cuda", np=2, check=False)
+        assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
+        assert re.search(r"--merge-device cuda: (rank 0 on .* sees no GPU|this adapter_job was built without)",
+                         proc.stderr), proc.stderr
+        assert not (tmp_path / "cuda").exists() and not list(tmp_path.glob(".cuda*"))
+    bad = case.merge(tmp_path / "bad", "--merge-device", "gpu", check=False)
+    assert bad.returncode == EXIT_BAD_INPUT and "--merge-device must be auto, cpu or cuda, not 'gpu'" in bad.stderr
+
+
 def test_real_megatron_bridge_checkpoint(mb_fixtures, adapter_job_bin, tmp_path):
     out = tmp_path / "merged"
     adapter_job(adapter_job_bin, "merge", "--hf-model-id", mb_fixtures / "hf_base", "--megatron-peft-checkpoint",

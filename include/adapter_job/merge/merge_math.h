@@ -1,7 +1,9 @@
 // The merge itself, W' = W + s·B·A, in float32 whatever the weights are stored in, rounded once
 // to the output dtype; for DoRA then W'' = m ⊙ W' / ‖W'‖ with the row norm PEFT uses (one norm
 // per output feature) and the magnitude the run trained. Every step is row by row, so a tensor
-// can be merged in blocks of rows, and rows are split over threads.
+// can be merged in blocks of rows, and rows are split over threads. A GPU merges with the same
+// arithmetic in the same order (merge/device_merge.h): the bytes written never depend on where
+// the merge ran.
 #pragma once
 
 #include <cstddef>
@@ -12,6 +14,16 @@
 #include "adapter_job/core/dtype.h"
 
 namespace adapter_job::merge {
+
+// DoRA's squared row norm is summed in double over this many interleaved lanes, which are then
+// added pairwise (lane j += lane j + w, for w = 128, 64, ..., 1): one GPU thread per lane.
+inline constexpr int kNormLanes = 256;
+
+// What a NaN is written as, whatever its sign and payload (which differ between x86 and CUDA
+// arithmetic): the canonical quiet NaN of each dtype.
+inline constexpr uint32_t kFloat32NaN = 0x7fc00000;
+inline constexpr uint16_t kBFloat16NaN = 0x7fc0;
+inline constexpr uint16_t kFloat16NaN = 0x7e00;
 
 // One module's adapter, widened to float32.
 struct LowRankUpdate {

@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <string_view>
 
 #include "adapter_job/core/dtype.h"
 #include "adapter_job/core/progress.h"
@@ -26,12 +27,18 @@ class MpiWorld;
 
 namespace adapter_job::merge {
 
+// Where each rank merges: auto takes its GPU when the build has the CUDA kernels and the rank sees
+// a GPU (host-local rank modulo the GPUs it sees), else the CPU; both write the same bytes.
+enum class MergeDevice { kAuto, kCpu, kCuda };
+MergeDevice ParseMergeDevice(std::string_view name);
+
 struct MergeOptions {
   std::filesystem::path base_model;  // the local HF model directory
   std::filesystem::path target;      // the merged model's directory
   bool overwrite = false;
   std::optional<DType> dtype;  // nullopt: each tensor keeps the base's dtype
   uint64_t max_shard_bytes = 50'000'000'000;
+  MergeDevice device = MergeDevice::kAuto;
   int threads = 0;        // merge threads per rank; 0: this host's cores shared by its ranks
   ProgressSink progress;  // on rank 0, after each of its tensors
 };
@@ -57,6 +64,7 @@ class MergedModelSink final : public writer::ExportSink {
   const comm::MpiWorld& world_;
   std::unique_ptr<Open> open_;
   writer::SinkStats stats_;
+  int gpu_ = -1;  // the CUDA device this rank merges on; -1: the CPU
 };
 
 }  // namespace adapter_job::merge

@@ -71,6 +71,7 @@ struct SinkStats {
   uint64_t bytes_read = 0;     // of inputs the sink reads itself (the merge: base weights)
   uint64_t bytes_written = 0;  // into its outputs
   double seconds = 0;          // in Finish
+  int gpu = -1;                // the CUDA device that did the sink's work; -1: the CPU
 };
 
 class ExportSink {
