@@ -306,7 +306,7 @@ OutputFile OutputFile::CreateUnnamed(const std::filesystem::path& dir,
       FailErrno("cannot create a file in", dir);
     // No O_TMPFILE here: a hidden, uniquely named file instead.
     UniqueFd named;
-    PendingPath pending = PendingPath::File(dir, ".adapter_job.tmp-", intended, &named);
+    PendingPath pending = PendingPath::File(dir, kOutputTemporaryPrefix, intended, &named);
     return OutputFile(std::move(named), std::move(pending));
   }();
   file.name_for_errors_ = intended.empty() ? dir : intended;
@@ -394,8 +394,9 @@ void OutputFile::WriteAt(uint64_t offset, std::span<const std::span<const std::b
 void OutputFile::CommitAs(const std::filesystem::path& final_path, bool overwrite) && {
   const auto dir = final_path.has_parent_path() ? final_path.parent_path() : ".";
   // An O_TMPFILE file gets a hidden name beside the target first: rename(2) needs one.
-  PendingPath pending = named_ ? std::move(*std::exchange(named_, std::nullopt))
-                               : PendingPath::Link(fd_.get(), dir, ".adapter_job.tmp-", final_path);
+  PendingPath pending = named_
+                            ? std::move(*std::exchange(named_, std::nullopt))
+                            : PendingPath::Link(fd_.get(), dir, kOutputTemporaryPrefix, final_path);
   fd_.Close(final_path);  // a network file system may report a failed write only here
   std::move(pending).Publish(final_path, overwrite);
 }

@@ -29,8 +29,8 @@ std::string HostName() {
   return host;
 }
 
-// The process's start time in clock ticks since boot (/proc/<pid>/stat, field 22): with the pid
-// it names one process, even after the pid is reused.
+// A live process's start time in clock ticks since boot (/proc/<pid>/stat, field 22): with the
+// pid it names one process, even after the pid is reused. None for no process or a zombie.
 std::optional<unsigned long long> StartTime(long pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
   std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -39,6 +39,9 @@ std::optional<unsigned long long> StartTime(long pid) {
   std::istringstream fields(stat.substr(close + 2));
   std::string field;
   for (int i = 3; i <= 22 && fields >> field; ++i) {
+    // A zombie has ended (killed, its exit not yet collected: where the reaper is a container's
+    // PID 1 that never reaps, for ever) and will not remove its staging.
+    if (i == 3 && (field == "Z" || field == "X")) return std::nullopt;
     if (i == 22) return std::stoull(field);
   }
   return std::nullopt;
@@ -50,11 +53,13 @@ std::string OwnerTag() {
 }
 
 // What is in `dir` that this tool did not write ("" when it holds only `owned` regular files).
-std::string ForeignEntry(const fs::path& dir, const std::set<std::string>& owned) {
+std::string ForeignEntry(const fs::path& dir, const std::set<std::string>& owned,
+                         bool temporaries_are_ours = false) {
   std::error_code ec;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    const bool own_name = owned.count(name) > 0 || name == kModelCard;
+    const bool own_name = owned.count(name) > 0 || name == kModelCard ||
+                          (temporaries_are_ours && IsOutputTemporary(name));
     if (!own_name || !fs::is_regular_file(it->symlink_status())) return name;
   }
   if (ec) return fmt::format("(unreadable: {})", ec.message());
@@ -101,7 +106,8 @@ void RemoveDeadStaging(const fs::path& parent, const std::string& target_name,
     } catch (const std::exception&) {
       continue;  // not a tag of ours
     }
-    if (!ForeignEntry(it->path(), owned).empty()) continue;
+    // A run killed while staging a file leaves that file's temporary name behind too.
+    if (!ForeignEntry(it->path(), owned, /*temporaries_are_ours=*/true).empty()) continue;
     std::error_code ignored;
     fs::remove_all(it->path(), ignored);
   }

@@ -3,6 +3,7 @@ Each ends with a non-zero exit, one message naming the cause, no partial output,
 (A rank killed mid-export: test_export_bad_input.py, and below through the hook. A checkpoint still being written
 or failing its integrity.json: test_hook.py, where waiting for a complete checkpoint belongs.)"""
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -142,7 +143,17 @@ def test_an_mpi_error_aborts_every_rank_with_4(adapter_job_bin, mb_fixtures, tmp
     error = one_error(proc)
     assert f"{call} failed: " in error and "another rank has died or cannot be reached" in error, error
     assert error.startswith(f"[rank {rank}] " if rank != "0" else "adapter_job export: error:"), error
-    assert snapshot(out) == {}
+    left = snapshot(out)
+    if left:
+        # MPI_Abort's SIGKILL follows its SIGTERM within milliseconds (strace: 5 ms), so rank 0, having gone on
+        # (its MPI_Igather completed: the failing rank had sent its value), can die while staging its files,
+        # before its SIGTERM cleanup has removed them. What is left must be only a staging directory of that dead
+        # process, and the next run on this host removes it (README: --output-hf-path).
+        assert all(re.fullmatch(r"\.adapter\.partial-[^/]+(/.*)?", name) for name in left), sorted(left)
+        again = export(adapter_job_bin, 1, mb_fixtures / "hf_base", mb_fixtures / "tp2pp2/lora/megatron_ckpt", out,
+                       "--no-verify", timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert sorted(snapshot(out)) == ["adapter", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
 
 
 def test_a_killed_rank_is_exit_4_from_the_hook(adapter_job_bin, mb_fixtures, tmp_path):

@@ -3,7 +3,10 @@
 // the next run and a live one's is not, and an output is never written over an input.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <sstream>
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/writer/output_guard.h"
@@ -90,6 +93,37 @@ TEST_F(WriterTest, StagingNamesItsOwnerAndADeadOwnersIsRemoved) {
   StagedDirectory::Create(root_ / "out", false, kOwned);
   EXPECT_FALSE(fs::exists(root_ / dead));
   EXPECT_TRUE(fs::exists(root_ / live)) << "a live run's staging is not ours to remove";
+}
+
+// A rank killed by mpirun's SIGKILL stays a zombie until its parent reaps it, for ever where that
+// is a container's PID 1: its staging (with the temporary name of the file it was writing) is a
+// dead run's all the same.
+TEST_F(WriterTest, AZombiesStagingIsADeadRunsAndIsRemoved) {
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) ::_exit(0);
+  std::string stat;
+  for (int tries = 0; tries < 1000; ++tries) {  // until it has exited and not been reaped
+    stat = ReadFile("/proc/" + std::to_string(child) + "/stat");
+    if (stat.find(") Z ") != std::string::npos) break;
+    ::usleep(1000);
+  }
+  ASSERT_NE(stat.find(") Z "), std::string::npos) << stat;
+  std::istringstream fields(stat.substr(stat.rfind(')') + 2));
+  std::string field, start;
+  for (int i = 3; i <= 22 && fields >> field; ++i) start = field;
+  StagedDirectory staged = StagedDirectory::Create(root_ / "out", false, kOwned);
+  const std::string live = staged.Stage().filename().string();
+  const std::string host = live.substr(
+      std::string(".out.partial-").size(),
+      live.find('-', std::string(".out.partial-").size()) - std::string(".out.partial-").size());
+  const std::string zombie =
+      ".out.partial-" + host + "-" + std::to_string(child) + "-" + start + "-abcdef";
+  WriteFile(root_ / zombie / "adapter_config.json", "left by a killed run");
+  WriteFile(root_ / zombie / ".adapter_job.tmp-Qx7Zp2", "the file it was writing");
+  StagedDirectory::Create(root_ / "out", false, kOwned);
+  EXPECT_FALSE(fs::exists(root_ / zombie));
+  ::waitpid(child, nullptr, 0);
 }
 
 TEST(OutputGuard, RefusesAnOutputOnAnInputComponentWise) {

@@ -76,6 +76,14 @@ class MappedFile {
   std::size_t size_ = 0;
 };
 
+// The hidden name an output file has while it is written (OutputFile), before it is renamed into
+// place: `.adapter_job.tmp-` and six unique characters.
+inline constexpr std::string_view kOutputTemporaryPrefix = ".adapter_job.tmp-";
+inline bool IsOutputTemporary(std::string_view name) {
+  return name.size() == kOutputTemporaryPrefix.size() + 6 &&
+         name.starts_with(kOutputTemporaryPrefix);
+}
+
 // The one way an output is published (files, the staged adapter directory, the HDF5 report):
 // it is written under a unique hidden name in the target's directory, made durable (fsync), and
 // renamed into place, replacing an existing target only when asked; until then the destructor
