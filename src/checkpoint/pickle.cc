@@ -14,6 +14,23 @@
 namespace adapter_job::pickle {
 namespace {
 
+// A line of the input as an error message quotes it: printable ASCII as it is, every other byte
+// as \xNN, at most 40 bytes. Damaged input is bytes, and a message must stay text.
+std::string Quoted(std::string_view line) {
+  constexpr std::size_t kMaxBytes = 40;
+  std::string out = "'";
+  for (const char c : line.substr(0, kMaxBytes)) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (byte >= 0x20 && byte < 0x7f && c != '\\') {
+      out += c;
+    } else {
+      out += fmt::format("\\x{:02x}", byte);
+    }
+  }
+  out += line.size() > kMaxBytes ? "'..." : "'";
+  return out;
+}
+
 // Values a stream may create: at most one per kMinBytesPerValue input bytes (plus a few for tiny
 // pickles), so memory stays proportional to the input. A DeepSeek-V3-sized .metadata (19 MB,
 // bench/metadata_size.py) makes one per ~11 bytes with the shared values below; a hostile
@@ -225,7 +242,7 @@ class Machine {
     int64_t value = 0;
     const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
     if (ec != std::errc() || end != digits.data() + digits.size()) {
-      Fail("pickle: '{}' is not an integer that fits 64 bits", line);
+      Fail("pickle: {} is not an integer that fits 64 bits", Quoted(line));
     }
     return NewInt(value);
   }
@@ -424,7 +441,7 @@ class Machine {
         Value* v = New(Kind::kFloat);
         const auto [end, ec] = std::from_chars(line.data(), line.data() + line.size(), v->real);
         if (ec != std::errc() || end != line.data() + line.size()) {
-          Fail("pickle: '{}' is not a float", line);
+          Fail("pickle: {} is not a float", Quoted(line));
         }
         Push(v);
         return false;
@@ -619,7 +636,7 @@ class Machine {
         uint64_t index = 0;
         const auto [end, ec] = std::from_chars(line.data(), line.data() + line.size(), index);
         if (ec != std::errc() || end != line.data() + line.size())
-          Fail("pickle: bad PUT index '{}'", line);
+          Fail("pickle: bad PUT index {}", Quoted(line));
         Memoize(index, Top());
         return false;
       }
@@ -637,7 +654,7 @@ class Machine {
         uint64_t index = 0;
         const auto [end, ec] = std::from_chars(line.data(), line.data() + line.size(), index);
         if (ec != std::errc() || end != line.data() + line.size())
-          Fail("pickle: bad GET index '{}'", line);
+          Fail("pickle: bad GET index {}", Quoted(line));
         Push(Recall(index));
         return false;
       }
