@@ -23,8 +23,8 @@ namespace adapter_job::cli {
 namespace {
 
 // Parses the command line, and runs `publish` (which writes the output as `pinned` says, keeps
-// its report and returns the exit code) under --wait and --result; the result records a command
-// line it could not parse too.
+// its report and returns the exit code) under --wait and --result where the command has them;
+// the result records a command line it could not parse too.
 int RunRecorded(
     const comm::MpiWorld& world, const std::vector<std::string>& args, ExportCommand command,
     const std::function<int(const ExportCommandLine&, Console&, const ExportOptions& pinned,
@@ -89,20 +89,16 @@ int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args)
 }
 
 int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args) {
-  const ExportCommandLine cl = ParseExportCommandLine(args, ExportCommand::kStream);
-  if (cl.help) {
-    if (world.rank() == 0) std::cout << cl.help_text;
-    return 0;
-  }
-  Console console = Console::FromOptions(cl.values, world.rank());
-  ExportOptions options = cl.options;
-  options.progress = console.Progress();
-  options.report_path = cl.report_path;  // written by the export, before it publishes
-  // Like stream_adapter_weights.py: raw HF names, one file, each tensor written as it arrives.
-  writer::SafetensorsFileSink sink(*cl.stream_output, options.overwrite);
-  const ExportReport report = ExportToSink(options, sink, world);
-  if (world.rank() == 0) console.Result(report.Summary());
-  return 0;
+  return RunRecorded(world, args, ExportCommand::kStream,
+                     [&](const ExportCommandLine& cl, Console& console, const ExportOptions& pinned,
+                         std::optional<ExportReport>& kept) {
+                       // Like stream_adapter_weights.py: raw HF names, one file, each tensor
+                       // written as it arrives.
+                       writer::SafetensorsFileSink sink(*cl.stream_output, pinned.overwrite);
+                       const ExportReport& report = kept.emplace(ExportToSink(pinned, sink, world));
+                       if (world.rank() == 0) console.Result(report.Summary());
+                       return 0;
+                     });
 }
 
 int RunMerge(const comm::MpiWorld& world, const std::vector<std::string>& args) {
