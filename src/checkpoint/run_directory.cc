@@ -8,6 +8,7 @@
 #include "adapter_job/checkpoint/checkpoint_resolver.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/json_file.h"
 #include "yaml_values.h"
 
 namespace adapter_job::checkpoint {
@@ -122,12 +123,7 @@ ModelSettings ParseModel(const YamlSection& model) {
 IntegrityManifest ParseIntegrity(const fs::path& file) {
   return WithContext([&] { return file.string(); },
                      [&] {
-                       nlohmann::json j;
-                       try {
-                         j = nlohmann::json::parse(ReadTextFile(file, kMaxIntegrityBytes));
-                       } catch (const nlohmann::json::exception& e) {
-                         Fail("not valid JSON: {}", e.what());
-                       }
+                       const nlohmann::json j = ParseJson(ReadTextFile(file, kMaxIntegrityBytes));
                        IntegrityManifest m;
                        if (!j.is_object() || !j.contains("algorithm") ||
                            !j["algorithm"].is_string() || !j.contains("files") ||
@@ -181,12 +177,7 @@ RunDirectory OpenRunDirectory(const fs::path& path,
   if (fs::exists(metadata_json)) {
     WithContext([&] { return metadata_json.string(); },
                 [&] {
-                  try {
-                    run.metadata_json =
-                        nlohmann::json::parse(ReadTextFile(metadata_json, kMaxMetadataJsonBytes));
-                  } catch (const nlohmann::json::exception& e) {
-                    Fail("not valid JSON: {}", e.what());
-                  }
+                  run.metadata_json = ParseJson(ReadTextFile(metadata_json, kMaxMetadataJsonBytes));
                   if (!run.metadata_json.is_object()) Fail("expected a JSON object");
                   const auto backend = run.metadata_json.value("sharded_backend", std::string());
                   if (backend != "torch_dist") {

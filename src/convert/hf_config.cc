@@ -2,6 +2,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/json_file.h"
 
 namespace adapter_job::convert {
 namespace {
@@ -46,11 +47,7 @@ HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir) {
   return WithContext(
       [&] { return c.path.string(); },
       [&] {
-        try {
-          c.raw = nlohmann::json::parse(ReadTextFile(c.path));
-        } catch (const nlohmann::json::exception& e) {
-          Fail("not valid JSON: {}", e.what());
-        }
+        c.raw = ParseJson(ReadTextFile(c.path));
         if (!c.raw.is_object()) Fail("expected a JSON object");
         // Multimodal configs nest the language model under text_config.
         const nlohmann::json& j = c.raw.contains("text_config") &&

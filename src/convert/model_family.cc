@@ -5,6 +5,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/json_file.h"
 #include "model_families_builtin.h"
 
 namespace adapter_job::convert {
@@ -66,12 +67,7 @@ HfModule ParseHfModule(const json& j, const std::string& where) {
 
 ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
                              const std::vector<ModelFamily>& known) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    Fail("{}: not valid JSON: {}", source, e.what());
-  }
+  const json j = WithContext([&] { return source; }, [&] { return ParseJson(text); });
   if (!j.is_object()) Fail("{}: expected a JSON object", source);
   ModelFamily f;
   f.name = String(j, "family", source);

@@ -100,9 +100,9 @@ uint64_t ParseShardSize(const std::string& text) {
   return value;
 }
 
-MergedLayout PlanMergedLayout(const BaseWeights& base, const std::vector<std::string>& modules,
-                              std::optional<DType> dtype, uint64_t max_shard_bytes,
-                              int world_size) {
+MergedLayout PlanMergedLayout(const safetensors::ModelWeights& base,
+                              const std::vector<std::string>& modules, std::optional<DType> dtype,
+                              uint64_t max_shard_bytes, int world_size) {
   std::map<std::string, std::string> adapted;  // weight name -> module
   for (const std::string& module : modules) {
     const std::string weight = module + ".weight";

@@ -15,8 +15,9 @@
 #include "adapter_job/comm/mpi_world.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
-#include "adapter_job/merge/base_weights.h"
+#include "adapter_job/core/json_file.h"
 #include "adapter_job/merge/merged_layout.h"
+#include "adapter_job/safetensors/model_weights.h"
 #include "adapter_job/safetensors/safetensors.h"
 #include "adapter_job/writer/adapter_config.h"
 #include "adapter_job/writer/peft_directory_sink.h"
@@ -78,12 +79,8 @@ std::string MergedConfig(const fs::path& base_model, const std::optional<DType>&
   const fs::path path = base_model / kConfigFile;
   std::string text = ReadTextFile(path);
   if (!dtype) return text;
-  nlohmann::ordered_json config;
-  try {
-    config = nlohmann::ordered_json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    Fail("'{}' is not valid JSON: {}", path.string(), e.what());
-  }
+  auto config = WithContext([&] { return path.string(); },
+                            [&] { return ParseJson<nlohmann::ordered_json>(text); });
   // transformers 5 writes "dtype"; 4.x wrote "torch_dtype", which 5 still reads.
   const char* key =
       config.contains("torch_dtype") && !config.contains("dtype") ? "torch_dtype" : "dtype";
@@ -159,7 +156,7 @@ void MergedModelSink::Begin(const writer::ExportAnnouncement& announcement) {
   }
   std::sort(modules.begin(), modules.end());
   modules.erase(std::unique(modules.begin(), modules.end()), modules.end());
-  const BaseWeights base = BaseWeights::Open(options_.base_model);
+  const safetensors::ModelWeights base = safetensors::ModelWeights::Open(options_.base_model);
   const MergedLayout layout =
       PlanMergedLayout(base, modules, options_.dtype, options_.max_shard_bytes, world_.size());
   const std::vector<std::string> copied = CopiedFiles(options_.base_model);
@@ -223,7 +220,7 @@ writer::FinishedOutput MergedModelSink::Finish() {
           "rank {} cannot see the staging directory '{}': --output-hf-path must be on a file "
           "system every rank sees",
           world_.rank(), staging.string());
-    const BaseWeights base = BaseWeights::Open(options_.base_model);
+    const safetensors::ModelWeights base = safetensors::ModelWeights::Open(options_.base_model);
     const PeftFile adapter = PeftFile::Open(adapter_dir);
     const MergedLayout layout = PlanMergedLayout(base, adapter.Modules(), options_.dtype,
                                                  options_.max_shard_bytes, world_.size());

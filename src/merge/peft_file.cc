@@ -4,6 +4,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/json_file.h"
 #include "adapter_job/writer/adapter_config.h"
 
 namespace adapter_job::merge {
@@ -15,12 +16,7 @@ namespace fs = std::filesystem;
 // (what rank_pattern says).
 double Alpha(const fs::path& adapter_dir) {
   const fs::path path = adapter_dir / writer::kAdapterConfigFile;
-  nlohmann::json config;
-  try {
-    config = nlohmann::json::parse(ReadTextFile(path));
-  } catch (const nlohmann::json::exception& e) {
-    Fail("'{}' is not valid JSON: {}", path.string(), e.what());
-  }
+  const nlohmann::json config = ReadJsonFile(path);
   const auto alpha = config.find("lora_alpha");
   if (alpha == config.end() || !alpha->is_number())
     Fail("'{}': lora_alpha is {}, expected a number", path.string(),

@@ -10,8 +10,8 @@
 #include <span>
 
 #include "adapter_job/core/progress.h"
-#include "adapter_job/merge/base_weights.h"
 #include "adapter_job/merge/merged_layout.h"
+#include "adapter_job/safetensors/model_weights.h"
 #include "adapter_job/writer/export_sink.h"
 #include "peft_file.h"
 
@@ -19,7 +19,7 @@ namespace adapter_job::merge {
 
 struct ShareInputs {
   const MergedLayout& layout;
-  const BaseWeights& base;
+  const safetensors::ModelWeights& base;
   const PeftFile& adapter;
   std::filesystem::path staging;  // where the shard files are, headers written and sized
   int rank = 0;

@@ -7,6 +7,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/json_file.h"
 #include "tokenizer_internal.h"
 
 namespace adapter_job::tokenizer {
@@ -44,12 +45,7 @@ Tokenizer Tokenizer::FromFile(const std::filesystem::path& tokenizer_json) {
 Tokenizer Tokenizer::FromJson(std::string_view json_text, std::string_view source) {
   return WithContext([&] { return std::string(source); },
                      [&] {
-                       Json root;
-                       try {
-                         root = Json::parse(json_text);
-                       } catch (const Json::exception& e) {
-                         Fail("not valid JSON: {}", e.what());
-                       }
+                       const Json root = ParseJson<Json>(json_text);
                        try {
                          return Tokenizer(Impl::Parse(root));
                        } catch (const Json::exception& e) {

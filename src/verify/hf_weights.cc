@@ -2,13 +2,10 @@
 
 #include <algorithm>
 #include <future>
-#include <nlohmann/json.hpp>
-#include <set>
 #include <vector>
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
-#include "adapter_job/verify/verify.h"
 
 namespace adapter_job::verify {
 
@@ -61,74 +58,29 @@ at::ScalarType ToTorch(DType dtype) {
 }
 
 HfWeights HfWeights::Open(const fs::path& model_dir) {
-  HfWeights weights;
-  std::vector<fs::path> shards;
-  const std::optional<fs::path> found = FindBaseWeights(model_dir);
-  if (!found) {
-    Fail("'{}' has neither model.safetensors nor model.safetensors.index.json", model_dir.string());
-  }
-  if (found->filename() == "model.safetensors") {
-    shards.push_back(*found);
-  } else {
-    const fs::path& index = *found;
-    WithContext(
-        [&] { return index.string(); },
-        [&] {
-          nlohmann::json j;
-          try {
-            j = nlohmann::json::parse(ReadTextFile(index));
-          } catch (const nlohmann::json::exception& e) {
-            Fail("not valid JSON: {}", e.what());
-          }
-          if (!j.contains("weight_map") || !j["weight_map"].is_object())
-            Fail("no 'weight_map' object");
-          std::set<std::string> names;
-          for (const auto& [tensor, file] : j["weight_map"].items()) {
-            if (!file.is_string()) Fail("weight_map['{}'] is not a file name", tensor);
-            names.insert(file.get<std::string>());
-          }
-          for (const auto& name : names) {
-            if (name.find('/') != std::string::npos || name.find("..") != std::string::npos) {
-              Fail("shard name '{}' is not a plain file name", name);
-            }
-            shards.push_back(model_dir / name);
-          }
-        });
-  }
-  for (const auto& shard : shards) {
-    weights.shards_.push_back(
-        std::make_unique<Shard>(Shard{safetensors::File::Open(shard), ReadOnlyFile::Open(shard)}));
-    const Shard* opened = weights.shards_.back().get();
-    for (const auto& entry : opened->file.header().tensors) {
-      if (!weights.location_.emplace(entry.name, std::pair{opened, &entry}).second) {
-        Fail("tensor '{}' appears in two shards of '{}'", entry.name, model_dir.string());
-      }
-    }
-  }
-  return weights;
+  return HfWeights(safetensors::ModelWeights::Open(model_dir));
 }
 
-std::vector<int64_t> HfWeights::Shape(const std::string& name) const {
-  const auto it = location_.find(name);
-  if (it == location_.end()) Fail("the base model has no tensor '{}'", name);
-  return it->second.second->shape;
+const safetensors::ModelWeights::Tensor& HfWeights::Entry(const std::string& name) const {
+  const safetensors::ModelWeights::Tensor* tensor = weights_.Find(name);
+  if (!tensor) Fail("the base model has no tensor '{}'", name);
+  return *tensor;
 }
 
 at::Tensor HfWeights::Get(const std::string& name, const at::Device& device,
                           at::ScalarType dtype) const {
-  const auto it = location_.find(name);
-  if (it == location_.end()) Fail("the base model has no tensor '{}'", name);
-  const auto& [shard, entry] = it->second;
-  const at::ScalarType stored = ToTorch(entry->dtype);
-  const uint64_t offset = shard->file.header().data_offset + entry->begin;
-  const uint64_t size = entry->end - entry->begin;
+  const safetensors::ModelWeights::Tensor& tensor = Entry(name);
+  const safetensors::TensorEntry& entry = tensor.entry;
+  const at::ScalarType stored = ToTorch(entry.dtype);
+  const ReadOnlyFile& file = weights_.FileOf(tensor);
+  const uint64_t size = entry.end - entry.begin;
   if (device.is_cpu()) {
-    at::Tensor host = at::empty(entry->shape, at::TensorOptions().dtype(stored));
-    ReadInParallel(shard->data, offset, {static_cast<std::byte*>(host.data_ptr()), size});
+    at::Tensor host = at::empty(entry.shape, at::TensorOptions().dtype(stored));
+    ReadInParallel(file, tensor.offset, {static_cast<std::byte*>(host.data_ptr()), size});
     return host.to(dtype);
   }
   // Across in the stored dtype, converted on the device (half the bytes of float32 for bf16).
-  return CopyToDevice(shard->data, offset, size, device).view(stored).view(entry->shape).to(dtype);
+  return CopyToDevice(file, tensor.offset, size, device).view(stored).view(entry.shape).to(dtype);
 }
 
 // Through two fixed pinned buffers, as bench/read_h2d_floor.py does: the next piece is read while

@@ -11,6 +11,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/json_file.h"
 #include "adapter_job/core/utf8.h"
 #include "adapter_job/text/unicode.h"
 
@@ -135,12 +136,7 @@ PeftConfig PeftConfig::Read(const std::filesystem::path& path) {
   WithContext(
       [&] { return path.string(); },
       [&] {
-        Json j;
-        try {
-          j = Json::parse(ReadTextFile(path));
-        } catch (const nlohmann::json::exception& e) {
-          Fail("not valid JSON: {}", e.what());
-        }
+        const Json j = ParseJson<Json>(ReadTextFile(path));
         try {
           if (!j.is_object() || j.value("peft_type", "") != "LORA") Fail("peft_type is not LORA");
           c.r_ = j.value("r", int64_t{8});

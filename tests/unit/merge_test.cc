@@ -8,9 +8,9 @@
 #include <random>
 
 #include "adapter_job/core/error.h"
-#include "adapter_job/merge/base_weights.h"
 #include "adapter_job/merge/merge_math.h"
 #include "adapter_job/merge/merged_layout.h"
+#include "adapter_job/safetensors/model_weights.h"
 #include "adapter_job/safetensors/safetensors.h"
 #include "scratch_directory.h"
 
@@ -123,7 +123,7 @@ TEST(ShardSize, ReadsTransformersSizes) {
 class MergedLayoutTest : public testing::ScratchDirectoryTest {
  protected:
   // A base with `names`, each [rows, 4] float32.
-  BaseWeights Base(const std::vector<std::pair<std::string, int64_t>>& names) {
+  safetensors::ModelWeights Base(const std::vector<std::pair<std::string, int64_t>>& names) {
     std::vector<Tensor> storage;
     for (const auto& [name, rows] : names)
       storage.push_back(Tensor::Zeros(DType::kFloat32, {rows, 4}));
@@ -131,19 +131,19 @@ class MergedLayoutTest : public testing::ScratchDirectoryTest {
     for (std::size_t i = 0; i < names.size(); ++i)
       refs.push_back(safetensors::Ref(names[i].first, storage[i]));
     safetensors::Write(root_ / "model.safetensors", refs, std::nullopt, false);
-    return BaseWeights::Open(root_);
+    return safetensors::ModelWeights::Open(root_);
   }
 };
 
 TEST_F(MergedLayoutTest, SplitsAsHuggingfaceHubInLayerOrderAndTilesEachFile) {
   // 16 bytes a row in float32, 8 in bf16: layers of 32 + 32 bytes, an embedding of 160, a norm of
   // 8, under a 170-byte limit.
-  const BaseWeights base = Base({{"model.embed_tokens.weight", 20},
-                                 {"model.layers.10.mlp.weight", 4},
-                                 {"model.layers.10.attn.weight", 4},
-                                 {"model.layers.2.mlp.weight", 4},
-                                 {"model.layers.2.attn.weight", 4},
-                                 {"model.norm.weight", 1}});
+  const safetensors::ModelWeights base = Base({{"model.embed_tokens.weight", 20},
+                                               {"model.layers.10.mlp.weight", 4},
+                                               {"model.layers.10.attn.weight", 4},
+                                               {"model.layers.2.mlp.weight", 4},
+                                               {"model.layers.2.attn.weight", 4},
+                                               {"model.norm.weight", 1}});
   const MergedLayout layout =
       PlanMergedLayout(base, {"model.layers.2.attn"}, DType::kBFloat16, 170, 2);
   std::vector<std::string> order;
@@ -182,7 +182,8 @@ TEST_F(MergedLayoutTest, SplitsAsHuggingfaceHubInLayerOrderAndTilesEachFile) {
 }
 
 TEST_F(MergedLayoutTest, ATensorOverTheLimitGetsAShardBeforeTheOneBeingFilled) {
-  const BaseWeights base = Base({{"a.0.weight", 1}, {"a.1.weight", 10}, {"a.2.weight", 1}});
+  const safetensors::ModelWeights base =
+      Base({{"a.0.weight", 1}, {"a.1.weight", 10}, {"a.2.weight", 1}});
   const MergedLayout layout = PlanMergedLayout(base, {}, std::nullopt, 100, 1);
   // a.0 (16 bytes) opens shard 1; a.1 (160) is over 100 and is placed first; a.2 joins a.0.
   ASSERT_EQ(layout.shards.size(), 2u);
@@ -192,13 +193,13 @@ TEST_F(MergedLayoutTest, ATensorOverTheLimitGetsAShardBeforeTheOneBeingFilled) {
 }
 
 TEST_F(MergedLayoutTest, OneShardIsModelSafetensors) {
-  const BaseWeights base = Base({{"w.weight", 2}});
+  const safetensors::ModelWeights base = Base({{"w.weight", 2}});
   EXPECT_EQ(PlanMergedLayout(base, {}, std::nullopt, kDefaultMaxShardBytes, 4).shards[0].file,
             "model.safetensors");
 }
 
 TEST_F(MergedLayoutTest, AModuleTheBaseLacksIsNamed) {
-  const BaseWeights base = Base({{"w.weight", 2}});
+  const safetensors::ModelWeights base = Base({{"w.weight", 2}});
   try {
     PlanMergedLayout(base, {"model.layers.0.q_proj"}, std::nullopt, 100, 1);
     FAIL() << "planned a merge into a missing tensor";

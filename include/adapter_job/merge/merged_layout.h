@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "adapter_job/core/dtype.h"
-#include "adapter_job/merge/base_weights.h"
+#include "adapter_job/safetensors/model_weights.h"
 
 namespace adapter_job::merge {
 
@@ -29,7 +29,7 @@ struct OutputTensor {
   DType dtype = DType::kFloat32;  // as written
   std::vector<int64_t> shape;
   uint64_t nbytes = 0;
-  const BaseWeights::Tensor* base = nullptr;
+  const safetensors::ModelWeights::Tensor* base = nullptr;
   std::optional<std::string> module;  // the adapted module it is merged with
   std::size_t shard = 0;
   uint64_t offset = 0;  // of its first byte in the shard file
@@ -51,8 +51,9 @@ struct MergedLayout {
 
 // `modules`: the adapted modules (e.g. model.layers.0.self_attn.q_proj), each merged into its
 // `<module>.weight`; FormatError naming the module when the base has no such tensor.
-MergedLayout PlanMergedLayout(const BaseWeights& base, const std::vector<std::string>& modules,
-                              std::optional<DType> dtype, uint64_t max_shard_bytes, int world_size);
+MergedLayout PlanMergedLayout(const safetensors::ModelWeights& base,
+                              const std::vector<std::string>& modules, std::optional<DType> dtype,
+                              uint64_t max_shard_bytes, int world_size);
 
 // model.safetensors.index.json as save_pretrained writes it; only for more than one shard.
 nlohmann::ordered_json IndexJson(const MergedLayout& layout);
