@@ -11,6 +11,7 @@
 # Env: SHAPE=8b|70b|1b|smoke, LAYERS (default: the shape's), KIND=lora|dora, RANK (LoRA rank,
 #      default the shape's), RANKS="direct 2" (direct: one process without mpirun; N: mpirun -np N),
 #      REFERENCE=1 (0 skips the Python reference), VERIFY=1, VERIFY_DEVICE=cpu|cuda|auto, REPEAT=3,
+#      MERGE_DEVICE=auto|cpu|cuda (--merge-device),
 #      BIN=build/src/cli/adapter_job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,7 @@ RANKS=${RANKS:-"direct 2"}
 REFERENCE=${REFERENCE:-1}
 VERIFY=${VERIFY:-1}
 VERIFY_DEVICE=${VERIFY_DEVICE:-cpu}
+MERGE_DEVICE=${MERGE_DEVICE:-auto}
 REPEAT=${REPEAT:-3}
 BIN=${BIN:-build/src/cli/adapter_job}
 PYTHON=${PYTHON:-python3}
@@ -70,7 +72,8 @@ row() {  # label, wall, rss files...
   rss=$(for f in "$@"; do mib "$(( $(tail -1 "$f") * 1024 ))"; done | paste -sd, -)
   echo "| $label | $(printf %.2f "$wall") | $(printf %.2f "$(echo "$wall / $floor" | bc -l)") | $rss |"
 }
-merge_args=(merge --hf-model-id "$base" --megatron-peft-checkpoint "$ckpt" --quiet)
+merge_args=(merge --hf-model-id "$base" --megatron-peft-checkpoint "$ckpt" --quiet
+            --merge-device "$MERGE_DEVICE")
 for n in $RANKS; do
   out=$dir/merged-$n
   walls=()
@@ -91,6 +94,7 @@ for n in $RANKS; do
     rm -rf "$out"
   done
   label=$([[ $n == direct ]] && echo "adapter_job merge (1 process)" || echo "mpirun -np $n adapter_job merge")
+  label+=", --merge-device $MERGE_DEVICE"
   row "$label, median of $REPEAT" "$(printf '%s\n' "${walls[@]}" | median)" "${files[@]}"
 done
 if [[ $VERIFY == 1 ]]; then
