@@ -50,27 +50,14 @@ void CopyFloat32(const float* in, uint32_t* out, int64_t n) {
   }
 }
 
-// The rank-1 updates of one row: every element gets them k after k (the order the GPU kernel
-// follows too). A chunk of the row is kept in registers while the rows of lora_A stream through,
-// so each term costs one load; updating the whole row per k cost a load and a store more.
+// One rank-1 update after another, so the row stays in cache while lora_A streams through.
 ADAPTER_JOB_VECTOR_CLONES
 void AddLowRank(float* row, const float* a, const float* b_row, int64_t rank, int64_t cols,
                 float scale) {
-  constexpr int64_t kChunk = 32;  // four AVX registers
-  int64_t first = 0;
-  for (; first + kChunk <= cols; first += kChunk) {
-    float sums[kChunk];
-    for (int64_t j = 0; j < kChunk; ++j) sums[j] = row[first + j];
-    for (int64_t k = 0; k < rank; ++k) {
-      const float c = scale * b_row[k];
-      const float* a_chunk = a + k * cols + first;
-      for (int64_t j = 0; j < kChunk; ++j) sums[j] += c * a_chunk[j];
-    }
-    for (int64_t j = 0; j < kChunk; ++j) row[first + j] = sums[j];
-  }
-  for (int64_t k = 0; k < rank && first < cols; ++k) {
+  for (int64_t k = 0; k < rank; ++k) {
     const float c = scale * b_row[k];
-    for (int64_t i = first; i < cols; ++i) row[i] += c * a[k * cols + i];
+    const float* a_row = a + k * cols;
+    for (int64_t i = 0; i < cols; ++i) row[i] += c * a_row[i];
   }
 }
 
