@@ -45,6 +45,9 @@ struct ExportOptions {
   comm::Backend backend = comm::Backend::kAuto;
   // More model families (*.json, as config/models/) besides the built-in ones.
   std::vector<std::filesystem::path> model_family_dirs;
+  // Adapter keys under these prefixes are left out deliberately (Megatron-Bridge's
+  // --exclude-adapter-base-prefix); the MTP layers' (`mtp.`) always are.
+  std::vector<std::string> excluded_adapter_prefixes;
   // Verify on rank 0 before publishing (prompts, top-k, device; the paths are filled in). A
   // failed verification publishes the adapter as `<output>.unverified` instead.
   std::optional<verify::VerifyOptions> verify;
@@ -89,6 +92,7 @@ struct ExportReport {
   std::filesystem::path published;                  // output, or output.unverified
   std::optional<std::size_t> integrity_files;       // files checked against integrity.json
   std::string integrity_not_checked;                // why not, when integrity_files is empty
+  std::vector<std::string> excluded_adapters;       // adapter tensors deliberately not exported
 
   // Verified and passed: only then does the adapter go to `output`.
   bool verified() const { return verification && verification->passed(); }

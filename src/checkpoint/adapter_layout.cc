@@ -1,6 +1,7 @@
 #include "adapter_job/checkpoint/adapter_layout.h"
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <map>
 #include <span>
@@ -151,7 +152,8 @@ const ChunkMeta& MetaOf(const DcpMetadata& metadata, const LayerLayout& layer,
   return MetaOf(metadata, layer.tensors.at(chunk.tensor_index)).chunks.at(chunk.chunk_index);
 }
 
-AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model) {
+AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model,
+                                const std::vector<std::string>& excluded_prefixes) {
   AdapterLayout layout;
   layout.tensor_parallel = static_cast<int>(model.tensor_parallel);
   layout.pipeline_parallel = static_cast<int>(model.pipeline_parallel);
@@ -170,8 +172,20 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
   std::vector<Found> found;
   std::optional<int64_t> stacked_layers;
   int64_t per_layer_count = 0;
+  std::vector<bool> prefix_used(excluded_prefixes.size());
   for (std::size_t index = 0; index < metadata.tensors.size(); ++index) {
     const TensorMeta& tensor = metadata.tensors[index];
+    const std::string_view fqn = tensor.fqn;
+    if (fqn.find(kAdapter) != std::string_view::npos) {
+      bool excluded = fqn.starts_with("mtp.");
+      for (std::size_t p = 0; p < excluded_prefixes.size(); ++p) {
+        if (fqn.starts_with(excluded_prefixes[p])) excluded = prefix_used[p] = true;
+      }
+      if (excluded) {
+        layout.excluded.push_back(tensor.fqn);
+        continue;
+      }
+    }
     auto key = ParseAdapterKey(tensor.fqn);
     if (!key) continue;
     if (key->layer) {
@@ -189,6 +203,11 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
           std::max(layout.tensor_parallel, layout.expert_parallel * layout.expert_tensor_parallel);
     }
     found.push_back({index, &tensor, std::move(*key)});
+  }
+  for (std::size_t p = 0; p < excluded_prefixes.size(); ++p) {
+    if (!prefix_used[p])
+      Fail("--exclude-adapter-base-prefix '{}' matches no adapter tensor of the checkpoint",
+           excluded_prefixes[p]);
   }
   if (found.empty()) Fail("the checkpoint holds no adapter tensors (no key contains '.adapter.')");
   layout.num_layers =
@@ -268,14 +287,21 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
                        std::tie(b.slot, b.tensor_index, b.offsets_in_layer);
               });
   }
-  // Layers that carry adapters carry the same ones (per-layer keys may target a subset of layers).
-  const LayerLayout* reference = nullptr;
+  // Layers that carry adapters carry the same ones (per-layer keys may target a subset of
+  // layers), but a dense layer and an MoE layer differ (DeepSeek-V3's first_k_dense_replace,
+  // Qwen3-MoE's mlp_only_layers): each is held to the first layer of its own kind.
+  std::array<const LayerLayout*, 2> reference = {nullptr, nullptr};
   for (const auto& layer : layout.layers) {
     if (layer.tensors.empty()) continue;
-    if (reference == nullptr) reference = &layer;
-    if (layer.tensors.size() != reference->tensors.size()) {
-      Fail("layer {} has {} adapter tensors but layer {} has {}", layer.layer, layer.tensors.size(),
-           reference->layer, reference->tensors.size());
+    const bool sparse =
+        std::any_of(layer.tensors.begin(), layer.tensors.end(),
+                    [](const LayerTensor& t) { return IsExpertModule(t.key.module); });
+    const LayerLayout*& first = reference[sparse ? 1 : 0];
+    if (first == nullptr) first = &layer;
+    if (layer.tensors.size() != first->tensors.size()) {
+      Fail("{} layer {} has {} adapter tensors but {} layer {} has {}", sparse ? "MoE" : "dense",
+           layer.layer, layer.tensors.size(), sparse ? "MoE" : "dense", first->layer,
+           first->tensors.size());
     }
   }
   return layout;

@@ -90,6 +90,10 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
     ("model-families", po::value<std::vector<std::string>>(),
      "a directory of model family descriptions (*.json, see config/models/README.md) to add to "
      "the built-in ones (repeatable)")
+    ("exclude-adapter-base-prefix", po::value<std::vector<std::string>>(),
+     "leave out the adapters whose Megatron key starts with this prefix, e.g. "
+     "decoder.layers.0.mlp (repeatable; the MTP layers' are always left out, and a prefix "
+     "matching nothing is an error)")
     ("trust-remote-code", po::value<bool>()->default_value(false)->implicit_value(true)->zero_tokens(),
      "accepted for compatibility with Megatron-Bridge's script; no code is ever loaded");
   if (stream) {
@@ -199,6 +203,9 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
     for (const auto& dir : vm["model-families"].as<std::vector<std::string>>())
       cl.options.model_family_dirs.emplace_back(dir);
   }
+  if (vm.count("exclude-adapter-base-prefix"))
+    cl.options.excluded_adapter_prefixes =
+        vm["exclude-adapter-base-prefix"].as<std::vector<std::string>>();
   if (vm.count("report")) cl.report_path = vm["report"].as<std::string>();
   if (stream) {
     if (!vm.count("output")) throw po::error("the option '--output' is required");

@@ -71,10 +71,11 @@ HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir) {
                          : c.hidden_size / c.num_attention_heads;
         c.intermediate_size = RequireInt(j, "intermediate_size");
         c.num_hidden_layers = RequireInt(j, "num_hidden_layers");
-        // Qwen3-MoE calls it num_experts, Mixtral num_local_experts, and transformers 5 treats
-        // them as one; two different counts leave the model's unknowable.
+        // Qwen3-MoE calls it num_experts, Mixtral num_local_experts, DeepSeek-V3 n_routed_experts,
+        // and transformers 5 treats them as one; two different counts leave the model's
+        // unknowable.
         const char* experts_key = nullptr;
-        for (const char* key : {"num_experts", "num_local_experts"}) {
+        for (const char* key : {"num_experts", "num_local_experts", "n_routed_experts"}) {
           if (!j.contains(key) || j[key].is_null() || j[key] == 0) continue;
           const int64_t experts = RequireInt(j, key);
           if (experts_key != nullptr && experts != c.num_experts) {

@@ -18,20 +18,43 @@ using checkpoint::LayerLayout;
 using checkpoint::LayerTensor;
 using Rows = std::vector<std::pair<int64_t, int64_t>>;
 
-int64_t WidthOf(Width width, const HfModelConfig& m) {
-  switch (width) {
-    case Width::kHidden:
-      return m.hidden_size;
-    case Width::kQuery:
-      return m.num_attention_heads * m.head_dim;
-    case Width::kKeyValue:
-      return m.num_key_value_heads * m.head_dim;
-    case Width::kFfn:
-      return m.intermediate_size;
-    case Width::kExpertFfn:
-      return m.expert_intermediate_size;
+// A config sum's key, from the text config of a multimodal config.json where the model has one.
+int64_t ConfigInteger(const HfModelConfig& m, const std::string& key, const Width& width) {
+  const auto& raw = m.raw.contains("text_config") && !m.raw.contains("hidden_size")
+                        ? m.raw["text_config"]
+                        : m.raw;
+  if (!raw.contains(key) || !raw[key].is_number_integer() || raw[key].get<int64_t>() <= 0) {
+    Fail("{}: the model family's width '{}' needs '{}' as a positive integer, found {}",
+         m.path.string(), width.text, key, raw.contains(key) ? raw[key].dump() : "no such key");
   }
-  return 0;
+  return raw[key].get<int64_t>();
+}
+
+int64_t WidthOf(const Width& width, const HfModelConfig& m) {
+  switch (width.kind) {
+    case Width::Kind::kHidden:
+      return m.hidden_size;
+    case Width::Kind::kQuery:
+      return m.num_attention_heads * m.head_dim;
+    case Width::Kind::kKeyValue:
+      return m.num_key_value_heads * m.head_dim;
+    case Width::Kind::kFfn:
+      return m.intermediate_size;
+    case Width::Kind::kExpertFfn:
+      return m.expert_intermediate_size;
+    case Width::Kind::kConfigSum:
+      break;
+  }
+  int64_t sum = 0;
+  for (const auto& term : width.terms) {
+    int64_t product = 1;
+    for (const std::string& factor : term) {
+      product *= factor[0] >= '0' && factor[0] <= '9' ? std::stoll(factor)
+                                                      : ConfigInteger(m, factor, width);
+    }
+    sum += product;
+  }
+  return sum;
 }
 
 // Rows of a tensor as OutputTensor::rows counts them: all dimensions but the last.
@@ -224,6 +247,8 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
         const std::string path = ExpertPath(targets[p].path, expert);
         out.module = layer_prefix + path;
         out.leaf = path.substr(path.rfind('.') + 1);
+        out.path = path;
+        out.expert = experts != nullptr;
         out.param = key.param;
         out.name = out.module + std::string(Suffix(key.param));
         out.source = index;

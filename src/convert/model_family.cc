@@ -48,19 +48,14 @@ Enum Choice(const json& j, const char* key, const std::string& where,
   Fail("{}.{}: '{}' is not one of {}", where, key, value, names);
 }
 
-constexpr std::pair<const char*, Width> kWidths[] = {{"hidden", Width::kHidden},
-                                                     {"query", Width::kQuery},
-                                                     {"key_value", Width::kKeyValue},
-                                                     {"ffn", Width::kFfn},
-                                                     {"expert_ffn", Width::kExpertFfn}};
 constexpr std::pair<const char*, Fusion> kFusions[] = {
     {"none", Fusion::kNone}, {"qkv", Fusion::kQkv}, {"gated_mlp", Fusion::kGatedMlp}};
 constexpr std::pair<const char*, Parallelism> kParallelisms[] = {{"column", Parallelism::kColumn},
                                                                  {"row", Parallelism::kRow}};
 
 HfModule ParseHfModule(const json& j, const std::string& where) {
-  return {String(j, "path", where), Choice(j, "in", where, kWidths),
-          Choice(j, "out", where, kWidths)};
+  return {String(j, "path", where), ParseWidth(String(j, "in", where), where + ".in"),
+          ParseWidth(String(j, "out", where), where + ".out")};
 }
 
 }  // namespace
@@ -153,10 +148,19 @@ ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
         f.forward.scale_embedding = value == "sqrt_hidden";
       } else if (key == "moe_router" && value.is_string() && !value.get<std::string>().empty()) {
         f.forward.moe_router = value.get<std::string>();
+      } else if (key == "moe_router_scoring" && value.is_string() &&
+                 (value == "softmax" || value == "sigmoid")) {
+        f.forward.moe_router_sigmoid = value == "sigmoid";
+      } else if (key == "moe_shared_experts" && value.is_string() &&
+                 !value.get<std::string>().empty()) {
+        f.forward.moe_shared_experts = value.get<std::string>();
+      } else if (key == "verification" && value.is_boolean()) {
+        f.forward.verification = value.get<bool>();
       } else {
         Fail(
             "{}.{}: expected norm_weight_offset (a number), embedding_scale (\"sqrt_hidden\" or "
-            "\"none\") or moe_router (a module path)",
+            "\"none\"), moe_router (a module path), moe_router_scoring (\"softmax\" or "
+            "\"sigmoid\"), moe_shared_experts (a module path) or verification (true or false)",
             at, key);
       }
     }
@@ -213,6 +217,61 @@ const ModuleMapping* ModelFamily::FindExperts(std::string_view megatron_leaf) co
     if (m.experts && m.megatron.ends_with(megatron_leaf)) return &m;
   }
   return nullptr;
+}
+
+void RequireVerificationForward(const ModelFamily& family) {
+  if (family.forward.verification) return;
+  Fail(
+      "verification has no forward pass for the {} family yet, so it cannot check this export; "
+      "pass --no-verify to export without it (and load the adapter with stock PEFT to check it)",
+      family.name);
+}
+
+Width ParseWidth(const std::string& text, const std::string& where) {
+  static constexpr std::pair<const char*, Width::Kind> kNamed[] = {
+      {"hidden", Width::Kind::kHidden},
+      {"query", Width::Kind::kQuery},
+      {"key_value", Width::Kind::kKeyValue},
+      {"ffn", Width::Kind::kFfn},
+      {"expert_ffn", Width::Kind::kExpertFfn}};
+  for (const auto& [name, kind] : kNamed) {
+    if (text == name) return {kind, {}, text};
+  }
+  const auto is_factor = [](std::string_view f) {
+    if (f.empty()) return false;
+    const bool number =
+        std::all_of(f.begin(), f.end(), [](char c) { return c >= '0' && c <= '9'; });
+    const bool key = (f[0] < '0' || f[0] > '9') && std::all_of(f.begin(), f.end(), [](char c) {
+                       return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
+                     });
+    return number || key;
+  };
+  const auto split = [](std::string_view s, char by) {
+    std::vector<std::string> parts;
+    for (std::size_t begin = 0;;) {
+      const std::size_t end = s.find(by, begin);
+      std::string part(s.substr(begin, end == std::string_view::npos ? end : end - begin));
+      part.erase(0, part.find_first_not_of(' '));
+      part.erase(part.find_last_not_of(' ') + 1);
+      parts.push_back(std::move(part));
+      if (end == std::string_view::npos) return parts;
+      begin = end + 1;
+    }
+  };
+  Width width{Width::Kind::kConfigSum, {}, text};
+  for (const std::string& term : split(text, '+')) {
+    width.terms.push_back(split(term, '*'));
+    for (const std::string& factor : width.terms.back()) {
+      if (!is_factor(factor)) {
+        Fail(
+            "{}: '{}' is neither a named width (hidden, query, key_value, ffn, expert_ffn) nor a "
+            "sum of products of config.json keys and integers (e.g. 'kv_lora_rank + "
+            "qk_rope_head_dim', 'num_attention_heads * v_head_dim')",
+            where, text);
+      }
+    }
+  }
+  return width;
 }
 
 std::string ExpertPath(const std::string& path, int64_t expert) {

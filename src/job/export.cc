@@ -122,6 +122,7 @@ verify::VerificationReport VerifyOutput(const ExportOptions& options, const job:
   v.megatron_checkpoint = plan.run.iteration_dir;
   if (!v.progress) v.progress = options.progress;
   v.model_family_dirs = options.model_family_dirs;
+  v.excluded_adapter_prefixes = options.excluded_adapter_prefixes;
   verify::VerificationReport report = verify::VerifyWithPlugin(v);
   report.adapter_path = finished.accepted_path.string();
   return report;

@@ -2,10 +2,13 @@
 
 #include <fmt/format.h>
 
+#include <set>
+
 #include "adapter_job/checkpoint/integrity.h"
 #include "adapter_job/convert/hf_config.h"
 #include "adapter_job/convert/model_family.h"
 #include "adapter_job/core/error.h"
+#include "adapter_job/safetensors/model_weights.h"
 #include "adapter_job/verify/verify.h"
 
 namespace adapter_job::job {
@@ -87,6 +90,45 @@ void CheckExpertCount(const convert::BaseModel& base, const checkpoint::RunDirec
   }
 }
 
+// The base model's linear modules that target_modules (the exported leaves) matches but that got
+// no adapter, once adapters were left out on purpose: PEFT would wrap them and warn of missing
+// keys. An expert cannot be left out alone: transformers 5 fuses the experts into one parameter.
+std::vector<std::string> ModulesLeftOut(
+    const convert::BaseModel& base, const convert::ModelFamily& family,
+    const std::vector<std::vector<convert::OutputTensor>>& layer_outputs) {
+  if (!base.dir) {
+    Fail(
+        "--exclude-adapter-base-prefix needs --hf-model-id to be the local base model directory: "
+        "adapter_config.json must name the base modules left without an adapter");
+  }
+  std::set<std::string> leaves, exported;
+  for (const auto& layer : layer_outputs) {
+    for (const auto& out : layer) {
+      leaves.insert(out.leaf);
+      exported.insert(out.module);
+    }
+  }
+  const std::string prefix = family.hf_layers_prefix + ".";
+  std::vector<std::string> left_out;
+  const auto weights = safetensors::ModelWeights::Open(*base.dir);
+  for (const auto& [name, tensor] : weights.tensors()) {
+    if (!name.starts_with(prefix) || !name.ends_with(".weight")) continue;
+    const std::string module = name.substr(0, name.size() - 7);
+    const std::string leaf = module.substr(module.rfind('.') + 1);
+    if (!leaves.contains(leaf) || exported.contains(module) || tensor.entry.shape.size() != 2)
+      continue;
+    if (module.find(".experts.") != std::string::npos) {
+      Fail(
+          "--exclude-adapter-base-prefix leaves '{}' without an adapter while other experts keep "
+          "theirs; PEFT cannot leave out part of transformers' fused experts: exclude no expert "
+          "adapters",
+          module);
+    }
+    left_out.push_back(module);
+  }
+  return left_out;
+}
+
 }  // namespace
 
 ExportPlan PlanExport(const ExportOptions& options, bool verify,
@@ -107,21 +149,29 @@ ExportPlan PlanExport(const ExportOptions& options, bool verify,
   writer::RefuseOutputsOverInputs(outputs, inputs);
 
   auto reader = checkpoint::CheckpointReader::Open(run.iteration_dir);
-  auto layout = checkpoint::PlanAdapterLayout(reader.metadata(), run.model);
+  auto layout = checkpoint::PlanAdapterLayout(reader.metadata(), run.model,
+                                              options.excluded_adapter_prefixes);
   // Before any collective, and before any buffer is sized from the .metadata: a missing or short
   // shard, or a .metadata that declares more than the files hold. Every rank checks every chunk,
   // so all fail alike.
   reader.CheckDeclaredBytes(layout);
   auto settings = SettingsFor(options, base, run, layout);
+  if (verify) convert::RequireVerificationForward(settings.family);
   std::vector<std::vector<convert::OutputTensor>> layer_outputs;
   for (const auto& layer : layout.layers) {
     layer_outputs.push_back(convert::PlanLayerConversion(layer, settings));
   }
   CheckExpertCount(base, run, settings);
+  std::vector<std::string> exclude_modules =
+      options.excluded_adapter_prefixes.empty()
+          ? std::vector<std::string>()
+          : ModulesLeftOut(base, settings.family, layer_outputs);
   auto owners = comm::ShardOwnership::Assign(layout.shard_count(), world_size);
-  return ExportPlan{std::move(base),   std::move(run),      std::move(reader),
-                    std::move(layout), std::move(settings), std::move(layer_outputs),
-                    std::move(owners), integrity_files,     std::move(integrity_not_checked)};
+  return ExportPlan{
+      std::move(base),           std::move(run),      std::move(reader),
+      std::move(layout),         std::move(settings), std::move(layer_outputs),
+      std::move(owners),         integrity_files,     std::move(integrity_not_checked),
+      std::move(exclude_modules)};
 }
 
 writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) const {
@@ -133,12 +183,21 @@ writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) co
   config.lora_alpha = run.peft->alpha;
   config.lora_dropout = run.peft->dropout;
   config.use_dora = settings.kind == checkpoint::AdapterKind::kDoRA;
+  config.exclude_modules = exclude_modules;
+  // The leaves of experts transformers 5 fuses: PEFT re-targets them to the fused parameters.
+  std::set<std::string> fused_leaves;
+  for (const auto& m : settings.family.modules) {
+    if (!m.experts || m.fused_parameter.empty()) continue;
+    for (const auto& hf : m.hf) fused_leaves.insert(hf.path.substr(hf.path.rfind('.') + 1));
+  }
   for (std::size_t l = 0; l < outputs.size(); ++l) {
     for (const auto& out : outputs[l]) {
       announced.tensors.push_back({out.name, out.module, WeightOf(out.param),
                                    static_cast<int64_t>(l), out.dtype, out.shape});
       if (out.param == checkpoint::AdapterParam::kLinearIn) {
-        config.modules.push_back({out.module, out.leaf, out.shape[0], out.rank_keys});
+        const bool as_parameter = !out.expert && fused_leaves.contains(out.leaf);
+        config.modules.push_back({out.module, out.leaf, out.shape[0], out.rank_keys,
+                                  as_parameter ? out.path + ".weight" : std::string()});
       }
     }
   }

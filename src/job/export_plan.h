@@ -31,6 +31,9 @@ struct ExportPlan {
   comm::ShardOwnership owners;
   std::optional<std::size_t> integrity_files;  // checked against integrity.json
   std::string integrity_not_checked;           // why not
+  // adapter_config.json's exclude_modules: base modules that target_modules would match but whose
+  // adapters were left out on purpose (--exclude-adapter-base-prefix), so PEFT leaves them alone.
+  std::vector<std::string> exclude_modules;
 
   // What the sink learns before the first layer: every output tensor, layer by layer, and the
   // adapter's settings (adapter_config.json's inputs).

@@ -61,6 +61,7 @@ nlohmann::ordered_json ExportReport::ToJson() const {
   } else {
     j["integrity"] = {{"checked", false}, {"why", integrity_not_checked}};
   }
+  j["excluded_adapter_tensors"] = excluded_adapters;
   if (verification) j["verification"] = verification->ToJson();
   return j;
 }
@@ -71,6 +72,12 @@ std::string ExportReport::Summary() const {
     read += fmt::format("{}{}: {}", r ? ", " : "", r, bytes_read_per_rank[r]);
   }
   std::string output_lines;
+  if (!excluded_adapters.empty()) {
+    output_lines += fmt::format(
+        "left out {} adapter tensors on purpose (MTP layers, --exclude-adapter-base-prefix), e.g. "
+        "{}\n",
+        excluded_adapters.size(), excluded_adapters.front());
+  }
   if (sink_per_rank) {
     for (std::size_t r = 0; r < sink_per_rank->size(); ++r) {
       const writer::SinkStats& s = (*sink_per_rank)[r];
@@ -102,6 +109,7 @@ void DescribePlan(const ExportPlan& plan, ExportReport& report) {
   report.layers = plan.layout.num_layers;
   report.integrity_files = plan.integrity_files;
   report.integrity_not_checked = plan.integrity_not_checked;
+  report.excluded_adapters = plan.layout.excluded;
 }
 
 OutputFile OpenReportFile(const fs::path& path) {

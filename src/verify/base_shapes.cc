@@ -40,10 +40,33 @@ void CheckBaseShapes(const HfWeights& base, const convert::HfModelConfig& config
                               std::string_view why) {
       if (base.Has(p + module)) expect(module, std::move(shape), why);
     };
-    expect("self_attn.q_proj.weight", {query, hidden}, "[heads x head_dim, hidden_size]");
-    expect("self_attn.k_proj.weight", {key_value, hidden}, "[kv heads x head_dim, hidden_size]");
-    expect("self_attn.v_proj.weight", {key_value, hidden}, "[kv heads x head_dim, hidden_size]");
-    expect("self_attn.o_proj.weight", {hidden, query}, "[hidden_size, heads x head_dim]");
+    if (s.mla) {
+      // transformers' DeepseekV3Attention.
+      const MlaSettings& m = *s.mla;
+      const int64_t q_heads = s.heads * (m.qk_nope_head_dim + m.qk_rope_head_dim);
+      if (m.q_lora_rank > 0) {
+        expect("self_attn.q_a_proj.weight", {m.q_lora_rank, hidden}, "[q_lora_rank, hidden_size]");
+        expect("self_attn.q_a_layernorm.weight", {m.q_lora_rank}, "[q_lora_rank]");
+        expect("self_attn.q_b_proj.weight", {q_heads, m.q_lora_rank},
+               "[heads x (qk_nope_head_dim + qk_rope_head_dim), q_lora_rank]");
+      } else {
+        expect("self_attn.q_proj.weight", {q_heads, hidden},
+               "[heads x (qk_nope_head_dim + qk_rope_head_dim), hidden_size]");
+      }
+      expect("self_attn.kv_a_proj_with_mqa.weight", {m.kv_lora_rank + m.qk_rope_head_dim, hidden},
+             "[kv_lora_rank + qk_rope_head_dim, hidden_size]");
+      expect("self_attn.kv_a_layernorm.weight", {m.kv_lora_rank}, "[kv_lora_rank]");
+      expect("self_attn.kv_b_proj.weight",
+             {s.heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank},
+             "[heads x (qk_nope_head_dim + v_head_dim), kv_lora_rank]");
+      expect("self_attn.o_proj.weight", {hidden, s.heads * m.v_head_dim},
+             "[hidden_size, heads x v_head_dim]");
+    } else {
+      expect("self_attn.q_proj.weight", {query, hidden}, "[heads x head_dim, hidden_size]");
+      expect("self_attn.k_proj.weight", {key_value, hidden}, "[kv heads x head_dim, hidden_size]");
+      expect("self_attn.v_proj.weight", {key_value, hidden}, "[kv heads x head_dim, hidden_size]");
+      expect("self_attn.o_proj.weight", {hidden, query}, "[hidden_size, heads x head_dim]");
+    }
     optional("self_attn.q_proj.bias", {query}, "[heads x head_dim]");
     optional("self_attn.k_proj.bias", {key_value}, "[kv heads x head_dim]");
     optional("self_attn.v_proj.bias", {key_value}, "[kv heads x head_dim]");
@@ -62,6 +85,16 @@ void CheckBaseShapes(const HfWeights& base, const convert::HfModelConfig& config
         expect(path(1) + ".weight", {expert_ffn, hidden}, "[expert ffn, hidden_size]");
         expect(path(2) + ".weight", {hidden, expert_ffn}, "[hidden_size, expert ffn]");
       }
+      if (!s.moe.shared[0].empty()) {  // DeepseekV3MoE's shared experts: one wider MLP
+        const int64_t f = s.moe.shared_ffn;
+        const char* why = "[n_shared_experts x moe_intermediate_size, hidden_size]";
+        expect(s.moe.shared[0] + ".weight", {f, hidden}, why);
+        expect(s.moe.shared[1] + ".weight", {f, hidden}, why);
+        expect(s.moe.shared[2] + ".weight", {hidden, f},
+               "[hidden_size, n_shared_experts x moe_intermediate_size]");
+      }
+      if (s.moe.sigmoid)
+        optional(s.moe.router + ".e_score_correction_bias", {s.moe.experts}, "[experts]");
     } else {
       expect("mlp.gate_proj.weight", {ffn, hidden}, "[intermediate_size, hidden_size]");
       expect("mlp.up_proj.weight", {ffn, hidden}, "[intermediate_size, hidden_size]");

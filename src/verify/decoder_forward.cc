@@ -1,7 +1,7 @@
 // Follows
-// transformers/models/{llama,qwen2,qwen3,gemma,gemma2,gemma3,qwen3_moe,mixtral}/modeling_*.py and
-// modeling_rope_utils.py (_compute_default_rope_parameters, _compute_llama3_parameters,
-// _compute_linear_scaling_rope_parameters).
+// transformers/models/{llama,qwen2,qwen3,gemma,gemma2,gemma3,qwen3_moe,mixtral,deepseek_v3}/
+// modeling_*.py and modeling_rope_utils.py (_compute_default_rope_parameters,
+// _compute_llama3_parameters, _compute_linear_scaling_rope_parameters, _compute_yarn_parameters).
 #include "decoder_forward.h"
 
 #include <cmath>
@@ -19,6 +19,9 @@ std::optional<double> OptionalNumber(const nlohmann::json& j, const char* key) {
   if (j.contains(key) && j[key].is_number()) return j[key].get<double>();
   return std::nullopt;
 }
+
+LayerAttention Yarn(const nlohmann::json& rope, const nlohmann::json& raw, int64_t dim,
+                    const at::Tensor& inv_freq);
 
 // inv_freq and the cos/sin scaling of one RoPE parameter set.
 LayerAttention Rope(const nlohmann::json& rope, const nlohmann::json& raw, int64_t dim,
@@ -46,10 +49,48 @@ LayerAttention Rope(const nlohmann::json& rope, const nlohmann::json& raw, int64
     inv_freq = at::where(medium, smoothed, scaled);
   } else if (type == "linear") {
     inv_freq = inv_freq / Number(rope, "factor", 1.0);
+  } else if (type == "yarn") {
+    return Yarn(rope, raw, dim, inv_freq);
   } else if (type != "default") {
-    Fail("{}: rope type '{}' is not supported (default, linear, llama3)", where, type);
+    Fail("{}: rope type '{}' is not supported (default, linear, llama3, yarn)", where, type);
   }
   return {inv_freq, 1.0, 0};
+}
+
+double YarnMscale(double scale, double mscale) {
+  return scale <= 1 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+// YaRN: frequencies interpolated by `factor` below the beta_slow rotation count, kept above
+// beta_fast, ramped between; cos/sin scaled by the attention factor.
+LayerAttention Yarn(const nlohmann::json& rope, const nlohmann::json& raw, int64_t dim,
+                    const at::Tensor& inv_freq) {
+  const double theta = Number(rope, "rope_theta", Number(raw, "rope_theta", 10000.0));
+  const double original = Number(rope, "original_max_position_embeddings", 0);
+  const double factor =
+      Number(rope, "factor", Number(raw, "max_position_embeddings", 0) / original);
+  std::optional<double> attention_factor = OptionalNumber(rope, "attention_factor");
+  if (!attention_factor) {
+    const double mscale = Number(rope, "mscale", 0), all_dim = Number(rope, "mscale_all_dim", 0);
+    attention_factor = mscale != 0 && all_dim != 0
+                           ? YarnMscale(factor, mscale) / YarnMscale(factor, all_dim)
+                           : YarnMscale(factor, 1);
+  }
+  const double beta_fast = Number(rope, "beta_fast", 32), beta_slow = Number(rope, "beta_slow", 1);
+  const auto correction_dim = [&](double rotations) {
+    return dim * std::log(original / (rotations * 2 * M_PI)) / (2 * std::log(theta));
+  };
+  double low = correction_dim(beta_fast), high = correction_dim(beta_slow);
+  if (!rope.contains("truncate") || rope["truncate"] != false) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  low = std::max(low, 0.0);
+  high = std::min(high, static_cast<double>(dim - 1));
+  if (low == high) high += 0.001;
+  const at::Tensor ramp = ((at::arange(dim / 2, at::kFloat) - low) / (high - low)).clamp(0, 1);
+  const at::Tensor extrapolation = 1 - ramp;
+  return {inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation, *attention_factor, 0};
 }
 
 Activation ActivationOf(const nlohmann::json& raw, const std::string& where) {
@@ -77,8 +118,12 @@ at::Tensor& LayerWeights::Linear(const std::string& module) {
   if (module == "mlp.gate_proj") return gate_proj;
   if (module == "mlp.up_proj") return up_proj;
   if (module == "mlp.down_proj") return down_proj;
-  if (const auto it = expert_linears.find(module); it != expert_linears.end()) return it->second;
+  if (const auto it = other_linears.find(module); it != other_linears.end()) return it->second;
   Fail("'{}' is not a linear module of this decoder layer", module);
+}
+
+const at::Tensor& LayerWeights::Linear(const std::string& module) const {
+  return const_cast<LayerWeights*>(this)->Linear(module);
 }
 
 void ForEachWeight(LayerWeights& w, const LlamaSettings& s,
@@ -87,8 +132,13 @@ void ForEachWeight(LayerWeights& w, const LlamaSettings& s,
     if (t.defined()) visit(name, t);
   };
   for (const std::string linear : kDecoderLinears) maybe(linear + ".weight", w.Linear(linear));
-  for (auto& [path, t] : w.expert_linears) maybe(path + ".weight", t);
-  if (!s.moe.router.empty()) maybe(s.moe.router + ".weight", w.router);
+  for (auto& [path, t] : w.other_linears) maybe(path + ".weight", t);
+  if (!s.moe.router.empty()) {
+    maybe(s.moe.router + ".weight", w.router);
+    maybe(s.moe.router + ".e_score_correction_bias", w.router_bias);
+  }
+  maybe("self_attn.q_a_layernorm.weight", w.q_a_layernorm);
+  maybe("self_attn.kv_a_layernorm.weight", w.kv_a_layernorm);
   maybe("input_layernorm.weight", w.input_layernorm);
   maybe("post_attention_layernorm.weight", w.post_attention_layernorm);
   maybe("self_attn.q_proj.bias", w.q_bias);
@@ -100,16 +150,45 @@ void ForEachWeight(LayerWeights& w, const LlamaSettings& s,
   maybe("post_feedforward_layernorm.weight", w.post_feedforward_layernorm);
 }
 
-std::vector<std::string> DecoderLinearPaths(const LlamaSettings& s) {
-  std::vector<std::string> paths(kDecoderLinears.begin(), kDecoderLinears.end());
+std::vector<std::string> AttentionLinearPaths(const LlamaSettings& s) {
+  if (!s.mla) return {kDecoderLinears.begin(), kDecoderLinears.begin() + 4};
+  std::vector<std::string> paths;
+  if (s.mla->q_lora_rank > 0) {
+    paths = {"self_attn.q_a_proj", "self_attn.q_b_proj"};
+  } else {
+    paths = {"self_attn.q_proj"};
+  }
+  paths.insert(paths.end(),
+               {"self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj", "self_attn.o_proj"});
+  return paths;
+}
+
+std::vector<std::string> DenseMlpPaths() {
+  return {kDecoderLinears.begin() + 4, kDecoderLinears.end()};
+}
+
+std::vector<std::string> SparseMlpPaths(const LlamaSettings& s) {
+  std::vector<std::string> paths;
   for (int64_t e = 0; e < s.moe.experts; ++e) {
     for (const auto& path : s.moe.expert) paths.push_back(convert::ExpertPath(path, e));
+  }
+  for (const auto& path : s.moe.shared) {
+    if (!path.empty()) paths.push_back(path);
+  }
+  return paths;
+}
+
+std::vector<std::string> DecoderLinearPaths(const LlamaSettings& s) {
+  std::vector<std::string> paths = AttentionLinearPaths(s);
+  for (auto more : {DenseMlpPaths(), SparseMlpPaths(s)}) {
+    paths.insert(paths.end(), more.begin(), more.end());
   }
   return paths;
 }
 
 LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
                                 const convert::ModelFamily& family) {
+  convert::RequireVerificationForward(family);
   const convert::ForwardTraits& traits = family.forward;
   LlamaSettings s;
   s.hidden = config.hidden_size;
@@ -125,6 +204,27 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
   s.embedding_scale = traits.scale_embedding ? std::sqrt(static_cast<double>(s.hidden)) : 1.0;
   s.attention_scale =
       1.0 / std::sqrt(Number(raw, "query_pre_attn_scalar", static_cast<double>(s.head_dim)));
+  if (raw.contains("kv_lora_rank") && !raw["kv_lora_rank"].is_null()) {
+    MlaSettings mla;
+    const auto dim = [&](const char* key) {
+      if (!raw.contains(key) || !raw[key].is_number_integer() || raw[key].get<int64_t>() < 0)
+        Fail("{}: multi-latent attention needs '{}' as an integer", where, key);
+      return raw[key].get<int64_t>();
+    };
+    mla.q_lora_rank =
+        raw.contains("q_lora_rank") && raw["q_lora_rank"].is_null() ? 0 : dim("q_lora_rank");
+    mla.kv_lora_rank = dim("kv_lora_rank");
+    mla.qk_nope_head_dim = dim("qk_nope_head_dim");
+    mla.qk_rope_head_dim = dim("qk_rope_head_dim");
+    mla.v_head_dim = dim("v_head_dim");
+    mla.rope_interleave = raw.value("rope_interleave", true);
+    if (mla.qk_rope_head_dim != s.head_dim)
+      Fail("{}: head_dim {} is not qk_rope_head_dim {}, the dims RoPE turns", where, s.head_dim,
+           mla.qk_rope_head_dim);
+    s.mla = mla;
+    s.attention_scale =
+        1.0 / std::sqrt(static_cast<double>(mla.qk_nope_head_dim + mla.qk_rope_head_dim));
+  }
   s.attention_softcap = OptionalNumber(raw, "attn_logit_softcapping");
   s.final_softcap = OptionalNumber(raw, "final_logit_softcapping");
   s.activation = ActivationOf(raw, where);
@@ -164,6 +264,13 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
     }
     s.layers.push_back(std::move(layer));
   }
+  // DeepseekV3Attention's yarn_apply_mscale: a non-default RoPE with mscale_all_dim scales the
+  // softmax by mscale(factor, mscale_all_dim) squared as well.
+  if (s.mla && rope.value("rope_type", std::string("default")) != "default" &&
+      Number(rope, "mscale_all_dim", 0) != 0) {
+    const double m = YarnMscale(Number(rope, "factor", 1), Number(rope, "mscale_all_dim", 0));
+    s.attention_scale *= m * m;
+  }
 
   if (config.num_experts > 0) {
     const convert::ModuleMapping* fc1 = family.FindExperts("linear_fc1");
@@ -181,6 +288,25 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
     s.moe.normalize_top_k = raw.value("norm_topk_prob", true);
     if (s.moe.top_k > s.moe.experts)
       Fail("{}: num_experts_per_tok {} exceeds the {} experts", where, s.moe.top_k, s.moe.experts);
+    s.moe.sigmoid = traits.moe_router_sigmoid;
+    if (s.moe.sigmoid) {
+      s.moe.groups = static_cast<int64_t>(Number(raw, "n_group", 1));
+      s.moe.top_k_groups = static_cast<int64_t>(Number(raw, "topk_group", 1));
+      s.moe.routed_scaling = Number(raw, "routed_scaling_factor", 1.0);
+      if (s.moe.groups < 1 || s.moe.experts % s.moe.groups != 0 ||
+          s.moe.top_k_groups > s.moe.groups)
+        Fail("{}: {} experts in n_group {} groups, topk_group {}: expected whole groups", where,
+             s.moe.experts, s.moe.groups, s.moe.top_k_groups);
+    }
+    if (!traits.moe_shared_experts.empty()) {
+      s.moe.shared_ffn = static_cast<int64_t>(Number(raw, "n_shared_experts", 1)) *
+                         config.expert_intermediate_size;
+      for (const char* leaf : {"gate_proj", "up_proj", "down_proj"}) {
+        s.moe.shared[leaf[0] == 'g'   ? 0
+                     : leaf[0] == 'u' ? 1
+                                      : 2] = traits.moe_shared_experts + "." + leaf;
+      }
+    }
   }
   return s;
 }
@@ -215,67 +341,88 @@ at::Tensor Activate(const at::Tensor& x, Activation activation) {
   return x;
 }
 
-// Each token's top-k experts by softmax router probability, their outputs weighted by those
-// probabilities (renormalised to sum to one where the model does), as transformers'
-// Qwen3MoeSparseMoeBlock and MixtralSparseMoeBlock compute them.
+// Each token's top-k experts and their weights [tokens, k]. Softmax routers (transformers'
+// Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock): the top-k probabilities, renormalised where the
+// model does. Sigmoid routers (DeepseekV3TopkRouter): the choice by score + correction bias,
+// within the best groups (each scored by its two best experts), the weights the plain scores,
+// renormalised and scaled.
+std::pair<at::Tensor, at::Tensor> Route(const at::Tensor& x, const LayerWeights& w,
+                                        const MoeSettings& moe) {
+  const at::Tensor logits = at::matmul(x.to(at::kFloat), w.router.to(at::kFloat).t());
+  if (!moe.sigmoid) {
+    auto [weights, chosen] = at::softmax(logits, -1).topk(moe.top_k, -1);
+    if (moe.normalize_top_k) weights = weights / weights.sum(-1, /*keepdim=*/true);
+    return {weights, chosen};
+  }
+  const at::Tensor scores = logits.sigmoid();
+  at::Tensor choice = w.router_bias.defined() ? scores + w.router_bias : scores;
+  if (moe.groups > 1) {
+    const int64_t tokens = x.size(0), per_group = moe.experts / moe.groups;
+    const at::Tensor group_scores =
+        std::get<0>(choice.view({tokens, moe.groups, per_group}).topk(2, -1)).sum(-1);
+    const at::Tensor best = std::get<1>(group_scores.topk(moe.top_k_groups, -1));
+    const at::Tensor keep = at::zeros_like(group_scores)
+                                .scatter_(1, best, 1)
+                                .unsqueeze(-1)
+                                .expand({tokens, moe.groups, per_group})
+                                .reshape({tokens, moe.experts})
+                                .to(at::kBool);
+    choice = choice.masked_fill(keep.logical_not(), -std::numeric_limits<float>::infinity());
+  }
+  const at::Tensor chosen = std::get<1>(choice.topk(moe.top_k, -1));
+  at::Tensor weights = scores.gather(1, chosen);
+  if (moe.normalize_top_k) weights = weights / (weights.sum(-1, /*keepdim=*/true) + 1e-20);
+  return {weights * moe.routed_scaling, chosen};
+}
+
+at::Tensor GatedMlp(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
+                    const at::Tensor& down, Activation activation) {
+  return at::matmul(Activate(at::matmul(x, gate.t()), activation) * at::matmul(x, up.t()),
+                    down.t());
+}
+
+// The routed experts' outputs weighted per token, plus the shared experts' where the model has
+// them.
 at::Tensor SparseMoe(const at::Tensor& x, const LayerWeights& w, const LlamaSettings& s) {
-  const at::Tensor probs = at::softmax(at::matmul(x, w.router.t()).to(at::kFloat), -1);
-  auto [weights, chosen] = probs.topk(s.moe.top_k, -1);
-  if (s.moe.normalize_top_k) weights = weights / weights.sum(-1, /*keepdim=*/true);
+  auto [weights, chosen] = Route(x, w, s.moe);
   weights = weights.to(x.scalar_type());
   at::Tensor out = at::zeros_like(x);
   for (int64_t e = 0; e < s.moe.experts; ++e) {
     const at::Tensor hit = chosen == e;  // [tokens, k]: at most one true per token
     const at::Tensor tokens = hit.any(-1).nonzero().squeeze(1);
     if (tokens.numel() == 0) continue;
-    const auto linear = [&](std::size_t which) {
-      return w.expert_linears.at(convert::ExpertPath(s.moe.expert[which], e));
+    const auto linear = [&](std::size_t which) -> const at::Tensor& {
+      return w.Linear(convert::ExpertPath(s.moe.expert[which], e));
     };
-    const at::Tensor in = x.index_select(0, tokens);
-    const at::Tensor gated =
-        Activate(at::matmul(in, linear(0).t()), s.activation) * at::matmul(in, linear(1).t());
     const at::Tensor weight = (weights * hit).sum(-1).index_select(0, tokens).unsqueeze(1);
-    out.index_add_(0, tokens, at::matmul(gated, linear(2).t()) * weight);
+    out.index_add_(
+        0, tokens,
+        GatedMlp(x.index_select(0, tokens), linear(0), linear(1), linear(2), s.activation) *
+            weight);
+  }
+  if (!s.moe.shared[0].empty()) {
+    out = out + GatedMlp(x, w.Linear(s.moe.shared[0]), w.Linear(s.moe.shared[1]),
+                         w.Linear(s.moe.shared[2]), s.activation);
   }
   return out;
 }
 
-}  // namespace
-
-at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaSettings& s,
-                        int64_t layer) {
-  const LayerAttention& attention = s.layers.at(static_cast<std::size_t>(layer));
-  const int64_t tokens = x.size(0);
-  const auto options = x.options();
-  const auto norm = [&](const at::Tensor& t, const at::Tensor& weight) {
-    return RmsNorm(t, weight, s.rms_norm_eps, s.norm_weight_offset);
-  };
-
-  // Attention.
-  const at::Tensor h = norm(x, w.input_layernorm);
-  const auto project = [&](const at::Tensor& weight, const at::Tensor& bias, int64_t heads,
-                           const at::Tensor& head_norm) {
-    at::Tensor out = at::matmul(h, weight.t());
-    if (bias.defined()) out = out + bias;
-    out = out.view({tokens, heads, s.head_dim});
-    if (head_norm.defined()) out = norm(out, head_norm);
-    return out.transpose(0, 1);
-  };
-  at::Tensor q = project(w.q_proj, w.q_bias, s.heads, w.q_norm);
-  at::Tensor k = project(w.k_proj, w.k_bias, s.kv_heads, w.k_norm);
-  at::Tensor v = project(w.v_proj, w.v_bias, s.kv_heads, at::Tensor());
-
+// cos/sin [tokens, dim] of the layer's RoPE, cat(freqs, freqs) as transformers builds them.
+std::pair<at::Tensor, at::Tensor> RopeTables(const LayerAttention& attention, int64_t tokens,
+                                             const at::TensorOptions& options) {
   const at::Tensor positions = at::arange(tokens, options.dtype(at::kFloat));
-  const at::Tensor freqs = at::outer(positions, attention.inv_freq.to(x.device()));
+  const at::Tensor freqs = at::outer(positions, attention.inv_freq.to(options.device()));
   const at::Tensor emb = at::cat({freqs, freqs}, -1);
-  const at::Tensor cos = (emb.cos() * attention.rope_scaling).to(x.scalar_type());
-  const at::Tensor sin = (emb.sin() * attention.rope_scaling).to(x.scalar_type());
-  q = q * cos + RotateHalf(q) * sin;
-  k = k * cos + RotateHalf(k) * sin;
+  return {(emb.cos() * attention.rope_scaling).to(options.dtype()),
+          (emb.sin() * attention.rope_scaling).to(options.dtype())};
+}
 
-  const int64_t groups = s.heads / s.kv_heads;
-  k = k.repeat_interleave(groups, 0);
-  v = v.repeat_interleave(groups, 0);
+// Softmax attention of q [heads, tokens, d] over k, v [heads, tokens, *], causal (and within a
+// window where the layer has one); [tokens, heads x v dims].
+at::Tensor Attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const LlamaSettings& s, const LayerAttention& attention) {
+  const int64_t tokens = q.size(1);
+  const auto options = q.options();
   at::Tensor scores =
       SoftCap(at::matmul(q, k.transpose(1, 2)) * s.attention_scale, s.attention_softcap);
   at::Tensor hidden_mask = at::ones({tokens, tokens}, options.dtype(at::kBool)).triu(1);
@@ -284,9 +431,89 @@ at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaS
         at::ones({tokens, tokens}, options.dtype(at::kBool)).tril(-attention.window));
   }
   scores = scores.masked_fill(hidden_mask, -std::numeric_limits<float>::infinity());
-  const at::Tensor probs = at::softmax(scores.to(at::kFloat), -1).to(x.scalar_type());
-  at::Tensor attended = at::matmul(
-      at::matmul(probs, v).transpose(0, 1).reshape({tokens, s.heads * s.head_dim}), w.o_proj.t());
+  const at::Tensor probs = at::softmax(scores.to(at::kFloat), -1).to(q.scalar_type());
+  return at::matmul(probs, v).transpose(0, 1).reshape({tokens, -1});
+}
+
+// DeepseekV3Attention: the latent kv expanded per head, one rope key shared by all heads.
+at::Tensor MultiLatentAttention(const at::Tensor& h, const LayerWeights& w, const LlamaSettings& s,
+                                const LayerAttention& attention) {
+  const MlaSettings& m = *s.mla;
+  const int64_t tokens = h.size(0);
+  // q_a_layernorm and kv_a_layernorm are built without the config's rms_norm_eps, so they keep
+  // DeepseekV3RMSNorm's default.
+  constexpr double kLatentNormEps = 1e-6;
+  const auto norm = [&](const at::Tensor& t, const at::Tensor& weight) {
+    return RmsNorm(t, weight, kLatentNormEps);
+  };
+  const at::Tensor q_states =
+      m.q_lora_rank > 0
+          ? at::matmul(norm(at::matmul(h, w.Linear("self_attn.q_a_proj").t()), w.q_a_layernorm),
+                       w.Linear("self_attn.q_b_proj").t())
+          : at::matmul(h, w.Linear("self_attn.q_proj").t());
+  const at::Tensor q =
+      q_states.view({tokens, s.heads, m.qk_nope_head_dim + m.qk_rope_head_dim}).transpose(0, 1);
+  const at::Tensor latent = at::matmul(h, w.Linear("self_attn.kv_a_proj_with_mqa").t());
+  const at::Tensor kv = at::matmul(norm(latent.slice(-1, 0, m.kv_lora_rank), w.kv_a_layernorm),
+                                   w.Linear("self_attn.kv_b_proj").t())
+                            .view({tokens, s.heads, m.qk_nope_head_dim + m.v_head_dim})
+                            .transpose(0, 1);
+
+  auto [cos, sin] = RopeTables(attention, tokens, h.options());
+  const auto rotate = [&](const at::Tensor& x) {
+    if (!m.rope_interleave) return x * cos + RotateHalf(x) * sin;
+    // Pairs (x0, x1), (x2, x3), ... each turned by one frequency, output as [evens'; odds'].
+    const int64_t half = x.size(-1) / 2;
+    const at::Tensor c = cos.slice(-1, 0, half), sn = sin.slice(-1, 0, half);
+    const at::Tensor even = x.slice(-1, 0, x.size(-1), 2), odd = x.slice(-1, 1, x.size(-1), 2);
+    return at::cat({even * c - odd * sn, odd * c + even * sn}, -1);
+  };
+  const at::Tensor q_rot = rotate(q.slice(-1, m.qk_nope_head_dim));
+  const at::Tensor k_rot = rotate(latent.slice(-1, m.kv_lora_rank).unsqueeze(0));
+  const at::Tensor query = at::cat({q.slice(-1, 0, m.qk_nope_head_dim), q_rot}, -1);
+  const at::Tensor key = at::cat(
+      {kv.slice(-1, 0, m.qk_nope_head_dim), k_rot.expand({s.heads, tokens, m.qk_rope_head_dim})},
+      -1);
+  return at::matmul(Attend(query, key, kv.slice(-1, m.qk_nope_head_dim), s, attention),
+                    w.Linear("self_attn.o_proj").t());
+}
+
+// Llama-style attention: q/k/v heads (GQA), optional biases and per-head norms, RoPE on halves.
+at::Tensor GroupedQueryAttention(const at::Tensor& h, const LayerWeights& w, const LlamaSettings& s,
+                                 const LayerAttention& attention) {
+  const int64_t tokens = h.size(0);
+  const auto project = [&](const at::Tensor& weight, const at::Tensor& bias, int64_t heads,
+                           const at::Tensor& head_norm) {
+    at::Tensor out = at::matmul(h, weight.t());
+    if (bias.defined()) out = out + bias;
+    out = out.view({tokens, heads, s.head_dim});
+    if (head_norm.defined()) out = RmsNorm(out, head_norm, s.rms_norm_eps, s.norm_weight_offset);
+    return out.transpose(0, 1);
+  };
+  at::Tensor q = project(w.q_proj, w.q_bias, s.heads, w.q_norm);
+  at::Tensor k = project(w.k_proj, w.k_bias, s.kv_heads, w.k_norm);
+  at::Tensor v = project(w.v_proj, w.v_bias, s.kv_heads, at::Tensor());
+  auto [cos, sin] = RopeTables(attention, tokens, h.options());
+  q = q * cos + RotateHalf(q) * sin;
+  k = k * cos + RotateHalf(k) * sin;
+  const int64_t groups = s.heads / s.kv_heads;
+  return at::matmul(
+      Attend(q, k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0), s, attention),
+      w.o_proj.t());
+}
+
+}  // namespace
+
+at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaSettings& s,
+                        int64_t layer) {
+  const LayerAttention& attention = s.layers.at(static_cast<std::size_t>(layer));
+  const auto norm = [&](const at::Tensor& t, const at::Tensor& weight) {
+    return RmsNorm(t, weight, s.rms_norm_eps, s.norm_weight_offset);
+  };
+
+  const at::Tensor h = norm(x, w.input_layernorm);
+  at::Tensor attended =
+      s.mla ? MultiLatentAttention(h, w, s, attention) : GroupedQueryAttention(h, w, s, attention);
   const bool sandwich = w.pre_feedforward_layernorm.defined();
   if (sandwich) attended = norm(attended, w.post_attention_layernorm);
   const at::Tensor after_attention = x + attended;
@@ -294,14 +521,9 @@ at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaS
   // Gated MLP (SwiGLU, GeGLU), or a sparse MoE of them.
   const at::Tensor m =
       norm(after_attention, sandwich ? w.pre_feedforward_layernorm : w.post_attention_layernorm);
-  at::Tensor mlp;
-  if (w.router.defined()) {
-    mlp = SparseMoe(m, w, s);
-  } else {
-    const at::Tensor gated =
-        Activate(at::matmul(m, w.gate_proj.t()), s.activation) * at::matmul(m, w.up_proj.t());
-    mlp = at::matmul(gated, w.down_proj.t());
-  }
+  at::Tensor mlp = w.router.defined()
+                       ? SparseMoe(m, w, s)
+                       : GatedMlp(m, w.gate_proj, w.up_proj, w.down_proj, s.activation);
   if (sandwich) mlp = norm(mlp, w.post_feedforward_layernorm);
   return after_attention + mlp;
 }

@@ -2,8 +2,10 @@
 // LlamaForCausalLM (RMSNorm, RoPE default/llama3/linear, GQA attention, SwiGLU MLP) and, where the
 // config and weights say so, Qwen2's q/k/v biases, Qwen3's and Gemma 3's per-head q/k norms,
 // Gemma's (1 + weight) norms, scaled embeddings and GeGLU, Gemma 2/3's sandwich norms,
-// soft-capping and sliding-window layers with their own RoPE base, and the sparse MoE MLPs of
-// Qwen3-MoE and Mixtral (softmax router, top-k experts, optionally renormalised).
+// soft-capping and sliding-window layers with their own RoPE base, the sparse MoE MLPs of
+// Qwen3-MoE and Mixtral (softmax router, top-k experts, optionally renormalised), and
+// DeepSeek-V3's multi-latent attention (YaRN RoPE on interleaved pairs) and MoE (sigmoid router
+// with a score correction bias, group-limited top-k, scaled weights, shared experts).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,6 +31,18 @@ struct LayerAttention {
   int64_t window = 0;  // 0: every earlier position; else only the last `window` positions
 };
 
+// DeepSeek's multi-latent attention (config.json's MLA dims): q through q_a_proj, q_a_layernorm
+// and q_b_proj (or one q_proj without a q LoRA rank), k/v from the latent kv_a_proj_with_mqa
+// (kv_lora_rank, then one shared rope key) through kv_a_layernorm and kv_b_proj.
+struct MlaSettings {
+  int64_t q_lora_rank = 0;  // 0: q_proj
+  int64_t kv_lora_rank = 0;
+  int64_t qk_nope_head_dim = 0;
+  int64_t qk_rope_head_dim = 0;
+  int64_t v_head_dim = 0;
+  bool rope_interleave = true;  // RoPE on (x0, x1), (x2, x3), ... pairs, not on halves
+};
+
 // A sparse MoE MLP: its router and each expert's gate/up/down linears by HF path within a layer
 // ("{expert}" stands for the expert's index), from the model family and config.json.
 struct MoeSettings {
@@ -37,6 +51,15 @@ struct MoeSettings {
   int64_t experts = 0;
   int64_t top_k = 0;
   bool normalize_top_k = true;  // Qwen3-MoE's norm_topk_prob; Mixtral always renormalises
+  // DeepSeek-V3: sigmoid scores, a correction bias ("<router>.e_score_correction_bias") added for
+  // the choice only, experts chosen within the top `top_k_groups` of `groups` groups, weights
+  // times `routed_scaling`, and shared experts (gate, up, down paths) beside the routed ones.
+  bool sigmoid = false;
+  int64_t groups = 1;
+  int64_t top_k_groups = 1;
+  double routed_scaling = 1;
+  std::array<std::string, 3> shared;  // empty paths: none
+  int64_t shared_ffn = 0;             // n_shared_experts x moe_intermediate_size
 };
 
 struct LlamaSettings {
@@ -51,6 +74,7 @@ struct LlamaSettings {
   std::optional<double> attention_softcap, final_softcap;
   Activation activation = Activation::kSilu;
   std::vector<LayerAttention> layers;
+  std::optional<MlaSettings> mla;
   MoeSettings moe;
 };
 
@@ -65,8 +89,12 @@ inline constexpr std::array<const char*, 7> kDecoderLinears = {
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
 
-// Every linear module a layer of this model may have: kDecoderLinears and, for MoE models, each
-// expert's (the router aside).
+// The attention's linear modules (q/k/v/o_proj, or MLA's), a dense MLP's (gate/up/down_proj) and
+// an MoE layer's (each expert's, then the shared experts'; the router aside).
+std::vector<std::string> AttentionLinearPaths(const LlamaSettings& s);
+std::vector<std::string> DenseMlpPaths();
+std::vector<std::string> SparseMlpPaths(const LlamaSettings& s);
+// Every linear module a layer of this model may have: the three above.
 std::vector<std::string> DecoderLinearPaths(const LlamaSettings& s);
 
 // The linear weights of one decoder layer ([out, in], as in HF) and its norms; the optional
@@ -79,13 +107,16 @@ struct LayerWeights {
   // Gemma 2/3: post_attention_layernorm then normalises the attention output, and these wrap
   // the MLP.
   at::Tensor pre_feedforward_layernorm, post_feedforward_layernorm;
-  // MoE layers: the router [experts, hidden] and the experts' linears by HF path take the place
-  // of gate/up/down_proj.
-  at::Tensor router;
-  std::map<std::string, at::Tensor> expert_linears;
+  // MoE layers: the router [experts, hidden] (and DeepSeek's correction bias [experts]); the
+  // experts' linears by HF path take the place of gate/up/down_proj.
+  at::Tensor router, router_bias;
+  // Linears beyond the named ones, by HF path: experts, shared experts, MLA's projections.
+  std::map<std::string, at::Tensor> other_linears;
+  at::Tensor q_a_layernorm, kv_a_layernorm;  // MLA
 
-  // "self_attn.q_proj" -> q_proj; an expert's path -> its entry in expert_linears.
+  // "self_attn.q_proj" -> q_proj; any other path -> its entry in other_linears.
   at::Tensor& Linear(const std::string& module);
+  const at::Tensor& Linear(const std::string& module) const;
 };
 
 // Calls `visit` with every defined tensor of `w` and its HF name within the layer (e.g.

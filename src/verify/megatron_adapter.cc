@@ -60,18 +60,18 @@ at::Tensor LocalFc1Rows(int64_t ffn, int64_t tp, int64_t rank, const at::Device&
 
 }  // namespace
 
-std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(const std::filesystem::path& checkpoint,
-                                                       const convert::HfModelConfig& model,
-                                                       const LlamaSettings& settings,
-                                                       at::ScalarType adapter_dtype) {
+std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(
+    const std::filesystem::path& checkpoint, const convert::HfModelConfig& model,
+    const LlamaSettings& settings, at::ScalarType adapter_dtype,
+    const std::vector<std::string>& excluded_prefixes) {
   // The resolver the export used: the iteration it pinned (export --wait/--result) resolves to
   // itself, a save directory to the iteration its latest_checkpointed_iteration.txt names.
   auto run = checkpoint::OpenRunDirectory(checkpoint::ResolveCheckpoint(checkpoint).iteration_dir);
   if (!run.peft) Fail("'{}' has no run_config.yaml peft: section", run.iteration_dir.string());
   auto reader = checkpoint::CheckpointReader::Open(run.iteration_dir);
   std::unique_ptr<MegatronAdapter> adapter(new MegatronAdapter(std::move(run), std::move(reader)));
-  adapter->layout_ =
-      checkpoint::PlanAdapterLayout(adapter->reader_.metadata(), adapter->run_.model);
+  adapter->layout_ = checkpoint::PlanAdapterLayout(adapter->reader_.metadata(), adapter->run_.model,
+                                                   excluded_prefixes);
   adapter->reader_.CheckDeclaredBytes(adapter->layout_);
   adapter->model_ = model;
   adapter->adapter_dtype_ = adapter_dtype;
@@ -138,22 +138,27 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
       }
     } else if (module == "self_attention.linear_qkv" && canonical.empty()) {
       SplitQkv(MergeAdapter(FuseQkv(w, groups, d), *p.a, *p.b, scale_, p.m, what), w, groups, d);
-    } else if (module == "mlp.linear_fc1" && canonical.empty()) {
+    } else if ((module == "mlp.linear_fc1" || module == "mlp.shared_experts.linear_fc1") &&
+               canonical.empty()) {
       // Each TP rank merges its local [gate_i; up_i] rows; its magnitude slice is stored in that
-      // local order, one rank after the other.
-      at::Tensor fused = at::cat({w.gate_proj, w.up_proj}, 0);
+      // local order, one rank after the other. DeepSeek's shared experts are such an MLP too.
+      const std::string parent = module.substr(0, module.rfind('.'));
+      at::Tensor& gate = w.Linear(parent + ".gate_proj");
+      at::Tensor& up = w.Linear(parent + ".up_proj");
+      const int64_t f = gate.size(0);
+      at::Tensor fused = at::cat({gate, up}, 0);
       CheckMergeShapes(what, fused, *p.a, *p.b, p.m);
       at::Tensor merged = fused.clone();
-      const int64_t local = 2 * ffn / tp;
+      const int64_t local = 2 * f / tp;
       for (int64_t rank = 0; rank < tp; ++rank) {
-        const at::Tensor rows = LocalFc1Rows(ffn, tp, rank, device);
+        const at::Tensor rows = LocalFc1Rows(f, tp, rank, device);
         std::optional<at::Tensor> m;
         if (p.m) m = p.m->index({Slice(rank * local, (rank + 1) * local)});
         merged.index_put_(
             {rows}, MergeAdapter(fused.index({rows}), *p.a, p.b->index({rows}), scale_, m, what));
       }
-      w.gate_proj = merged.index({Slice(0, ffn)});
-      w.up_proj = merged.index({Slice(ffn, 2 * ffn)});
+      gate = merged.index({Slice(0, f)});
+      up = merged.index({Slice(f, 2 * f)});
     } else if (module == "mlp.linear_fc1" &&
                (canonical == "adapter_gate" || canonical == "adapter_up")) {
       // Saved through the SwiGLU sharded factory: rank i's rows are stored as chunks i and i + TP
@@ -174,6 +179,14 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
           {{"self_attention.linear_qkv", "adapter_q"}, "self_attn.q_proj"},
           {{"self_attention.linear_qkv", "adapter_k"}, "self_attn.k_proj"},
           {{"self_attention.linear_qkv", "adapter_v"}, "self_attn.v_proj"},
+          // DeepSeek's MLA (Megatron-Bridge models/deepseek/common.py: one to one) and shared
+          // experts.
+          {{"self_attention.linear_q_down_proj", ""}, "self_attn.q_a_proj"},
+          {{"self_attention.linear_q_up_proj", ""}, "self_attn.q_b_proj"},
+          {{"self_attention.linear_q_proj", ""}, "self_attn.q_proj"},
+          {{"self_attention.linear_kv_down_proj", ""}, "self_attn.kv_a_proj_with_mqa"},
+          {{"self_attention.linear_kv_up_proj", ""}, "self_attn.kv_b_proj"},
+          {{"mlp.shared_experts.linear_fc2", ""}, "mlp.shared_experts.down_proj"},
       };
       const auto it = kUnfused.find(key);
       if (it == kUnfused.end())

@@ -32,10 +32,11 @@ TensorStat StatOf(const std::string& name, const at::Tensor& t, DType dtype) {
 }  // namespace
 
 PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights& base,
-                              int64_t num_layers, const std::vector<std::string>& linears) {
+                              int64_t num_layers, const std::vector<std::string>& linears,
+                              const std::string& model_type) {
   PeftAdapter adapter;
   const auto config_path = dir / writer::kAdapterConfigFile;
-  const PeftConfig config = PeftConfig::Read(config_path);
+  const PeftConfig config = PeftConfig::Read(config_path, model_type);
   adapter.unmodelled_ = config.unmodelled();
   const bool moe = std::any_of(linears.begin(), linears.end(),
                                [](const std::string& l) { return l.find("experts.") != l.npos; });
@@ -61,6 +62,21 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
       m.in_features = shape.size() > 1 ? shape[1] : 1;
       adapter.modules_.emplace(module, std::move(m));
     }
+  }
+  // A target_parameters entry that names no linear's weight targets something not modelled here
+  // (an expert's fused parameter, say).
+  for (const std::string& parameter : config.target_parameters()) {
+    bool matched = false;
+    for (int64_t layer = 0; layer < num_layers && !matched; ++layer) {
+      for (const std::string& linear : linears) {
+        const std::string weight = fmt::format("model.layers.{}.{}.weight", layer, linear);
+        if (base.Has(weight) && (weight == parameter || weight.ends_with("." + parameter))) {
+          matched = true;
+          break;
+        }
+      }
+    }
+    if (!matched) adapter.unmodelled_.push_back("target_parameters: " + parameter);
   }
   // PEFT raises NoMatchingPeftModuleError; with a field it reads that is not modelled here, the
   // verdict names that field instead.

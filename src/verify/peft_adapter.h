@@ -22,8 +22,10 @@ class PeftAdapter {
   // layer's `linears` (paths within it) exist, and their shapes. Throws FormatError for files that
   // do not parse and for what PEFT refuses to load: a config it rejects, no module targeted, a
   // lora_A/lora_B/magnitude whose shape does not fit the rank and the base weight.
+  // `model_type` is config.json's (PeftConfig::Read).
   static PeftAdapter Open(const std::filesystem::path& dir, const HfWeights& base,
-                          int64_t num_layers, const std::vector<std::string>& linears);
+                          int64_t num_layers, const std::vector<std::string>& linears,
+                          const std::string& model_type);
 
   // Replaces the adapted linear weights of `layer` in `weights` by their merged values.
   void Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <string_view>
 
 #include "adapter_job/core/error.h"
@@ -113,7 +114,8 @@ std::vector<std::string> UnmodelledFields(const Json& j) {
   flag("modules_to_save", IsSet(j, "modules_to_save"));     // replaces whole modules
   flag("bias", j.contains("bias") && j["bias"] != "none");  // loads the base biases
   flag("lora_bias", IsSet(j, "lora_bias"));
-  flag("target_parameters", IsSet(j, "target_parameters"));
+  flag("target_parameters",
+       IsSet(j, "target_parameters") && !j["target_parameters"].is_array());  // a list is modelled
   flag("trainable_token_indices", IsSet(j, "trainable_token_indices"));
   flag("layer_replication", IsSet(j, "layer_replication"));
   flag("use_qalora", IsSet(j, "use_qalora"));
@@ -131,7 +133,31 @@ std::vector<std::string> UnmodelledFields(const Json& j) {
 
 }  // namespace
 
-PeftConfig PeftConfig::Read(const std::filesystem::path& path) {
+// The target_modules leaves PEFT 0.21 re-targets to transformers 5's fused expert parameters, by
+// model type (utils/transformers_weight_conversion.py: the _MODEL_TO_CONVERSION_PATTERN entries
+// of the qwen2_moe and mixtral patterns, and _MOE_TARGET_MODULE_MAPPING).
+std::vector<std::string> FusedExpertLeaves(const std::string& model_type) {
+  static const std::set<std::string> kQwen2MoePattern = {
+      "afmoe",       "deepseek_v2",    "deepseek_v3",    "deepseek_v32",
+      "dots1",       "ernie4_5_moe",   "glm4_moe",       "glm4_moe_lite",
+      "glm_moe_dsa", "glm4v_moe",      "longcat_flash",  "solar_open",
+      "mellum",      "qwen3_moe",      "qwen3_omni_moe", "qwen3_omni_moe_thinker",
+      "qwen3_next",  "hunyuan_v1_moe", "flex_olmo",      "olmoe",
+      "exaone_moe",  "cohere2_moe"};
+  if (kQwen2MoePattern.contains(model_type)) return {"gate_proj", "up_proj", "down_proj"};
+  if (model_type == "mixtral" || model_type == "minimax" || model_type == "minimax_m2")
+    return {"w1", "w3", "w2"};
+  return {};
+}
+
+// "model.layers.1.mlp.experts.3.gate_proj": one expert's linear, as the hub checkpoints name it.
+bool IsExpertLinear(std::string_view module) {
+  const auto at = module.find(".experts.");
+  return at != std::string_view::npos && at + 9 < module.size() &&
+         std::isdigit(static_cast<unsigned char>(module[at + 9]));
+}
+
+PeftConfig PeftConfig::Read(const std::filesystem::path& path, const std::string& model_type) {
   PeftConfig c;
   WithContext(
       [&] { return path.string(); },
@@ -203,6 +229,9 @@ PeftConfig PeftConfig::Read(const std::filesystem::path& path) {
               }
             }
           }
+          if (j.contains("target_parameters") && j["target_parameters"].is_array())
+            c.target_parameters_ = Names(j["target_parameters"], "target_parameters");
+          c.fused_expert_leaves_ = FusedExpertLeaves(model_type);
           c.rank_pattern_ = Patterns<int64_t>(j, "rank_pattern");
           c.alpha_pattern_ = Patterns<double>(j, "alpha_pattern");
 
@@ -232,6 +261,16 @@ bool PeftConfig::Targets(const std::string& module) const {
   for (const Regex& saved : modules_to_save_) {
     if (saved.Matches(module, Anchor::kStart)) return false;
   }
+  // tuners_utils.py _inject_parameters: the parameter's name, or a suffix of it after a dot.
+  const std::string weight = module + ".weight";
+  const bool as_parameter = std::any_of(
+      target_parameters_.begin(), target_parameters_.end(),
+      [&](const auto& t) { return weight == t || std::string_view(weight).ends_with("." + t); });
+  const std::string leaf = module.substr(module.rfind('.') + 1);
+  if (!IsExpertLinear(module) && std::find(fused_expert_leaves_.begin(), fused_expert_leaves_.end(),
+                                           leaf) != fused_expert_leaves_.end())
+    return as_parameter;
+  if (as_parameter) return true;
   if (all_linear_) return true;
   if (target_regex_) return target_regex_->Matches(module, Anchor::kFull);
   if (std::find(target_names_.begin(), target_names_.end(), module) != target_names_.end())

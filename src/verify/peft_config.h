@@ -22,10 +22,18 @@ class PeftConfig {
  public:
   // Reads `path`; throws FormatError for what PEFT would refuse (bad JSON, a wrong type,
   // lora_dropout > 1, layers_to_transform with a regex target, an invalid regex, ...).
-  static PeftConfig Read(const std::filesystem::path& path);
+  // `model_type` (config.json's) decides PEFT's re-targeting of fused MoE experts (Targets).
+  static PeftConfig Read(const std::filesystem::path& path, const std::string& model_type = "");
 
-  // Whether PEFT wraps `module` ("model.layers.3.self_attn.q_proj"), a linear of the base model.
+  // Whether PEFT wraps `module` ("model.layers.3.self_attn.q_proj"), a linear of the base model,
+  // or its weight (target_parameters). For the MoE model types PEFT 0.21 converts on
+  // transformers 5 (utils/transformers_weight_conversion.py _MODEL_TO_CONVERSION_PATTERN,
+  // _MOE_TARGET_MODULE_MAPPING), a target_modules leaf of the experts (gate_proj, up_proj,
+  // down_proj; Mixtral's w1, w3, w2) names the fused expert parameters only: a dense or shared
+  // linear of that name is then wrapped only through target_parameters.
   bool Targets(const std::string& module) const;
+  // The target_parameters entries, matched as PEFT does (the name, or a suffix after a dot).
+  const std::vector<std::string>& target_parameters() const { return target_parameters_; }
   // rank_pattern/r and alpha_pattern/lora_alpha for `module`, and the scale they give.
   int64_t RankOf(const std::string& module) const;
   double ScaleOf(const std::string& module) const;
@@ -42,10 +50,11 @@ class PeftConfig {
   bool dora_ = false;
   bool all_linear_ = false;
   std::optional<text::Regex> target_regex_, exclude_regex_;  // re.fullmatch
-  std::vector<std::string> target_names_, exclude_names_;
-  std::vector<text::Regex> modules_to_save_;    // re.match
-  std::optional<std::vector<int64_t>> layers_;  // layers_to_transform, when it filters
-  std::vector<text::Regex> layer_patterns_;     // re.match, from layers_pattern (or PEFT's default)
+  std::vector<std::string> target_names_, exclude_names_, target_parameters_;
+  std::vector<std::string> fused_expert_leaves_;  // see Targets
+  std::vector<text::Regex> modules_to_save_;      // re.match
+  std::optional<std::vector<int64_t>> layers_;    // layers_to_transform, when it filters
+  std::vector<text::Regex> layer_patterns_;  // re.match, from layers_pattern (or PEFT's default)
   std::vector<std::pair<text::Regex, int64_t>> rank_pattern_;  // re.match
   std::vector<std::pair<text::Regex, double>> alpha_pattern_;
   std::vector<std::string> unmodelled_;

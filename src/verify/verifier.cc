@@ -53,20 +53,22 @@ LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const LlamaSettings
                        const at::Device& device) {
   const std::string p = fmt::format("model.layers.{}.", layer);
   LayerWeights w;
-  // An MoE layer has a router (Qwen3-MoE's mlp_only_layers keep a dense MLP).
+  const auto load = [&](const std::string& linear) {
+    at::Tensor t = base.Get(p + linear + ".weight", device, at::kFloat);
+    if (std::find(kDecoderLinears.begin(), kDecoderLinears.end(), linear) != kDecoderLinears.end())
+      w.Linear(linear) = std::move(t);
+    else
+      w.other_linears.emplace(linear, std::move(t));
+  };
+  // An MoE layer has a router (Qwen3-MoE's mlp_only_layers and DeepSeek-V3's first
+  // first_k_dense_replace layers keep a dense MLP).
   const bool sparse = !s.moe.router.empty() && base.Has(p + s.moe.router + ".weight");
-  for (const std::string linear : kDecoderLinears) {
-    if (sparse && linear.starts_with("mlp.")) continue;
-    w.Linear(linear) = base.Get(p + linear + ".weight", device, at::kFloat);
-  }
+  for (const auto& linear : AttentionLinearPaths(s)) load(linear);
+  for (const auto& linear : sparse ? SparseMlpPaths(s) : DenseMlpPaths()) load(linear);
   if (sparse) {
     w.router = base.Get(p + s.moe.router + ".weight", device, at::kFloat);
-    for (int64_t e = 0; e < s.moe.experts; ++e) {
-      for (const auto& path : s.moe.expert) {
-        const std::string linear = convert::ExpertPath(path, e);
-        w.expert_linears.emplace(linear, base.Get(p + linear + ".weight", device, at::kFloat));
-      }
-    }
+    const std::string bias = p + s.moe.router + ".e_score_correction_bias";
+    if (s.moe.sigmoid && base.Has(bias)) w.router_bias = base.Get(bias, device, at::kFloat);
   }
   w.input_layernorm = base.Get(p + "input_layernorm.weight", device, at::kFloat);
   w.post_attention_layernorm = base.Get(p + "post_attention_layernorm.weight", device, at::kFloat);
@@ -79,6 +81,11 @@ LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const LlamaSettings
   w.q_norm = optional("self_attn.q_norm.weight");
   w.k_norm = optional("self_attn.k_norm.weight");
   w.pre_feedforward_layernorm = optional("pre_feedforward_layernorm.weight");
+  if (s.mla) {
+    if (s.mla->q_lora_rank > 0)
+      w.q_a_layernorm = base.Get(p + "self_attn.q_a_layernorm.weight", device, at::kFloat);
+    w.kv_a_layernorm = base.Get(p + "self_attn.kv_a_layernorm.weight", device, at::kFloat);
+  }
   w.post_feedforward_layernorm = optional("post_feedforward_layernorm.weight");
   if (base.Has(p + "self_attn.o_proj.bias") || base.Has(p + "mlp.down_proj.bias"))
     Fail("the base model has biases on o_proj or the MLP, which verification does not model");
@@ -173,11 +180,11 @@ VerificationReport Verify(const VerifyOptions& options) {
   const HfWeights base = HfWeights::Open(options.hf_model);
   CheckBaseShapes(base, config, settings);
   const PeftAdapter peft = PeftAdapter::Open(options.adapter, base, config.num_hidden_layers,
-                                             DecoderLinearPaths(settings));
+                                             DecoderLinearPaths(settings), config.model_type);
   std::unique_ptr<MegatronAdapter> megatron;
   if (options.megatron_checkpoint) {
-    megatron =
-        MegatronAdapter::Open(*options.megatron_checkpoint, config, settings, peft.storage_dtype());
+    megatron = MegatronAdapter::Open(*options.megatron_checkpoint, config, settings,
+                                     peft.storage_dtype(), options.excluded_adapter_prefixes);
   }
 
   std::optional<tokenizer::Tokenizer> tokenizer;

@@ -17,10 +17,17 @@ nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& in) {
   if (!finite(in.lora_dropout) || in.lora_dropout.get<double>() < 0 ||
       in.lora_dropout.get<double>() >= 1)
     Fail("lora_dropout {} is not a number >= 0 and < 1", in.lora_dropout.dump());
-  std::set<std::string> targets;
+  std::set<std::string> targets, parameters;
   nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();
   for (const auto& m : in.modules) {
-    targets.insert(m.leaf);
+    if (m.parameter.empty()) {
+      targets.insert(m.leaf);
+    } else {
+      parameters.insert(m.parameter);
+      if (m.rank != in.r)
+        Fail("{} is targeted as the parameter {} with rank {}, but only rank r = {} is supported",
+             m.module, m.parameter, m.rank, in.r);
+    }
     if (m.rank == in.r) continue;
     const std::vector<std::pair<std::string, int64_t>> own = {{m.module, m.rank}};
     for (const auto& [key, rank] : m.rank_keys.empty() ? own : m.rank_keys) {
@@ -46,6 +53,12 @@ nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& in) {
   c["rank_pattern"] = std::move(rank_pattern);
   c["alpha_pattern"] = nlohmann::ordered_json::object();
   c["target_modules"] = std::vector<std::string>(targets.begin(), targets.end());
+  if (!parameters.empty() && in.use_dora)
+    Fail("{} would be targeted as a parameter, which PEFT does not support with DoRA",
+         *parameters.begin());
+  if (!parameters.empty())
+    c["target_parameters"] = std::vector<std::string>(parameters.begin(), parameters.end());
+  if (!in.exclude_modules.empty()) c["exclude_modules"] = in.exclude_modules;
   c["task_type"] = "CAUSAL_LM";
   c["use_dora"] = in.use_dora;
   c["use_rslora"] = false;

@@ -5,7 +5,9 @@
   itself (linear_qkv rows per query group ``[q heads of g; k_g; v_g]``, linear_fc1 rows ``[gate; up]``), merges
   ``W + alpha/r * B @ A`` (r = dim, A's rows; DoRA: ``m / ||W + sBA||_row * (W + sBA)``) into an fp32 copy of the
   HF base model and runs it.
-  MoE models (Qwen3-MoE, Mixtral): expert adapters ([E, ...] per layer, or MB <= 0.5.0's shared ones without the
+  DeepSeek-V3: MLA's projections one to one (q_a/q_b or q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj), the shared
+  experts' fc1 rows ``[gate; up]``; its MoE layers' experts as below.
+  MoE models (Qwen3-MoE, Mixtral, DeepSeek-V3): expert adapters ([E, ...] per layer, or MB <= 0.5.0's shared ones without the
   expert axis, which every expert gets) merge into each expert's gate/up/down (w1/w3/w2) with r = that A's rows
   (``normalize_moe_lora`` lowers it). transformers 5 fuses the experts into 3-D parameters when loading, so these
   merge into the per-expert tensors on disk, and a merged copy of the model directory is loaded (the loader fuses
@@ -45,6 +47,15 @@ ADAPTER_MODULES = {
     "mlp.linear_fc1.adapter.adapter_gate.": ("mlp", ("gate_proj",), None),
     "mlp.linear_fc1.adapter.adapter_up.": ("mlp", ("up_proj",), None),
     "mlp.linear_fc2.adapter.": ("mlp", ("down_proj",), None),
+    # DeepSeek-V3: MLA's projections map one to one, shared experts like a dense MLP (Megatron-Bridge
+    # models/deepseek/common.py get_common_mapping_list)
+    "self_attention.linear_q_down_proj.adapter.": ("self_attn", ("q_a_proj",), None),
+    "self_attention.linear_q_up_proj.adapter.": ("self_attn", ("q_b_proj",), None),
+    "self_attention.linear_q_proj.adapter.": ("self_attn", ("q_proj",), None),
+    "self_attention.linear_kv_down_proj.adapter.": ("self_attn", ("kv_a_proj_with_mqa",), None),
+    "self_attention.linear_kv_up_proj.adapter.": ("self_attn", ("kv_b_proj",), None),
+    "mlp.shared_experts.linear_fc1.adapter.": ("mlp.shared_experts", ("gate_proj", "up_proj"), "halves"),
+    "mlp.shared_experts.linear_fc2.adapter.": ("mlp.shared_experts", ("down_proj",), None),
 }
 # Megatron's expert adapters (TEGroupedMLP): fc1 ([gate; up] rows) and fc2
 EXPERT_ADAPTERS = ("mlp.experts.experts.linear_fc1.adapter.", "mlp.experts.experts.linear_fc2.adapter.")
@@ -53,6 +64,7 @@ EXPERT_ADAPTERS = ("mlp.experts.experts.linear_fc1.adapter.", "mlp.experts.exper
 EXPERT_MODULES = {
     "qwen3_moe": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
     "mixtral": ("block_sparse_moe.experts.{}", ("w1", "w3"), ("w2",)),
+    "deepseek_v3": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
 }
 
 
@@ -218,6 +230,10 @@ def merged_reference_logits(hf_dir, megatron_tensors: dict[str, torch.Tensor], k
     merge goes through the on-disk weights (merged_model)."""
     cfg = hf_config(hf_dir)
     moe = cfg["model_type"] in EXPERT_MODULES
+    if cfg["model_type"] == "deepseek_v3":  # dense and MoE layers share leaf names: merged_weight checks the shapes
+        adapters = hf_adapters(megatron_tensors, 0, 0, 0, qkv_split, "deepseek_v3", cfg["n_routed_experts"])
+        model = merged_model(hf_dir, adapters, kind, alpha, dim)
+        return logits_of(model, token_ids if token_ids is not None else tokens(cfg["vocab_size"]))
     nq = nq or cfg["num_attention_heads"]
     ng = ng or cfg.get("num_key_value_heads") or nq
     head_dim = head_dim or cfg.get("head_dim") or cfg["hidden_size"] // nq

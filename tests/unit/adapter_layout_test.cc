@@ -247,7 +247,7 @@ TEST(AdapterLayout, RefusesLayersWithDifferentAdapters) {
   md.tensors.push_back(Tiled(PerLayer(0, kQkvOut), {6, 2}, {6, 2}));
   md.tensors.push_back(Tiled(PerLayer(1, kQkvIn), {2, 4}, {2, 4}));
   EXPECT_THAT(ErrorOf(md, Parallel(1, 1)),
-              HasSubstr("layer 1 has 1 adapter tensors but layer 0 has 2"));
+              HasSubstr("dense layer 1 has 1 adapter tensors but dense layer 0 has 2"));
 }
 
 TEST(AdapterLayout, RefusesMetadataWithoutAdaptersOrWithUnknownKeys) {
@@ -265,6 +265,34 @@ TEST(AdapterLayout, RefusesMetadataWithoutAdaptersOrWithUnknownKeys) {
   EXPECT_EQ(canonical->module, "self_attention.linear_qkv");
   EXPECT_EQ(canonical->canonical, "adapter_k");
   EXPECT_EQ(canonical->param, AdapterParam::kLinearIn);
+}
+
+// DeepSeek-V3's MTP layers (mtp.layers.<i>.mtp_model_layer...) have no HF module: left out, listed.
+// A prefix the user excludes leaves out its keys too; one that matches nothing is an error.
+TEST(AdapterLayout, MtpLayersAndExcludedPrefixesAreLeftOutAndListed) {
+  DcpMetadata md;
+  md.tensors.push_back(Tiled(PerLayer(0, kQkvIn), {4, 8}, {4, 8}));
+  md.tensors.push_back(Tiled(PerLayer(0, kQkvOut), {12, 4}, {12, 4}));
+  const std::string mtp = "mtp.layers.0.mtp_model_layer.self_attention.linear_proj.adapter.";
+  md.tensors.push_back(Tiled(mtp + "linear_in.weight", {4, 8}, {4, 8}));
+  md.tensors.push_back(Tiled(mtp + "linear_out.weight", {8, 4}, {8, 4}));
+  const std::string fc2 = "mlp.linear_fc2.adapter.linear_in.weight";
+  md.tensors.push_back(Tiled(PerLayer(0, fc2), {4, 16}, {4, 16}));
+
+  const AdapterLayout layout = PlanAdapterLayout(md, Parallel(1, 1));
+  EXPECT_THAT(layout.excluded, ElementsAre(mtp + "linear_in.weight", mtp + "linear_out.weight"));
+  EXPECT_EQ(layout.layers.at(0).tensors.size(), 3u);
+
+  const AdapterLayout narrowed = PlanAdapterLayout(md, Parallel(1, 1), {"decoder.layers.0.mlp"});
+  EXPECT_THAT(narrowed.excluded,
+              ElementsAre(mtp + "linear_in.weight", mtp + "linear_out.weight", PerLayer(0, fc2)));
+  EXPECT_EQ(narrowed.layers.at(0).tensors.size(), 2u);
+  try {
+    PlanAdapterLayout(md, Parallel(1, 1), {"decoder.layer.0"});
+    FAIL() << "a prefix that matches nothing";
+  } catch (const FormatError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("'decoder.layer.0' matches no adapter tensor"));
+  }
 }
 
 }  // namespace

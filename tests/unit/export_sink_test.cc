@@ -64,8 +64,8 @@ class ExportSinkTest : public ::testing::Test {
     announcement_.config.r = 2;
     announcement_.config.lora_alpha = 4;
     announcement_.config.lora_dropout = 0.0;
-    announcement_.config.modules = {{"model.layers.0.mlp.down_proj", "down_proj", 2, {}},
-                                    {"model.layers.1.mlp.down_proj", "down_proj", 2, {}}};
+    announcement_.config.modules = {{"model.layers.0.mlp.down_proj", "down_proj", 2, {}, ""},
+                                    {"model.layers.1.mlp.down_proj", "down_proj", 2, {}, ""}};
   }
   void TearDown() override { fs::remove_all(root_); }
 

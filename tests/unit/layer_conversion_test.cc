@@ -252,5 +252,68 @@ TEST(RowSplits, ShapesMustAgreeWithTheConfig) {
   EXPECT_THROW(no_b.Plan(Llama()), FormatError);
 }
 
+// DeepSeek-V3-shaped: hidden 8, 2 heads, MLA q_lora_rank 6, kv_lora_rank 4, qk nope 3 + rope 2,
+// v_head_dim 5; expert and shared-expert ffn 4, 2 routed experts.
+ConversionSettings DeepSeekV3() {
+  ConversionSettings s;
+  s.family = Family("DeepseekV3ForCausalLM");
+  s.model.path = "deepseek/config.json";
+  s.model.hidden_size = 8;
+  s.model.num_attention_heads = 2;
+  s.model.intermediate_size = 12;
+  s.model.num_experts = 2;
+  s.model.expert_intermediate_size = 4;
+  s.model.raw = {{"num_attention_heads", 2},   {"q_lora_rank", 6},      {"kv_lora_rank", 4},
+                 {"qk_nope_head_dim", 3},      {"qk_rope_head_dim", 2}, {"v_head_dim", 5},
+                 {"moe_intermediate_size", 4}, {"n_shared_experts", 1}};
+  return s;
+}
+
+TEST(RowSplits, MlaProjectionsPassThroughWithTheirConfigWidths) {
+  Layer layer;
+  // in/out worked out from transformers' DeepseekV3Attention: q_b 2 x (3 + 2) = 10 rows,
+  // kv_a 4 + 2 = 6, kv_b 2 x (3 + 5) = 16, o_proj in 2 x 5 = 10.
+  layer.Add("self_attention.linear_q_down_proj", AdapterParam::kLinearIn, {kRank, 8});
+  layer.Add("self_attention.linear_q_down_proj", AdapterParam::kLinearOut, {6, kRank});
+  layer.Add("self_attention.linear_q_up_proj", AdapterParam::kLinearIn, {kRank, 6});
+  layer.Add("self_attention.linear_q_up_proj", AdapterParam::kLinearOut, {10, kRank});
+  layer.Add("self_attention.linear_kv_down_proj", AdapterParam::kLinearIn, {kRank, 8});
+  layer.Add("self_attention.linear_kv_down_proj", AdapterParam::kLinearOut, {6, kRank});
+  layer.Add("self_attention.linear_kv_up_proj", AdapterParam::kLinearIn, {kRank, 4});
+  layer.Add("self_attention.linear_kv_up_proj", AdapterParam::kLinearOut, {16, kRank});
+  layer.Add("self_attention.linear_proj", AdapterParam::kLinearIn, {kRank, 10});
+  layer.Add("self_attention.linear_proj", AdapterParam::kLinearOut, {8, kRank});
+  layer.Add("mlp.shared_experts.linear_fc1", AdapterParam::kLinearIn, {kRank, 8});
+  layer.Add("mlp.shared_experts.linear_fc1", AdapterParam::kLinearOut, {8, kRank});
+  const auto out = layer.Plan(DeepSeekV3());
+  EXPECT_THAT(layer.RowsOf(out.at(kPrefix + "self_attn.kv_b_proj.lora_B.weight")),
+              ElementsAreArray({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}));
+  EXPECT_THAT(out.at(kPrefix + "self_attn.o_proj.lora_A.weight").shape, ElementsAre(kRank, 10));
+  EXPECT_THAT(out.at(kPrefix + "self_attn.q_a_proj.lora_B.weight").shape, ElementsAre(6, kRank));
+  EXPECT_THAT(out.at(kPrefix + "self_attn.kv_a_proj_with_mqa.lora_B.weight").shape,
+              ElementsAre(6, kRank));
+  EXPECT_THAT(layer.RowsOf(out.at(kPrefix + "mlp.shared_experts.up_proj.lora_B.weight")),
+              ElementsAre(4, 5, 6, 7));
+}
+
+TEST(RowSplits, AConfigWidthNamesTheKeyItNeeds) {
+  Layer layer;
+  layer.Add("self_attention.linear_kv_up_proj", AdapterParam::kLinearIn, {kRank, 4});
+  layer.Add("self_attention.linear_kv_up_proj", AdapterParam::kLinearOut, {16, kRank});
+  ConversionSettings s = DeepSeekV3();
+  s.model.raw.erase("v_head_dim");
+  try {
+    layer.Plan(s);
+    FAIL() << "no v_head_dim in the config";
+  } catch (const FormatError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("deepseek/config.json"));
+    EXPECT_THAT(e.what(), HasSubstr("'v_head_dim'"));
+  }
+  Layer wrong;  // kv_b rows that assume v_head_dim 3
+  wrong.Add("self_attention.linear_kv_up_proj", AdapterParam::kLinearIn, {kRank, 4});
+  wrong.Add("self_attention.linear_kv_up_proj", AdapterParam::kLinearOut, {12, kRank});
+  EXPECT_THROW(wrong.Plan(DeepSeekV3()), FormatError);
+}
+
 }  // namespace
 }  // namespace adapter_job::convert

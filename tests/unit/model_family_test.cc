@@ -36,7 +36,7 @@ TEST(ModelFamily, BuiltInFamiliesAndTheirLookups) {
     ASSERT_NE(qkv, nullptr);
     EXPECT_EQ(qkv->fusion, Fusion::kQkv);
     EXPECT_EQ(qkv->hf[1].path, "self_attn.k_proj");
-    EXPECT_EQ(qkv->hf[1].out, Width::kKeyValue);
+    EXPECT_EQ(qkv->hf[1].out.kind, Width::Kind::kKeyValue);
     EXPECT_EQ(f.FindModule("mlp.linear_fc2")->parallelism, Parallelism::kRow);
     EXPECT_TRUE(f.FindCanonical("mlp.linear_fc1", "adapter_up")->swiglu_sharded);
     EXPECT_EQ(f.hf_layers_prefix, "model.layers");
@@ -48,9 +48,10 @@ TEST(ModelFamily, BuiltInFamiliesAndTheirLookups) {
               HasSubstr("'EvilForCausalLM' (model_type 'llama') is not supported"));
   const std::string error = ErrorOf([&] { FamilyFor(families, "GPT2LMHeadModel", "gpt2"); });
   EXPECT_THAT(error, HasSubstr("'GPT2LMHeadModel'"));
-  EXPECT_THAT(error, HasSubstr("supported: LlamaForCausalLM, "));
-  for (const char* arch : {"MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"})
+  EXPECT_THAT(error, HasSubstr("supported: "));
+  for (const char* arch :
+       {"LlamaForCausalLM", "DeepseekV3ForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"})
     EXPECT_THAT(error, HasSubstr(arch));
 }
 
@@ -69,7 +70,7 @@ TEST(ModelFamily, MoeFamiliesAddExpertModulesToLlamasAttention) {
     EXPECT_EQ(fc1->megatron, "mlp.experts.experts.linear_fc1");
     EXPECT_EQ(fc1->fusion, Fusion::kGatedMlp);
     EXPECT_EQ(fc1->hf[0].path, gate);
-    EXPECT_EQ(fc1->hf[0].out, Width::kExpertFfn);
+    EXPECT_EQ(fc1->hf[0].out.kind, Width::Kind::kExpertFfn);
     EXPECT_EQ(fc1->fused_parameter, "mlp.experts.gate_up_proj");
     EXPECT_EQ(f.FindExperts("linear_fc2")->hf[0].path, down);
     EXPECT_FALSE(f.FindModule("mlp.linear_fc1")->experts);
@@ -100,6 +101,33 @@ TEST(ModelFamily, AFamilyAddedFromADirectoryNeedsNoCode) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(ModelFamily, WidthsAreNamedOrSumsOfConfigIntegers) {
+  EXPECT_EQ(ParseWidth("key_value", "w").kind, Width::Kind::kKeyValue);
+  const Width mla = ParseWidth("num_attention_heads * qk_nope_head_dim + 2 * v_head_dim", "w");
+  EXPECT_EQ(mla.kind, Width::Kind::kConfigSum);
+  EXPECT_EQ(mla.terms, (std::vector<std::vector<std::string>>{
+                           {"num_attention_heads", "qk_nope_head_dim"}, {"2", "v_head_dim"}}));
+  for (const char* bad : {"", "heads *", "Hidden", "kv_lora_rank - 1", "a + + b", "2x"}) {
+    EXPECT_THAT(ErrorOf([&] { ParseWidth(bad, "f.json (family 'x').modules[0].hf[0].out"); }),
+                HasSubstr("modules[0].hf[0].out"))
+        << bad;
+  }
+  const auto families = LoadModelFamilies();
+  const ModelFamily& deepseek = FamilyFor(families, "DeepseekV3ForCausalLM", "");
+  EXPECT_TRUE(deepseek.forward.moe_router_sigmoid);
+  EXPECT_EQ(deepseek.forward.moe_shared_experts, "mlp.shared_experts");
+  EXPECT_NE(deepseek.FindModule("mlp.shared_experts.linear_fc1"), nullptr);
+  EXPECT_TRUE(deepseek.forward.verification);
+  // A family whose forward verification does not have yet says so, and exporting it verified is
+  // refused with the way out.
+  const ModelFamily unverified = ParseModelFamily(
+      R"({"family": "new", "architectures": ["NewForCausalLM"], "like": "llama",
+          "forward": {"verification": false}})",
+      "new.json", families);
+  EXPECT_THAT(ErrorOf([&] { RequireVerificationForward(unverified); }),
+              HasSubstr("pass --no-verify"));
+}
+
 TEST(ModelFamily, MalformedDescriptionsNameFileAndKey) {
   const auto families = LoadModelFamilies();
   const auto error = [&](const std::string& json) {
@@ -121,8 +149,8 @@ TEST(ModelFamily, MalformedDescriptionsNameFileAndKey) {
   const std::string bad_width = R"({"family": "f", "architectures": ["A"],
       "hf_layers_prefix": "model.layers",
       "modules": [{"megatron": "m", "peft_target": "m", "fusion": "qkv", "parallelism": "column",
-                   "hf": [{"path": "p", "in": "hidden", "out": "wide"}]}]})";
-  EXPECT_THAT(error(bad_width), HasSubstr("modules[0].hf[0].out: 'wide' is not one of"));
+                   "hf": [{"path": "p", "in": "hidden", "out": "wide-ish"}]}]})";
+  EXPECT_THAT(error(bad_width), HasSubstr("modules[0].hf[0].out: 'wide-ish' is neither a named"));
   const std::string short_split = R"({"family": "f", "architectures": ["A"],
       "hf_layers_prefix": "model.layers",
       "modules": [{"megatron": "m", "peft_target": "m", "fusion": "qkv", "parallelism": "column",

@@ -80,6 +80,9 @@ struct AdapterLayout {
   int slots = 1;
   int64_t num_layers = 0;
   std::vector<LayerLayout> layers;  // by global layer index
+  // Adapter tensors deliberately left out: those of the MTP layers (transformers has no module for
+  // them) and those under an excluded prefix.
+  std::vector<std::string> excluded;
   int shard_count() const { return slots * pipeline_parallel; }
   int ShardOf(int slot, int pp) const { return pp * slots + slot; }
 };
@@ -91,8 +94,11 @@ const ChunkMeta& MetaOf(const DcpMetadata& metadata, const LayerLayout& layer,
 
 // Groups the adapter tensors of `metadata` by layer and assigns each chunk to the shard (slot, pp)
 // the training TP x PP (and EP x ETP) of `model` implies, checking the chunk layout agrees with
-// it.
-AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model);
+// it. Adapters of the MTP layers (`mtp.`), and those whose key starts with one of
+// `excluded_prefixes` (Megatron-Bridge's --exclude-adapter-base-prefix), are listed in
+// `excluded` instead; a prefix that matches no adapter is an error (a typo must not pass).
+AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model,
+                                const std::vector<std::string>& excluded_prefixes = {});
 
 // The pipeline stage that owns `layer`, as Megatron assigns them (even split, interleaved when
 // the virtual pipeline size is above 1).

@@ -43,6 +43,8 @@ struct OutputTensor {
   // not `r`: empty means the module path itself. Expert modules use one key per HF leaf across
   // layers and experts, plus the parameter transformers 5 fuses them into with its summed rank.
   std::vector<std::pair<std::string, int64_t>> rank_keys;
+  bool expert = false;  // one MoE expert's module
+  std::string path;     // within the layer, e.g. "mlp.down_proj"
 };
 
 // Throws FormatError when a key has no mapping in the family, when shapes contradict the HF

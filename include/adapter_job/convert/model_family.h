@@ -20,15 +20,27 @@ enum class Fusion {
 // Whether the base layer is column- or row-parallel decides how its adapter is TP-sharded.
 enum class Parallelism { kColumn, kRow };
 
-// A width in terms of the HF config: hidden, q heads x head_dim, kv heads x head_dim, ffn, and an
-// MoE expert's ffn (moe_intermediate_size, else intermediate_size).
-enum class Width { kHidden, kQuery, kKeyValue, kFfn, kExpertFfn };
+// A width in terms of the HF config: hidden, q heads x head_dim, kv heads x head_dim, ffn, an MoE
+// expert's ffn (moe_intermediate_size, else intermediate_size), or, for layouts those do not
+// name (DeepSeek's MLA), a sum of products of config.json integers: "kv_lora_rank +
+// qk_rope_head_dim", "num_attention_heads * v_head_dim".
+struct Width {
+  enum class Kind { kHidden, kQuery, kKeyValue, kFfn, kExpertFfn, kConfigSum };
+  Kind kind = Kind::kHidden;
+  // kConfigSum: the terms, each a product of config.json keys and integer constants.
+  std::vector<std::vector<std::string>> terms;
+  std::string text;  // as the family file wrote it, for messages
+};
+
+// Parses a family file's width: a named one ("hidden", "query", "key_value", "ffn",
+// "expert_ffn") or a config sum. Throws FormatError naming `where` for anything else.
+Width ParseWidth(const std::string& text, const std::string& where);
 
 // A HuggingFace linear module inside a layer and its (in, out) widths.
 struct HfModule {
   std::string path;  // e.g. "self_attn.q_proj"; "mlp.experts.{expert}.gate_proj" for experts
-  Width in = Width::kHidden;
-  Width out = Width::kHidden;
+  Width in;
+  Width out;
 };
 
 struct ModuleMapping {
@@ -66,6 +78,13 @@ struct ForwardTraits {
   double norm_weight_offset = 0;  // Gemma: RMSNorm scales by (1 + weight)
   bool scale_embedding = false;   // Gemma: embeddings times sqrt(hidden_size)
   std::string moe_router;         // MoE: the router's linear inside a layer, e.g. "mlp.gate"
+  // DeepSeek-V3: sigmoid router scores (else softmax), and the shared experts' module beside the
+  // routed ones (its gate_proj, up_proj and down_proj), e.g. "mlp.shared_experts".
+  bool moe_router_sigmoid = false;
+  std::string moe_shared_experts;
+  // False for a family whose forward pass verification does not have yet: exporting it with
+  // verification on is then an error before any work, never a quiet skip.
+  bool verification = true;
 };
 
 struct ModelFamily {
@@ -82,6 +101,10 @@ struct ModelFamily {
   const ModuleMapping* FindExperts(std::string_view megatron_leaf) const;
   const CanonicalMapping* FindCanonical(std::string_view megatron, std::string_view adapter) const;
 };
+
+// Throws FormatError when `family` has no verification forward pass, saying how to export
+// without verification.
+void RequireVerificationForward(const ModelFamily& family);
 
 // The built-in families (config/models/*.json at build time), then those of every *.json in
 // `dirs`, in order; a later family of the same name replaces an earlier one. Throws FormatError

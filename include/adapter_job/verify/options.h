@@ -28,6 +28,8 @@ struct VerifyOptions {
   std::optional<uint64_t> max_device_bytes;
   ProgressSink progress;                                 // after every layer of the forward pass
   std::vector<std::filesystem::path> model_family_dirs;  // besides the built-in families
+  // The export's --exclude-adapter-base-prefix: the Megatron-merged variant leaves out the same.
+  std::vector<std::string> excluded_adapter_prefixes;
 };
 
 // Default prompt when none is given, as Megatron-Bridge's verify_adapter.py.

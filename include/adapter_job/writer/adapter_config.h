@@ -28,6 +28,12 @@ struct AdaptedModule {
   // The rank_pattern entries that give it that rank when it differs from `r`; empty: {module,
   // rank}. Modules may share a key (all experts of a leaf), which must then mean one rank.
   std::vector<std::pair<std::string, int64_t>> rank_keys;
+  // Non-empty: target it as a parameter (target_parameters, e.g. "mlp.down_proj.weight") rather
+  // than by its leaf. PEFT 0.21 on transformers 5 turns the leaf names of fused MoE experts
+  // (gate_proj, up_proj, down_proj) into the experts' parameters, so a dense or shared MLP linear
+  // of that name would be left unwrapped and its adapter silently dropped
+  // (peft/utils/transformers_weight_conversion.py _convert_peft_config_moe).
+  std::string parameter;
 };
 
 struct AdapterConfigInputs {
@@ -37,11 +43,14 @@ struct AdapterConfigInputs {
   nlohmann::json lora_dropout;
   bool use_dora = false;
   std::vector<AdaptedModule> modules;
+  std::vector<std::string> exclude_modules;  // written only when not empty
 };
 
 // Megatron-Bridge's key order (build_adapter_config_dict); `rank_pattern` lists the modules
 // whose rank differs from `r` (by their rank_keys); `target_modules` is the sorted set of leaf
-// names. Throws Error when two modules give one rank_pattern key different ranks.
+// names, `target_parameters` (only when there are any) the sorted set of parameters. Throws Error
+// when two modules give one rank_pattern key different ranks, or a module targeted as a parameter
+// has a rank other than `r`.
 nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& inputs);
 
 // The text Python's json.dump(obj, f, indent=2) writes (ASCII-only, no trailing newline).

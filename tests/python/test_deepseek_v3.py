@@ -1,0 +1,210 @@
+"""DeepSeek-V3 architecture (issue 15, part 1): a tiny DeepseekV3ForCausalLM of transformers (MLA with a q LoRA rank
+or without one, YaRN RoPE on interleaved pairs, one dense first layer, then MoE layers of 8 routed experts in 2 groups
+with a sigmoid router and correction bias, plus a shared expert) and checkpoints in Megatron's layout: MLA adapters on
+linear_q_down_proj / linear_q_up_proj (or linear_q_proj), linear_kv_down_proj, linear_kv_up_proj and linear_proj, the
+dense layer's linear_fc1/fc2, the shared experts' and every routed expert's own adapters, under per-layer keys
+(Megatron's non-homogeneous layers), TP2 x EP2.
+
+The exported adapter must load in stock PEFT with no warning beyond its documented fused-expert pattern notices and
+give the logits of an independent fp32 merge of the Megatron tensors into the base (tests/python/peft_reference.py,
+which maps the modules one to one from Megatron-Bridge's models/deepseek/common.py); our verification's forward must
+give transformers' base logits, stock PEFT's and that merge's, and fail an adapter with kv_b_proj's per-head
+[k_nope; v] rows swapped."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run
+from megatron_checkpoint import CheckpointConfig, Mla, write_checkpoint
+from peft_reference import live_tensors, load_base, logits_of, merged_reference_logits, peft_logits
+from test_families import MPIRUN, PEFT_ATOL, assert_matches_the_references, peft_warnings_beyond_its_moe_conversion
+from test_merge import load_merged
+from test_verify import EXIT_FAILED, MIN_EFFECT, REL_TOL, prompts_for, rel_err, verify
+from tiny_llama import TinyLlamaConfig, build_tiny_llama
+
+FAMILIES_DIR = Path(__file__).resolve().parents[2] / "config" / "models"
+BASES = {"mla": TinyLlamaConfig(architecture="deepseek_v3", experts=8, expert_ffn=32),
+         "mla-no-q-lora": TinyLlamaConfig(architecture="deepseek_v3", experts=8, expert_ffn=32, q_lora_rank=0)}
+ATTENTION = ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj")
+# base, kind, targets (None: all), TP, EP, ranks of the export beside -np 1
+CASES = [("mla", "lora", None, 2, 2, 4),
+         ("mla", "dora", ATTENTION, 2, 1, 2),
+         ("mla-no-q-lora", "lora", None, 1, 2, 2)]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepseek_v3")
+    return {name: build_tiny_llama(cfg, root / name) for name, cfg in BASES.items()}
+
+
+def checkpoint(base_name, base, kind, targets, tp, ep, out):
+    b = BASES[base_name]
+    mla = Mla(b.q_lora_rank, b.kv_lora_rank, b.qk_nope_head_dim, b.qk_rope_head_dim, b.v_head_dim)
+    return CheckpointConfig(out=out, base_model=base, kind=kind, targets=targets, tp=tp, ep=ep, etp=1,
+                            num_layers=b.layers, hidden=b.hidden, heads=b.heads, query_groups=b.heads, ffn=b.ffn,
+                            experts=b.experts, expert_ffn=b.expert_ffn, topk=b.experts_per_token, mla=mla,
+                            first_dense_layers=b.first_dense_layers, shared_expert_ffn=b.expert_ffn * b.shared_experts,
+                            share_expert_adapters=False, per_layer_keys=True)
+
+
+def export(binary, base, ckpt, out, ranks=1, *extra):
+    launcher = [*MPIRUN, "-np", str(ranks)] if ranks > 1 else []
+    return run([*launcher, binary, "export", "--hf-model-id", base, "--megatron-peft-checkpoint", ckpt,
+                "--output-hf-path", out, *extra], check=False)
+
+
+@pytest.mark.parametrize("base_name,kind,targets,tp,ep,ranks", CASES,
+                         ids=[f"{b}-{k}-tp{t}ep{e}-np{n}" for b, k, _, t, e, n in CASES])
+def test_export_loads_in_peft_and_matches_the_fp32_merge(adapter_job_bin, bases, tmp_path, base_name, kind, targets,
+                                                         tp, ep, ranks):
+    base, b = bases[base_name], BASES[base_name]
+    cfg = checkpoint(base_name, base, kind, targets, tp, ep, tmp_path / "ckpt")
+    written = write_checkpoint(cfg)
+    out, out_np = tmp_path / "adapter", tmp_path / "adapter-np"
+    proc = export(adapter_job_bin, base, written.root, out_np, ranks, "--verify-device", "cpu")
+    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
+    proc = export(adapter_job_bin, base, written.root, out, 1, "--no-verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / name).read_bytes() == (out_np / name).read_bytes(), f"{name}: -np 1 and -np {ranks} differ"
+
+    # Names as the base model has its modules: MLA one to one, the dense layer's MLP, then experts and shared ones.
+    names = set(load_file(out / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers."
+    q = ("q_proj",) if b.q_lora_rank == 0 else ("q_a_proj", "q_b_proj")
+    for layer in range(b.layers):
+        for leaf in (*q, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
+            assert f"{prefix}{layer}.self_attn.{leaf}.lora_A.weight" in names
+        if targets is None and layer < b.first_dense_layers:
+            assert f"{prefix}{layer}.mlp.gate_proj.lora_B.weight" in names
+            assert not any(n.startswith(f"{prefix}{layer}.mlp.experts.") for n in names)
+        elif targets is None:
+            assert f"{prefix}{layer}.mlp.shared_experts.up_proj.lora_B.weight" in names
+            assert f"{prefix}{layer}.mlp.experts.{b.experts - 1}.down_proj.lora_A.weight" in names
+            assert f"{prefix}{layer}.mlp.gate_proj.lora_A.weight" not in names
+    assert not any(".mlp.gate." in n for n in names), "the router must stay untouched"
+    if kind == "dora":
+        assert f"{prefix}1.self_attn.kv_b_proj.lora_magnitude_vector" in names
+
+    prompts = prompts_for(b.vocab)
+    peft = peft_logits(base, out, prompts[0])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert peft.missing == [] and peft.unexpected == [], (peft.missing[:3], peft.unexpected[:3])
+    assert peft_warnings_beyond_its_moe_conversion(peft.warnings, config["rank_pattern"]) == [], peft.warnings
+    assert_matches_the_references(adapter_job_bin, f"deepseek_v3 {base_name} {kind}", base, out, written, cfg, kind,
+                                  prompts, peft, tmp_path)
+
+    # Both references see MLA's layout: kv_b_proj's per-head [k_nope; v] rows swapped in one layer are far off for
+    # stock PEFT, and our verification fails them.
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = f"{prefix}1.self_attn.kv_b_proj.lora_B.weight"
+    heads = tensors[key].reshape(b.heads, b.qk_nope_head_dim + b.v_head_dim, -1)
+    tensors[key] = torch.cat([heads[:, b.qk_nope_head_dim:], heads[:, :b.qk_nope_head_dim]], 1).reshape(
+        tensors[key].shape).contiguous()
+    planted = tmp_path / "planted"
+    shutil.copytree(out, planted)
+    save_file(tensors, planted / "adapter_model.safetensors", metadata={"format": "pt"})
+    reference = merged_reference_logits(base, live_tensors(written), kind, cfg.alpha, cfg.dim, prompts[0])
+    wrong = (peft_logits(base, planted, prompts[0]).logits - reference).abs().max().item()
+    assert wrong > 10 * PEFT_ATOL, f"swapped kv_b_proj halves still match ({wrong:.3g})"
+    v = verify(adapter_job_bin, base, planted, tmp_path / "verify-planted", prompts, ckpt=written.root)
+    assert v.rc == EXIT_FAILED and not v.report["passed"], v.stdout
+
+
+def test_peft_would_drop_dense_and_shared_mlp_adapters_targeted_by_leaf(adapter_job_bin, bases, tmp_path):
+    """PEFT 0.21 on transformers 5 turns the target_modules leaves gate_proj/up_proj/down_proj of a DeepSeek-V3
+    model into the fused experts' parameters (utils/transformers_weight_conversion.py _convert_peft_config_moe), so
+    the dense first layer's MLP and the shared experts, targeted by those leaves as Megatron-Bridge's export does,
+    are silently left unwrapped. Our export targets them through target_parameters instead; the same adapter with
+    them as leaves loads with no warning but gives other logits, and our verification, which models PEFT's
+    conversion, fails it rather than pass it."""
+    base = bases["mla"]
+    written = write_checkpoint(checkpoint("mla", base, "lora", None, 1, 2, tmp_path / "ckpt"))
+    out = tmp_path / "adapter"
+    proc = export(adapter_job_bin, base, written.root, out, 1, "--no-verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_parameters"] == sorted(f"mlp.{s}{leaf}.weight" for s in ("", "shared_experts.")
+                                                 for leaf in ("down_proj", "gate_proj", "up_proj"))
+    assert {"gate_proj", "up_proj", "down_proj"} <= set(config["target_modules"]), "the experts keep their leaves"
+
+    by_leaf = tmp_path / "by-leaf"
+    shutil.copytree(out, by_leaf)
+    del config["target_parameters"]
+    (by_leaf / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    prompts = prompts_for(BASES["mla"].vocab)
+    reference = merged_reference_logits(base, live_tensors(written), "lora", 16, 8, prompts[0])
+    dropped = peft_logits(base, by_leaf, prompts[0])
+    assert dropped.missing == [] and len(dropped.unexpected) == 24, dropped.unexpected  # 1 dense + 3 shared MLPs
+    assert (dropped.logits - reference).abs().max().item() > 10 * PEFT_ATOL
+    v = verify(adapter_job_bin, base, by_leaf, tmp_path / "verify-by-leaf", prompts, ckpt=written.root)
+    assert v.rc == EXIT_FAILED and not v.report["passed"], v.stdout
+
+
+def test_merged_model_loads_in_transformers_and_equals_the_fp32_merge(adapter_job_bin, bases, tmp_path):
+    """`adapter_job merge` on DeepSeek-V3 (issue 14's every family): MLA, the dense layer, shared and per-expert
+    adapters folded into the base's own per-expert tensors, verified on the way, loaded by stock transformers with
+    no warning, and the logits of the independent fp32 merge."""
+    base = bases["mla"]
+    written = write_checkpoint(checkpoint("mla", base, "lora", None, 2, 2, tmp_path / "ckpt"))
+    out = tmp_path / "merged"
+    proc = run([*MPIRUN, "-np", "2", adapter_job_bin, "merge", "--hf-model-id", base, "--megatron-peft-checkpoint",
+                written.root, "--output-hf-path", out, "--dtype", "fp32", "--verify-device", "cpu"], check=False)
+    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
+    ids = prompts_for(BASES["mla"].vocab)[1]
+    ours = logits_of(load_merged(out), ids)
+    reference = merged_reference_logits(base, live_tensors(written), "lora", 16, 8, ids)
+    assert rel_err(reference, logits_of(load_base(base), ids)) > MIN_EFFECT
+    assert rel_err(ours, reference) < REL_TOL, "merged model != the fp32 merge of the checkpoint"
+
+
+def test_excluded_prefixes_are_left_out_and_reported(adapter_job_bin, bases, tmp_path):
+    """--exclude-adapter-base-prefix (Megatron-Bridge's flag) leaves the dense layer's MLP adapters out on purpose:
+    the adapter lacks them, the report lists them, and verification's Megatron merge leaves them out too, so it
+    passes; a prefix that matches nothing is an error, not a quiet no-op."""
+    base = bases["mla"]
+    written = write_checkpoint(checkpoint("mla", base, "lora", None, 1, 2, tmp_path / "ckpt"))
+    out, report = tmp_path / "adapter", tmp_path / "report.json"
+    proc = export(adapter_job_bin, base, written.root, out, 1, "--verify-device", "cpu", "--report", report,
+                  "--exclude-adapter-base-prefix", "decoder.layers.0.mlp.")
+    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
+    names = set(load_file(out / "adapter_model.safetensors"))
+    assert not any(".layers.0.mlp." in n for n in names) and any(".layers.1.mlp." in n for n in names)
+    excluded = json.loads(report.read_text())["excluded_adapter_tensors"]
+    assert sorted(excluded) == sorted(f"decoder.layers.0.mlp.linear_fc{i}.adapter.linear_{p}.weight"
+                                      for i in (1, 2) for p in ("in", "out")), excluded
+    assert "left out 4 adapter tensors on purpose" in proc.stdout, proc.stdout
+    # PEFT is told to leave the dense layer's MLP alone: no wrapped module waits for a missing key.
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["exclude_modules"] == [f"model.layers.0.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
+    peft = peft_logits(base, out, prompts_for(BASES["mla"].vocab)[0])
+    assert peft.missing == [] and peft.unexpected == [], (peft.missing[:3], peft.unexpected[:3])
+    assert peft_warnings_beyond_its_moe_conversion(peft.warnings, config["rank_pattern"]) == [], peft.warnings
+    # One layer's experts cannot be left out of transformers' fused experts.
+    proc = export(adapter_job_bin, base, written.root, tmp_path / "experts", 1, "--no-verify",
+                  "--exclude-adapter-base-prefix", "decoder.layers.1.mlp.experts.")
+    assert proc.returncode == 2 and "fused experts" in proc.stderr, proc.stdout + proc.stderr
+    proc = export(adapter_job_bin, base, written.root, tmp_path / "typo", 1, "--no-verify",
+                  "--exclude-adapter-base-prefix", "decoder.layer.0.mlp.")
+    assert proc.returncode == 2 and "matches no adapter tensor" in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_an_unmapped_module_is_named(adapter_job_bin, bases, tmp_path):
+    """A Megatron module the family does not know (here Qwen3-Next's linear_qkvz, say) is an error naming the key
+    and the modules it knows, not a silent drop."""
+    base = bases["mla"]
+    written = write_checkpoint(checkpoint("mla", base, "lora", ATTENTION, 1, 1, tmp_path / "ckpt"))
+    custom = tmp_path / "families"
+    custom.mkdir()
+    narrowed = json.loads((FAMILIES_DIR / "deepseek_v3.json").read_text())
+    narrowed["modules"] = [m for m in narrowed["modules"] if m["megatron"] != "self_attention.linear_kv_up_proj"]
+    (custom / "deepseek_v3.json").write_text(json.dumps(narrowed))
+    proc = export(adapter_job_bin, base, written.root, tmp_path / "adapter", 1, "--no-verify",
+                  "--model-families", custom)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "self_attention.linear_kv_up_proj" in proc.stderr and "no HuggingFace mapping" in proc.stderr, proc.stderr
