@@ -70,8 +70,13 @@ void CheckBaseShapes(const HfWeights& base, const convert::HfModelConfig& config
     optional("self_attn.q_proj.bias", {query}, "[heads x head_dim]");
     optional("self_attn.k_proj.bias", {key_value}, "[kv heads x head_dim]");
     optional("self_attn.v_proj.bias", {key_value}, "[kv heads x head_dim]");
-    optional("self_attn.q_norm.weight", {s.head_dim}, "[head_dim]");
-    optional("self_attn.k_norm.weight", {s.head_dim}, "[head_dim]");
+    // Per head (Qwen3, Gemma 3), or over the whole projection (OLMoE).
+    const auto head_or_whole = [&](const char* name, int64_t whole) {
+      if (base.Has(p + name) && base.Shape(p + name) != std::vector<int64_t>{whole})
+        expect(name, {s.head_dim}, "[head_dim], or the whole projection's width");
+    };
+    head_or_whole("self_attn.q_norm.weight", query);
+    head_or_whole("self_attn.k_norm.weight", key_value);
     expect("input_layernorm.weight", {hidden}, "[hidden_size]");
     expect("post_attention_layernorm.weight", {hidden}, "[hidden_size]");
     optional("pre_feedforward_layernorm.weight", {hidden}, "[hidden_size]");

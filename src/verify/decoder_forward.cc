@@ -22,16 +22,29 @@ std::optional<double> OptionalNumber(const nlohmann::json& j, const char* key) {
 
 LayerAttention Yarn(const nlohmann::json& rope, const nlohmann::json& raw, int64_t dim,
                     const at::Tensor& inv_freq);
+LayerAttention RopeFrequencies(const nlohmann::json& rope, const nlohmann::json& raw, int64_t dim,
+                               const std::string& where);
 
 // inv_freq and the cos/sin scaling of one RoPE parameter set.
 LayerAttention Rope(const nlohmann::json& rope, const nlohmann::json& raw, int64_t dim,
                     const std::string& where) {
-  const double theta = Number(rope, "rope_theta", Number(raw, "rope_theta", 10000.0));
-  const std::string type = rope.value("rope_type", rope.value("type", std::string("default")));
+  // transformers: dim = int(head_dim * partial_rotary_factor), the leading dims of each head.
   const double partial =
       Number(rope, "partial_rotary_factor", Number(raw, "partial_rotary_factor", 1.0));
-  if (partial != 1.0) Fail("{}: partial_rotary_factor {} is not supported", where, partial);
+  const auto rotary_dim = static_cast<int64_t>(static_cast<double>(dim) * partial);
+  if (partial <= 0 || partial > 1 || rotary_dim % 2 != 0)
+    Fail("{}: partial_rotary_factor {} of head_dim {} is not an even number of dims", where,
+         partial, dim);
+  LayerAttention layer = RopeFrequencies(rope, raw, rotary_dim, where);
+  layer.rotary_dim = rotary_dim;
+  return layer;
+}
 
+// inv_freq and the cos/sin scaling over the `dim` dims RoPE turns.
+LayerAttention RopeFrequencies(const nlohmann::json& rope, const nlohmann::json& raw, int64_t dim,
+                               const std::string& where) {
+  const double theta = Number(rope, "rope_theta", Number(raw, "rope_theta", 10000.0));
+  const std::string type = rope.value("rope_type", rope.value("type", std::string("default")));
   at::Tensor inv_freq = 1.0 / at::pow(theta, at::arange(0, dim, 2, at::kLong).to(at::kFloat) / dim);
   if (type == "llama3") {
     const double factor = Number(rope, "factor", 8.0);
@@ -227,6 +240,7 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
   }
   s.attention_softcap = OptionalNumber(raw, "attn_logit_softcapping");
   s.final_softcap = OptionalNumber(raw, "final_logit_softcapping");
+  s.clip_qkv = OptionalNumber(raw, "clip_qkv");
   s.activation = ActivationOf(raw, where);
 
   // Which layers attend through a sliding window: layer_types where the config has them (Gemma
@@ -483,19 +497,31 @@ at::Tensor GroupedQueryAttention(const at::Tensor& h, const LayerWeights& w, con
                                  const LayerAttention& attention) {
   const int64_t tokens = h.size(0);
   const auto project = [&](const at::Tensor& weight, const at::Tensor& bias, int64_t heads,
-                           const at::Tensor& head_norm) {
+                           const at::Tensor& norm) {
     at::Tensor out = at::matmul(h, weight.t());
     if (bias.defined()) out = out + bias;
+    // A norm as wide as the projection (OLMoE) comes before the split into heads.
+    const bool whole = norm.defined() && norm.numel() == heads * s.head_dim && heads > 1;
+    if (whole) out = RmsNorm(out, norm, s.rms_norm_eps, s.norm_weight_offset);
+    if (s.clip_qkv) out = out.clamp(-*s.clip_qkv, *s.clip_qkv);
     out = out.view({tokens, heads, s.head_dim});
-    if (head_norm.defined()) out = RmsNorm(out, head_norm, s.rms_norm_eps, s.norm_weight_offset);
+    if (norm.defined() && !whole) out = RmsNorm(out, norm, s.rms_norm_eps, s.norm_weight_offset);
     return out.transpose(0, 1);
   };
   at::Tensor q = project(w.q_proj, w.q_bias, s.heads, w.q_norm);
   at::Tensor k = project(w.k_proj, w.k_bias, s.kv_heads, w.k_norm);
   at::Tensor v = project(w.v_proj, w.v_bias, s.kv_heads, at::Tensor());
   auto [cos, sin] = RopeTables(attention, tokens, h.options());
-  q = q * cos + RotateHalf(q) * sin;
-  k = k * cos + RotateHalf(k) * sin;
+  const auto rotate =
+      [&](const at::Tensor& x) {  // the leading rotary_dim dims; the rest as they are
+        const at::Tensor turned = x.slice(-1, 0, attention.rotary_dim);
+        const at::Tensor rotated = turned * cos + RotateHalf(turned) * sin;
+        return attention.rotary_dim == x.size(-1)
+                   ? rotated
+                   : at::cat({rotated, x.slice(-1, attention.rotary_dim)}, -1);
+      };
+  q = rotate(q);
+  k = rotate(k);
   const int64_t groups = s.heads / s.kv_heads;
   return at::matmul(
       Attend(q, k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0), s, attention),

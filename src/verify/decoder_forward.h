@@ -29,6 +29,8 @@ struct LayerAttention {
   at::Tensor inv_freq;  // [head_dim / 2], float32
   double rope_scaling = 1.0;
   int64_t window = 0;  // 0: every earlier position; else only the last `window` positions
+  // The leading head dims RoPE turns (GLM's partial_rotary_factor); the rest pass through.
+  int64_t rotary_dim = 0;
 };
 
 // DeepSeek's multi-latent attention (config.json's MLA dims): q through q_a_proj, q_a_layernorm
@@ -72,6 +74,7 @@ struct LlamaSettings {
   double embedding_scale = 1;     // Gemma: sqrt(hidden)
   double attention_scale = 1;     // 1 / sqrt(query_pre_attn_scalar or head_dim)
   std::optional<double> attention_softcap, final_softcap;
+  std::optional<double> clip_qkv;  // OLMoE: q, k and v clamped to [-clip, clip] after the norms
   Activation activation = Activation::kSilu;
   std::vector<LayerAttention> layers;
   std::optional<MlaSettings> mla;
@@ -103,7 +106,8 @@ struct LayerWeights {
   at::Tensor q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
   at::Tensor input_layernorm, post_attention_layernorm;
   at::Tensor q_bias, k_bias, v_bias;  // Qwen2
-  at::Tensor q_norm, k_norm;          // Qwen3, Gemma 3: RMSNorm over each head's dims
+  // Qwen3, Gemma 3: RMSNorm over each head's dims; OLMoE: over the whole projection.
+  at::Tensor q_norm, k_norm;
   // Gemma 2/3: post_attention_layernorm then normalises the attention output, and these wrap
   // the MLP.
   at::Tensor pre_feedforward_layernorm, post_feedforward_layernorm;

@@ -65,7 +65,12 @@ EXPERT_MODULES = {
     "qwen3_moe": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
     "mixtral": ("block_sparse_moe.experts.{}", ("w1", "w3"), ("w2",)),
     "deepseek_v3": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
+    "glm4_moe": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
+    "olmoe": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
 }
+# MoE models whose first layers keep a dense MLP and whose MoE layers add shared experts: leaf names repeat across
+# layer kinds, so merged_weight's shape checks stand in for a per-leaf width.
+DENSE_FIRST_MOE = ("deepseek_v3", "glm4_moe")
 
 
 def tokens(vocab: int = 256, n: int = 16, seed: int = 0) -> torch.Tensor:
@@ -230,13 +235,14 @@ def merged_reference_logits(hf_dir, megatron_tensors: dict[str, torch.Tensor], k
     merge goes through the on-disk weights (merged_model)."""
     cfg = hf_config(hf_dir)
     moe = cfg["model_type"] in EXPERT_MODULES
-    if cfg["model_type"] == "deepseek_v3":  # dense and MoE layers share leaf names: merged_weight checks the shapes
-        adapters = hf_adapters(megatron_tensors, 0, 0, 0, qkv_split, "deepseek_v3", cfg["n_routed_experts"])
-        model = merged_model(hf_dir, adapters, kind, alpha, dim)
-        return logits_of(model, token_ids if token_ids is not None else tokens(cfg["vocab_size"]))
     nq = nq or cfg["num_attention_heads"]
     ng = ng or cfg.get("num_key_value_heads") or nq
     head_dim = head_dim or cfg.get("head_dim") or cfg["hidden_size"] // nq
+    if cfg["model_type"] in DENSE_FIRST_MOE:
+        adapters = hf_adapters(megatron_tensors, nq, ng, head_dim, qkv_split, cfg["model_type"],
+                               cfg["n_routed_experts"])
+        model = merged_model(hf_dir, adapters, kind, alpha, dim)
+        return logits_of(model, token_ids if token_ids is not None else tokens(cfg["vocab_size"]))
     ffn = ffn or cfg["intermediate_size"]
     hidden = cfg["hidden_size"]
     expected_out = {"q_proj": nq * head_dim, "k_proj": ng * head_dim, "v_proj": ng * head_dim, "o_proj": hidden,

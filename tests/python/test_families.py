@@ -10,7 +10,8 @@ sliding-window layers, which the 96-token prompt reaches past; Gemma 3 adds q/k 
 Qwen3-MoE and Mixtral put adapters on every expert (Megatron's expert axis [E, ...]; shared adapters are saved once
 per expert slot, or, before Megatron-Bridge 0.5.1, once without the axis), sharded by expert parallelism (EP) and
 expert TP; the router stays as it is. Their checkpoints are written by EP2 training layouts and exported with one rank
-per training shard."""
+per training shard. OLMoE adds q/k norms over the whole projection, q/k/v clipping and un-renormalised top-k weights
+(DeepSeek-V3 and GLM-4.5, with dense first layers and shared experts, have files of their own)."""
 import ast
 import json
 import re
@@ -123,12 +124,18 @@ MOE_CASES = [
     ("qwen3_moe", "legacy-shared", 2, 1, 1, 2, {"legacy_shared_experts": True}),
     ("mixtral", "shared", 2, 2, 2, 1, {}),
     ("mixtral", "per-expert-normalized", 2, 1, 2, 1, {"share_expert_adapters": False, "normalize_moe_lora": True}),
+    # OLMoE (issue 15): q/k norms over the whole projection, q/k/v clipped, top-k weights not renormalised; 8 experts
+    # top-4 here (the real model: 64 top-8).
+    ("olmoe", "per-expert", 2, 1, 2, 1, {"share_expert_adapters": False}),
+    ("olmoe", "shared", 1, 2, 2, 1, {}),
 ]
 MOE_BASES = {"qwen3_moe": TinyLlamaConfig(architecture="qwen3_moe", head_dim=32),
-             "mixtral": TinyLlamaConfig(architecture="mixtral")}
+             "mixtral": TinyLlamaConfig(architecture="mixtral"),
+             "olmoe": TinyLlamaConfig(architecture="olmoe", experts=8, experts_per_token=4)}
 # What transformers 5 fuses each family's expert modules into, and their names in the adapter.
 EXPERT_LEAVES = {"qwen3_moe": ("mlp.experts", ("gate_proj", "up_proj", "down_proj")),
-                 "mixtral": ("block_sparse_moe.experts", ("w1", "w3", "w2"))}
+                 "mixtral": ("block_sparse_moe.experts", ("w1", "w3", "w2")),
+                 "olmoe": ("mlp.experts", ("gate_proj", "up_proj", "down_proj"))}
 PATTERN_WARNING = re.compile(r"RuntimeWarning: The following (rank|alpha)_pattern keys did not match any targeted "
                              r"module and were ignored: (\[.*\])\.")
 
