@@ -42,6 +42,8 @@ int64_t WidthOf(const Width& width, const HfModelConfig& m) {
       return m.intermediate_size;
     case Width::Kind::kExpertFfn:
       return m.expert_intermediate_size;
+    case Width::Kind::kExperts:
+      return m.num_experts;
     case Width::Kind::kConfigSum:
       break;
   }

@@ -229,11 +229,9 @@ void RequireVerificationForward(const ModelFamily& family) {
 
 Width ParseWidth(const std::string& text, const std::string& where) {
   static constexpr std::pair<const char*, Width::Kind> kNamed[] = {
-      {"hidden", Width::Kind::kHidden},
-      {"query", Width::Kind::kQuery},
-      {"key_value", Width::Kind::kKeyValue},
-      {"ffn", Width::Kind::kFfn},
-      {"expert_ffn", Width::Kind::kExpertFfn}};
+      {"hidden", Width::Kind::kHidden},        {"query", Width::Kind::kQuery},
+      {"key_value", Width::Kind::kKeyValue},   {"ffn", Width::Kind::kFfn},
+      {"expert_ffn", Width::Kind::kExpertFfn}, {"experts", Width::Kind::kExperts}};
   for (const auto& [name, kind] : kNamed) {
     if (text == name) return {kind, {}, text};
   }
@@ -264,7 +262,9 @@ Width ParseWidth(const std::string& text, const std::string& where) {
     for (const std::string& factor : width.terms.back()) {
       if (!is_factor(factor)) {
         Fail(
-            "{}: '{}' is neither a named width (hidden, query, key_value, ffn, expert_ffn) nor a "
+            "{}: '{}' is neither a named width (hidden, query, key_value, ffn, expert_ffn, "
+            "experts) "
+            "nor a "
             "sum of products of config.json keys and integers (e.g. 'kv_lora_rank + "
             "qk_rope_head_dim', 'num_attention_heads * v_head_dim')",
             where, text);

@@ -195,7 +195,9 @@ writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) co
       announced.tensors.push_back({out.name, out.module, WeightOf(out.param),
                                    static_cast<int64_t>(l), out.dtype, out.shape});
       if (out.param == checkpoint::AdapterParam::kLinearIn) {
-        const bool as_parameter = !out.expert && fused_leaves.contains(out.leaf);
+        // transformers 5 routers are no nn.Linear: PEFT reaches them only as a parameter.
+        const bool as_parameter = (!out.expert && fused_leaves.contains(out.leaf)) ||
+                                  out.path == settings.family.forward.moe_router;
         config.modules.push_back({out.module, out.leaf, out.shape[0], out.rank_keys,
                                   as_parameter ? out.path + ".weight" : std::string()});
       }

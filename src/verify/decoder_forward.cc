@@ -147,7 +147,6 @@ void ForEachWeight(LayerWeights& w, const LlamaSettings& s,
   for (const std::string linear : kDecoderLinears) maybe(linear + ".weight", w.Linear(linear));
   for (auto& [path, t] : w.other_linears) maybe(path + ".weight", t);
   if (!s.moe.router.empty()) {
-    maybe(s.moe.router + ".weight", w.router);
     maybe(s.moe.router + ".e_score_correction_bias", w.router_bias);
   }
   maybe("self_attn.q_a_layernorm.weight", w.q_a_layernorm);
@@ -182,6 +181,7 @@ std::vector<std::string> DenseMlpPaths() {
 
 std::vector<std::string> SparseMlpPaths(const LlamaSettings& s) {
   std::vector<std::string> paths;
+  if (!s.moe.router.empty()) paths.push_back(s.moe.router);
   for (int64_t e = 0; e < s.moe.experts; ++e) {
     for (const auto& path : s.moe.expert) paths.push_back(convert::ExpertPath(path, e));
   }
@@ -362,7 +362,7 @@ at::Tensor Activate(const at::Tensor& x, Activation activation) {
 // renormalised and scaled.
 std::pair<at::Tensor, at::Tensor> Route(const at::Tensor& x, const LayerWeights& w,
                                         const MoeSettings& moe) {
-  const at::Tensor logits = at::matmul(x.to(at::kFloat), w.router.to(at::kFloat).t());
+  const at::Tensor logits = at::matmul(x.to(at::kFloat), w.Linear(moe.router).to(at::kFloat).t());
   if (!moe.sigmoid) {
     auto [weights, chosen] = at::softmax(logits, -1).topk(moe.top_k, -1);
     if (moe.normalize_top_k) weights = weights / weights.sum(-1, /*keepdim=*/true);
@@ -547,9 +547,8 @@ at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaS
   // Gated MLP (SwiGLU, GeGLU), or a sparse MoE of them.
   const at::Tensor m =
       norm(after_attention, sandwich ? w.pre_feedforward_layernorm : w.post_attention_layernorm);
-  at::Tensor mlp = w.router.defined()
-                       ? SparseMoe(m, w, s)
-                       : GatedMlp(m, w.gate_proj, w.up_proj, w.down_proj, s.activation);
+  at::Tensor mlp = w.Sparse(s.moe) ? SparseMoe(m, w, s)
+                                   : GatedMlp(m, w.gate_proj, w.up_proj, w.down_proj, s.activation);
   if (sandwich) mlp = norm(mlp, w.post_feedforward_layernorm);
   return after_attention + mlp;
 }

@@ -93,7 +93,7 @@ inline constexpr std::array<const char*, 7> kDecoderLinears = {
     "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
 
 // The attention's linear modules (q/k/v/o_proj, or MLA's), a dense MLP's (gate/up/down_proj) and
-// an MoE layer's (each expert's, then the shared experts'; the router aside).
+// an MoE layer's (the router, each expert's, then the shared experts').
 std::vector<std::string> AttentionLinearPaths(const LlamaSettings& s);
 std::vector<std::string> DenseMlpPaths();
 std::vector<std::string> SparseMlpPaths(const LlamaSettings& s);
@@ -111,11 +111,17 @@ struct LayerWeights {
   // Gemma 2/3: post_attention_layernorm then normalises the attention output, and these wrap
   // the MLP.
   at::Tensor pre_feedforward_layernorm, post_feedforward_layernorm;
-  // MoE layers: the router [experts, hidden] (and DeepSeek's correction bias [experts]); the
-  // experts' linears by HF path take the place of gate/up/down_proj.
-  at::Tensor router, router_bias;
-  // Linears beyond the named ones, by HF path: experts, shared experts, MLA's projections.
+  // MoE layers: DeepSeek's router correction bias [experts]; the router [experts, hidden] and the
+  // experts' linears are in other_linears, in place of gate/up/down_proj.
+  at::Tensor router_bias;
+  // Linears beyond the named ones, by HF path: the router, experts, shared experts, MLA's
+  // projections.
   std::map<std::string, at::Tensor> other_linears;
+
+  // An MoE layer: it has the router `s.moe.router`.
+  bool Sparse(const MoeSettings& moe) const {
+    return !moe.router.empty() && other_linears.contains(moe.router);
+  }
   at::Tensor q_a_layernorm, kv_a_layernorm;  // MLA
 
   // "self_attn.q_proj" -> q_proj; any other path -> its entry in other_linears.

@@ -136,6 +136,12 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
           linear(2) = MergeAdapter(linear(2), a, b, scale, std::nullopt, what);
         }
       }
+    } else if (module == "mlp.router" && canonical.empty()) {
+      // LoRATopKRouter: the adapter adds to the router's logits (peft/lora_layers.py).
+      if (moe_.router.empty())
+        Fail("layer {}: a router adapter, but the model has no router", layer);
+      at::Tensor& router = w.Linear(moe_.router);
+      router = MergeAdapter(router, *p.a, *p.b, scale_, p.m, what);
     } else if (module == "self_attention.linear_qkv" && canonical.empty()) {
       SplitQkv(MergeAdapter(FuseQkv(w, groups, d), *p.a, *p.b, scale_, p.m, what), w, groups, d);
     } else if ((module == "mlp.linear_fc1" || module == "mlp.shared_experts.linear_fc1") &&

@@ -66,7 +66,6 @@ LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const LlamaSettings
   for (const auto& linear : AttentionLinearPaths(s)) load(linear);
   for (const auto& linear : sparse ? SparseMlpPaths(s) : DenseMlpPaths()) load(linear);
   if (sparse) {
-    w.router = base.Get(p + s.moe.router + ".weight", device, at::kFloat);
     const std::string bias = p + s.moe.router + ".e_score_correction_bias";
     if (s.moe.sigmoid && base.Has(bias)) w.router_bias = base.Get(bias, device, at::kFloat);
   }

@@ -56,6 +56,8 @@ ADAPTER_MODULES = {
     "self_attention.linear_kv_up_proj.adapter.": ("self_attn", ("kv_b_proj",), None),
     "mlp.shared_experts.linear_fc1.adapter.": ("mlp.shared_experts", ("gate_proj", "up_proj"), "halves"),
     "mlp.shared_experts.linear_fc2.adapter.": ("mlp.shared_experts", ("down_proj",), None),
+    # LoRATopKRouter: the router's logits (Qwen3-MoE, OLMoE, DeepSeek-V3, GLM-4.5 name it mlp.gate)
+    "mlp.router.adapter.": ("mlp", ("gate",), None),
 }
 # Megatron's expert adapters (TEGroupedMLP): fc1 ([gate; up] rows) and fc2
 EXPERT_ADAPTERS = ("mlp.experts.experts.linear_fc1.adapter.", "mlp.experts.experts.linear_fc2.adapter.")
@@ -251,6 +253,7 @@ def merged_reference_logits(hf_dir, megatron_tensors: dict[str, torch.Tensor], k
         _, fc1, fc2 = EXPERT_MODULES[cfg["model_type"]]
         expert_ffn = expert_ffn or cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
         expected_out |= {leaf: expert_ffn for leaf in fc1} | {leaf: hidden for leaf in fc2}
+        expected_out["gate"] = cfg.get("num_experts") or cfg.get("num_local_experts")  # the router
     adapters = hf_adapters(megatron_tensors, nq, ng, head_dim, qkv_split, cfg["model_type"],
                            cfg.get("num_experts") or cfg.get("num_local_experts"))
     if moe:

@@ -31,7 +31,10 @@ BASES = {"mla": TinyLlamaConfig(architecture="deepseek_v3", experts=8, expert_ff
          "mla-no-q-lora": TinyLlamaConfig(architecture="deepseek_v3", experts=8, expert_ffn=32, q_lora_rank=0)}
 ATTENTION = ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj")
 # base, kind, targets (None: all), TP, EP, ranks of the export beside -np 1
+ALL_WITH_ROUTER = ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj",
+                   "linear_fc1", "linear_fc2", "router")
 CASES = [("mla", "lora", None, 2, 2, 4),
+         ("mla", "lora", ALL_WITH_ROUTER, 2, 2, 4),
          ("mla", "dora", ATTENTION, 2, 1, 2),
          ("mla-no-q-lora", "lora", None, 1, 2, 2)]
 
@@ -59,7 +62,8 @@ def export(binary, base, ckpt, out, ranks=1, *extra):
 
 
 @pytest.mark.parametrize("base_name,kind,targets,tp,ep,ranks", CASES,
-                         ids=[f"{b}-{k}-tp{t}ep{e}-np{n}" for b, k, _, t, e, n in CASES])
+                         ids=[f"{b}-{k}{'-router' if g is ALL_WITH_ROUTER else ''}-tp{t}ep{e}-np{n}"
+                              for b, k, g, t, e, n in CASES])
 def test_export_loads_in_peft_and_matches_the_fp32_merge(adapter_job_bin, bases, tmp_path, base_name, kind, targets,
                                                          tp, ep, ranks):
     base, b = bases[base_name], BASES[base_name]
@@ -80,6 +84,8 @@ def test_export_loads_in_peft_and_matches_the_fp32_merge(adapter_job_bin, bases,
     for layer in range(b.layers):
         for leaf in (*q, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
             assert f"{prefix}{layer}.self_attn.{leaf}.lora_A.weight" in names
+        if targets is ALL_WITH_ROUTER and layer >= b.first_dense_layers:
+            assert f"{prefix}{layer}.mlp.gate.lora_B.weight" in names
         if targets is None and layer < b.first_dense_layers:
             assert f"{prefix}{layer}.mlp.gate_proj.lora_B.weight" in names
             assert not any(n.startswith(f"{prefix}{layer}.mlp.experts.") for n in names)
@@ -87,7 +93,8 @@ def test_export_loads_in_peft_and_matches_the_fp32_merge(adapter_job_bin, bases,
             assert f"{prefix}{layer}.mlp.shared_experts.up_proj.lora_B.weight" in names
             assert f"{prefix}{layer}.mlp.experts.{b.experts - 1}.down_proj.lora_A.weight" in names
             assert f"{prefix}{layer}.mlp.gate_proj.lora_A.weight" not in names
-    assert not any(".mlp.gate." in n for n in names), "the router must stay untouched"
+    if targets is not ALL_WITH_ROUTER:
+        assert not any(".mlp.gate." in n for n in names), "the router must stay untouched"
     if kind == "dora":
         assert f"{prefix}1.self_attn.kv_b_proj.lora_magnitude_vector" in names
 

@@ -128,6 +128,9 @@ MOE_CASES = [
     # top-4 here (the real model: 64 top-8).
     ("olmoe", "per-expert", 2, 1, 2, 1, {"share_expert_adapters": False}),
     ("olmoe", "shared", 1, 2, 2, 1, {}),
+    # LoRA on the router too (Megatron-Bridge's LoRATopKRouter): PEFT reaches transformers 5's router as a parameter.
+    ("qwen3_moe", "per-expert-router", 2, 1, 2, 1,
+     {"share_expert_adapters": False, "targets": ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "router")}),
 ]
 MOE_BASES = {"qwen3_moe": TinyLlamaConfig(architecture="qwen3_moe", head_dim=32),
              "mixtral": TinyLlamaConfig(architecture="mixtral"),
@@ -185,8 +188,12 @@ def test_moe_export_and_verification(adapter_job_bin, moe_bases, tmp_path, famil
             for leaf in leaves:
                 for ab in ("A", "B"):
                     assert f"base_model.model.model.layers.{layer}.{parent}.{e}.{leaf}.lora_{ab}.weight" in names
-    assert not any(".gate." in n or "router" in n for n in names), "the router must stay untouched"
     config = json.loads((out / "adapter_config.json").read_text())
+    if "router" in extra.get("targets", ()):
+        assert f"base_model.model.model.layers.1.{parent.rsplit('.', 1)[0]}.gate.lora_A.weight" in names
+        assert config["target_parameters"] == [f"{parent.rsplit('.', 1)[0]}.gate.weight"]
+    else:
+        assert not any(".gate." in n or "router" in n for n in names), "the router must stay untouched"
     assert set(leaves) <= set(config["target_modules"])
     normalized = extra.get("normalize_moe_lora", False)
     assert bool(config["rank_pattern"]) == normalized, config["rank_pattern"]

@@ -57,13 +57,14 @@ TEST(ModelFamily, BuiltInFamiliesAndTheirLookups) {
 
 TEST(ModelFamily, MoeFamiliesAddExpertModulesToLlamasAttention) {
   const auto families = LoadModelFamilies();
-  for (const auto& [arch, gate, down] :
+  // Llama's four, then (Qwen3-MoE) the router's LoRA and the experts' two.
+  for (const auto& [arch, gate, down, modules] :
        {std::tuple{"Qwen3MoeForCausalLM", "mlp.experts.{expert}.gate_proj",
-                   "mlp.experts.{expert}.down_proj"},
+                   "mlp.experts.{expert}.down_proj", 7u},
         std::tuple{"MixtralForCausalLM", "block_sparse_moe.experts.{expert}.w1",
-                   "block_sparse_moe.experts.{expert}.w2"}}) {
+                   "block_sparse_moe.experts.{expert}.w2", 6u}}) {
     const ModelFamily f = FamilyFor(families, arch, "");
-    EXPECT_EQ(f.modules.size(), 6u) << arch;  // Llama's four, then the experts' two
+    EXPECT_EQ(f.modules.size(), modules) << arch;
     EXPECT_NE(f.FindModule("self_attention.linear_qkv"), nullptr);
     const ModuleMapping* fc1 = f.FindExperts("linear_fc1");
     ASSERT_NE(fc1, nullptr) << arch;
@@ -76,6 +77,11 @@ TEST(ModelFamily, MoeFamiliesAddExpertModulesToLlamasAttention) {
     EXPECT_FALSE(f.FindModule("mlp.linear_fc1")->experts);
     EXPECT_FALSE(f.forward.moe_router.empty());
   }
+  const ModuleMapping* router =
+      FamilyFor(families, "Qwen3MoeForCausalLM", "").FindModule("mlp.router");
+  ASSERT_NE(router, nullptr);
+  EXPECT_EQ(router->hf.at(0).path, "mlp.gate");
+  EXPECT_EQ(router->hf.at(0).out.kind, Width::Kind::kExperts);
   EXPECT_EQ(ExpertPath("mlp.experts.{expert}.w1", 12), "mlp.experts.12.w1");
   EXPECT_EQ(ExpertPath("mlp.gate_proj", 12), "mlp.gate_proj");
   // Expert modules, and only they, name the expert in their paths.

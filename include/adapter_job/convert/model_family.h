@@ -21,11 +21,12 @@ enum class Fusion {
 enum class Parallelism { kColumn, kRow };
 
 // A width in terms of the HF config: hidden, q heads x head_dim, kv heads x head_dim, ffn, an MoE
-// expert's ffn (moe_intermediate_size, else intermediate_size), or, for layouts those do not
+// expert's ffn (moe_intermediate_size, else intermediate_size), the number of routed experts
+// (the router's output), or, for layouts those do not
 // name (DeepSeek's MLA), a sum of products of config.json integers: "kv_lora_rank +
 // qk_rope_head_dim", "num_attention_heads * v_head_dim".
 struct Width {
-  enum class Kind { kHidden, kQuery, kKeyValue, kFfn, kExpertFfn, kConfigSum };
+  enum class Kind { kHidden, kQuery, kKeyValue, kFfn, kExpertFfn, kExperts, kConfigSum };
   Kind kind = Kind::kHidden;
   // kConfigSum: the terms, each a product of config.json keys and integer constants.
   std::vector<std::vector<std::string>> terms;
