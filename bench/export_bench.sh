@@ -5,7 +5,8 @@
 #   bench/export_bench.sh [WORKDIR]   (default: bench/work; the checkpoint is made once, ~70 MB)
 # Env: SHAPE=8b|70b|30b-a3b (70b: 80 layers, hidden 8192, ffn 28672, 64 heads, 8 KV heads, rank 64;
 #      30b-a3b: Qwen3-30B-A3B, 48 layers, hidden 2048, 32 heads of 128, 4 KV heads, 128 experts of
-#      ffn 768, top-8, rank-16 per-expert adapters, written at TP2 x EP4),
+#      ffn 768, top-8, rank-16 per-expert adapters, written at TP2 x EP4; deepseek-v3: see below, EXPERTS=N
+#      to shrink its 256 experts),
 #      RANKS="1 2 4", REPEAT=5, BACKEND=auto|mpi|nccl, BIN=build/src/cli/adapter_job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,11 +28,21 @@ case $SHAPE in
     dims=(--layers 48 --hidden 2048 --heads 32 --query-groups 4 --head-dim 128 --ffn 6144 --dim 16 --alpha 32)
     moe=(--experts 128 --expert-ffn 768 --topk 8)
     layout=(--tp 2 --ep 4 --etp 1 --per-expert-adapters) ;;
-  *) echo "SHAPE must be 8b, 70b or 30b-a3b" >&2; exit 2 ;;
+  deepseek-v3)
+    # DeepSeek-V3's real dims (61 layers, hidden 7168, 128 heads, MLA q_lora 1536 / kv_lora 512 / nope 128 /
+    # rope 64 / v 128, 3 dense layers of ffn 18432, experts of ffn 2048 top-8, one shared expert), rank-16
+    # per-expert adapters on every linear, written at TP2 x EP8. EXPERTS (default 256) can shrink the expert
+    # count: the fixture generator holds the whole checkpoint in memory (256 experts: 9.7 GB of adapters).
+    dims=(--layers 61 --hidden 7168 --heads 128 --query-groups 128 --head-dim 128 --ffn 18432 --dim 16 --alpha 32)
+    moe=(--experts "${EXPERTS:-256}" --expert-ffn 2048 --topk 8 --mla 1536,512,128,64,128 --first-dense-layers 3
+         --shared-expert-ffn 2048 --per-layer-keys)
+    layout=(--tp 2 --ep 8 --etp 1 --per-expert-adapters) ;;
+  *) echo "SHAPE must be 8b, 70b, 30b-a3b or deepseek-v3" >&2; exit 2 ;;
 esac
-ckpt=$WORK/$SHAPE/megatron_ckpt
-model=$WORK/$SHAPE/hf_config
-mkdir -p "$WORK/$SHAPE"
+tag=$SHAPE${EXPERTS:+-e$EXPERTS}
+ckpt=$WORK/$tag/megatron_ckpt
+model=$WORK/$tag/hf_config
+mkdir -p "$WORK/$tag"
 if [[ ! -f $ckpt/latest_checkpointed_iteration.txt ]]; then
   "$PYTHON" tests/fixtures/megatron_checkpoint.py --out "$ckpt" "${layout[@]}" "${dims[@]}" "${moe[@]}" \
     --no-expected >/dev/null
@@ -41,11 +52,20 @@ if [[ ! -f $model/config.json ]]; then
   "$PYTHON" - "$model" "${dims[@]}" "${moe[@]}" <<'PY'
 import sys, transformers
 out, args = sys.argv[1], sys.argv[2:]
-a = dict(zip(args[::2], map(int, args[1::2])))
+a = {k: int(v) for k, v in zip(args, args[1:]) if k.startswith("--") and v.lstrip("-").isdigit()}
 common = dict(hidden_size=a["--hidden"], intermediate_size=a["--ffn"], num_hidden_layers=a["--layers"],
               num_attention_heads=a["--heads"], num_key_value_heads=a["--query-groups"], head_dim=a["--head-dim"],
               dtype="bfloat16")
-if "--experts" in a:
+if "--mla" in sys.argv:
+    q, kv, nope, rope, v = (int(x) for x in sys.argv[sys.argv.index("--mla") + 1].split(","))
+    transformers.DeepseekV3Config(
+        vocab_size=129280, hidden_size=a["--hidden"], intermediate_size=a["--ffn"], num_hidden_layers=a["--layers"],
+        num_attention_heads=a["--heads"], num_key_value_heads=a["--heads"], q_lora_rank=q, kv_lora_rank=kv,
+        qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v, n_routed_experts=a["--experts"],
+        num_experts_per_tok=a["--topk"], moe_intermediate_size=a["--expert-ffn"], n_shared_experts=1,
+        first_k_dense_replace=a["--first-dense-layers"], n_group=8, topk_group=4, dtype="bfloat16",
+        architectures=["DeepseekV3ForCausalLM"]).save_pretrained(out)
+elif "--experts" in a:
     transformers.Qwen3MoeConfig(**common, vocab_size=151936, num_experts=a["--experts"],
                                 num_experts_per_tok=a["--topk"], moe_intermediate_size=a["--expert-ffn"],
                                 architectures=["Qwen3MoeForCausalLM"]).save_pretrained(out)
@@ -63,8 +83,8 @@ cat "${distcp[@]}" >/dev/null  # warm the page cache
 floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >/dev/null; e=$(now); echo "$e - $s" | bc -l; done | median)
 
 # A second floor with the output side too: read the bytes, write as many, fsync them.
-copy_floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >"$WORK/$SHAPE/copy"; sync "$WORK/$SHAPE/copy"; e=$(now); echo "$e - $s" | bc -l; done | median)
-rm -f "$WORK/$SHAPE/copy"
+copy_floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >"$WORK/$tag/copy"; sync "$WORK/$tag/copy"; e=$(now); echo "$e - $s" | bc -l; done | median)
+rm -f "$WORK/$tag/copy"
 
 echo "| run | wall s (median of $REPEAT) | x read floor | in-job s (rank 0) | peak RSS per rank (MiB) |"
 echo "|---|---:|---:|---:|---|"
@@ -74,31 +94,31 @@ echo "| floor: cat .distcp > file; sync | $(printf %.4f "$copy_floor") | $(print
 export_args=(export --hf-model-id "$model" --megatron-peft-checkpoint "$ckpt" --backend "$BACKEND" --no-verify)
 # `direct`: one process started without mpirun (no MPI at all); N: mpirun -np N.
 for n in direct $RANKS; do
-  out=$WORK/$SHAPE/out-$n
+  out=$WORK/$tag/out-$n
   walls=()
   jobs=()
   for _ in $(seq "$REPEAT"); do
-    rm -rf "$out" "$WORK/$SHAPE"/rss.*
+    rm -rf "$out" "$WORK/$tag"/rss.*
     s=$(now)
     if [[ $n == direct ]]; then
-      /usr/bin/time -f %M -o "$WORK/$SHAPE/rss.0" "$BIN" "${export_args[@]}" --output-hf-path "$out" \
-        --report "$WORK/$SHAPE/report.json" >/dev/null
+      /usr/bin/time -f %M -o "$WORK/$tag/rss.0" "$BIN" "${export_args[@]}" --output-hf-path "$out" \
+        --report "$WORK/$tag/report.json" >/dev/null
     else
       # shellcheck disable=SC2016  # expanded by the inner sh, per rank
       mpirun --oversubscribe -np "$n" sh -c 'exec /usr/bin/time -f %M -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' \
-        "$WORK/$SHAPE/rss" "$BIN" "${export_args[@]}" --output-hf-path "$out" \
-        --report "$WORK/$SHAPE/report.json" >/dev/null
+        "$WORK/$tag/rss" "$BIN" "${export_args[@]}" --output-hf-path "$out" \
+        --report "$WORK/$tag/report.json" >/dev/null
     fi
     e=$(now)
     walls+=("$(echo "$e - $s" | bc -l)")
-    jobs+=("$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["seconds"]["total"])' "$WORK/$SHAPE/report.json")")
+    jobs+=("$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["seconds"]["total"])' "$WORK/$tag/report.json")")
   done
   wall=$(printf '%s\n' "${walls[@]}" | median)
   job=$(printf '%s\n' "${jobs[@]}" | median)
   count=$([[ $n == direct ]] && echo 1 || echo "$n")
-  rss=$(for r in $(seq 0 $((count - 1))); do echo $(( $(tail -1 "$WORK/$SHAPE/rss.$r") / 1024 )); done | paste -sd, -)
+  rss=$(for r in $(seq 0 $((count - 1))); do echo $(( $(tail -1 "$WORK/$tag/rss.$r") / 1024 )); done | paste -sd, -)
   label=$([[ $n == direct ]] && echo "adapter_job export (1 process, no mpirun)" || echo "mpirun -np $n adapter_job export")
   echo "| $label | $(printf %.3f "$wall") | $(printf %.1f "$(echo "$wall / $floor" | bc -l)") | $(printf %.3f "$job") | $rss |"
 done
 echo
-echo "checkpoint: $SHAPE, $(( bytes / 1024 / 1024 )) MiB of .distcp in ${#distcp[@]} files; adapter $(du -b "$out/adapter_model.safetensors" | cut -f1) bytes"
+echo "checkpoint: $tag, $(( bytes / 1024 / 1024 )) MiB of .distcp in ${#distcp[@]} files; adapter $(du -b "$out/adapter_model.safetensors" | cut -f1) bytes"
