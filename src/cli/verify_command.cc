@@ -120,7 +120,12 @@ int RunVerify(const std::vector<std::string>& args) {
      "also compare against the checkpoint's adapter merged in Megatron's layout")
     ("merged-model", po::value<std::string>(),
      "also hold this merged model (adapter_job merge's output) to the adapter")
-    ("report", po::value<std::string>(), "write the verification report as JSON to this file");
+    ("report", po::value<std::string>(), "write the verification report as JSON to this file")
+    ("model-families", po::value<std::vector<std::string>>(),
+     "a directory of model family descriptions to add to the built-in ones (repeatable)")
+    ("exclude-adapter-base-prefix", po::value<std::vector<std::string>>(),
+     "as the export was given it: the Megatron-merged variant leaves these adapters out too "
+     "(repeatable)");
   // clang-format on
   AddVerifyOptions(options);
   AddConsoleOptions(options);
@@ -140,6 +145,13 @@ int RunVerify(const std::vector<std::string>& args) {
   if (vm.count("megatron-peft-checkpoint"))
     verify.megatron_checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
   if (vm.count("merged-model")) verify.merged_model = vm["merged-model"].as<std::string>();
+  if (vm.count("model-families")) {
+    for (const auto& dir : vm["model-families"].as<std::vector<std::string>>())
+      verify.model_family_dirs.emplace_back(dir);
+  }
+  if (vm.count("exclude-adapter-base-prefix"))
+    verify.excluded_adapter_prefixes =
+        vm["exclude-adapter-base-prefix"].as<std::vector<std::string>>();
   ReadVerifyOptions(vm, verify);
   writer::RefuseOutputsOverInputs(
       {{"--report", vm.count("report") ? vm["report"].as<std::string>() : ""},

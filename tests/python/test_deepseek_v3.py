@@ -192,6 +192,14 @@ def test_excluded_prefixes_are_left_out_and_reported(adapter_job_bin, bases, tmp
     peft = peft_logits(base, out, prompts_for(BASES["mla"].vocab)[0])
     assert peft.missing == [] and peft.unexpected == [], (peft.missing[:3], peft.unexpected[:3])
     assert peft_warnings_beyond_its_moe_conversion(peft.warnings, config["rank_pattern"]) == [], peft.warnings
+    # `adapter_job verify` given the same exclusions agrees; without them its Megatron merge holds the dense layer's
+    # MLP adapters the export left out, and the verdict is FAIL.
+    prompts = prompts_for(BASES["mla"].vocab)
+    v = verify(adapter_job_bin, base, out, tmp_path / "verify-excluded", prompts, ckpt=written.root,
+               extra=("--exclude-adapter-base-prefix", "decoder.layers.0.mlp."))
+    assert v.rc == 0 and v.report["passed"], v.stdout
+    v = verify(adapter_job_bin, base, out, tmp_path / "verify-all", prompts, ckpt=written.root)
+    assert v.rc == EXIT_FAILED and not v.report["passed"], v.stdout
     # One layer's experts cannot be left out of transformers' fused experts.
     proc = export(adapter_job_bin, base, written.root, tmp_path / "experts", 1, "--no-verify",
                   "--exclude-adapter-base-prefix", "decoder.layers.1.mlp.experts.")
