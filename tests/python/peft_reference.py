@@ -240,9 +240,9 @@ def merged_reference_logits(hf_dir, megatron_tensors: dict[str, torch.Tensor], k
     nq = nq or cfg["num_attention_heads"]
     ng = ng or cfg.get("num_key_value_heads") or nq
     head_dim = head_dim or cfg.get("head_dim") or cfg["hidden_size"] // nq
-    if cfg["model_type"] in DENSE_FIRST_MOE:
+    if cfg["model_type"] in DENSE_FIRST_MOE or cfg.get("mlp_only_layers"):  # Qwen3-MoE's dense layers too
         adapters = hf_adapters(megatron_tensors, nq, ng, head_dim, qkv_split, cfg["model_type"],
-                               cfg["n_routed_experts"])
+                               cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts"))
         model = merged_model(hf_dir, adapters, kind, alpha, dim)
         return logits_of(model, token_ids if token_ids is not None else tokens(cfg["vocab_size"]))
     ffn = ffn or cfg["intermediate_size"]

@@ -206,6 +206,32 @@ def test_moe_export_and_verification(adapter_job_bin, moe_bases, tmp_path, famil
                                   peft, tmp_path)
 
 
+def test_qwen3_moe_dense_layers_reach_peft_as_parameters(adapter_job_bin, tmp_path):
+    """Qwen3-MoE's mlp_only_layers keep a dense MLP. PEFT 0.21 on transformers 5 turns the target leaves gate_proj /
+    up_proj / down_proj into the fused experts' parameters, so the dense layer's adapters must go out as
+    target_parameters or stock PEFT silently drops them (see test_deepseek_v3.py); verification models that."""
+    base_cfg = TinyLlamaConfig(architecture="qwen3_moe", head_dim=32, mlp_only_layers=(0,))
+    base = build_tiny_llama(base_cfg, tmp_path / "base")
+    cfg = CheckpointConfig(out=tmp_path / "ckpt", base_model=base, kind="lora", tp=2, heads=base_cfg.heads,
+                           query_groups=base_cfg.kv_heads, head_dim=base_cfg.head_dim, hidden=base_cfg.hidden,
+                           ffn=base_cfg.ffn, num_layers=base_cfg.layers, experts=base_cfg.experts,
+                           expert_ffn=base_cfg.expert_ffn, topk=base_cfg.experts_per_token, ep=2, etp=1,
+                           first_dense_layers=1, per_layer_keys=True, share_expert_adapters=False)
+    written = write_checkpoint(cfg)
+    out = tmp_path / "adapter"
+    proc = run([*MPIRUN, "-np", "4", adapter_job_bin, "export", "--hf-model-id", base, "--megatron-peft-checkpoint",
+                written.root, "--output-hf-path", out, "--verify-device", "cpu"])
+    assert "verification PASSED" in proc.stdout, proc.stdout
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"]
+    prompts = prompts_for(base_cfg.vocab)
+    peft = peft_logits(base, out, prompts[0])
+    assert peft.missing == [] and peft.unexpected == [], (peft.missing[:3], peft.unexpected[:3])
+    assert peft_warnings_beyond_its_moe_conversion(peft.warnings, config["rank_pattern"]) == [], peft.warnings
+    assert_matches_the_references(adapter_job_bin, "qwen3_moe with a dense layer", base, out, written, cfg, "lora",
+                                  prompts, peft, tmp_path)
+
+
 def test_moe_checkpoint_against_the_wrong_base_is_refused(adapter_job_bin, moe_bases, bases, tmp_path):
     base_cfg = MOE_BASES["qwen3_moe"]
     cfg = CheckpointConfig(out=tmp_path / "ckpt", kind="lora", tp=2, heads=base_cfg.heads,
