@@ -34,7 +34,7 @@ case $SHAPE in
     # per-expert adapters on every linear, written at TP2 x EP8. EXPERTS (default 256) can shrink the expert
     # count: the fixture generator holds the whole checkpoint in memory (256 experts: 9.7 GB of adapters).
     dims=(--layers 61 --hidden 7168 --heads 128 --query-groups 128 --head-dim 128 --ffn 18432 --dim 16 --alpha 32)
-    moe=(--experts "${EXPERTS:-256}" --expert-ffn 2048 --topk 8 --mla 1536,512,128,64,128 --first-dense-layers 3
+    moe=(--experts "${EXPERTS:-256}" --expert-ffn 2048 --topk 8 --mla "1536,512,128,64,128" --first-dense-layers 3
          --shared-expert-ffn 2048 --per-layer-keys)
     layout=(--tp 2 --ep 8 --etp 1 --per-expert-adapters) ;;
   *) echo "SHAPE must be 8b, 70b, 30b-a3b or deepseek-v3" >&2; exit 2 ;;
