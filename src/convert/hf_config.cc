@@ -49,12 +49,7 @@ HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir) {
       [&] {
         c.raw = ParseJson(ReadTextFile(c.path));
         if (!c.raw.is_object()) Fail("expected a JSON object");
-        // Multimodal configs nest the language model under text_config.
-        const nlohmann::json& j = c.raw.contains("text_config") &&
-                                          c.raw["text_config"].is_object() &&
-                                          !c.raw.contains("hidden_size")
-                                      ? c.raw["text_config"]
-                                      : c.raw;
+        const nlohmann::json& j = c.text();
         if (c.raw.contains("architectures") && c.raw["architectures"].is_array() &&
             !c.raw["architectures"].empty() && c.raw["architectures"][0].is_string()) {
           c.architecture = c.raw["architectures"][0].get<std::string>();

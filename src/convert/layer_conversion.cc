@@ -18,11 +18,9 @@ using checkpoint::LayerLayout;
 using checkpoint::LayerTensor;
 using Rows = std::vector<std::pair<int64_t, int64_t>>;
 
-// A config sum's key, from the text config of a multimodal config.json where the model has one.
+// A config sum's key.
 int64_t ConfigInteger(const HfModelConfig& m, const std::string& key, const Width& width) {
-  const auto& raw = m.raw.contains("text_config") && !m.raw.contains("hidden_size")
-                        ? m.raw["text_config"]
-                        : m.raw;
+  const nlohmann::json& raw = m.text();
   if (!raw.contains(key) || !raw[key].is_number_integer() || raw[key].get<int64_t>() <= 0) {
     Fail("{}: the model family's width '{}' needs '{}' as a positive integer, found {}",
          m.path.string(), width.text, key, raw.contains(key) ? raw[key].dump() : "no such key");

@@ -264,8 +264,7 @@ Width ParseWidth(const std::string& text, const std::string& where) {
         Fail(
             "{}: '{}' is neither a named width (hidden, query, key_value, ffn, expert_ffn, "
             "experts) "
-            "nor a "
-            "sum of products of config.json keys and integers (e.g. 'kv_lora_rank + "
+            "nor a sum of products of config.json keys and integers (e.g. 'kv_lora_rank + "
             "qk_rope_head_dim', 'num_attention_heads * v_head_dim')",
             where, text);
       }

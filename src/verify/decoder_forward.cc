@@ -21,7 +21,7 @@ std::optional<double> OptionalNumber(const nlohmann::json& j, const char* key) {
 }
 
 LayerAttention Yarn(const nlohmann::json& rope, const nlohmann::json& raw, int64_t dim,
-                    const at::Tensor& inv_freq);
+                    const at::Tensor& inv_freq, const std::string& where);
 LayerAttention RopeFrequencies(const nlohmann::json& rope, const nlohmann::json& raw, int64_t dim,
                                const std::string& where);
 
@@ -63,7 +63,7 @@ LayerAttention RopeFrequencies(const nlohmann::json& rope, const nlohmann::json&
   } else if (type == "linear") {
     inv_freq = inv_freq / Number(rope, "factor", 1.0);
   } else if (type == "yarn") {
-    return Yarn(rope, raw, dim, inv_freq);
+    return Yarn(rope, raw, dim, inv_freq, where);
   } else if (type != "default") {
     Fail("{}: rope type '{}' is not supported (default, linear, llama3, yarn)", where, type);
   }
@@ -77,9 +77,11 @@ double YarnMscale(double scale, double mscale) {
 // YaRN: frequencies interpolated by `factor` below the beta_slow rotation count, kept above
 // beta_fast, ramped between; cos/sin scaled by the attention factor.
 LayerAttention Yarn(const nlohmann::json& rope, const nlohmann::json& raw, int64_t dim,
-                    const at::Tensor& inv_freq) {
+                    const at::Tensor& inv_freq, const std::string& where) {
   const double theta = Number(rope, "rope_theta", Number(raw, "rope_theta", 10000.0));
   const double original = Number(rope, "original_max_position_embeddings", 0);
+  if (original <= 0)
+    Fail("{}: yarn RoPE needs rope_parameters.original_max_position_embeddings", where);
   const double factor =
       Number(rope, "factor", Number(raw, "max_position_embeddings", 0) / original);
   std::optional<double> attention_factor = OptionalNumber(rope, "attention_factor");
@@ -208,9 +210,7 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
   s.heads = config.num_attention_heads;
   s.kv_heads = config.num_key_value_heads;
   s.head_dim = config.head_dim;
-  const auto& raw = config.raw.contains("text_config") && !config.raw.contains("hidden_size")
-                        ? config.raw["text_config"]
-                        : config.raw;
+  const nlohmann::json& raw = config.text();
   const std::string where = config.path.string();
   s.rms_norm_eps = Number(raw, "rms_norm_eps", 1e-6);
   s.norm_weight_offset = traits.norm_weight_offset;
@@ -315,11 +315,8 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
     if (!traits.moe_shared_experts.empty()) {
       s.moe.shared_ffn = static_cast<int64_t>(Number(raw, "n_shared_experts", 1)) *
                          config.expert_intermediate_size;
-      for (const char* leaf : {"gate_proj", "up_proj", "down_proj"}) {
-        s.moe.shared[leaf[0] == 'g'   ? 0
-                     : leaf[0] == 'u' ? 1
-                                      : 2] = traits.moe_shared_experts + "." + leaf;
-      }
+      const std::string& prefix = traits.moe_shared_experts;
+      s.moe.shared = {prefix + ".gate_proj", prefix + ".up_proj", prefix + ".down_proj"};
     }
   }
   return s;

@@ -70,7 +70,7 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
     for (int64_t layer = 0; layer < num_layers && !matched; ++layer) {
       for (const std::string& linear : linears) {
         const std::string weight = fmt::format("model.layers.{}.{}.weight", layer, linear);
-        if (base.Has(weight) && (weight == parameter || weight.ends_with("." + parameter))) {
+        if (base.Has(weight) && NamesParameter(parameter, weight)) {
           matched = true;
           break;
         }

@@ -131,8 +131,6 @@ std::vector<std::string> UnmodelledFields(const Json& j) {
   return out;
 }
 
-}  // namespace
-
 // The target_modules leaves PEFT 0.21 re-targets to transformers 5's fused expert parameters, by
 // model type (utils/transformers_weight_conversion.py: the _MODEL_TO_CONVERSION_PATTERN entries
 // of the qwen2_moe and mixtral patterns, and _MOE_TARGET_MODULE_MAPPING).
@@ -155,6 +153,12 @@ bool IsExpertLinear(std::string_view module) {
   const auto at = module.find(".experts.");
   return at != std::string_view::npos && at + 9 < module.size() &&
          std::isdigit(static_cast<unsigned char>(module[at + 9]));
+}
+
+}  // namespace
+
+bool NamesParameter(const std::string& target, const std::string& name) {
+  return name == target || std::string_view(name).ends_with("." + target);
 }
 
 PeftConfig PeftConfig::Read(const std::filesystem::path& path, const std::string& model_type) {
@@ -261,11 +265,10 @@ bool PeftConfig::Targets(const std::string& module) const {
   for (const Regex& saved : modules_to_save_) {
     if (saved.Matches(module, Anchor::kStart)) return false;
   }
-  // tuners_utils.py _inject_parameters: the parameter's name, or a suffix of it after a dot.
   const std::string weight = module + ".weight";
-  const bool as_parameter = std::any_of(
-      target_parameters_.begin(), target_parameters_.end(),
-      [&](const auto& t) { return weight == t || std::string_view(weight).ends_with("." + t); });
+  const bool as_parameter =
+      std::any_of(target_parameters_.begin(), target_parameters_.end(),
+                  [&](const std::string& t) { return NamesParameter(t, weight); });
   const std::string leaf = module.substr(module.rfind('.') + 1);
   if (!IsExpertLinear(module) && std::find(fused_expert_leaves_.begin(), fused_expert_leaves_.end(),
                                            leaf) != fused_expert_leaves_.end())

@@ -18,6 +18,11 @@
 
 namespace adapter_job::verify {
 
+// Whether a target_parameters entry names the parameter `name` (e.g.
+// "model.layers.0.mlp.gate_proj.weight"): the name itself, or a suffix of it after a dot
+// (tuners_utils.py _inject_parameters).
+bool NamesParameter(const std::string& target, const std::string& name);
+
 class PeftConfig {
  public:
   // Reads `path`; throws FormatError for what PEFT would refuse (bad JSON, a wrong type,

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from conftest import run
 from megatron_checkpoint import CheckpointConfig, Mla, write_checkpoint
 from peft_reference import live_tensors, load_base, logits_of, merged_reference_logits, peft_logits
-from test_families import MPIRUN, PEFT_ATOL, assert_matches_the_references, peft_warnings_beyond_its_moe_conversion
+from test_families import (MPIRUN, PEFT_ATOL, assert_matches_the_references, export, export_verified_and_alone,
+                           peft_warnings_beyond_its_moe_conversion)
 from test_merge import load_merged
 from test_verify import EXIT_FAILED, MIN_EFFECT, REL_TOL, prompts_for, rel_err, verify
 from tiny_llama import TinyLlamaConfig, build_tiny_llama
@@ -55,12 +56,6 @@ def checkpoint(base_name, base, kind, targets, tp, ep, out):
                             share_expert_adapters=False, per_layer_keys=True)
 
 
-def export(binary, base, ckpt, out, ranks=1, *extra):
-    launcher = [*MPIRUN, "-np", str(ranks)] if ranks > 1 else []
-    return run([*launcher, binary, "export", "--hf-model-id", base, "--megatron-peft-checkpoint", ckpt,
-                "--output-hf-path", out, *extra], check=False)
-
-
 @pytest.mark.parametrize("base_name,kind,targets,tp,ep,ranks", CASES,
                          ids=[f"{b}-{k}{'-router' if g is ALL_WITH_ROUTER else ''}-tp{t}ep{e}-np{n}"
                               for b, k, g, t, e, n in CASES])
@@ -69,13 +64,7 @@ def test_export_loads_in_peft_and_matches_the_fp32_merge(adapter_job_bin, bases,
     base, b = bases[base_name], BASES[base_name]
     cfg = checkpoint(base_name, base, kind, targets, tp, ep, tmp_path / "ckpt")
     written = write_checkpoint(cfg)
-    out, out_np = tmp_path / "adapter", tmp_path / "adapter-np"
-    proc = export(adapter_job_bin, base, written.root, out_np, ranks, "--verify-device", "cpu")
-    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
-    proc = export(adapter_job_bin, base, written.root, out, 1, "--no-verify")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (out / name).read_bytes() == (out_np / name).read_bytes(), f"{name}: -np 1 and -np {ranks} differ"
+    out = export_verified_and_alone(adapter_job_bin, base, written.root, tmp_path / "adapter", ranks)
 
     # Names as the base model has its modules: MLA one to one, the dense layer's MLP, then experts and shared ones.
     names = set(load_file(out / "adapter_model.safetensors"))

@@ -44,6 +44,26 @@ CASES = [("qwen2", "lora", 2, 1), ("qwen2", "dora", 2, 2), ("qwen3", "lora", 2, 
          ("gemma3", "lora", 2, 1), ("gemma3", "canonical_lora", 2, 2)]
 
 
+def export(binary, base, ckpt, out, ranks=1, *extra):
+    """`adapter_job export`, under `mpirun -np ranks` when ranks > 1; the process, unchecked."""
+    launcher = [*MPIRUN, "-np", str(ranks)] if ranks > 1 else []
+    return run([*launcher, binary, "export", "--hf-model-id", base, "--megatron-peft-checkpoint", ckpt,
+                "--output-hf-path", out, *extra], check=False)
+
+
+def export_verified_and_alone(binary, base, ckpt, out, ranks):
+    """Exports at -np `ranks` with verification on the CPU (it must pass), and again at -np 1 without it into `out`:
+    both must write the same bytes. Returns `out`."""
+    out_np = out.with_name(out.name + "-np")
+    proc = export(binary, base, ckpt, out_np, ranks, "--verify-device", "cpu")
+    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
+    proc = export(binary, base, ckpt, out, 1, "--no-verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / name).read_bytes() == (out_np / name).read_bytes(), f"{name}: -np 1 and -np {ranks} differ"
+    return out
+
+
 def assert_matches_the_references(binary, label, base, out, written, cfg, kind, prompts, peft, tmp_path):
     """Stock PEFT on the export matches the independent fp32 merge (which must move the logits well past the
     tolerance); our verification's base, peft and Megatron-merged logits match transformers, stock PEFT and that

@@ -13,10 +13,10 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import run
 from megatron_checkpoint import CheckpointConfig, write_checkpoint
 from peft_reference import live_tensors, merged_reference_logits, peft_logits
-from test_families import MPIRUN, PEFT_ATOL, assert_matches_the_references, peft_warnings_beyond_its_moe_conversion
+from test_families import (PEFT_ATOL, assert_matches_the_references, export, export_verified_and_alone,
+                           peft_warnings_beyond_its_moe_conversion)
 from test_verify import EXIT_FAILED, prompts_for, verify
 from tiny_llama import TinyLlamaConfig, build_tiny_llama
 
@@ -39,23 +39,11 @@ def checkpoint(base, out, tp=2, pp=1, ep=2):
                             per_layer_keys=True)
 
 
-def export(binary, base, ckpt, out, ranks, *extra):
-    launcher = [*MPIRUN, "-np", str(ranks)] if ranks > 1 else []
-    return run([*launcher, binary, "export", "--hf-model-id", base, "--megatron-peft-checkpoint", ckpt,
-                "--output-hf-path", out, *extra], check=False)
-
-
 @pytest.mark.parametrize("kind,tp,pp,ep,ranks", CASES, ids=[f"{k}-tp{t}pp{p}ep{e}-np{n}" for k, t, p, e, n in CASES])
 def test_export_loads_in_peft_and_matches_the_references(adapter_job_bin, base, tmp_path, kind, tp, pp, ep, ranks):
     cfg = checkpoint(base, tmp_path / "ckpt", tp, pp, ep)
     written = write_checkpoint(cfg)
-    out, out_np = tmp_path / "adapter", tmp_path / "adapter-np"
-    proc = export(adapter_job_bin, base, written.root, out_np, ranks, "--verify-device", "cpu")
-    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
-    proc = export(adapter_job_bin, base, written.root, out, 1, "--no-verify")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (out / name).read_bytes() == (out_np / name).read_bytes(), f"{name}: -np 1 and -np {ranks} differ"
+    out = export_verified_and_alone(adapter_job_bin, base, written.root, tmp_path / "adapter", ranks)
 
     names = set(load_file(out / "adapter_model.safetensors"))
     prefix = "base_model.model.model.layers."

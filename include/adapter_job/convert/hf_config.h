@@ -31,6 +31,15 @@ struct HfModelConfig {
   bool tie_word_embeddings = false;
   std::optional<DType> dtype;  // "dtype" (transformers 5) or "torch_dtype" (4)
   nlohmann::json raw;
+
+  // The language model's part of `raw`: its text_config where a multimodal config nests it there,
+  // else `raw` itself.
+  const nlohmann::json& text() const {
+    return raw.contains("text_config") && raw["text_config"].is_object() &&
+                   !raw.contains("hidden_size")
+               ? raw["text_config"]
+               : raw;
+  }
 };
 
 // Reads `<model_dir>/config.json`; throws FormatError naming the file and the missing key.

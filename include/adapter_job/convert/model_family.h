@@ -22,9 +22,8 @@ enum class Parallelism { kColumn, kRow };
 
 // A width in terms of the HF config: hidden, q heads x head_dim, kv heads x head_dim, ffn, an MoE
 // expert's ffn (moe_intermediate_size, else intermediate_size), the number of routed experts
-// (the router's output), or, for layouts those do not
-// name (DeepSeek's MLA), a sum of products of config.json integers: "kv_lora_rank +
-// qk_rope_head_dim", "num_attention_heads * v_head_dim".
+// (the router's output), or, for layouts those do not name (DeepSeek's MLA), a sum of products of
+// config.json integers: "kv_lora_rank + qk_rope_head_dim", "num_attention_heads * v_head_dim".
 struct Width {
   enum class Kind { kHidden, kQuery, kKeyValue, kFfn, kExpertFfn, kExperts, kConfigSum };
   Kind kind = Kind::kHidden;
@@ -34,7 +33,7 @@ struct Width {
 };
 
 // Parses a family file's width: a named one ("hidden", "query", "key_value", "ffn",
-// "expert_ffn") or a config sum. Throws FormatError naming `where` for anything else.
+// "expert_ffn", "experts") or a config sum. Throws FormatError naming `where` for anything else.
 Width ParseWidth(const std::string& text, const std::string& where);
 
 // A HuggingFace linear module inside a layer and its (in, out) widths.
