@@ -20,6 +20,9 @@ import torch
 from conftest import run
 from megatron_checkpoint import CheckpointConfig, write_checkpoint
 from peft_reference import REFERENCE_TOKENS, live_tensors, merged_reference_logits, peft_logits
+from test_deepseek_v3 import BASES as MLA_BASES, checkpoint as mla_checkpoint
+from test_families import MOE_BASES
+from test_glm4_moe import BASE as GLM_BASE, checkpoint as glm_checkpoint
 from tiny_llama import TinyLlamaConfig, build_tiny_llama
 
 GPUS = torch.cuda.device_count()
@@ -158,6 +161,36 @@ def export_one_process(binary, base, ckpt, out, device, *extra):
 def test_cuda_verification_matches_cpu_on_one_gpu(adapter_job_bin, base, tmp_path, kind):
     """One process, one GPU: the verdict and every logit of CUDA verification against the CPU's."""
     cfg = CheckpointConfig(out=tmp_path / "ckpt", base_model=base, kind=kind, **DIMS)
+    written = write_checkpoint(cfg)
+    cpu, _ = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cpu", "cpu")
+    cuda, proc = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cuda", "cuda")
+    assert cuda["verification"]["device"].startswith("cuda"), cuda["verification"]["device"]
+    assert cpu["verification"]["passed"] and cuda["verification"]["passed"], proc.stdout
+    assert_same_adapter_and_logits(tmp_path / "cuda", tmp_path / "cpu")
+
+
+# The forwards of issue 15 (MLA with YaRN and grouped sigmoid routing, GLM-4.5's partial RoPE, OLMoE's clipped,
+# whole-projection-normed q/k), each with its per-expert and shared-expert adapters.
+def family_checkpoint(family, base_dir, out):
+    if family == "deepseek_v3":
+        base = build_tiny_llama(MLA_BASES["mla"], base_dir)
+        return base, mla_checkpoint("mla", base, "lora", None, 2, 2, out)
+    if family == "glm4_moe":
+        base = build_tiny_llama(GLM_BASE, base_dir)
+        return base, glm_checkpoint(base, out)
+    b = MOE_BASES["olmoe"]
+    base = build_tiny_llama(b, base_dir)
+    return base, CheckpointConfig(out=out, base_model=base, kind="lora", tp=2, heads=b.heads, query_groups=b.kv_heads,
+                                  head_dim=b.head_dim, hidden=b.hidden, ffn=b.ffn, num_layers=b.layers,
+                                  experts=b.experts, expert_ffn=b.expert_ffn, topk=b.experts_per_token, ep=2, etp=1,
+                                  share_expert_adapters=False)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "olmoe"])
+def test_cuda_verification_matches_cpu_for_the_newer_families(adapter_job_bin, tmp_path, family):
+    """The families' own forwards on `cuda:0` against the CPU's: the same verdict and every logit within float32
+    rounding (a routing decision flipped by rounding would show as a large difference here)."""
+    base, cfg = family_checkpoint(family, tmp_path / "base", tmp_path / "ckpt")
     written = write_checkpoint(cfg)
     cpu, _ = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cpu", "cpu")
     cuda, proc = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cuda", "cuda")
