@@ -4,6 +4,7 @@
 // exact: the row-split of s·B·A equals per-projection LoRAs that share A.
 #include "adapter_job/convert/layer_conversion.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 
@@ -151,6 +152,88 @@ void ExpectShape(const LayerTensor& t, std::vector<int64_t> expected, const HfMo
   }
 }
 
+// PEFT wraps each targeted parameter of one module in a ParamWrapper around what was there, in
+// the order the module registers them (tuners_utils.py _inject_parameters walks
+// named_parameters), so the last one is outermost: a parameter's adapter lies under one
+// ".base_layer" for each targeted parameter of its module registered after it.
+int NestingDepth(const ModuleMapping& experts, const ModelFamily& family,
+                 const LayerLayout& layer) {
+  const auto parent = [](const ModuleMapping& m) {
+    return m.fused_parameter.substr(0, m.fused_parameter.rfind('.'));
+  };
+  int depth = 0;
+  bool after = false;
+  for (const ModuleMapping* m : family.StoredFusedExperts()) {
+    if (m == &experts) {
+      after = true;
+    } else if (after && parent(*m) == parent(experts) &&
+               std::any_of(layer.tensors.begin(), layer.tensors.end(),
+                           [&](const LayerTensor& t) { return t.key.module == m->megatron; })) {
+      ++depth;
+    }
+  }
+  return depth;
+}
+
+// One adapter tensor of a stored-fused expert parameter in PEFT's ParamWrapper layout: lora_A
+// [experts x rank, in] (expert-major: the rows as they are), lora_B [out, rank x experts] (see
+// OutputTensor::packing).
+OutputTensor FusedParameterOutput(const LayerTensor& t, std::size_t index,
+                                  const ModuleMapping& experts,
+                                  const std::vector<HfModule>& targets, AdapterParam param,
+                                  const std::vector<int64_t>& unit, const std::string& layer_prefix,
+                                  int depth, const ConversionSettings& s) {
+  const int64_t n = s.model.num_experts;
+  const std::string& parameter = experts.fused_parameter;
+  const std::string parent = parameter.substr(0, parameter.rfind('.'));
+  std::string wrapper = layer_prefix + parent;
+  for (int i = 0; i < depth; ++i) wrapper += ".base_layer";
+  OutputTensor out;
+  out.module = layer_prefix + parameter;
+  out.leaf = parameter.substr(parameter.rfind('.') + 1);
+  out.path = parameter;
+  out.parameter = parameter;
+  out.expert = true;
+  out.param = param;
+  out.name = wrapper + std::string(Suffix(param));
+  out.source = index;
+  out.dtype = s.dtype.value_or(t.dtype);
+  const int64_t rank = param == AdapterParam::kLinearIn ? unit[0] : unit[1];
+  if (param == AdapterParam::kLinearIn) {
+    out.shape = {n * rank, unit[1]};
+    if (t.experts == 0) out.rows.assign(static_cast<std::size_t>(n), {0, rank});
+  } else {
+    out.shape = {unit[0], rank * n};
+    out.packing = OutputTensor::ExpertPacking{n, t.experts > 0 ? n : 1,
+                                              experts.fused_layout == FusedLayout::kInOutInterleaved
+                                                  ? static_cast<int64_t>(targets.size())
+                                                  : 1};
+  }
+  out.rank_keys.emplace_back(PathPattern(parameter), rank);
+  return out;
+}
+
+// lora_B rows [source experts, out, rank] -> [out, rank, experts] (OutputTensor::packing).
+std::vector<std::byte> PackExpertsInnermost(std::span<const std::byte> rows,
+                                            const OutputTensor::ExpertPacking& packing,
+                                            const std::vector<int64_t>& shape, std::size_t item) {
+  const int64_t out_rows = shape[0], rank = shape[1] / packing.experts;
+  const int64_t part = out_rows / packing.interleave;
+  std::vector<std::byte> packed(rows.size() / static_cast<std::size_t>(packing.source_experts) *
+                                static_cast<std::size_t>(packing.experts));
+  std::byte* to = packed.data();
+  for (int64_t o = 0; o < out_rows; ++o) {
+    const int64_t row = (o % packing.interleave) * part + o / packing.interleave;
+    for (int64_t k = 0; k < rank; ++k) {
+      for (int64_t e = 0; e < packing.experts; ++e, to += item) {
+        const int64_t from = ((packing.source_experts == 1 ? 0 : e) * out_rows + row) * rank + k;
+        std::memcpy(to, rows.data() + static_cast<std::size_t>(from) * item, item);
+      }
+    }
+  }
+  return packed;
+}
+
 }  // namespace
 
 std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
@@ -237,6 +320,15 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
     const int64_t rank_dim = key.param == AdapterParam::kLinearIn    ? unit[0]
                              : key.param == AdapterParam::kLinearOut ? unit[1]
                                                                      : -1;
+    if (experts != nullptr && experts->stored_fused) {
+      OutputTensor out =
+          FusedParameterOutput(t, index, *experts, targets, key.param, unit, layer_prefix,
+                               NestingDepth(*experts, family, layer), s);
+      if (!received[out.module].emplace(key.param, rank_dim).second)
+        Fail("two adapter tensors map to '{}'{} (from '{}')", out.module, Suffix(key.param), t.fqn);
+      outputs.push_back(std::move(out));
+      continue;
+    }
     // Each expert takes its own slice of a tensor with an expert axis; a shared adapter saved
     // without one (Megatron-Bridge before 0.5.1) is every expert's.
     const int64_t copies = experts != nullptr ? s.model.num_experts : 1;
@@ -316,8 +408,8 @@ std::vector<std::span<const std::byte>> OutputPieces(const OutputTensor& output,
   return pieces;
 }
 
-bool NeedsCast(const OutputTensor& output, const LayerLayout& layer) {
-  return layer.tensors[output.source].dtype != output.dtype;
+bool NeedsCopy(const OutputTensor& output, const LayerLayout& layer) {
+  return layer.tensors[output.source].dtype != output.dtype || output.packing.has_value();
 }
 
 Tensor MaterializeOutput(const OutputTensor& output, const LayerLayout& layer,
@@ -328,7 +420,10 @@ Tensor MaterializeOutput(const OutputTensor& output, const LayerLayout& layer,
   for (const auto& piece : OutputPieces(output, layer, layer_buffer)) {
     out.data.insert(out.data.end(), piece.begin(), piece.end());
   }
-  return NeedsCast(output, layer) ? CastTensor(out, output.dtype) : out;
+  if (output.packing) {
+    out.data = PackExpertsInnermost(out.data, *output.packing, output.shape, ItemSize(out.dtype));
+  }
+  return out.dtype != output.dtype ? CastTensor(out, output.dtype) : out;
 }
 
 }  // namespace adapter_job::convert

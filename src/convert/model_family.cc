@@ -50,6 +50,10 @@ Enum Choice(const json& j, const char* key, const std::string& where,
 
 constexpr std::pair<const char*, Fusion> kFusions[] = {
     {"none", Fusion::kNone}, {"qkv", Fusion::kQkv}, {"gated_mlp", Fusion::kGatedMlp}};
+constexpr std::pair<const char*, FusedLayout> kFusedLayouts[] = {
+    {"out_in", FusedLayout::kOutIn},
+    {"in_out", FusedLayout::kInOut},
+    {"in_out_interleaved", FusedLayout::kInOutInterleaved}};
 constexpr std::pair<const char*, Parallelism> kParallelisms[] = {{"column", Parallelism::kColumn},
                                                                  {"row", Parallelism::kRow}};
 
@@ -115,6 +119,19 @@ ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
       }
       if (modules[i].contains("fused_parameter"))
         m.fused_parameter = String(modules[i], "fused_parameter", at);
+      if (modules[i].contains("fused_layout"))
+        m.fused_layout = Choice(modules[i], "fused_layout", at, kFusedLayouts);
+      if (modules[i].contains("stored_fused")) {
+        if (!modules[i]["stored_fused"].is_boolean())
+          Fail("{}.stored_fused: expected true or false", at);
+        m.stored_fused = modules[i]["stored_fused"].get<bool>();
+        if (m.stored_fused && (!m.experts || m.fused_parameter.empty() ||
+                               m.fused_parameter.find('.') == std::string::npos))
+          Fail(
+              "{}.stored_fused: only expert modules with a fused_parameter ('mlp.experts.x') "
+              "can be stored fused",
+              at);
+      }
       f.modules.push_back(std::move(m));
     }
   }
@@ -154,13 +171,19 @@ ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
       } else if (key == "moe_shared_experts" && value.is_string() &&
                  !value.get<std::string>().empty()) {
         f.forward.moe_shared_experts = value.get<std::string>();
+      } else if (key == "moe_clamped_swiglu" && value.is_object() && value.size() == 2 &&
+                 value.contains("alpha") && value["alpha"].is_number() && value.contains("limit") &&
+                 value["limit"].is_number()) {
+        f.forward.moe_clamped_swiglu = ForwardTraits::ClampedSwiglu{value["alpha"].get<double>(),
+                                                                    value["limit"].get<double>()};
       } else if (key == "verification" && value.is_boolean()) {
         f.forward.verification = value.get<bool>();
       } else {
         Fail(
             "{}.{}: expected norm_weight_offset (a number), embedding_scale (\"sqrt_hidden\" or "
             "\"none\"), moe_router (a module path), moe_router_scoring (\"softmax\" or "
-            "\"sigmoid\"), moe_shared_experts (a module path) or verification (true or false)",
+            "\"sigmoid\"), moe_shared_experts (a module path), moe_clamped_swiglu ({{\"alpha\": "
+            "a number, \"limit\": a number}}) or verification (true or false)",
             at, key);
       }
     }
@@ -217,6 +240,14 @@ const ModuleMapping* ModelFamily::FindExperts(std::string_view megatron_leaf) co
     if (m.experts && m.megatron.ends_with(megatron_leaf)) return &m;
   }
   return nullptr;
+}
+
+std::vector<const ModuleMapping*> ModelFamily::StoredFusedExperts() const {
+  std::vector<const ModuleMapping*> out;
+  for (const auto& m : modules) {
+    if (m.stored_fused) out.push_back(&m);
+  }
+  return out;
 }
 
 void RequireVerificationForward(const ModelFamily& family) {

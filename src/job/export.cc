@@ -60,12 +60,12 @@ Gathered GatherConvertWrite(const job::ExportPlan& plan, comm::Transport& transp
     const checkpoint::LayerLayout& layer = plan.layout.layers[l];
     const auto& outputs = plan.outputs[l];
     writer::LayerTensors tensors{layer.layer, {}};
-    // Outputs are spans of the layer buffer, or of a copy when the dtype changes.
+    // Outputs are spans of the layer buffer, or of a copy when the dtype or layout changes.
     std::vector<Tensor> casts;
     casts.reserve(outputs.size());  // the spans point into them: no reallocation
     for (const auto& out : outputs) {
       writer::TensorBytes bytes{next_index++, {}};
-      if (convert::NeedsCast(out, layer)) {
+      if (convert::NeedsCopy(out, layer)) {
         casts.push_back(convert::MaterializeOutput(out, layer, buffer));
         bytes.pieces = {casts.back().data};
       } else {

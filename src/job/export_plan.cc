@@ -187,7 +187,7 @@ writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) co
   // The leaves of experts transformers 5 fuses: PEFT re-targets them to the fused parameters.
   std::set<std::string> fused_leaves;
   for (const auto& m : settings.family.modules) {
-    if (!m.experts || m.fused_parameter.empty()) continue;
+    if (!m.experts || m.fused_parameter.empty() || m.stored_fused) continue;
     for (const auto& hf : m.hf) fused_leaves.insert(hf.path.substr(hf.path.rfind('.') + 1));
   }
   for (std::size_t l = 0; l < outputs.size(); ++l) {
@@ -195,6 +195,11 @@ writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) co
       announced.tensors.push_back({out.name, out.module, WeightOf(out.param),
                                    static_cast<int64_t>(l), out.dtype, out.shape});
       if (out.param == checkpoint::AdapterParam::kLinearIn) {
+        if (!out.parameter.empty()) {  // a fused expert parameter: lora_A is [experts x rank, in]
+          config.modules.push_back({out.module, out.leaf, out.shape[0] / settings.model.num_experts,
+                                    out.rank_keys, out.parameter});
+          continue;
+        }
         // transformers 5 routers are no nn.Linear: PEFT reaches them only as a parameter.
         const bool as_parameter = (!out.expert && fused_leaves.contains(out.leaf)) ||
                                   out.path == settings.family.forward.moe_router;

@@ -106,6 +106,14 @@ MergedLayout PlanMergedLayout(const safetensors::ModelWeights& base,
   std::map<std::string, std::string> adapted;  // weight name -> module
   for (const std::string& module : modules) {
     const std::string weight = module + ".weight";
+    // GPT-OSS's experts: the adapter is PEFT's ParamWrapper on the fused parameter itself.
+    if (base.Find(module)) {
+      Fail(
+          "the adapter targets the fused expert parameter '{}' (GPT-OSS), which merge does not "
+          "fold in yet; export the adapter with `adapter_job export` and serve or merge it with "
+          "PEFT",
+          module);
+    }
     if (!base.Find(weight))
       Fail("the adapter targets '{}', but the base model has no tensor '{}'", module, weight);
     adapted.emplace(weight, module);

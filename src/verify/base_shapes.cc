@@ -70,6 +70,8 @@ void CheckBaseShapes(const HfWeights& base, const convert::HfModelConfig& config
     optional("self_attn.q_proj.bias", {query}, "[heads x head_dim]");
     optional("self_attn.k_proj.bias", {key_value}, "[kv heads x head_dim]");
     optional("self_attn.v_proj.bias", {key_value}, "[kv heads x head_dim]");
+    optional("self_attn.o_proj.bias", {hidden}, "[hidden_size]");
+    optional("self_attn.sinks", {s.heads}, "[heads]");
     // Per head (Qwen3, Gemma 3), or over the whole projection (OLMoE).
     const auto head_or_whole = [&](const char* name, int64_t whole) {
       if (base.Has(p + name) && base.Shape(p + name) != std::vector<int64_t>{whole})
@@ -84,7 +86,19 @@ void CheckBaseShapes(const HfWeights& base, const convert::HfModelConfig& config
     // As LoadLayer decides: a layer with a router is sparse.
     if (!s.moe.router.empty() && base.Has(p + s.moe.router + ".weight")) {
       expect(s.moe.router + ".weight", {s.moe.experts, hidden}, "[experts, hidden_size]");
-      for (int64_t e = 0; e < s.moe.experts; ++e) {
+      optional(s.moe.router + ".bias", {s.moe.experts}, "[experts]");
+      for (const FusedExperts& f : s.moe.fused) {  // GPT-OSS
+        const bool up = f.linears.size() == 2;     // gate and up; else down
+        const int64_t in = up ? hidden : expert_ffn;
+        const int64_t out = up ? 2 * expert_ffn : hidden;
+        if (f.layout == convert::FusedLayout::kOutIn) {
+          expect(f.parameter, {s.moe.experts, out, in}, "[experts, out features, in features]");
+        } else {
+          expect(f.parameter, {s.moe.experts, in, out}, "[experts, in features, out features]");
+        }
+        optional(f.parameter + "_bias", {s.moe.experts, out}, "[experts, out features]");
+      }
+      for (int64_t e = 0; e < s.moe.experts && s.moe.fused.empty(); ++e) {
         const auto path = [&](std::size_t i) { return convert::ExpertPath(s.moe.expert[i], e); };
         expect(path(0) + ".weight", {expert_ffn, hidden}, "[expert ffn, hidden_size]");
         expect(path(1) + ".weight", {expert_ffn, hidden}, "[expert ffn, hidden_size]");

@@ -1,5 +1,6 @@
 // Follows
-// transformers/models/{llama,qwen2,qwen3,gemma,gemma2,gemma3,qwen3_moe,mixtral,deepseek_v3}/
+// transformers/models/{llama,qwen2,qwen3,gemma,gemma2,gemma3,qwen3_moe,mixtral,deepseek_v3,
+// gpt_oss}/
 // modeling_*.py and modeling_rope_utils.py (_compute_default_rope_parameters,
 // _compute_llama3_parameters, _compute_linear_scaling_rope_parameters, _compute_yarn_parameters).
 #include "decoder_forward.h"
@@ -151,6 +152,8 @@ void ForEachWeight(LayerWeights& w, const LlamaSettings& s,
   if (!s.moe.router.empty()) {
     maybe(s.moe.router + ".e_score_correction_bias", w.router_bias);
   }
+  for (auto& [path, t] : w.biases) maybe(path + ".bias", t);
+  maybe("self_attn.sinks", w.sinks);
   maybe("self_attn.q_a_layernorm.weight", w.q_a_layernorm);
   maybe("self_attn.kv_a_layernorm.weight", w.kv_a_layernorm);
   maybe("input_layernorm.weight", w.input_layernorm);
@@ -312,6 +315,13 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
         Fail("{}: {} experts in n_group {} groups, topk_group {}: expected whole groups", where,
              s.moe.experts, s.moe.groups, s.moe.top_k_groups);
     }
+    for (const convert::ModuleMapping* m : family.StoredFusedExperts()) {
+      s.moe.fused.push_back(
+          {m->fused_parameter,
+           m == fc1 ? std::vector<std::size_t>{0, 1} : std::vector<std::size_t>{2},
+           m->fused_layout});
+    }
+    s.moe.clamped_swiglu = traits.moe_clamped_swiglu;
     if (!traits.moe_shared_experts.empty()) {
       s.moe.shared_ffn = static_cast<int64_t>(Number(raw, "n_shared_experts", 1)) *
                          config.expert_intermediate_size;
@@ -320,6 +330,22 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
     }
   }
   return s;
+}
+
+std::vector<at::Tensor> SplitFused(const at::Tensor& slice, convert::FusedLayout layout,
+                                   std::size_t parts) {
+  // Output features first: a bias is [out]; a weight [out, in], or [in, out] stored as x @ W.
+  const at::Tensor rows =
+      slice.dim() == 1 || layout == convert::FusedLayout::kOutIn ? slice : slice.t();
+  const auto n = static_cast<int64_t>(parts);
+  const int64_t width = rows.size(0) / n;
+  std::vector<at::Tensor> out;
+  for (int64_t k = 0; k < n; ++k) {
+    out.push_back(layout == convert::FusedLayout::kInOutInterleaved
+                      ? rows.slice(0, k, rows.size(0), n)
+                      : rows.slice(0, k * width, (k + 1) * width));
+  }
+  return out;
 }
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps, double offset) {
@@ -359,7 +385,8 @@ at::Tensor Activate(const at::Tensor& x, Activation activation) {
 // renormalised and scaled.
 std::pair<at::Tensor, at::Tensor> Route(const at::Tensor& x, const LayerWeights& w,
                                         const MoeSettings& moe) {
-  const at::Tensor logits = at::matmul(x.to(at::kFloat), w.Linear(moe.router).to(at::kFloat).t());
+  at::Tensor logits = at::matmul(x.to(at::kFloat), w.Linear(moe.router).to(at::kFloat).t());
+  if (const at::Tensor bias = w.Bias(moe.router); bias.defined()) logits = logits + bias;
   if (!moe.sigmoid) {
     auto [weights, chosen] = at::softmax(logits, -1).topk(moe.top_k, -1);
     if (moe.normalize_top_k) weights = weights / weights.sum(-1, /*keepdim=*/true);
@@ -392,6 +419,33 @@ at::Tensor GatedMlp(const at::Tensor& x, const at::Tensor& gate, const at::Tenso
                     down.t());
 }
 
+at::Tensor Biased(const at::Tensor& y, const at::Tensor& bias) {
+  return bias.defined() ? y + bias : y;
+}
+
+// Routed expert `e` on its tokens: a gated MLP, with GPT-OSS's biases and clamped SwiGLU where
+// the model has them.
+at::Tensor Expert(const at::Tensor& x, const LayerWeights& w, const LlamaSettings& s, int64_t e) {
+  const auto linear = [&](std::size_t which) {
+    const std::string path = convert::ExpertPath(s.moe.expert[which], e);
+    return std::pair{w.Linear(path), w.Bias(path)};
+  };
+  const auto [gate_w, gate_b] = linear(0);
+  const auto [up_w, up_b] = linear(1);
+  const auto [down_w, down_b] = linear(2);
+  at::Tensor gate = Biased(at::matmul(x, gate_w.t()), gate_b);
+  at::Tensor up = Biased(at::matmul(x, up_w.t()), up_b);
+  at::Tensor hidden;
+  if (const auto& clamp = s.moe.clamped_swiglu) {
+    gate = gate.clamp_max(clamp->limit);
+    up = up.clamp(-clamp->limit, clamp->limit);
+    hidden = (up + 1) * gate * at::sigmoid(gate * clamp->alpha);
+  } else {
+    hidden = Activate(gate, s.activation) * up;
+  }
+  return Biased(at::matmul(hidden, down_w.t()), down_b);
+}
+
 // The routed experts' outputs weighted per token, plus the shared experts' where the model has
 // them.
 at::Tensor SparseMoe(const at::Tensor& x, const LayerWeights& w, const LlamaSettings& s) {
@@ -402,14 +456,8 @@ at::Tensor SparseMoe(const at::Tensor& x, const LayerWeights& w, const LlamaSett
     const at::Tensor hit = chosen == e;  // [tokens, k]: at most one true per token
     const at::Tensor tokens = hit.any(-1).nonzero().squeeze(1);
     if (tokens.numel() == 0) continue;
-    const auto linear = [&](std::size_t which) -> const at::Tensor& {
-      return w.Linear(convert::ExpertPath(s.moe.expert[which], e));
-    };
     const at::Tensor weight = (weights * hit).sum(-1).index_select(0, tokens).unsqueeze(1);
-    out.index_add_(
-        0, tokens,
-        GatedMlp(x.index_select(0, tokens), linear(0), linear(1), linear(2), s.activation) *
-            weight);
+    out.index_add_(0, tokens, Expert(x.index_select(0, tokens), w, s, e) * weight);
   }
   if (!s.moe.shared[0].empty()) {
     out = out + GatedMlp(x, w.Linear(s.moe.shared[0]), w.Linear(s.moe.shared[1]),
@@ -429,9 +477,11 @@ std::pair<at::Tensor, at::Tensor> RopeTables(const LayerAttention& attention, in
 }
 
 // Softmax attention of q [heads, tokens, d] over k, v [heads, tokens, *], causal (and within a
-// window where the layer has one); [tokens, heads x v dims].
+// window where the layer has one), each head's sink logit (GPT-OSS; undefined: none) taking its
+// share of the softmax; [tokens, heads x v dims].
 at::Tensor Attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const LlamaSettings& s, const LayerAttention& attention) {
+                  const LlamaSettings& s, const LayerAttention& attention,
+                  const at::Tensor& sinks = at::Tensor()) {
   const int64_t tokens = q.size(1);
   const auto options = q.options();
   at::Tensor scores =
@@ -441,8 +491,15 @@ at::Tensor Attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     hidden_mask = hidden_mask.logical_or(
         at::ones({tokens, tokens}, options.dtype(at::kBool)).tril(-attention.window));
   }
-  scores = scores.masked_fill(hidden_mask, -std::numeric_limits<float>::infinity());
-  const at::Tensor probs = at::softmax(scores.to(at::kFloat), -1).to(q.scalar_type());
+  scores = scores.masked_fill(hidden_mask, -std::numeric_limits<float>::infinity()).to(at::kFloat);
+  at::Tensor probs;
+  if (sinks.defined()) {
+    const at::Tensor sink = sinks.to(at::kFloat).view({-1, 1, 1}).expand({q.size(0), tokens, 1});
+    probs = at::softmax(at::cat({scores, sink}, -1), -1).slice(-1, 0, tokens);
+  } else {
+    probs = at::softmax(scores, -1);
+  }
+  probs = probs.to(q.scalar_type());
   return at::matmul(probs, v).transpose(0, 1).reshape({tokens, -1});
 }
 
@@ -520,9 +577,10 @@ at::Tensor GroupedQueryAttention(const at::Tensor& h, const LayerWeights& w, con
   q = rotate(q);
   k = rotate(k);
   const int64_t groups = s.heads / s.kv_heads;
-  return at::matmul(
-      Attend(q, k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0), s, attention),
-      w.o_proj.t());
+  return Biased(at::matmul(Attend(q, k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0),
+                                  s, attention, w.sinks),
+                           w.o_proj.t()),
+                w.Bias("self_attn.o_proj"));
 }
 
 }  // namespace

@@ -5,7 +5,9 @@
 // soft-capping and sliding-window layers with their own RoPE base, the sparse MoE MLPs of
 // Qwen3-MoE and Mixtral (softmax router, top-k experts, optionally renormalised), and
 // DeepSeek-V3's multi-latent attention (YaRN RoPE on interleaved pairs) and MoE (sigmoid router
-// with a score correction bias, group-limited top-k, scaled weights, shared experts).
+// with a score correction bias, group-limited top-k, scaled weights, shared experts), and
+// GPT-OSS's attention sinks, biased o_proj and router, and fused, biased experts with a clamped
+// SwiGLU.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -45,6 +47,20 @@ struct MlaSettings {
   bool rope_interleave = true;  // RoPE on (x0, x1), (x2, x3), ... pairs, not on halves
 };
 
+// Experts the checkpoint stores as one fused parameter (GPT-OSS's mlp.experts.gate_up_proj):
+// each expert's linears (MoeSettings::expert, by index: {0, 1} for gate and up, {2} for down)
+// are slices of it, and of its "<parameter>_bias" where the model has one.
+struct FusedExperts {
+  std::string parameter;
+  std::vector<std::size_t> linears;
+  convert::FusedLayout layout = convert::FusedLayout::kOutIn;
+};
+
+// One expert's slices of a fused parameter: `slice` is that expert's weight as stored (or its
+// bias, 1-D); returns each of the `parts` linears as [out, in] (or [out]), as views.
+std::vector<at::Tensor> SplitFused(const at::Tensor& slice, convert::FusedLayout layout,
+                                   std::size_t parts);
+
 // A sparse MoE MLP: its router and each expert's gate/up/down linears by HF path within a layer
 // ("{expert}" stands for the expert's index), from the model family and config.json.
 struct MoeSettings {
@@ -62,6 +78,10 @@ struct MoeSettings {
   double routed_scaling = 1;
   std::array<std::string, 3> shared;  // empty paths: none
   int64_t shared_ffn = 0;             // n_shared_experts x moe_intermediate_size
+  // GPT-OSS: the experts stored fused, in the order transformers registers the parameters, and
+  // their clamped SwiGLU in place of the model's activation.
+  std::vector<FusedExperts> fused;
+  std::optional<convert::ForwardTraits::ClampedSwiglu> clamped_swiglu;
 };
 
 struct LlamaSettings {
@@ -114,6 +134,11 @@ struct LayerWeights {
   // MoE layers: DeepSeek's router correction bias [experts]; the router [experts, hidden] and the
   // experts' linears are in other_linears, in place of gate/up/down_proj.
   at::Tensor router_bias;
+  // Biases beyond q/k/v's, by linear path: o_proj's, the router's logits' and each expert's
+  // linears' (GPT-OSS).
+  std::map<std::string, at::Tensor> biases;
+  // GPT-OSS's attention sinks: a logit per head that joins each softmax and is dropped after it.
+  at::Tensor sinks;
   // Linears beyond the named ones, by HF path: the router, experts, shared experts, MLA's
   // projections.
   std::map<std::string, at::Tensor> other_linears;
@@ -124,6 +149,11 @@ struct LayerWeights {
   }
   at::Tensor q_a_layernorm, kv_a_layernorm;  // MLA
 
+  // The bias of linear `path`, or an undefined tensor.
+  at::Tensor Bias(const std::string& path) const {
+    const auto it = biases.find(path);
+    return it == biases.end() ? at::Tensor() : it->second;
+  }
   // "self_attn.q_proj" -> q_proj; any other path -> its entry in other_linears.
   at::Tensor& Linear(const std::string& module);
   const at::Tensor& Linear(const std::string& module) const;

@@ -33,14 +33,16 @@ TensorStat StatOf(const std::string& name, const at::Tensor& t, DType dtype) {
 
 PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights& base,
                               int64_t num_layers, const std::vector<std::string>& linears,
-                              const std::string& model_type) {
+                              const MoeSettings& moe, const std::string& model_type) {
   PeftAdapter adapter;
+  adapter.moe_ = moe;
   const auto config_path = dir / writer::kAdapterConfigFile;
   const PeftConfig config = PeftConfig::Read(config_path, model_type);
   adapter.unmodelled_ = config.unmodelled();
-  const bool moe = std::any_of(linears.begin(), linears.end(),
-                               [](const std::string& l) { return l.find("experts.") != l.npos; });
-  if (config.all_linear() && moe) {
+  const bool has_experts = std::any_of(linears.begin(), linears.end(), [](const std::string& l) {
+    return l.find("experts.") != l.npos;
+  });
+  if (config.all_linear() && has_experts) {
     // Which linears PEFT then wraps depends on how transformers builds the experts and router.
     adapter.unmodelled_.push_back("target_modules: \"all-linear\" on a mixture-of-experts model");
   }
@@ -63,10 +65,59 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
       adapter.modules_.emplace(module, std::move(m));
     }
   }
-  // A target_parameters entry that names no linear's weight targets something not modelled here
-  // (an expert's fused parameter, say).
+  // Fused expert parameters in target_parameters (tuners_utils.py _inject_parameters): each gets
+  // a ParamWrapper around what its module is by then, in the order the module registers its
+  // parameters, so its adapter lies under one ".base_layer" per targeted parameter registered
+  // after it. ParamWrapper (tuners/lora/layer.py) refuses DoRA and dropout; it reads the shape as
+  // [experts, in, out] and swaps in and out for a module without `is_transposed`.
+  const auto targeted = [&](const std::string& name) {
+    return std::any_of(config.target_parameters().begin(), config.target_parameters().end(),
+                       [&](const std::string& t) { return NamesParameter(t, name); });
+  };
+  const auto parent_of = [](const std::string& p) { return p.substr(0, p.rfind('.')); };
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
+    const std::string prefix = fmt::format("model.layers.{}.", layer);
+    for (std::size_t i = 0; i < moe.fused.size(); ++i) {
+      const FusedExperts& f = moe.fused[i];
+      if (!base.Has(prefix + f.parameter) || !targeted(prefix + f.parameter)) continue;
+      if (config.dora() || config.dropout() > 0) {
+        Fail("{}: target_parameters wraps {} in PEFT's ParamWrapper, which refuses {}",
+             config_path.string(), prefix + f.parameter,
+             config.dora() ? "use_dora" : "lora_dropout > 0");
+      }
+      std::string wrapper = prefix + parent_of(f.parameter);
+      for (std::size_t later = i + 1; later < moe.fused.size(); ++later) {
+        const std::string other = prefix + moe.fused[later].parameter;
+        if (parent_of(moe.fused[later].parameter) == parent_of(f.parameter) && base.Has(other) &&
+            targeted(other))
+          wrapper += ".base_layer";
+      }
+      const auto shape = base.Shape(prefix + f.parameter);
+      Module m;
+      m.fused = i;
+      m.experts = shape.at(0);
+      m.swapped = f.layout == convert::FusedLayout::kOutIn;
+      m.in_features = m.swapped ? shape.at(2) : shape.at(1);
+      m.out_features = m.swapped ? shape.at(1) : shape.at(2);
+      // PEFT matches rank_pattern and alpha_pattern against the parameter's name.
+      m.rank = config.RankOf(prefix + f.parameter);
+      m.scale = config.ScaleOf(prefix + f.parameter);
+      if (m.rank < 1)
+        Fail("{}: the rank of {} is {}: PEFT refuses a rank below 1", config_path.string(),
+             prefix + f.parameter, m.rank);
+      adapter.modules_.emplace(wrapper, std::move(m));
+    }
+  }
+  // A target_parameters entry that names no linear's weight and no fused expert parameter
+  // targets something not modelled here.
   for (const std::string& parameter : config.target_parameters()) {
     bool matched = false;
+    for (int64_t layer = 0; layer < num_layers && !matched; ++layer) {
+      for (const FusedExperts& f : moe.fused) {
+        const std::string name = fmt::format("model.layers.{}.{}", layer, f.parameter);
+        if (base.Has(name) && NamesParameter(parameter, name)) matched = true;
+      }
+    }
     for (int64_t layer = 0; layer < num_layers && !matched; ++layer) {
       for (const std::string& linear : linears) {
         const std::string weight = fmt::format("model.layers.{}.{}.weight", layer, linear);
@@ -128,9 +179,11 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
     // PEFT builds lora_A [r, in], lora_B [out, r] and the magnitude [out] from the config and the
     // base layer, and refuses a file whose tensor does not fit them.
     if (slot != nullptr) {
+      // A ParamWrapper's lora_A is [rank x experts, in], its lora_B [out, rank x experts].
+      const int64_t rows = target->rank * target->experts;
       const std::vector<int64_t> expected =
-          which == 0   ? std::vector<int64_t>{target->rank, target->in_features}
-          : which == 1 ? std::vector<int64_t>{target->out_features, target->rank}
+          which == 0   ? std::vector<int64_t>{rows, target->in_features}
+          : which == 1 ? std::vector<int64_t>{target->out_features, rows}
                        : std::vector<int64_t>{target->out_features};
       if (entry.shape != expected) {
         Fail(
@@ -167,11 +220,37 @@ void PeftAdapter::Apply(int64_t layer, LayerWeights& weights, const at::Device& 
        it != modules_.end() && it->first.starts_with(prefix); ++it) {
     const Module& m = it->second;
     if (!m.lora_a || !m.lora_b) continue;
+    if (m.fused) {
+      ApplyFused(m, prefix, weights, device);
+      continue;
+    }
     std::optional<at::Tensor> magnitude;
     if (m.magnitude) magnitude = m.magnitude->to(device);
     at::Tensor& w = weights.Linear(it->first.substr(prefix.size()));
     w = MergeAdapter(w, m.lora_a->to(device), m.lora_b->to(device), m.scale, magnitude,
                      it->first + " (PEFT adapter)");
+  }
+}
+
+// ParamWrapper.get_delta_weight: lora_A read as [experts, rank, in], lora_B as [out, rank,
+// experts]; expert e's delta is B_e A_e ([out, in]), in the parameter's orientation (transposed
+// for an [experts, in, out] one), and so splits into the expert's linears as the weight does.
+void PeftAdapter::ApplyFused(const Module& m, const std::string& layer_prefix,
+                             LayerWeights& weights, const at::Device& device) const {
+  const FusedExperts& f = moe_.fused.at(*m.fused);
+  const at::Tensor a = m.lora_a->to(device).view({m.experts, m.rank, m.in_features});
+  const at::Tensor b = m.lora_b->to(device).view({m.out_features, m.rank, m.experts});
+  for (int64_t e = 0; e < m.experts; ++e) {
+    const at::Tensor delta = m.scale * at::matmul(b.select(2, e), a[e]);
+    const auto parts = SplitFused(m.swapped ? delta : delta.t(), f.layout, f.linears.size());
+    for (std::size_t k = 0; k < parts.size(); ++k) {
+      at::Tensor& w = weights.Linear(convert::ExpertPath(moe_.expert[f.linears[k]], e));
+      if (!w.sizes().equals(parts[k].sizes()))
+        Fail("{}{} (PEFT adapter): expert {}'s delta is {} but its weight {}", layer_prefix,
+             f.parameter, e, ShapeToString({parts[k].sizes().data(), parts[k].sizes().size()}),
+             ShapeToString({w.sizes().data(), w.sizes().size()}));
+      w = w + parts[k];
+    }
   }
 }
 

@@ -22,10 +22,11 @@ class PeftAdapter {
   // layer's `linears` (paths within it) exist, and their shapes. Throws FormatError for files that
   // do not parse and for what PEFT refuses to load: a config it rejects, no module targeted, a
   // lora_A/lora_B/magnitude whose shape does not fit the rank and the base weight.
-  // `model_type` is config.json's (PeftConfig::Read).
+  // `model_type` is config.json's (PeftConfig::Read). Experts stored fused (`moe.fused`) are
+  // adapted as PEFT's ParamWrapper adapts a parameter named in target_parameters.
   static PeftAdapter Open(const std::filesystem::path& dir, const HfWeights& base,
                           int64_t num_layers, const std::vector<std::string>& linears,
-                          const std::string& model_type);
+                          const MoeSettings& moe, const std::string& model_type);
 
   // Replaces the adapted linear weights of `layer` in `weights` by their merged values.
   void Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const;
@@ -45,8 +46,20 @@ class PeftAdapter {
     std::optional<at::Tensor> lora_a, lora_b, magnitude;
     double scale = 1.0;
     int64_t rank = 0, in_features = 0, out_features = 0;  // the shapes PEFT builds
+    // A fused expert parameter's ParamWrapper: its index in moe_.fused, its experts, and
+    // whether PEFT swapped in and out (a parameter stored [experts, out, in]).
+    std::optional<std::size_t> fused;
+    int64_t experts = 1;
+    bool swapped = false;
   };
-  std::map<std::string, Module> modules_;  // "model.layers.3.self_attn.q_proj"
+  // Adds each expert's slices of a fused parameter's delta to its linears.
+  void ApplyFused(const Module& m, const std::string& layer_prefix, LayerWeights& weights,
+                  const at::Device& device) const;
+
+  MoeSettings moe_;
+  // "model.layers.3.self_attn.q_proj"; a ParamWrapper's under PEFT's name for it,
+  // "model.layers.3.mlp.experts.base_layer".
+  std::map<std::string, Module> modules_;
   std::vector<std::string> unused_;
   std::vector<std::string> missing_;
   std::vector<std::string> unmodelled_;

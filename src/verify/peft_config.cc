@@ -174,8 +174,9 @@ PeftConfig PeftConfig::Read(const std::filesystem::path& path, const std::string
           c.rslora_ = j.value("use_rslora", false);
           c.dora_ = j.value("use_dora", false);
           // nn.Dropout refuses p > 1; a value <= 0 makes PEFT use no dropout at all.
-          if (const double p = j.value("lora_dropout", 0.0); p > 1)
-            Fail("lora_dropout is {}: PEFT refuses a dropout probability above 1", p);
+          c.dropout_ = j.value("lora_dropout", 0.0);
+          if (c.dropout_ > 1)
+            Fail("lora_dropout is {}: PEFT refuses a dropout probability above 1", c.dropout_);
 
           const bool regex_target = j.contains("target_modules") && j["target_modules"].is_string();
           if (regex_target) {

@@ -44,6 +44,7 @@ class PeftConfig {
   double ScaleOf(const std::string& module) const;
 
   bool dora() const { return dora_; }
+  double dropout() const { return dropout_; }
   bool all_linear() const { return all_linear_; }
   // "field: value" for every field that changes PEFT's math and is not modelled here.
   const std::vector<std::string>& unmodelled() const { return unmodelled_; }
@@ -53,6 +54,7 @@ class PeftConfig {
   double alpha_ = 8;
   bool rslora_ = false;
   bool dora_ = false;
+  double dropout_ = 0;
   bool all_linear_ = false;
   std::optional<text::Regex> target_regex_, exclude_regex_;  // re.fullmatch
   std::vector<std::string> target_names_, exclude_names_, target_parameters_;

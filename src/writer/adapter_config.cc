@@ -24,7 +24,7 @@ nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& in) {
       targets.insert(m.leaf);
     } else {
       parameters.insert(m.parameter);
-      if (m.rank != in.r)
+      if (m.rank != in.r && m.rank_keys.empty())
         Fail("{} is targeted as the parameter {} with rank {}, but only rank r = {} is supported",
              m.module, m.parameter, m.rank, in.r);
     }
@@ -47,7 +47,10 @@ nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& in) {
   c["inference_mode"] = true;
   c["init_lora_weights"] = true;
   c["lora_alpha"] = in.lora_alpha;
-  c["lora_dropout"] = in.lora_dropout;
+  // PEFT's ParamWrapper refuses any dropout (it cannot be factored out of the merged delta), and
+  // dropout does nothing at inference: an adapter with target_parameters says 0, as
+  // Megatron-Bridge's export does (peft_bridge.py build_adapter_config_dict).
+  c["lora_dropout"] = parameters.empty() ? in.lora_dropout : nlohmann::json(0.0);
   c["modules_to_save"] = nullptr;
   c["r"] = in.r;
   c["rank_pattern"] = std::move(rank_pattern);

@@ -7,6 +7,7 @@
   HF base model and runs it.
   DeepSeek-V3: MLA's projections one to one (q_a/q_b or q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj), the shared
   experts' fc1 rows ``[gate; up]``; its MoE layers' experts as below.
+  GPT-OSS: its experts' slices of the fused gate_up_proj / down_proj (GPT_OSS_EXPERT), its router mlp.router.
   MoE models (Qwen3-MoE, Mixtral, DeepSeek-V3): expert adapters ([E, ...] per layer, or MB <= 0.5.0's shared ones without the
   expert axis, which every expert gets) merge into each expert's gate/up/down (w1/w3/w2) with r = that A's rows
   (``normalize_moe_lora`` lowers it). transformers 5 fuses the experts into 3-D parameters when loading, so these
@@ -22,6 +23,7 @@ true order. Megatron-Bridge's ``megatron_adapter_tensors.safetensors`` already h
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import warnings
@@ -69,7 +71,14 @@ EXPERT_MODULES = {
     "deepseek_v3": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
     "glm4_moe": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
     "olmoe": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
+    # GPT-OSS's checkpoints hold no per-expert tensors: these names stand for slices of the fused ones (GPT_OSS_EXPERT)
+    "gpt_oss": ("mlp.experts.{}", ("gate_proj", "up_proj"), ("down_proj",)),
 }
+# transformers' GptOssExperts: expert e computes gate_up = x @ gate_up_proj[e] with gate = gate_up[..., ::2] and
+# up = gate_up[..., 1::2], then x @ down_proj[e]; so gate_proj's [out, in] weight is gate_up_proj[e][:, ::2].T
+# (Megatron-Bridge gpt_oss_bridge.py _uninterleave puts Megatron's [gate; up] rows there).
+GPT_OSS_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)")
+GPT_OSS_COLUMNS = {"gate_proj": slice(0, None, 2), "up_proj": slice(1, None, 2)}
 # MoE models whose first layers keep a dense MLP and whose MoE layers add shared experts: leaf names repeat across
 # layer kinds, so merged_weight's shape checks stand in for a per-leaf width.
 DENSE_FIRST_MOE = ("deepseek_v3", "glm4_moe")
@@ -165,6 +174,8 @@ def hf_adapters(tensors: dict[str, torch.Tensor], nq: int, ng: int, head_dim: in
         if prefix not in ADAPTER_MODULES:
             raise KeyError(f"unknown adapter module {prefix!r}")
         parent, leaves, how = ADAPTER_MODULES[prefix]
+        if prefix == "mlp.router.adapter." and model_type == "gpt_oss":
+            leaves = ("router",)  # GptOssTopKRouter
         m = layered.get((layer, prefix + "weight_magnitude"))
         bs = split_rows(b, how, nq, ng, head_dim, qkv_split)
         ms = split_rows(m, how, nq, ng, head_dim, qkv_split) if m is not None else [None] * len(leaves)
@@ -215,6 +226,17 @@ def merged_model(hf_dir, adapters: dict, kind: str, alpha, dim: int, expected_ou
     for path in sorted(Path(hf_dir).glob("*.safetensors")):
         weights.update({k: v.float() for k, v in load_file(path).items()})
     for path, p in adapters.items():
+        expert = GPT_OSS_EXPERT.fullmatch(path) if path + ".weight" not in weights else None
+        if expert:  # GPT-OSS: no per-expert tensor on disk, only the fused ones
+            parent, e, leaf = expert.group(1), int(expert.group(2)), expert.group(3)
+            if leaf == "down_proj":
+                fused = weights[parent + ".down_proj"]
+                fused[e] = merged_weight(path, fused[e].T, p, kind, alpha, dim, expected_out).T
+            else:
+                fused, columns = weights[parent + ".gate_up_proj"], GPT_OSS_COLUMNS[leaf]
+                fused[e][:, columns] = merged_weight(path, fused[e][:, columns].T, p, kind, alpha, dim,
+                                                     expected_out).T
+            continue
         weights[path + ".weight"] = merged_weight(path, weights[path + ".weight"], p, kind, alpha, dim, expected_out)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(Path(hf_dir) / "config.json", tmp)
@@ -253,7 +275,8 @@ def merged_reference_logits(hf_dir, megatron_tensors: dict[str, torch.Tensor], k
         _, fc1, fc2 = EXPERT_MODULES[cfg["model_type"]]
         expert_ffn = expert_ffn or cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
         expected_out |= {leaf: expert_ffn for leaf in fc1} | {leaf: hidden for leaf in fc2}
-        expected_out["gate"] = cfg.get("num_experts") or cfg.get("num_local_experts")  # the router
+        router = "router" if cfg["model_type"] == "gpt_oss" else "gate"
+        expected_out[router] = cfg.get("num_experts") or cfg.get("num_local_experts")
     adapters = hf_adapters(megatron_tensors, nq, ng, head_dim, qkv_split, cfg["model_type"],
                            cfg.get("num_experts") or cfg.get("num_local_experts"))
     if moe:

@@ -64,10 +64,11 @@ def export_verified_and_alone(binary, base, ckpt, out, ranks):
     return out
 
 
-def assert_matches_the_references(binary, label, base, out, written, cfg, kind, prompts, peft, tmp_path):
+def assert_matches_the_references(binary, label, base, out, written, cfg, kind, prompts, peft, tmp_path,
+                                  peft_rel_tol=REL_TOL):
     """Stock PEFT on the export matches the independent fp32 merge (which must move the logits well past the
-    tolerance); our verification's base, peft and Megatron-merged logits match transformers, stock PEFT and that
-    merge, on every prompt."""
+    tolerance); our verification's base, peft and Megatron-merged logits match transformers, stock PEFT (within
+    `peft_rel_tol`) and that merge, on every prompt."""
     def reference(ids):
         return merged_reference_logits(base, live_tensors(written), kind, cfg.alpha, cfg.dim, ids, nq=cfg.heads,
                                        ng=cfg.query_groups, head_dim=cfg.head_dim, ffn=cfg.ffn)
@@ -86,7 +87,7 @@ def assert_matches_the_references(binary, label, base, out, written, cfg, kind, 
         e_merged = rel_err(v.logits[i]["merged"], reference(ids)[0])
         print(f"\n  {label}, {ids.shape[1]} tokens: base vs transformers {e_base:.3g}, peft vs stock PEFT {e_peft:.3g}, "
               f"Megatron-merged vs the fp32 merge {e_merged:.3g}")
-        assert max(e_base, e_peft, e_merged) < REL_TOL, (e_base, e_peft, e_merged)
+        assert max(e_base, e_merged) < REL_TOL and e_peft < peft_rel_tol, (e_base, e_peft, e_merged)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from peft_reference import REFERENCE_TOKENS, live_tensors, merged_reference_logi
 from test_deepseek_v3 import BASES as MLA_BASES, checkpoint as mla_checkpoint
 from test_families import MOE_BASES
 from test_glm4_moe import BASE as GLM_BASE, checkpoint as glm_checkpoint
+from test_gpt_oss import BASE as GPT_OSS_BASE, checkpoint as gpt_oss_checkpoint
 from tiny_llama import TinyLlamaConfig, build_tiny_llama
 
 GPUS = torch.cuda.device_count()
@@ -170,11 +171,14 @@ def test_cuda_verification_matches_cpu_on_one_gpu(adapter_job_bin, base, tmp_pat
 
 
 # The forwards of issue 15 (MLA with YaRN and grouped sigmoid routing, GLM-4.5's partial RoPE, OLMoE's clipped,
-# whole-projection-normed q/k), each with its per-expert and shared-expert adapters.
+# whole-projection-normed q/k, GPT-OSS's sinks, fused biased experts and clamped SwiGLU), with expert adapters.
 def family_checkpoint(family, base_dir, out):
     if family == "deepseek_v3":
         base = build_tiny_llama(MLA_BASES["mla"], base_dir)
         return base, mla_checkpoint("mla", base, "lora", None, 2, 2, out)
+    if family == "gpt_oss":
+        base = build_tiny_llama(GPT_OSS_BASE, base_dir)
+        return base, gpt_oss_checkpoint(base, out, share_expert_adapters=False)
     if family == "glm4_moe":
         base = build_tiny_llama(GLM_BASE, base_dir)
         return base, glm_checkpoint(base, out)
@@ -186,7 +190,7 @@ def family_checkpoint(family, base_dir, out):
                                   share_expert_adapters=False)
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "olmoe", "gpt_oss"])
 def test_cuda_verification_matches_cpu_for_the_newer_families(adapter_job_bin, tmp_path, family):
     """The families' own forwards on `cuda:0` against the CPU's: the same verdict and every logit within float32
     rounding (a routing decision flipped by rounding would show as a large difference here)."""

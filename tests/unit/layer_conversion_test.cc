@@ -75,6 +75,9 @@ class Layer {
     return rows;
   }
 
+  const LayerLayout& Layout() const { return layout_; }
+  std::span<const std::byte> Buffer() const { return buffer_; }
+
  private:
   void Push(float v) {
     const auto* p = reinterpret_cast<const std::byte*>(&v);
@@ -235,6 +238,52 @@ TEST(RowSplits, ExpertsTakeTheirOwnSlice) {
   const auto& a1 = out.at(kPrefix + "mlp.experts.1.up_proj.lora_A.weight");
   EXPECT_THAT(a1.shape, ElementsAre(kRank, 8));
   EXPECT_THAT(layer.RowsOf(a1), ElementsAre(3, 4, 5));
+}
+
+// GPT-OSS stores its experts fused: the adapters go out as PEFT's ParamWrapper holds them
+// (tuners/lora/ layer.py: lora_A [experts x r, in] read as "e r i", lora_B [out, r x experts] read
+// as "o r e"), with Megatron's [gate; up] rows interleaved as gate_up_proj's columns, and
+// down_proj's wrapper outermost.
+TEST(RowSplits, FusedExpertsPackAsPeftsParamWrapper) {
+  ConversionSettings s = Llama();
+  s.family = Family("GptOssForCausalLM");
+  s.model.num_experts = 2;
+  s.model.expert_intermediate_size = 3;
+  Layer layer;
+  const std::string fc1 = "mlp.experts.experts.linear_fc1";
+  const std::string fc2 = "mlp.experts.experts.linear_fc2";
+  layer.Add(fc1, AdapterParam::kLinearIn, {2, kRank, 8}, "", 2);
+  layer.Add(fc1, AdapterParam::kLinearOut, {2, 6, kRank}, "", 2);
+  layer.Add(fc2, AdapterParam::kLinearIn, {2, kRank, 3}, "", 2);
+  layer.Add(fc2, AdapterParam::kLinearOut, {2, 8, kRank}, "", 2);
+  const auto out = layer.Plan(s);
+  ASSERT_EQ(out.size(), 4U);
+  const OutputTensor& a = out.at(kPrefix + "mlp.experts.base_layer.lora_A.weight");
+  EXPECT_EQ(a.parameter, "mlp.experts.gate_up_proj");
+  EXPECT_THAT(a.shape, ElementsAre(2 * kRank, 8));
+  EXPECT_THAT(layer.RowsOf(a), ElementsAre(0, 1, 2, 3, 4, 5));  // expert-major, as stored
+  const OutputTensor& b = out.at(kPrefix + "mlp.experts.base_layer.lora_B.weight");
+  EXPECT_THAT(b.shape, ElementsAre(6, kRank * 2));
+  // Each element holds its source row (expert x 6 + row): out row o is gate o/2 (even o) or up o/2
+  // (odd o), each rank's two experts side by side.
+  std::vector<int64_t> values;
+  const Tensor packed = MaterializeOutput(b, layer.Layout(), layer.Buffer());
+  for (std::size_t i = 0; i < packed.data.size(); i += 4) {
+    float v = 0;
+    std::memcpy(&v, packed.data.data() + i, 4);
+    values.push_back(static_cast<int64_t>(v));
+  }
+  EXPECT_THAT(values, ElementsAreArray<int64_t>({0, 6, 0, 6, 0, 6, 3, 9,  3, 9,  3, 9,
+                                                 1, 7, 1, 7, 1, 7, 4, 10, 4, 10, 4, 10,
+                                                 2, 8, 2, 8, 2, 8, 5, 11, 5, 11, 5, 11}));
+  EXPECT_EQ(out.at(kPrefix + "mlp.experts.lora_B.weight").parameter, "mlp.experts.down_proj");
+  EXPECT_THAT(out.at(kPrefix + "mlp.experts.lora_B.weight").shape, ElementsAre(8, kRank * 2));
+
+  // Only fc1 adapted: its wrapper is then the only one, outermost.
+  Layer fc1_only;
+  fc1_only.Add(fc1, AdapterParam::kLinearIn, {2, kRank, 8}, "", 2);
+  fc1_only.Add(fc1, AdapterParam::kLinearOut, {2, 6, kRank}, "", 2);
+  EXPECT_TRUE(fc1_only.Plan(s).contains(kPrefix + "mlp.experts.lora_B.weight"));
 }
 
 TEST(RowSplits, ShapesMustAgreeWithTheConfig) {

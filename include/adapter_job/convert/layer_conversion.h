@@ -45,6 +45,20 @@ struct OutputTensor {
   std::vector<std::pair<std::string, int64_t>> rank_keys;
   bool expert = false;  // one MoE expert's module
   std::string path;     // within the layer, e.g. "mlp.down_proj"
+  // The adapter of a whole fused expert parameter (ModuleMapping::stored_fused): the parameter as
+  // target_parameters names it, e.g. "mlp.experts.gate_up_proj"; empty for a module's adapter.
+  std::string parameter;
+  // PEFT's ParamWrapper holds lora_B of an [experts, ...] parameter as [out, rank x experts] with
+  // the expert index fastest (tuners/lora/layer.py ParamWrapper.get_delta_weight reads it as
+  // "o r e"). The selected rows are [source_experts, out, rank] (1: one adapter shared by all
+  // experts), their out rows `interleave` equal parts that alternate in the parameter (GPT-OSS's
+  // gate and up columns): they are permuted into that layout.
+  struct ExpertPacking {
+    int64_t experts = 0;
+    int64_t source_experts = 0;
+    int64_t interleave = 1;
+  };
+  std::optional<ExpertPacking> packing;
 };
 
 // Throws FormatError when a key has no mapping in the family, when shapes contradict the HF
@@ -57,9 +71,10 @@ std::vector<OutputTensor> PlanLayerConversion(const checkpoint::LayerLayout& lay
 std::vector<std::span<const std::byte>> OutputPieces(const OutputTensor& output,
                                                      const checkpoint::LayerLayout& layer,
                                                      std::span<const std::byte> layer_buffer);
-bool NeedsCast(const OutputTensor& output, const checkpoint::LayerLayout& layer);
+// Whether the output's bytes are not spans of the layer buffer: it is cast or permuted.
+bool NeedsCopy(const OutputTensor& output, const checkpoint::LayerLayout& layer);
 
-// The output as a tensor of its own, cast to its dtype.
+// The output as a tensor of its own, permuted and cast.
 Tensor MaterializeOutput(const OutputTensor& output, const checkpoint::LayerLayout& layer,
                          std::span<const std::byte> layer_buffer);
 

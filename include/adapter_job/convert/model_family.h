@@ -4,6 +4,7 @@
 #pragma once
 
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -19,6 +20,12 @@ enum class Fusion {
 
 // Whether the base layer is column- or row-parallel decides how its adapter is TP-sharded.
 enum class Parallelism { kColumn, kRow };
+
+// How a fused expert parameter holds each expert's HF modules: [experts, out, in] with the
+// modules' rows one after the other (transformers 5's Qwen3-MoE gate_up_proj), [experts, in, out]
+// (x @ W, GPT-OSS's down_proj), or [experts, in, out] with the modules' output features
+// alternating (GPT-OSS's gate_up_proj: gate in the even columns, up in the odd ones).
+enum class FusedLayout { kOutIn, kInOut, kInOutInterleaved };
 
 // A width in terms of the HF config: hidden, q heads x head_dim, kv heads x head_dim, ffn, an MoE
 // expert's ffn (moe_intermediate_size, else intermediate_size), the number of routed experts
@@ -56,6 +63,11 @@ struct ModuleMapping {
   // "mlp.experts.gate_up_proj"); PEFT then loads the adapter with the modules' ranks summed, and
   // rank_pattern must say so when they are not `r`.
   std::string fused_parameter;
+  FusedLayout fused_layout = FusedLayout::kOutIn;
+  // The HF checkpoint itself stores the fused parameter (GPT-OSS), so the "{expert}" paths only
+  // name each expert's slice of it: the PEFT adapter is written on the parameter
+  // (target_parameters, PEFT's ParamWrapper), as no per-expert module exists to load into.
+  bool stored_fused = false;
 };
 
 // "mlp.experts.{expert}.gate_proj" with expert 3 -> "mlp.experts.3.gate_proj".
@@ -82,6 +94,14 @@ struct ForwardTraits {
   // routed ones (its gate_proj, up_proj and down_proj), e.g. "mlp.shared_experts".
   bool moe_router_sigmoid = false;
   std::string moe_shared_experts;
+  // GPT-OSS's experts: gate clamped to at most `limit`, up to [-limit, limit], then
+  // (up + 1) * gate * sigmoid(alpha * gate) (transformers GptOssExperts._apply_gate); unset: the
+  // model's activation(gate) * up.
+  struct ClampedSwiglu {
+    double alpha = 0;
+    double limit = 0;
+  };
+  std::optional<ClampedSwiglu> moe_clamped_swiglu;
   // False for a family whose forward pass verification does not have yet: exporting it with
   // verification on is then an error before any work, never a quiet skip.
   bool verification = true;
@@ -99,6 +119,9 @@ struct ModelFamily {
   const ModuleMapping* FindModule(std::string_view megatron) const;
   // The expert modules (megatron "mlp.experts.experts.linear_fc1" / "...linear_fc2"), if any.
   const ModuleMapping* FindExperts(std::string_view megatron_leaf) const;
+  // The stored_fused expert modules, in the order transformers registers their parameters (the
+  // family file's order), which is the order PEFT nests its ParamWrappers in.
+  std::vector<const ModuleMapping*> StoredFusedExperts() const;
   const CanonicalMapping* FindCanonical(std::string_view megatron, std::string_view adapter) const;
 };
 

@@ -48,9 +48,10 @@ struct AdapterConfigInputs {
 
 // Megatron-Bridge's key order (build_adapter_config_dict); `rank_pattern` lists the modules
 // whose rank differs from `r` (by their rank_keys); `target_modules` is the sorted set of leaf
-// names, `target_parameters` (only when there are any) the sorted set of parameters. Throws Error
-// when two modules give one rank_pattern key different ranks, or a module targeted as a parameter
-// has a rank other than `r`.
+// names, `target_parameters` (only when there are any) the sorted set of parameters, and then
+// `lora_dropout` 0 (PEFT's ParamWrapper refuses dropout). Throws Error when two modules give one
+// rank_pattern key different ranks, or a module targeted as a parameter has a rank other than `r`
+// and no rank_keys.
 nlohmann::ordered_json BuildAdapterConfig(const AdapterConfigInputs& inputs);
 
 // The text Python's json.dump(obj, f, indent=2) writes (ASCII-only, no trailing newline).
