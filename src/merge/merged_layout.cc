@@ -107,7 +107,7 @@ MergedLayout PlanMergedLayout(const safetensors::ModelWeights& base,
   for (const std::string& module : modules) {
     const std::string weight = module + ".weight";
     // GPT-OSS's experts: the adapter is PEFT's ParamWrapper on the fused parameter itself.
-    if (base.Find(module)) {
+    if (base.Find(module) || base.Find(module + "_blocks")) {
       Fail(
           "the adapter targets the fused expert parameter '{}' (GPT-OSS), which merge does not "
           "fold in yet; export the adapter with `adapter_job export` and serve or merge it with "

@@ -6,6 +6,7 @@
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/tensor.h"
 
 namespace adapter_job::verify {
 
@@ -67,8 +68,60 @@ const safetensors::ModelWeights::Tensor& HfWeights::Entry(const std::string& nam
   return *tensor;
 }
 
+std::optional<HfWeights::Mxfp4Parts> HfWeights::Mxfp4(const std::string& name) const {
+  if (weights_.Find(name)) return std::nullopt;
+  const auto* blocks = weights_.Find(name + "_blocks");
+  const auto* scales = weights_.Find(name + "_scales");
+  if (!blocks || !scales) return std::nullopt;
+  const auto& b = blocks->entry.shape;
+  const auto& s = scales->entry.shape;
+  if (blocks->entry.dtype != DType::kUInt8 || scales->entry.dtype != DType::kUInt8 ||
+      b.size() < 3 || b.back() != 16 || !std::equal(s.begin(), s.end(), b.begin(), b.end() - 1) ||
+      s.size() + 1 != b.size()) {
+    Fail(
+        "{}: '{}_blocks' {} {} and '{}_scales' {} {} are not MXFP4 (uint8 [..., out, in / 32, 16] "
+        "and uint8 [..., out, in / 32])",
+        weights_.PathOf(*blocks).string(), name, TorchName(blocks->entry.dtype), ShapeToString(b),
+        name, TorchName(scales->entry.dtype), ShapeToString(s));
+  }
+  return Mxfp4Parts{blocks, scales};
+}
+
+std::vector<int64_t> HfWeights::Shape(const std::string& name) const {
+  const auto mxfp4 = Mxfp4(name);
+  if (!mxfp4) return Entry(name).entry.shape;
+  // [..., out, groups, 16] holds [..., out, groups x 32]; transformers holds it as [..., in, out].
+  std::vector<int64_t> shape(mxfp4->blocks->entry.shape.begin(),
+                             mxfp4->blocks->entry.shape.end() - 2);
+  const int64_t out = shape.back();
+  shape.back() = mxfp4->blocks->entry.shape.end()[-2] * 32;
+  shape.push_back(out);
+  return shape;
+}
+
 at::Tensor HfWeights::Get(const std::string& name, const at::Device& device,
                           at::ScalarType dtype) const {
+  if (const auto mxfp4 = Mxfp4(name)) {
+    // Two FP4 (e2m1) values a byte, the low nibble first, each 32 of them scaled by 2^(e - 127).
+    static const float kFp4[16] = {+0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +4.0f, +6.0f,
+                                   -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+    const at::Tensor lut = at::tensor(at::ArrayRef<float>(kFp4, 16)).to(device);
+    const at::Tensor blocks = Raw(*mxfp4->blocks, device);
+    const at::Tensor scales = Raw(*mxfp4->scales, device);
+    const std::vector<int64_t> shape = Shape(name);
+    at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype).device(device));
+    // One expert (slice of the leading dimension) at a time: the indices are 4 bytes a value.
+    for (int64_t i = 0; i < blocks.size(0); ++i) {
+      const at::Tensor bytes = blocks[i].to(at::kInt);
+      const at::Tensor values =
+          at::stack({lut.index({bytes.bitwise_and(15)}), lut.index({bytes.bitwise_right_shift(4)})},
+                    -1)
+              .flatten(-2);  // [..., out, groups, 32]
+      const at::Tensor exponents = scales[i].to(at::kInt).sub(127).unsqueeze(-1);
+      out[i].copy_(at::ldexp(values, exponents).flatten(-2).transpose(-2, -1));
+    }
+    return out;
+  }
   const safetensors::ModelWeights::Tensor& tensor = Entry(name);
   const safetensors::TensorEntry& entry = tensor.entry;
   const at::ScalarType stored = ToTorch(entry.dtype);
@@ -81,6 +134,21 @@ at::Tensor HfWeights::Get(const std::string& name, const at::Device& device,
   }
   // Across in the stored dtype, converted on the device (half the bytes of float32 for bf16).
   return CopyToDevice(file, tensor.offset, size, device).view(stored).view(entry.shape).to(dtype);
+}
+
+at::Tensor HfWeights::Raw(const safetensors::ModelWeights::Tensor& tensor,
+                          const at::Device& device) const {
+  const at::ScalarType stored = ToTorch(tensor.entry.dtype);
+  const uint64_t size = tensor.entry.end - tensor.entry.begin;
+  if (device.is_cpu()) {
+    at::Tensor host = at::empty(tensor.entry.shape, at::TensorOptions().dtype(stored));
+    ReadInParallel(weights_.FileOf(tensor), tensor.offset,
+                   {static_cast<std::byte*>(host.data_ptr()), size});
+    return host;
+  }
+  return CopyToDevice(weights_.FileOf(tensor), tensor.offset, size, device)
+      .view(stored)
+      .view(tensor.entry.shape);
 }
 
 // Through two fixed pinned buffers, as bench/read_h2d_floor.py does: the next piece is read while

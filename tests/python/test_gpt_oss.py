@@ -138,3 +138,62 @@ def test_merge_refuses_the_fused_experts_by_name(adapter_job_bin, base, tmp_path
     assert proc.returncode == EXIT_BAD_INPUT, proc.stdout + proc.stderr
     assert "fused expert parameter 'model.layers.0.mlp.experts." in proc.stderr, proc.stderr
     assert not (tmp_path / "merged").exists()
+
+
+# FP4 (e2m1) values by their 4-bit code, as the OCP MX format defines them.
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def to_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, in, out] (as transformers holds GPT-OSS's experts) -> the hub's uint8 blocks [E, out, in / 32, 16] (two
+    codes a byte, the low nibble first) and scales [E, out, in / 32] (2^(s - 127) per 32 values); written here
+    from the format, so that transformers' own dequantization can judge ours."""
+    t = weight.float().transpose(1, 2)
+    groups = t.reshape(*t.shape[:2], -1, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(2.0 ** -100) / 6.0))
+    codes = ((groups / torch.exp2(exponent)[..., None])[..., None] - FP4_VALUES).abs().argmin(-1)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return packed, (exponent + 127).to(torch.uint8)
+
+
+def test_an_mxfp4_base_is_dequantized_as_transformers_does_it(adapter_job_bin, base, tmp_path):
+    """The GPT-OSS hub checkpoints store the experts as MXFP4 (`mlp.experts.gate_up_proj_blocks`/`_scales`). Exporting
+    and verifying against such a base must give what the same model dequantized by transformers
+    (integrations/mxfp4.py convert_moe_packed_tensors) gives: a passing verification, and base logits equal to
+    transformers' on the dequantized copy."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from peft_reference import load_base, logits_of
+    from test_verify import REL_TOL, rel_err
+    quantized, dequantized = tmp_path / "mxfp4", tmp_path / "dequantized"
+    for d in (quantized, dequantized):
+        shutil.copytree(base, d)
+    tensors = load_file(base / "model.safetensors")
+    as_quantized, as_dequantized = dict(tensors), dict(tensors)
+    for name in [n for n in tensors if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+        blocks, scales = to_mxfp4(tensors[name])
+        del as_quantized[name]
+        as_quantized |= {name + "_blocks": blocks, name + "_scales": scales}
+        as_dequantized[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+        assert (as_dequantized[name] - tensors[name].float()).abs().max() < 0.5 * tensors[name].float().abs().max()
+    save_file(as_quantized, quantized / "model.safetensors", metadata={"format": "pt"})
+    save_file(as_dequantized, dequantized / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (quantized / "config.json").write_text(json.dumps(config))
+
+    written = write_checkpoint(checkpoint(base, tmp_path / "ckpt", share_expert_adapters=False))
+    outs = {}
+    for label, model in (("mxfp4", quantized), ("dequantized", dequantized)):
+        proc = export(adapter_job_bin, model, written.root, tmp_path / f"out-{label}", 2, "--verify-device", "cpu")
+        assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
+        outs[label] = tmp_path / f"out-{label}"
+
+    prompts = prompts_for(BASE.vocab)
+    v = verify(adapter_job_bin, quantized, outs["mxfp4"], tmp_path / "verify", prompts, ckpt=written.root)
+    assert v.rc == 0 and v.report["passed"], v.stdout
+    reference = load_base(dequantized)
+    for i, ids in enumerate(v.token_ids):
+        ids = torch.from_numpy(ids).reshape(1, -1)
+        assert rel_err(v.logits[i]["base"], logits_of(reference, ids)[0]) < REL_TOL
