@@ -123,8 +123,9 @@ void MergeRowRange(std::span<const std::byte> in, DType in_dtype, std::span<std:
     Widen(in.data() + r * cols * in_item, in_dtype, row.data(), cols);
     if (u) {
       const int64_t o = first_row + r;
-      AddLowRank(row.data(), u->a.data(), u->b.data() + o * u->rank, u->rank, cols,
-                 static_cast<float>(u->scale));
+      const int64_t expert = u->rows_per_expert > 0 ? o / u->rows_per_expert : 0;
+      AddLowRank(row.data(), u->a.data() + expert * u->rank * cols, u->b.data() + o * u->rank,
+                 u->rank, cols, static_cast<float>(u->scale));
       if (!u->magnitude.empty()) {
         const float factor =
             static_cast<float>(u->magnitude[o] / std::sqrt(SquaredNorm(row.data(), cols)));

@@ -105,15 +105,20 @@ MergedLayout PlanMergedLayout(const safetensors::ModelWeights& base,
                               uint64_t max_shard_bytes, int world_size) {
   std::map<std::string, std::string> adapted;  // weight name -> module
   for (const std::string& module : modules) {
-    const std::string weight = module + ".weight";
-    // GPT-OSS's experts: the adapter is PEFT's ParamWrapper on the fused parameter itself.
-    if (base.Find(module) || base.Find(module + "_blocks")) {
+    // GPT-OSS's experts: the adapter is PEFT's ParamWrapper on the fused parameter itself, which
+    // merges as it is stored; the hub's MXFP4 form would have to become another tensor.
+    if (const auto* fused = base.Find(module); fused && fused->entry.shape.size() == 3) {
+      adapted.emplace(module, module);
+      continue;
+    }
+    if (base.Find(module + "_blocks")) {
       Fail(
-          "the adapter targets the fused expert parameter '{}' (GPT-OSS), which merge does not "
-          "fold in yet; export the adapter with `adapter_job export` and serve or merge it with "
-          "PEFT",
+          "the adapter targets the fused expert parameter '{}', which the base stores as MXFP4 "
+          "(_blocks/_scales): merge it into a bfloat16 copy of the model (transformers dequantizes "
+          "it: Mxfp4Config(dequantize=True)) or export the adapter",
           module);
     }
+    const std::string weight = module + ".weight";
     if (!base.Find(weight))
       Fail("the adapter targets '{}', but the base model has no tensor '{}'", module, weight);
     adapted.emplace(weight, module);

@@ -221,7 +221,7 @@ writer::FinishedOutput MergedModelSink::Finish() {
           "system every rank sees",
           world_.rank(), staging.string());
     const safetensors::ModelWeights base = safetensors::ModelWeights::Open(options_.base_model);
-    const PeftFile adapter = PeftFile::Open(adapter_dir);
+    const PeftFile adapter = PeftFile::Open(adapter_dir, base);
     const MergedLayout layout = PlanMergedLayout(base, adapter.Modules(), options_.dtype,
                                                  options_.max_shard_bytes, world_.size());
     stats_ = WriteShare({layout, base, adapter, staging, world_.rank(), options_.threads, gpu_,

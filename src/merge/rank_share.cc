@@ -52,7 +52,10 @@ std::vector<Block> BlocksOf(const MergedLayout& layout, int rank) {
   std::vector<Block> blocks;
   for (const OutputTensor& t : layout.tensors) {
     if (t.rank != rank || t.nbytes == 0) continue;
-    const int64_t rows = t.shape.size() > 1 ? t.shape[0] : 1;
+    // Rows over all dimensions but the last: a fused expert parameter [experts, in, out] merges
+    // row by row like a matrix.
+    int64_t rows = 1;
+    for (std::size_t d = 0; d + 1 < t.shape.size(); ++d) rows *= t.shape[d];
     const int64_t cols = static_cast<int64_t>(t.nbytes / ItemSize(t.dtype)) / rows;
     const uint64_t row_bytes = cols * std::max<uint64_t>(ItemSize(t.base->entry.dtype), 4);
     const int64_t per_block = std::max<int64_t>(1, static_cast<int64_t>(kBlockBytes / row_bytes));
@@ -151,10 +154,12 @@ writer::SinkStats WriteShare(const ShareInputs& in) {
       if (t.module && updated != &t) {
         update = std::make_unique<LowRankUpdate>(in.adapter.Update(t));
         updated = &t;
-        if (gpu) gpu->Load(*update);
+        if (gpu && update->rows_per_expert == 0) gpu->Load(*update);
       }
       b.out = {buffers.out[k % Buffers::kOut].get(), b.out_bytes()};
-      if (gpu) {
+      // The device kernels take one [rank, in] lora_A; fused experts merge on the CPU, with the
+      // same arithmetic, so the bytes are the same.
+      if (gpu && !(t.module && update->rows_per_expert > 0)) {
         gpu->MergeRows(b.in, t.base->entry.dtype, b.out, t.dtype, b.first_row, b.rows, b.cols,
                        t.module.has_value());
       } else {

@@ -139,6 +139,9 @@ struct LayerWeights {
   std::map<std::string, at::Tensor> biases;
   // GPT-OSS's attention sinks: a logit per head that joins each softmax and is dropped after it.
   at::Tensor sinks;
+  // Names ForEachWeight gives slices of a fused expert parameter ("mlp.experts.3.gate_proj.weight")
+  // -> the checkpoint tensor they are slices of ("mlp.experts.gate_up_proj").
+  std::map<std::string, std::string> stored_as;
   // Linears beyond the named ones, by HF path: the router, experts, shared experts, MLA's
   // projections.
   std::map<std::string, at::Tensor> other_linears;

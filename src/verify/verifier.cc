@@ -79,7 +79,11 @@ LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const LlamaSettings
         for (std::size_t k = 0; k < f.linears.size(); ++k) {
           const std::string path = convert::ExpertPath(s.moe.expert[f.linears[k]], e);
           w.other_linears.emplace(path, weights[k]);
-          if (bias.defined()) w.biases.emplace(path, biases[k]);
+          w.stored_as.emplace(path + ".weight", f.parameter);
+          if (bias.defined()) {
+            w.biases.emplace(path, biases[k]);
+            w.stored_as.emplace(path + ".bias", f.parameter + "_bias");
+          }
         }
       }
     }
@@ -263,10 +267,6 @@ VerificationReport Verify(const VerifyOptions& options) {
   // (peft's weights rounded to the dtypes the merged files store) and merged_model (those files).
   std::optional<HfWeights> merged_files;
   if (options.merged_model) {
-    // Its fused experts would need PEFT's merge compared slice by slice: not modelled yet.
-    if (!settings.moe.fused.empty())
-      Fail("--merged-model: verifying a merged {} model (experts stored fused) is not supported",
-           family.name);
     merged_files.emplace(HfWeights::Open(*options.merged_model));
     CheckBaseShapes(*merged_files, config, settings);
   }
@@ -280,9 +280,10 @@ VerificationReport Verify(const VerifyOptions& options) {
   // A weight of peft_as_stored: PEFT's `reference` as the merged model's `stored` tensor `name`
   // should hold it (AsStored), each comparison tallied.
   RoundingTally rounding;
+  // `file_tensor`: the tensor of the files `name` is (a slice of a fused expert parameter's).
   const auto as_stored = [&](const at::Tensor& reference, const at::Tensor& stored,
-                             const std::string& name) {
-    return AsStored(reference, stored, merged_files->DTypeOf(name), name, rounding);
+                             const std::string& name, const std::string& file_tensor) {
+    return AsStored(reference, stored, merged_files->DTypeOf(file_tensor), name, rounding);
   };
 
   // Layers stream through the device one at a time: what must fit is the embedding and head and
@@ -322,7 +323,8 @@ VerificationReport Verify(const VerifyOptions& options) {
     std::vector<at::Tensor> embed(variants, base.Get(name, device, at::kFloat));
     if (merged_files) {
       embed[variant("merged_model")] = merged_files->Get(name, device, at::kFloat);
-      embed[variant("peft_as_stored")] = as_stored(embed[0], embed[variant("merged_model")], name);
+      embed[variant("peft_as_stored")] =
+          as_stored(embed[0], embed[variant("merged_model")], name, name);
     }
     for (const auto& p : report.prompts) {
       const at::Tensor ids = at::tensor(p.token_ids, at::kLong).to(device);
@@ -351,7 +353,10 @@ VerificationReport Verify(const VerifyOptions& options) {
       ForEachWeight(stored_weights, settings, [&](const std::string& name, at::Tensor& t) {
         const auto file = in_files.find(name);
         if (file == in_files.end()) Fail("the merged model has no tensor '{}'", prefix + name);
-        t = as_stored(t, file->second, prefix + name);
+        const auto sliced = merged_model_weights.stored_as.find(name);
+        t = as_stored(
+            t, file->second, prefix + name,
+            prefix + (sliced == merged_model_weights.stored_as.end() ? name : sliced->second));
       });
       per_variant.insert(per_variant.end(), {&stored_weights, &merged_model_weights});
     }
@@ -373,9 +378,9 @@ VerificationReport Verify(const VerifyOptions& options) {
     const std::size_t files = variant("merged_model"), stored = variant("peft_as_stored");
     norms[files] = merged_files->Get("model.norm.weight", device, at::kFloat);
     heads[files] = merged_files->Get(head, device, at::kFloat);
-    norms[stored] = as_stored(norms[0], norms[files], "model.norm.weight");
+    norms[stored] = as_stored(norms[0], norms[files], "model.norm.weight", "model.norm.weight");
     // A tied head is the embedding again: tallied twice, which changes no verdict.
-    heads[stored] = as_stored(heads[0], heads[files], head);
+    heads[stored] = as_stored(heads[0], heads[files], head, head);
   }
   CheckInputs inputs;
   inputs.top_k = options.top_k;

@@ -19,10 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run
 from megatron_checkpoint import CheckpointConfig, write_checkpoint
-from peft_reference import live_tensors, merged_reference_logits, peft_logits
-from test_families import (PEFT_ATOL, assert_matches_the_references, export, export_verified_and_alone,
+from peft_reference import live_tensors, load_base, logits_of, merged_reference_logits, peft_logits
+from test_families import (MPIRUN, PEFT_ATOL, assert_matches_the_references, export, export_verified_and_alone,
                            peft_warnings_beyond_its_moe_conversion)
-from test_verify import EXIT_BAD_INPUT, EXIT_FAILED, prompts_for, verify
+from test_merge import load_merged
+from test_verify import EXIT_BAD_INPUT, EXIT_FAILED, MIN_EFFECT, REL_TOL, prompts_for, rel_err, verify
 from tiny_llama import TinyLlamaConfig, build_tiny_llama
 
 BASE = TinyLlamaConfig(architecture="gpt_oss", experts=8, expert_ffn=32)
@@ -129,14 +130,59 @@ def test_dropout_on_a_parameter_target_is_refused_as_peft_refuses_it(adapter_job
     assert "ParamWrapper" in proc.stderr and "lora_dropout" in proc.stderr, proc.stderr
 
 
-def test_merge_refuses_the_fused_experts_by_name(adapter_job_bin, base, tmp_path):
-    """`merge` does not fold a ParamWrapper adapter into the fused experts yet: exit 2 naming the parameter, no
-    output, never a merged model without the experts' adapters."""
+@pytest.mark.parametrize("dtype", ["fp32", "auto"])
+def test_merged_model_loads_in_transformers_and_equals_the_fp32_merge(adapter_job_bin, base, tmp_path, dtype):
+    """`adapter_job merge` folds the ParamWrapper adapters into the fused expert tensors themselves (and the router's
+    and attention's into theirs), verified on the way against PEFT's merge slice by slice; stock transformers loads
+    the result with no warning, and in fp32 it gives the logits of the independent fp32 merge."""
+    written = write_checkpoint(checkpoint(base, tmp_path / "ckpt", targets=WITH_ROUTER, share_expert_adapters=False))
+    out = tmp_path / "merged"
+    proc = run([*MPIRUN, "-np", "2", adapter_job_bin, "merge", "--hf-model-id", base, "--megatron-peft-checkpoint",
+                written.root, "--output-hf-path", out, "--dtype", dtype, "--verify-device", "cpu"], check=False)
+    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
+    merged = load_merged(out)
+    if dtype != "fp32":
+        return
+    ids = prompts_for(BASE.vocab)[1]
+    reference = merged_reference_logits(base, live_tensors(written), "lora", 16, 8, ids)
+    assert rel_err(reference, logits_of(load_base(base), ids)) > MIN_EFFECT
+    assert rel_err(logits_of(merged, ids), reference) < REL_TOL, "merged model != the fp32 merge of the checkpoint"
+
+
+def test_a_merge_that_misses_an_expert_fails_verification(adapter_job_bin, base, tmp_path):
+    """Planted fault: one expert's slice of a merged gate_up_proj put back to the base's; verify --merged-model must
+    fail it (the comparison covers the fused tensors slice by slice)."""
     written = write_checkpoint(checkpoint(base, tmp_path / "ckpt", share_expert_adapters=False))
+    out = tmp_path / "merged"
     proc = run([adapter_job_bin, "merge", "--hf-model-id", base, "--megatron-peft-checkpoint", written.root,
+                "--output-hf-path", out, "--dtype", "fp32", "--verify-device", "cpu"], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    adapter = tmp_path / "adapter"
+    assert export(adapter_job_bin, base, written.root, adapter, 1, "--no-verify").returncode == 0
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    tensors[name][3] = load_file(base / "model.safetensors")[name][3].float()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    v = verify(adapter_job_bin, base, adapter, tmp_path / "verify", prompts_for(BASE.vocab), ckpt=written.root,
+               extra=("--merged-model", out))
+    assert v.rc == EXIT_FAILED and not v.report["passed"], v.stdout
+
+
+def test_merge_refuses_mxfp4_experts_by_name(adapter_job_bin, base, tmp_path):
+    """A base whose experts are MXFP4 (the hub's GPT-OSS) cannot take the merge in place: exit 2 naming the
+    parameter and the way out, no output."""
+    quantized = tmp_path / "mxfp4"
+    shutil.copytree(base, quantized)
+    tensors = load_file(base / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+        blocks, scales = to_mxfp4(tensors.pop(name))
+        tensors |= {name + "_blocks": blocks, name + "_scales": scales}
+    save_file(tensors, quantized / "model.safetensors", metadata={"format": "pt"})
+    written = write_checkpoint(checkpoint(base, tmp_path / "ckpt", share_expert_adapters=False))
+    proc = run([adapter_job_bin, "merge", "--hf-model-id", quantized, "--megatron-peft-checkpoint", written.root,
                 "--output-hf-path", tmp_path / "merged"], check=False)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stdout + proc.stderr
-    assert "fused expert parameter 'model.layers.0.mlp.experts." in proc.stderr, proc.stderr
+    assert "stores as MXFP4" in proc.stderr and "model.layers.0.mlp.experts." in proc.stderr, proc.stderr
     assert not (tmp_path / "merged").exists()
 
 
@@ -162,9 +208,6 @@ def test_an_mxfp4_base_is_dequantized_as_transformers_does_it(adapter_job_bin, b
     (integrations/mxfp4.py convert_moe_packed_tensors) gives: a passing verification, and base logits equal to
     transformers' on the dequantized copy."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-    from peft_reference import load_base, logits_of
-    from test_verify import REL_TOL, rel_err
     quantized, dequantized = tmp_path / "mxfp4", tmp_path / "dequantized"
     for d in (quantized, dequantized):
         shutil.copytree(base, d)

@@ -32,6 +32,9 @@ struct LowRankUpdate {
   std::vector<float> b;          // lora_B, [out, rank]
   double scale = 1;              // alpha / rank
   std::vector<float> magnitude;  // DoRA's lora_magnitude_vector, [out]; empty for LoRA
+  // Set for a fused expert parameter (GPT-OSS's [experts, in, out]), whose rows come in runs of
+  // this many per expert: `a` then holds one [rank, in] per expert, each run using its own.
+  int64_t rows_per_expert = 0;
 };
 
 // Widens `bytes` (float32, bfloat16 or float16) to float32.
