@@ -158,16 +158,21 @@ def export_one_process(binary, base, ckpt, out, device, *extra):
     return json.loads(report.read_text()), proc
 
 
+def assert_cuda_verification_matches_cpu(binary, base, ckpt, tmp_path):
+    """One process exports `ckpt` verified on the CPU, another on cuda:0: both pass, and agree (bytes, logits)."""
+    cpu, _ = export_one_process(binary, base, ckpt, tmp_path / "cpu", "cpu")
+    cuda, proc = export_one_process(binary, base, ckpt, tmp_path / "cuda", "cuda")
+    assert cuda["verification"]["device"].startswith("cuda"), cuda["verification"]["device"]
+    assert cpu["verification"]["passed"] and cuda["verification"]["passed"], proc.stdout
+    assert_same_adapter_and_logits(tmp_path / "cuda", tmp_path / "cpu")
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora", "canonical_lora"])
 def test_cuda_verification_matches_cpu_on_one_gpu(adapter_job_bin, base, tmp_path, kind):
     """One process, one GPU: the verdict and every logit of CUDA verification against the CPU's."""
     cfg = CheckpointConfig(out=tmp_path / "ckpt", base_model=base, kind=kind, **DIMS)
     written = write_checkpoint(cfg)
-    cpu, _ = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cpu", "cpu")
-    cuda, proc = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cuda", "cuda")
-    assert cuda["verification"]["device"].startswith("cuda"), cuda["verification"]["device"]
-    assert cpu["verification"]["passed"] and cuda["verification"]["passed"], proc.stdout
-    assert_same_adapter_and_logits(tmp_path / "cuda", tmp_path / "cpu")
+    assert_cuda_verification_matches_cpu(adapter_job_bin, base, written.root, tmp_path)
 
 
 # The forwards of issue 15 (MLA with YaRN and grouped sigmoid routing, GLM-4.5's partial RoPE, OLMoE's clipped,
@@ -196,11 +201,7 @@ def test_cuda_verification_matches_cpu_for_the_newer_families(adapter_job_bin, t
     rounding (a routing decision flipped by rounding would show as a large difference here)."""
     base, cfg = family_checkpoint(family, tmp_path / "base", tmp_path / "ckpt")
     written = write_checkpoint(cfg)
-    cpu, _ = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cpu", "cpu")
-    cuda, proc = export_one_process(adapter_job_bin, base, written.root, tmp_path / "cuda", "cuda")
-    assert cuda["verification"]["device"].startswith("cuda"), cuda["verification"]["device"]
-    assert cpu["verification"]["passed"] and cuda["verification"]["passed"], proc.stdout
-    assert_same_adapter_and_logits(tmp_path / "cuda", tmp_path / "cpu")
+    assert_cuda_verification_matches_cpu(adapter_job_bin, base, written.root, tmp_path)
 
 
 # A device this test leaves this much memory free: enough for the verifier's CUDA context, far too
