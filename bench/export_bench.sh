@@ -6,7 +6,7 @@
 # Env: SHAPE=8b|70b|30b-a3b (70b: 80 layers, hidden 8192, ffn 28672, 64 heads, 8 KV heads, rank 64;
 #      30b-a3b: Qwen3-30B-A3B, 48 layers, hidden 2048, 32 heads of 128, 4 KV heads, 128 experts of
 #      ffn 768, top-8, rank-16 per-expert adapters, written at TP2 x EP4; deepseek-v3: see below, EXPERTS=N
-#      to shrink its 256 experts),
+#      to shrink its 256 experts; gpt-oss-120b: see below),
 #      RANKS="1 2 4", REPEAT=5, BACKEND=auto|mpi|nccl, BIN=build/src/cli/adapter_job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +37,14 @@ case $SHAPE in
     moe=(--experts "${EXPERTS:-256}" --expert-ffn 2048 --topk 8 --mla "1536,512,128,64,128" --first-dense-layers 3
          --shared-expert-ffn 2048 --per-layer-keys)
     layout=(--tp 2 --ep 8 --etp 1 --per-expert-adapters) ;;
-  *) echo "SHAPE must be 8b, 70b, 30b-a3b or deepseek-v3" >&2; exit 2 ;;
+  gpt-oss-120b)
+    # GPT-OSS-120B's dims (36 layers, hidden 2880, 64 heads of 64, 8 KV heads, 128 experts of ffn 2880, top-4),
+    # rank-16 per-expert adapters, written at TP2 x EP8: the experts go out in PEFT's ParamWrapper layout, lora_B
+    # permuted expert-innermost (a copy, unlike every other tensor of the export).
+    dims=(--layers 36 --hidden 2880 --heads 64 --query-groups 8 --head-dim 64 --ffn 2880 --dim 16 --alpha 32)
+    moe=(--experts 128 --expert-ffn 2880 --topk 4)
+    layout=(--tp 2 --ep 8 --etp 1 --per-expert-adapters) ;;
+  *) echo "SHAPE must be 8b, 70b, 30b-a3b, deepseek-v3 or gpt-oss-120b" >&2; exit 2 ;;
 esac
 tag=$SHAPE${EXPERTS:+-e$EXPERTS}
 ckpt=$WORK/$tag/megatron_ckpt
@@ -49,9 +56,9 @@ if [[ ! -f $ckpt/latest_checkpointed_iteration.txt ]]; then
 fi
 if [[ ! -f $model/config.json ]]; then
   # The export reads only config.json: no weights needed.
-  "$PYTHON" - "$model" "${dims[@]}" "${moe[@]}" <<'PY'
+  "$PYTHON" - "$model" "$SHAPE" "${dims[@]}" "${moe[@]}" <<'PY'
 import sys, transformers
-out, args = sys.argv[1], sys.argv[2:]
+out, shape, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 a = {k: int(v) for k, v in zip(args, args[1:]) if k.startswith("--") and v.lstrip("-").isdigit()}
 common = dict(hidden_size=a["--hidden"], intermediate_size=a["--ffn"], num_hidden_layers=a["--layers"],
               num_attention_heads=a["--heads"], num_key_value_heads=a["--query-groups"], head_dim=a["--head-dim"],
@@ -65,6 +72,10 @@ if "--mla" in sys.argv:
         num_experts_per_tok=a["--topk"], moe_intermediate_size=a["--expert-ffn"], n_shared_experts=1,
         first_k_dense_replace=a["--first-dense-layers"], n_group=8, topk_group=4, dtype="bfloat16",
         architectures=["DeepseekV3ForCausalLM"]).save_pretrained(out)
+elif shape.startswith("gpt-oss"):
+    transformers.GptOssConfig(**common, vocab_size=201088, num_local_experts=a["--experts"],
+                              num_experts_per_tok=a["--topk"], max_position_embeddings=131072,
+                              architectures=["GptOssForCausalLM"]).save_pretrained(out)
 elif "--experts" in a:
     transformers.Qwen3MoeConfig(**common, vocab_size=151936, num_experts=a["--experts"],
                                 num_experts_per_tok=a["--topk"], moe_intermediate_size=a["--expert-ffn"],
