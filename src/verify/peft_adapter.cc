@@ -47,11 +47,24 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
     adapter.unmodelled_.push_back("target_modules: \"all-linear\" on a mixture-of-experts model");
   }
 
+  // PEFT's ParamWrapper, which every target_parameters entry gets (tuners/lora/layer.py), refuses
+  // DoRA and dropout when it is built.
+  const auto as_parameter = [&](const std::string& name) {
+    if (std::none_of(config.target_parameters().begin(), config.target_parameters().end(),
+                     [&](const std::string& t) { return NamesParameter(t, name); }))
+      return false;
+    if (config.dora() || config.dropout() > 0) {
+      Fail("{}: target_parameters wraps {} in PEFT's ParamWrapper, which refuses {}",
+           config_path.string(), name, config.dora() ? "use_dora" : "lora_dropout > 0");
+    }
+    return true;
+  };
   // Every targeted module of the base model, as PEFT would wrap them.
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     for (const std::string& linear : linears) {
       const std::string module = fmt::format("model.layers.{}.{}", layer, linear);
       if (!base.Has(module + ".weight") || !config.Targets(module)) continue;
+      as_parameter(module + ".weight");
       Module m;
       m.rank = config.RankOf(module);
       if (m.rank < 1) {
@@ -68,28 +81,19 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
   // Fused expert parameters in target_parameters (tuners_utils.py _inject_parameters): each gets
   // a ParamWrapper around what its module is by then, in the order the module registers its
   // parameters, so its adapter lies under one ".base_layer" per targeted parameter registered
-  // after it. ParamWrapper (tuners/lora/layer.py) refuses DoRA and dropout; it reads the shape as
-  // [experts, in, out] and swaps in and out for a module without `is_transposed`.
-  const auto targeted = [&](const std::string& name) {
-    return std::any_of(config.target_parameters().begin(), config.target_parameters().end(),
-                       [&](const std::string& t) { return NamesParameter(t, name); });
-  };
+  // after it. ParamWrapper reads the shape as [experts, in, out] and swaps in and out for a
+  // module without `is_transposed`.
   const auto parent_of = [](const std::string& p) { return p.substr(0, p.rfind('.')); };
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     const std::string prefix = fmt::format("model.layers.{}.", layer);
     for (std::size_t i = 0; i < moe.fused.size(); ++i) {
       const FusedExperts& f = moe.fused[i];
-      if (!base.Has(prefix + f.parameter) || !targeted(prefix + f.parameter)) continue;
-      if (config.dora() || config.dropout() > 0) {
-        Fail("{}: target_parameters wraps {} in PEFT's ParamWrapper, which refuses {}",
-             config_path.string(), prefix + f.parameter,
-             config.dora() ? "use_dora" : "lora_dropout > 0");
-      }
+      if (!base.Has(prefix + f.parameter) || !as_parameter(prefix + f.parameter)) continue;
       std::string wrapper = prefix + parent_of(f.parameter);
       for (std::size_t later = i + 1; later < moe.fused.size(); ++later) {
         const std::string other = prefix + moe.fused[later].parameter;
         if (parent_of(moe.fused[later].parameter) == parent_of(f.parameter) && base.Has(other) &&
-            targeted(other))
+            as_parameter(other))
           wrapper += ".base_layer";
       }
       const auto shape = base.Shape(prefix + f.parameter);

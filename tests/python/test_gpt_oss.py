@@ -116,9 +116,11 @@ def test_swapped_gate_and_up_fail_verification(adapter_job_bin, base, tmp_path):
     assert v.rc == EXIT_FAILED and not v.report["passed"], v.stdout
 
 
-def test_dropout_on_a_parameter_target_is_refused_as_peft_refuses_it(adapter_job_bin, base, tmp_path):
-    """PEFT's ParamWrapper raises on lora_dropout > 0: an adapter_config.json saying so is bad input to verify, named."""
-    cfg = checkpoint(base, tmp_path / "ckpt", share_expert_adapters=False)
+@pytest.mark.parametrize("targets", [None, ("linear_qkv", "router")], ids=["experts", "router"])
+def test_dropout_on_a_parameter_target_is_refused_as_peft_refuses_it(adapter_job_bin, base, tmp_path, targets):
+    """PEFT's ParamWrapper raises on lora_dropout > 0, for a fused expert parameter and for the router's 2-D weight
+    alike: an adapter_config.json saying so is bad input to verify, named."""
+    cfg = checkpoint(base, tmp_path / "ckpt", targets=targets, share_expert_adapters=False)
     written = write_checkpoint(cfg)
     out = tmp_path / "adapter"
     assert export(adapter_job_bin, base, written.root, out, 1, "--no-verify").returncode == 0
