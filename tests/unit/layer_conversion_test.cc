@@ -62,21 +62,26 @@ class Layer {
     return by_name;
   }
 
-  // The source rows an output took, one per output row.
-  std::vector<int64_t> RowsOf(const OutputTensor& out) const {
+  // The source row of every element of an output, in order.
+  std::vector<int64_t> ValuesOf(const OutputTensor& out) const {
     const Tensor t = MaterializeOutput(out, layout_, buffer_);
-    const int64_t cols = out.shape.size() < 2 ? 1 : out.shape.back();
-    std::vector<int64_t> rows;
-    for (std::size_t i = 0; i < t.data.size() / 4; i += static_cast<std::size_t>(cols)) {
+    std::vector<int64_t> values;
+    for (std::size_t i = 0; i < t.data.size(); i += 4) {
       float v = 0;
-      std::memcpy(&v, t.data.data() + i * 4, 4);
-      rows.push_back(static_cast<int64_t>(v));
+      std::memcpy(&v, t.data.data() + i, 4);
+      values.push_back(static_cast<int64_t>(v));
     }
-    return rows;
+    return values;
   }
 
-  const LayerLayout& Layout() const { return layout_; }
-  std::span<const std::byte> Buffer() const { return buffer_; }
+  // The source rows an output took, one per output row.
+  std::vector<int64_t> RowsOf(const OutputTensor& out) const {
+    const auto cols = static_cast<std::size_t>(out.shape.size() < 2 ? 1 : out.shape.back());
+    const std::vector<int64_t> values = ValuesOf(out);
+    std::vector<int64_t> rows;
+    for (std::size_t i = 0; i < values.size(); i += cols) rows.push_back(values[i]);
+    return rows;
+  }
 
  private:
   void Push(float v) {
@@ -217,11 +222,17 @@ TEST(RowSplits, CanonicalGateUndoesSwigluShardingAtTp2) {
               ElementsAre(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-TEST(RowSplits, ExpertsTakeTheirOwnSlice) {
+// Two experts of ffn 3 in a Llama-shaped layer.
+ConversionSettings TwoExperts(const std::string& architecture) {
   ConversionSettings s = Llama();
-  s.family = Family("Qwen3MoeForCausalLM");
+  s.family = Family(architecture);
   s.model.num_experts = 2;
   s.model.expert_intermediate_size = 3;
+  return s;
+}
+
+TEST(RowSplits, ExpertsTakeTheirOwnSlice) {
+  const ConversionSettings s = TwoExperts("Qwen3MoeForCausalLM");
   Layer layer;
   const std::string fc1 = "mlp.experts.experts.linear_fc1";
   layer.Add(fc1, AdapterParam::kLinearIn, {2, kRank, 8}, "", 2);
@@ -241,14 +252,11 @@ TEST(RowSplits, ExpertsTakeTheirOwnSlice) {
 }
 
 // GPT-OSS stores its experts fused: the adapters go out as PEFT's ParamWrapper holds them
-// (tuners/lora/ layer.py: lora_A [experts x r, in] read as "e r i", lora_B [out, r x experts] read
+// (tuners/lora/layer.py: lora_A [experts x r, in] read as "e r i", lora_B [out, r x experts] read
 // as "o r e"), with Megatron's [gate; up] rows interleaved as gate_up_proj's columns, and
 // down_proj's wrapper outermost.
 TEST(RowSplits, FusedExpertsPackAsPeftsParamWrapper) {
-  ConversionSettings s = Llama();
-  s.family = Family("GptOssForCausalLM");
-  s.model.num_experts = 2;
-  s.model.expert_intermediate_size = 3;
+  const ConversionSettings s = TwoExperts("GptOssForCausalLM");
   Layer layer;
   const std::string fc1 = "mlp.experts.experts.linear_fc1";
   const std::string fc2 = "mlp.experts.experts.linear_fc2";
@@ -266,16 +274,9 @@ TEST(RowSplits, FusedExpertsPackAsPeftsParamWrapper) {
   EXPECT_THAT(b.shape, ElementsAre(6, kRank * 2));
   // Each element holds its source row (expert x 6 + row): out row o is gate o/2 (even o) or up o/2
   // (odd o), each rank's two experts side by side.
-  std::vector<int64_t> values;
-  const Tensor packed = MaterializeOutput(b, layer.Layout(), layer.Buffer());
-  for (std::size_t i = 0; i < packed.data.size(); i += 4) {
-    float v = 0;
-    std::memcpy(&v, packed.data.data() + i, 4);
-    values.push_back(static_cast<int64_t>(v));
-  }
-  EXPECT_THAT(values, ElementsAreArray<int64_t>({0, 6, 0, 6, 0, 6, 3, 9,  3, 9,  3, 9,
-                                                 1, 7, 1, 7, 1, 7, 4, 10, 4, 10, 4, 10,
-                                                 2, 8, 2, 8, 2, 8, 5, 11, 5, 11, 5, 11}));
+  EXPECT_THAT(layer.ValuesOf(b), ElementsAreArray<int64_t>(
+                                     {0, 6,  0, 6,  0, 6,  3, 9, 3, 9, 3, 9, 1, 7,  1, 7,  1, 7,
+                                      4, 10, 4, 10, 4, 10, 2, 8, 2, 8, 2, 8, 5, 11, 5, 11, 5, 11}));
   EXPECT_EQ(out.at(kPrefix + "mlp.experts.lora_B.weight").parameter, "mlp.experts.down_proj");
   EXPECT_THAT(out.at(kPrefix + "mlp.experts.lora_B.weight").shape, ElementsAre(8, kRank * 2));
 
