@@ -131,6 +131,10 @@ ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
               "{}.stored_fused: only expert modules with a fused_parameter ('mlp.experts.x') "
               "can be stored fused",
               at);
+        // merge/peft_file.cc folds an adapter into [experts, in, out] (GPT-OSS's, transformers'
+        // is_transposed experts); [experts, out, in] would fit it wrongly when in == out.
+        if (m.stored_fused && m.fused_layout == FusedLayout::kOutIn)
+          Fail("{}.stored_fused: needs fused_layout in_out or in_out_interleaved", at);
       }
       f.modules.push_back(std::move(m));
     }

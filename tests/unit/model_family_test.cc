@@ -91,6 +91,19 @@ TEST(ModelFamily, MoeFamiliesAddExpertModulesToLlamasAttention) {
                        "hf": [{"path": "mlp.experts.down", "in": "expert_ffn", "out": "hidden"}]}]})";
   EXPECT_THAT(ErrorOf([&] { ParseModelFamily(unmarked, "x.json", families); }),
               HasSubstr("x.json (family 'f').add_modules[0].hf: expert modules, and only they"));
+  // GPT-OSS stores its experts fused, as [experts, in, out]; another layout is refused.
+  const ModelFamily gpt_oss = FamilyFor(families, "GptOssForCausalLM", "");
+  ASSERT_EQ(gpt_oss.StoredFusedExperts().size(), 2u);
+  EXPECT_EQ(gpt_oss.StoredFusedExperts()[0]->fused_layout, FusedLayout::kInOutInterleaved);
+  EXPECT_EQ(gpt_oss.StoredFusedExperts()[1]->fused_parameter, "mlp.experts.down_proj");
+  const std::string out_in = R"({"family": "f", "architectures": ["A"], "like": "llama",
+      "add_modules": [{"megatron": "mlp.experts.experts.linear_fc2", "peft_target": "linear_fc2",
+                       "fusion": "none", "parallelism": "row", "experts": true,
+                       "fused_parameter": "mlp.experts.down_proj", "stored_fused": true,
+                       "hf": [{"path": "mlp.experts.{expert}.down", "in": "expert_ffn",
+                               "out": "hidden"}]}]})";
+  EXPECT_THAT(ErrorOf([&] { ParseModelFamily(out_in, "x.json", families); }),
+              HasSubstr("stored_fused: needs fused_layout in_out or in_out_interleaved"));
 }
 
 TEST(ModelFamily, AFamilyAddedFromADirectoryNeedsNoCode) {
