@@ -73,11 +73,12 @@ cmake -S . -B build-gpu -G Ninja -DADAPTER_JOB_WERROR=ON \
   -DADAPTER_JOB_SHARED_DIR="$ADAPTER_JOB_SHARED" -DPython3_EXECUTABLE="$(command -v python3)" \
   "${openssl_args[@]}" \
   >"$LOGS/configure.log" 2>&1 || { tail -40 "$LOGS/configure.log"; status=1; exit; }
-# Benchmarks alone need only the job and its verification plugin.
+# Benchmarks alone need only the job and its verification plugin. `-k 0` keeps building past the
+# first error, so one device call shows every error the image's newer g++ finds.
 targets=()
 [[ " $* " == *" tests "* || " $* " == *" gpu-tests "* || " $* " == *" select "* ]] || targets=(--target adapter_job verify_plugin)
-cmake --build build-gpu -j"$(nproc)" "${targets[@]}" >"$LOGS/build.log" 2>&1 ||
-  { grep -E "error|Error" -A3 "$LOGS/build.log" | head -60; status=1; exit; }
+cmake --build build-gpu -j"$(nproc)" "${targets[@]}" -- -k 0 >"$LOGS/build.log" 2>&1 ||
+  { grep -E "error:|Error " -A3 "$LOGS/build.log" | head -150; status=1; exit; }
 note "build ok ($(($(date +%s) - start)) s)"
 B=build-gpu/src/cli/adapter_job
 $B version | tee -a "$SUMMARY"

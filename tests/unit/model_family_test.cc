@@ -132,7 +132,7 @@ TEST(ModelFamily, WidthsAreNamedOrSumsOfConfigIntegers) {
         << bad;
   }
   const auto families = LoadModelFamilies();
-  const ModelFamily& deepseek = FamilyFor(families, "DeepseekV3ForCausalLM", "");
+  const ModelFamily deepseek = FamilyFor(families, "DeepseekV3ForCausalLM", "");
   EXPECT_TRUE(deepseek.forward.moe_router_sigmoid);
   EXPECT_EQ(deepseek.forward.moe_shared_experts, "mlp.shared_experts");
   EXPECT_NE(deepseek.FindModule("mlp.shared_experts.linear_fc1"), nullptr);
