@@ -32,7 +32,7 @@ case $SHAPE in
     # DeepSeek-V3's real dims (61 layers, hidden 7168, 128 heads, MLA q_lora 1536 / kv_lora 512 / nope 128 /
     # rope 64 / v 128, 3 dense layers of ffn 18432, experts of ffn 2048 top-8, one shared expert), rank-16
     # per-expert adapters on every linear, written at TP2 x EP8. EXPERTS (default 256) can shrink the expert
-    # count: the fixture generator holds the whole checkpoint in memory (256 experts: 9.7 GB of adapters).
+    # count. 256 experts are 9.7 GB of adapters: the generator's --lean keeps them in memory about once.
     dims=(--layers 61 --hidden 7168 --heads 128 --query-groups 128 --head-dim 128 --ffn 18432 --dim 16 --alpha 32)
     moe=(--experts "${EXPERTS:-256}" --expert-ffn 2048 --topk 8 --mla "1536,512,128,64,128" --first-dense-layers 3
          --shared-expert-ffn 2048 --per-layer-keys)
@@ -51,8 +51,9 @@ ckpt=$WORK/$tag/megatron_ckpt
 model=$WORK/$tag/hf_config
 mkdir -p "$WORK/$tag"
 if [[ ! -f $ckpt/latest_checkpointed_iteration.txt ]]; then
+  # --lean: the same files, without holding every global tensor beside the chunks (see the generator's docstring)
   "$PYTHON" tests/fixtures/megatron_checkpoint.py --out "$ckpt" "${layout[@]}" "${dims[@]}" "${moe[@]}" \
-    --no-expected >/dev/null
+    --no-expected --lean >/dev/null
 fi
 if [[ ! -f $model/config.json ]]; then
   # The export reads only config.json: no weights needed.
@@ -87,20 +88,22 @@ fi
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 now() { date +%s.%N; }
+# Arithmetic on decimals with awk: the GPU image has no bc.
+calc() { awk "BEGIN { print $1 }"; }
 
 distcp=("$ckpt"/iter_*/__*.distcp)
 bytes=$(cat "${distcp[@]}" | wc -c)
 cat "${distcp[@]}" >/dev/null  # warm the page cache
-floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >/dev/null; e=$(now); echo "$e - $s" | bc -l; done | median)
+floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >/dev/null; e=$(now); calc "$e - $s"; done | median)
 
 # A second floor with the output side too: read the bytes, write as many, fsync them.
-copy_floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >"$WORK/$tag/copy"; sync "$WORK/$tag/copy"; e=$(now); echo "$e - $s" | bc -l; done | median)
+copy_floor=$(for _ in $(seq "$REPEAT"); do s=$(now); cat "${distcp[@]}" >"$WORK/$tag/copy"; sync "$WORK/$tag/copy"; e=$(now); calc "$e - $s"; done | median)
 rm -f "$WORK/$tag/copy"
 
 echo "| run | wall s (median of $REPEAT) | x read floor | in-job s (rank 0) | peak RSS per rank (MiB) |"
 echo "|---|---:|---:|---:|---|"
 echo "| floor: cat .distcp > /dev/null | $(printf %.4f "$floor") | 1.0 | - | - |"
-echo "| floor: cat .distcp > file; sync | $(printf %.4f "$copy_floor") | $(printf %.1f "$(echo "$copy_floor / $floor" | bc -l)") | - | - |"
+echo "| floor: cat .distcp > file; sync | $(printf %.4f "$copy_floor") | $(printf %.1f "$(calc "$copy_floor / $floor")") | - | - |"
 # The export alone: verification needs base weights, which this config-only model has not.
 export_args=(export --hf-model-id "$model" --megatron-peft-checkpoint "$ckpt" --backend "$BACKEND" --no-verify)
 # `direct`: one process started without mpirun (no MPI at all); N: mpirun -np N.
@@ -121,7 +124,7 @@ for n in direct $RANKS; do
         --report "$WORK/$tag/report.json" >/dev/null
     fi
     e=$(now)
-    walls+=("$(echo "$e - $s" | bc -l)")
+    walls+=("$(calc "$e - $s")")
     jobs+=("$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["seconds"]["total"])' "$WORK/$tag/report.json")")
   done
   wall=$(printf '%s\n' "${walls[@]}" | median)
@@ -129,7 +132,7 @@ for n in direct $RANKS; do
   count=$([[ $n == direct ]] && echo 1 || echo "$n")
   rss=$(for r in $(seq 0 $((count - 1))); do echo $(( $(tail -1 "$WORK/$tag/rss.$r") / 1024 )); done | paste -sd, -)
   label=$([[ $n == direct ]] && echo "adapter_job export (1 process, no mpirun)" || echo "mpirun -np $n adapter_job export")
-  echo "| $label | $(printf %.3f "$wall") | $(printf %.1f "$(echo "$wall / $floor" | bc -l)") | $(printf %.3f "$job") | $rss |"
+  echo "| $label | $(printf %.3f "$wall") | $(printf %.1f "$(calc "$wall / $floor")") | $(printf %.3f "$job") | $rss |"
 done
 echo
 echo "checkpoint: $tag, $(( bytes / 1024 / 1024 )) MiB of .distcp in ${#distcp[@]} files; adapter $(du -b "$out/adapter_model.safetensors" | cut -f1) bytes"

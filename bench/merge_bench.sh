@@ -51,6 +51,8 @@ if [[ ! -f $adapter/adapter_config.json ]]; then
 fi
 
 now() { date +%s.%N; }
+# Arithmetic on decimals with awk: the GPU image has no bc.
+calc() { awk "BEGIN { print $1 }"; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 mib() { echo $(( $1 / 1024 / 1024 )); }
 shards=("$base"/model-*.safetensors)
@@ -59,7 +61,7 @@ bytes=$(cat "${shards[@]}" | wc -c)
 floor=$(for _ in $(seq "$REPEAT"); do
   s=$(now); cat "${shards[@]}" >"$dir/copy"; sync "$dir/copy"; e=$(now)
   rm -f "$dir/copy"
-  echo "$e - $s" | bc -l
+  calc "$e - $s"
 done | median)
 
 echo "| run | wall s | x floor | peak RSS per process (MiB) |"
@@ -70,7 +72,7 @@ row() {  # label, wall, rss files...
   shift 2
   local rss
   rss=$(for f in "$@"; do mib "$(( $(tail -1 "$f") * 1024 ))"; done | paste -sd, -)
-  echo "| $label | $(printf %.2f "$wall") | $(printf %.2f "$(echo "$wall / $floor" | bc -l)") | $rss |"
+  echo "| $label | $(printf %.2f "$wall") | $(printf %.2f "$(calc "$wall / $floor")") | $rss |"
 }
 merge_args=(merge --hf-model-id "$base" --megatron-peft-checkpoint "$ckpt" --quiet
             --merge-device "$MERGE_DEVICE")
@@ -90,7 +92,7 @@ for n in $RANKS; do
       files=("$dir"/rss.*)
     fi
     e=$(now)
-    walls+=("$(echo "$e - $s" | bc -l)")
+    walls+=("$(calc "$e - $s")")
     rm -rf "$out"
   done
   label=$([[ $n == direct ]] && echo "adapter_job merge (1 process)" || echo "mpirun -np $n adapter_job merge")
@@ -104,7 +106,7 @@ if [[ $VERIFY == 1 ]]; then
   /usr/bin/time -f %M -o "$dir/rss.v" "$BIN" "${merge_args[@]}" --output-hf-path "$out" \
     --verify-device "$VERIFY_DEVICE" --report "$dir/report.json"
   e=$(now)
-  row "adapter_job merge, verified ($VERIFY_DEVICE, 1 process)" "$(echo "$e - $s" | bc -l)" "$dir/rss.v"
+  row "adapter_job merge, verified ($VERIFY_DEVICE, 1 process)" "$(calc "$e - $s")" "$dir/rss.v"
   verify_s=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["seconds"]["verify"])' "$dir/report.json")
   echo "| (of which verification) | $(printf %.2f "$verify_s") | | |"
   rm -rf "$out" "$out.unverified"
@@ -116,7 +118,7 @@ if [[ $REFERENCE == 1 ]]; then
   /usr/bin/time -f %M -o "$dir/rss.ref" "$PYTHON" bench/reference_merge.py "$base" "$adapter" "$out" >"$dir/reference.log" 2>"$dir/reference.err"
   sync "$out"/*
   e=$(now)
-  row "Python: PEFT merge_and_unload + save_pretrained ($(cat "$dir/reference.log"))" "$(echo "$e - $s" | bc -l)" "$dir/rss.ref"
+  row "Python: PEFT merge_and_unload + save_pretrained ($(cat "$dir/reference.log"))" "$(calc "$e - $s")" "$dir/rss.ref"
   rm -rf "$out"
 fi
 echo
