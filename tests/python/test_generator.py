@@ -403,3 +403,39 @@ def test_tiny_moe_bases_and_merged_reference(arch, tmp_path):
                                **cfg)
     mags = mc.true_tensors(dora, mc.adapter_params(dora))
     assert mags["decoder.layers.self_attention.linear_qkv.adapter.weight_magnitude"].shape == (L, 128)
+
+
+@pytest.mark.parametrize("kw", [dict(experts=E, expert_ffn=F, tp=2, pp=2, ep=2, share_expert_adapters=False,
+                                     per_layer_keys=True, first_dense_layers=1),
+                                dict(kind="dora", tp=2)],
+                         ids=["moe-per-expert-tp2pp2ep2", "dora-tp2"])
+def test_lean_writes_the_same_checkpoint(kw, tmp_path):
+    """--lean (keep_tensors=False), which the 256-expert bench needs to fit, writes the same files as the default: the
+    rank files byte for byte, the same .metadata but for its random save_id, and torch's DCP loader reads the same
+    tensors; Written then holds no tensors, and using them is an error, not an empty dict."""
+    kept = mc.write_checkpoint(mc.CheckpointConfig(out=tmp_path / "kept", write_expected=False, **kw))
+    lean = mc.write_checkpoint(mc.CheckpointConfig(out=tmp_path / "lean", write_expected=False, keep_tensors=False,
+                                                   **kw))
+    files = sorted(p.name for p in kept.iter_dir.iterdir())
+    assert files == sorted(p.name for p in lean.iter_dir.iterdir()) and len(files) > 4
+    for name in files:
+        if name != ".metadata":
+            assert (kept.iter_dir / name).read_bytes() == (lean.iter_dir / name).read_bytes(), name
+    assert layout(kept.iter_dir) == layout(lean.iter_dir)
+    a, b = load_all(kept.iter_dir, kept.root), load_all(lean.iter_dir, lean.root)
+    tensors = [k for k in a if "/" not in k]
+    assert a.keys() == b.keys() and tensors and all(same_bits(a[k], b[k]) for k in tensors)
+    for use in (lambda t: t[next(iter(kept.tensors))], len, lambda t: t.items(), lambda t: t == {}):
+        with pytest.raises(RuntimeError, match="keep_tensors=False"):
+            use(lean.tensors)
+    with pytest.raises(ValueError, match="--no-expected"):
+        mc.write_checkpoint(mc.CheckpointConfig(out=tmp_path / "bad", keep_tensors=False, **kw))
+
+
+@pytest.mark.parametrize("n,piece", [(1000, 48), (4096, 64), (17, 16), (7, 16), (100_003, 4096)])
+def test_randn_in_pieces_gives_one_draws_bits(n, piece):
+    """The lean generator draws a parameter a piece at a time; the values must be those of one torch.randn draw
+    (torch's CPU normal fill transforms uniforms 16 at a time), or the fixtures would change with the piece size."""
+    whole = (torch.randn(n, generator=torch.Generator().manual_seed(5)) * 0.05).to(torch.bfloat16)
+    pieces = mc._randn((n,), torch.Generator().manual_seed(5), 0.05, torch.bfloat16, piece=piece)
+    assert same_bits(whole, pieces)
