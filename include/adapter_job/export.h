@@ -46,8 +46,11 @@ struct ExportOptions {
   // More model families (*.json, as config/models/) besides the built-in ones.
   std::vector<std::filesystem::path> model_family_dirs;
   // Adapter keys under these prefixes are left out deliberately (Megatron-Bridge's
-  // --exclude-adapter-base-prefix); the MTP layers' (`mtp.`) always are.
+  // --exclude-adapter-base-prefix).
   std::vector<std::string> excluded_adapter_prefixes;
+  // The MTP layers' adapters (`mtp.layers.<i>.`), written as layers num_hidden_layers + i where
+  // the HF checkpoints of DeepSeek-V3 and GLM-4.5 keep those layers; left out otherwise.
+  bool include_mtp_layers = false;
   // Verify on rank 0 before publishing (prompts, top-k, device; the paths are filled in). A
   // failed verification publishes the adapter as `<output>.unverified` instead.
   std::optional<verify::VerifyOptions> verify;

@@ -14,6 +14,7 @@ namespace adapter_job::checkpoint {
 namespace {
 
 constexpr std::string_view kLayersPrefix = "decoder.layers.";
+constexpr std::string_view kMtpPrefix = "mtp.layers.";
 constexpr std::string_view kAdapter = ".adapter.";
 
 std::optional<int64_t> ParseIndex(std::string_view text) {
@@ -100,19 +101,42 @@ std::string_view AdapterParamName(AdapterParam param) {
 std::optional<AdapterKey> ParseAdapterKey(std::string_view fqn) {
   const auto adapter_at = fqn.find(kAdapter);
   if (adapter_at == std::string_view::npos) return std::nullopt;
-  if (fqn.substr(0, kLayersPrefix.size()) != kLayersPrefix) {
+  AdapterKey key;
+  std::string_view module;
+  if (fqn.starts_with(kLayersPrefix)) {
+    module = fqn.substr(kLayersPrefix.size(), adapter_at - kLayersPrefix.size());
+    if (const auto dot = module.find('.'); dot != std::string_view::npos) {
+      if (auto layer = ParseIndex(module.substr(0, dot))) {
+        key.layer = layer;
+        module.remove_prefix(dot + 1);
+      }
+    }
+  } else if (fqn.starts_with(kMtpPrefix)) {
+    // Only the transformer layer inside an MTP block maps to HF modules; eh_proj and the norms
+    // around it have no PEFT target.
+    module = fqn.substr(kMtpPrefix.size(), adapter_at - kMtpPrefix.size());
+    const auto dot = module.find('.');
+    const auto layer =
+        dot == std::string_view::npos ? std::nullopt : ParseIndex(module.substr(0, dot));
+    if (layer) module.remove_prefix(dot + 1);
+    std::string_view inner;
+    for (std::string_view name : {"mtp_model_layer.", "transformer_layer."}) {
+      if (module.starts_with(name)) inner = module.substr(name.size());
+    }
+    if (!layer || inner.empty()) {
+      Fail(
+          "adapter '{}' is in an MTP layer but outside its transformer layer "
+          "(mtp.layers.<i>.mtp_model_layer.); only transformer-layer adapters can be exported",
+          fqn);
+    }
+    key.layer = layer;
+    key.mtp_layer = layer;
+    module = inner;
+  } else {
     // Optimizer state repeats the parameter names under its own prefix.
     if (fqn.starts_with("optimizer.")) return std::nullopt;
     Fail("adapter '{}' is outside decoder.layers; only transformer-layer adapters can be exported",
          fqn);
-  }
-  AdapterKey key;
-  std::string_view module = fqn.substr(kLayersPrefix.size(), adapter_at - kLayersPrefix.size());
-  if (const auto dot = module.find('.'); dot != std::string_view::npos) {
-    if (auto layer = ParseIndex(module.substr(0, dot))) {
-      key.layer = layer;
-      module.remove_prefix(dot + 1);
-    }
   }
   key.module = std::string(module);
   std::string_view rest = fqn.substr(adapter_at + kAdapter.size());
@@ -153,7 +177,8 @@ const ChunkMeta& MetaOf(const DcpMetadata& metadata, const LayerLayout& layer,
 }
 
 AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model,
-                                const std::vector<std::string>& excluded_prefixes) {
+                                const AdapterSelection& selection) {
+  const std::vector<std::string>& excluded_prefixes = selection.excluded_prefixes;
   AdapterLayout layout;
   layout.tensor_parallel = static_cast<int>(model.tensor_parallel);
   layout.pipeline_parallel = static_cast<int>(model.pipeline_parallel);
@@ -177,7 +202,7 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
     const TensorMeta& tensor = metadata.tensors[index];
     const std::string_view fqn = tensor.fqn;
     if (fqn.find(kAdapter) != std::string_view::npos) {
-      bool excluded = fqn.starts_with("mtp.");
+      bool excluded = fqn.starts_with("mtp.") && !selection.mtp_layers;
       for (std::size_t p = 0; p < excluded_prefixes.size(); ++p) {
         if (fqn.starts_with(excluded_prefixes[p])) excluded = prefix_used[p] = true;
       }
@@ -188,7 +213,9 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
     }
     auto key = ParseAdapterKey(tensor.fqn);
     if (!key) continue;
-    if (key->layer) {
+    if (key->mtp_layer) {
+      layout.mtp_layers = std::max(layout.mtp_layers, *key->mtp_layer + 1);
+    } else if (key->layer) {
       per_layer_count = std::max(per_layer_count, *key->layer + 1);
     } else {
       if (tensor.size.empty()) Fail("stacked adapter '{}' has no layer axis", tensor.fqn);
@@ -210,6 +237,8 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
            excluded_prefixes[p]);
   }
   if (found.empty()) Fail("the checkpoint holds no adapter tensors (no key contains '.adapter.')");
+  if (selection.mtp_layers && layout.mtp_layers == 0)
+    Fail("--include-mtp-layers: the checkpoint holds no MTP layer adapters (mtp.layers.<i>.)");
   layout.num_layers =
       model.num_layers.value_or(std::max(stacked_layers.value_or(0), per_layer_count));
   if (stacked_layers && *stacked_layers != layout.num_layers) {
@@ -226,12 +255,18 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
          layout.num_layers, layout.pipeline_parallel, layout.virtual_pipeline);
   }
 
-  layout.layers.resize(static_cast<std::size_t>(layout.num_layers));
-  for (int64_t l = 0; l < layout.num_layers; ++l) {
+  layout.layers.resize(static_cast<std::size_t>(layout.num_layers + layout.mtp_layers));
+  for (int64_t l = 0; l < std::ssize(layout.layers); ++l) {
     auto& layer = layout.layers[static_cast<std::size_t>(l)];
     layer.layer = l;
+    // Megatron builds the MTP block with the output layer, on the last stage.
     layer.pp_stage =
-        StageOfLayer(l, layout.num_layers, layout.pipeline_parallel, layout.virtual_pipeline);
+        l >= layout.num_layers
+            ? layout.pipeline_parallel - 1
+            : StageOfLayer(l, layout.num_layers, layout.pipeline_parallel, layout.virtual_pipeline);
+  }
+  for (Found& entry : found) {
+    if (entry.key.mtp_layer) entry.key.layer = layout.num_layers + *entry.key.mtp_layer;
   }
 
   std::sort(found.begin(), found.end(),
@@ -252,7 +287,7 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
         Fail("'{}': chunk at {} spans {} layers; expected one chunk per layer", meta->fqn,
              ShapeToString(chunk.offsets), chunk.sizes[0]);
       }
-      if (l >= layout.num_layers) Fail("'{}': layer {} is beyond num_layers", meta->fqn, l);
+      if (l >= std::ssize(layout.layers)) Fail("'{}': layer {} is beyond num_layers", meta->fqn, l);
       auto& layer = layout.layers[static_cast<std::size_t>(l)];
       auto it = std::find_if(layer.tensors.begin(), layer.tensors.end(),
                              [&](const LayerTensor& t) { return t.meta_index == entry.index; });

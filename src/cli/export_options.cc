@@ -92,8 +92,11 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
      "the built-in ones (repeatable)")
     ("exclude-adapter-base-prefix", po::value<std::vector<std::string>>(),
      "leave out the adapters whose Megatron key starts with this prefix, e.g. "
-     "decoder.layers.0.mlp (repeatable; the MTP layers' are always left out, and a prefix "
-     "matching nothing is an error)")
+     "decoder.layers.0.mlp (repeatable; a prefix matching nothing is an error)")
+    ("include-mtp-layers", po::bool_switch(),
+     "also export the multi-token prediction layers' adapters (mtp.layers.<i>), as layers "
+     "num_hidden_layers + i, where DeepSeek-V3's and GLM-4.5's HF checkpoints keep them; "
+     "left out otherwise")
     ("trust-remote-code", po::value<bool>()->default_value(false)->implicit_value(true)->zero_tokens(),
      "accepted for compatibility with Megatron-Bridge's script; no code is ever loaded");
   if (stream) {
@@ -206,6 +209,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
   if (vm.count("exclude-adapter-base-prefix"))
     cl.options.excluded_adapter_prefixes =
         vm["exclude-adapter-base-prefix"].as<std::vector<std::string>>();
+  cl.options.include_mtp_layers = vm["include-mtp-layers"].as<bool>();
   if (vm.count("report")) cl.report_path = vm["report"].as<std::string>();
   if (stream) {
     if (!vm.count("output")) throw po::error("the option '--output' is required");

@@ -125,7 +125,9 @@ int RunVerify(const std::vector<std::string>& args) {
      "a directory of model family descriptions to add to the built-in ones (repeatable)")
     ("exclude-adapter-base-prefix", po::value<std::vector<std::string>>(),
      "as the export was given it: the Megatron-merged variant leaves these adapters out too "
-     "(repeatable)");
+     "(repeatable)")
+    ("include-mtp-layers", po::bool_switch(),
+     "as the export was given it: hold the MTP layers' adapted weights to the Megatron merge's");
   // clang-format on
   AddVerifyOptions(options);
   AddConsoleOptions(options);
@@ -152,6 +154,7 @@ int RunVerify(const std::vector<std::string>& args) {
   if (vm.count("exclude-adapter-base-prefix"))
     verify.excluded_adapter_prefixes =
         vm["exclude-adapter-base-prefix"].as<std::vector<std::string>>();
+  verify.include_mtp_layers = vm["include-mtp-layers"].as<bool>();
   ReadVerifyOptions(vm, verify);
   writer::RefuseOutputsOverInputs(
       {{"--report", vm.count("report") ? vm["report"].as<std::string>() : ""},

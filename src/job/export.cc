@@ -123,6 +123,7 @@ verify::VerificationReport VerifyOutput(const ExportOptions& options, const job:
   if (!v.progress) v.progress = options.progress;
   v.model_family_dirs = options.model_family_dirs;
   v.excluded_adapter_prefixes = options.excluded_adapter_prefixes;
+  v.include_mtp_layers = options.include_mtp_layers;
   verify::VerificationReport report = verify::VerifyWithPlugin(v);
   report.adapter_path = finished.accepted_path.string();
   return report;

@@ -149,8 +149,9 @@ ExportPlan PlanExport(const ExportOptions& options, bool verify,
   writer::RefuseOutputsOverInputs(outputs, inputs);
 
   auto reader = checkpoint::CheckpointReader::Open(run.iteration_dir);
-  auto layout = checkpoint::PlanAdapterLayout(reader.metadata(), run.model,
-                                              options.excluded_adapter_prefixes);
+  auto layout = checkpoint::PlanAdapterLayout(
+      reader.metadata(), run.model,
+      {options.excluded_adapter_prefixes, options.include_mtp_layers});
   // Before any collective, and before any buffer is sized from the .metadata: a missing or short
   // shard, or a .metadata that declares more than the files hold. Every rank checks every chunk,
   // so all fail alike.

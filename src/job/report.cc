@@ -74,8 +74,8 @@ std::string ExportReport::Summary() const {
   std::string output_lines;
   if (!excluded_adapters.empty()) {
     output_lines += fmt::format(
-        "left out {} adapter tensors on purpose (MTP layers, --exclude-adapter-base-prefix), e.g. "
-        "{}\n",
+        "left out {} adapter tensors on purpose (MTP layers without --include-mtp-layers, "
+        "--exclude-adapter-base-prefix), e.g. {}\n",
         excluded_adapters.size(), excluded_adapters.front());
   }
   if (sink_per_rank) {

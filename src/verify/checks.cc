@@ -24,6 +24,10 @@ namespace {
 
 constexpr double kEffectFloor = 1e-4;      // an adapter that moves no logit by this did nothing
 constexpr double kMaxDiffRelative = 1e-4;  // of the largest |logit|
+// Of the largest |weight update|: both updates come from the same adapter-dtype tensors in
+// float32, so they differ by summation order and by the float32 rounding of W + update - W
+// (1e-7 of |W|, W at most ~100x the update); a mapping error differs by the update itself.
+constexpr double kMaxUpdateDiffRelative = 1e-4;
 constexpr double kMeanDiffRelative = 1e-5;
 constexpr double kMinCosine = 1.0 - 1e-6;
 constexpr double kTieRelative = 1e-4;  // near-ties: logits closer than this may swap ranks
@@ -175,6 +179,15 @@ std::vector<CheckResult> RunChecks(const CheckInputs& in) {
                                        "nearest value (float32 sums in another order flip about "
                                        "1e-5)",
                                        t.elements)));
+  }
+  if (in.mtp_layers) {
+    const UpdateComparison& m = *in.mtp_layers;
+    checks.push_back(Check(
+        "mtp_layers_peft_vs_merged_update", m.max_diff, "<=", kMaxUpdateDiffRelative * m.scale,
+        fmt::format("{} MTP layer(s), weights only (no forward pass runs them): largest |PEFT "
+                    "update - Megatron merge's update| of any element, worst in {}; largest "
+                    "|update| {:.3g}",
+                    m.layers, m.worst_tensor.empty() ? "none" : m.worst_tensor, m.scale)));
   }
   if (in.prompts.empty()) return checks;
   // The adapter as PEFT applies it against the checkpoint's own adapter merged in Megatron's

@@ -30,9 +30,19 @@ struct RoundingTally {
   std::string worst_tensor;
 };
 
+// The MTP layers' weights updated as PEFT applies the adapter against the Megatron merge's update
+// (no forward pass runs those layers: transformers has no MTP module).
+struct UpdateComparison {
+  int64_t layers = 0;
+  double max_diff = 0;  // largest |PEFT update - Megatron update| of any weight element
+  double scale = 0;     // largest |Megatron update|
+  std::string worst_tensor;
+};
+
 struct CheckInputs {
   std::vector<PromptLogits> prompts;
   std::optional<RoundingTally> merged_model_weights;
+  std::optional<UpdateComparison> mtp_layers;
   int top_k = 5;
   std::size_t unused_tensors = 0;
   std::size_t missing_tensors = 0;

@@ -63,15 +63,15 @@ at::Tensor LocalFc1Rows(int64_t ffn, int64_t tp, int64_t rank, const at::Device&
 std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(
     const std::filesystem::path& checkpoint, const convert::HfModelConfig& model,
     const LlamaSettings& settings, at::ScalarType adapter_dtype,
-    const std::vector<std::string>& excluded_prefixes) {
+    const checkpoint::AdapterSelection& selection) {
   // The resolver the export used: the iteration it pinned (export --wait/--result) resolves to
   // itself, a save directory to the iteration its latest_checkpointed_iteration.txt names.
   auto run = checkpoint::OpenRunDirectory(checkpoint::ResolveCheckpoint(checkpoint).iteration_dir);
   if (!run.peft) Fail("'{}' has no run_config.yaml peft: section", run.iteration_dir.string());
   auto reader = checkpoint::CheckpointReader::Open(run.iteration_dir);
   std::unique_ptr<MegatronAdapter> adapter(new MegatronAdapter(std::move(run), std::move(reader)));
-  adapter->layout_ = checkpoint::PlanAdapterLayout(adapter->reader_.metadata(), adapter->run_.model,
-                                                   excluded_prefixes);
+  adapter->layout_ =
+      checkpoint::PlanAdapterLayout(adapter->reader_.metadata(), adapter->run_.model, selection);
   adapter->reader_.CheckDeclaredBytes(adapter->layout_);
   adapter->model_ = model;
   adapter->adapter_dtype_ = adapter_dtype;

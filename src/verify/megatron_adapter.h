@@ -23,12 +23,16 @@ class MegatronAdapter {
  public:
   // `adapter_dtype`: the dtype the exported adapter stores; the checkpoint's tensors are rounded
   // to it first, as the export legitimately does (a float32 checkpoint exported as bf16).
-  // `settings` names the experts' HF modules for MoE models; adapters under `excluded_prefixes`
-  // are left out, as the export left them out.
-  static std::unique_ptr<MegatronAdapter> Open(
-      const std::filesystem::path& checkpoint, const convert::HfModelConfig& model,
-      const LlamaSettings& settings, at::ScalarType adapter_dtype,
-      const std::vector<std::string>& excluded_prefixes = {});
+  // `settings` names the experts' HF modules for MoE models; `selection` leaves out what the
+  // export left out, and numbers the MTP layers as it did.
+  static std::unique_ptr<MegatronAdapter> Open(const std::filesystem::path& checkpoint,
+                                               const convert::HfModelConfig& model,
+                                               const LlamaSettings& settings,
+                                               at::ScalarType adapter_dtype,
+                                               const checkpoint::AdapterSelection& selection = {});
+
+  // The MTP layers the checkpoint holds adapters for (numbered after the decoder's).
+  int64_t mtp_layers() const { return layout_.mtp_layers; }
 
   // Replaces the adapted linear weights of `layer` in `weights` by their Megatron-merged values.
   void Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const;

@@ -206,13 +206,34 @@ VerificationReport Verify(const VerifyOptions& options) {
   const LlamaSettings settings = MakeLlamaSettings(config, family);
   const HfWeights base = HfWeights::Open(options.hf_model);
   CheckBaseShapes(base, config, settings);
+  // MTP layers: the layers the base's files hold after the decoder's (transformers loads none of
+  // them), when the adapter's are asked for.
+  const int64_t decoder_layers = config.num_hidden_layers;
+  int64_t mtp_layers = 0;
+  if (options.include_mtp_layers) {
+    if (!options.megatron_checkpoint)
+      Fail(
+          "--include-mtp-layers needs --megatron-peft-checkpoint: no forward pass runs the MTP "
+          "layers, so their weights are held to the checkpoint's");
+    while (base.Has(
+        fmt::format("model.layers.{}.input_layernorm.weight", decoder_layers + mtp_layers)))
+      ++mtp_layers;
+  }
   const PeftAdapter peft =
-      PeftAdapter::Open(options.adapter, base, config.num_hidden_layers,
+      PeftAdapter::Open(options.adapter, base, decoder_layers + mtp_layers,
                         DecoderLinearPaths(settings), settings.moe, config.model_type);
   std::unique_ptr<MegatronAdapter> megatron;
   if (options.megatron_checkpoint) {
-    megatron = MegatronAdapter::Open(*options.megatron_checkpoint, config, settings,
-                                     peft.storage_dtype(), options.excluded_adapter_prefixes);
+    megatron =
+        MegatronAdapter::Open(*options.megatron_checkpoint, config, settings, peft.storage_dtype(),
+                              {options.excluded_adapter_prefixes, options.include_mtp_layers});
+    if (megatron->mtp_layers() > mtp_layers) {
+      Fail(
+          "the checkpoint has adapters for {} MTP layer(s) but '{}' has {} after its {} decoder "
+          "layers (no model.layers.{}.input_layernorm.weight)",
+          megatron->mtp_layers(), options.hf_model.string(), mtp_layers, decoder_layers,
+          decoder_layers + mtp_layers);
+    }
   }
 
   std::optional<tokenizer::Tokenizer> tokenizer;
@@ -332,7 +353,24 @@ VerificationReport Verify(const VerifyOptions& options) {
         hidden[v].push_back(embed[v].index_select(0, ids) * settings.embedding_scale);
     }
   }
-  for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
+  // PEFT's weights of `layer` as the merged model's files store them; `files`: those files' layer.
+  const auto as_stored_layer = [&](int64_t layer, const LayerWeights& peft_weights,
+                                   LayerWeights& files) {
+    std::map<std::string, at::Tensor> in_files;
+    ForEachWeight(files, settings,
+                  [&](const std::string& name, at::Tensor& t) { in_files.emplace(name, t); });
+    LayerWeights stored = peft_weights;
+    const std::string prefix = fmt::format("model.layers.{}.", layer);
+    ForEachWeight(stored, settings, [&](const std::string& name, at::Tensor& t) {
+      const auto file = in_files.find(name);
+      if (file == in_files.end()) Fail("the merged model has no tensor '{}'", prefix + name);
+      const auto sliced = files.stored_as.find(name);
+      t = as_stored(t, file->second, prefix + name,
+                    prefix + (sliced == files.stored_as.end() ? name : sliced->second));
+    });
+    return stored;
+  };
+  for (int64_t layer = 0; layer < decoder_layers; ++layer) {
     const LayerWeights base_weights = LoadLayer(base, layer, settings, device);
     LayerWeights peft_weights = base_weights;
     peft.Apply(layer, peft_weights, device);
@@ -345,27 +383,44 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
     if (merged_files) {
       merged_model_weights = LoadLayer(*merged_files, layer, settings, device);
-      std::map<std::string, at::Tensor> in_files;
-      ForEachWeight(merged_model_weights, settings,
-                    [&](const std::string& name, at::Tensor& t) { in_files.emplace(name, t); });
-      stored_weights = peft_weights;
-      const std::string prefix = fmt::format("model.layers.{}.", layer);
-      ForEachWeight(stored_weights, settings, [&](const std::string& name, at::Tensor& t) {
-        const auto file = in_files.find(name);
-        if (file == in_files.end()) Fail("the merged model has no tensor '{}'", prefix + name);
-        const auto sliced = merged_model_weights.stored_as.find(name);
-        t = as_stored(
-            t, file->second, prefix + name,
-            prefix + (sliced == merged_model_weights.stored_as.end() ? name : sliced->second));
-      });
+      stored_weights = as_stored_layer(layer, peft_weights, merged_model_weights);
       per_variant.insert(per_variant.end(), {&stored_weights, &merged_model_weights});
     }
     for (std::size_t v = 0; v < variants; ++v) {
       for (auto& h : hidden[v]) h = DecoderLayer(h, *per_variant[v], settings, layer);
     }
     if (options.progress) {
-      options.progress({"verify", static_cast<uint64_t>(layer + 1),
-                        static_cast<uint64_t>(config.num_hidden_layers)});
+      options.progress(
+          {"verify", static_cast<uint64_t>(layer + 1), static_cast<uint64_t>(decoder_layers)});
+    }
+  }
+  // The MTP layers run in no forward pass here (transformers has no MTP module): PEFT's update of
+  // each weight is held to the Megatron merge's, and a merged model's files to PEFT's weights.
+  std::optional<UpdateComparison> mtp;
+  if (options.include_mtp_layers) mtp.emplace().layers = megatron->mtp_layers();
+  for (int64_t layer = decoder_layers; layer < decoder_layers + (mtp ? mtp->layers : 0); ++layer) {
+    LayerWeights base_weights = LoadLayer(base, layer, settings, device);
+    LayerWeights peft_weights = base_weights, merged_weights = base_weights;
+    peft.Apply(layer, peft_weights, device);
+    megatron->Apply(layer, merged_weights, device);
+    std::map<std::string, at::Tensor> merged_by_name, base_by_name;
+    ForEachWeight(merged_weights, settings,
+                  [&](const std::string& name, at::Tensor& t) { merged_by_name.emplace(name, t); });
+    ForEachWeight(base_weights, settings,
+                  [&](const std::string& name, at::Tensor& t) { base_by_name.emplace(name, t); });
+    ForEachWeight(peft_weights, settings, [&](const std::string& name, at::Tensor& t) {
+      const at::Tensor& original = base_by_name.at(name);
+      const at::Tensor update = merged_by_name.at(name) - original;
+      const double diff = (t - original - update).abs().max().item<double>();
+      mtp->scale = std::max(mtp->scale, update.abs().max().item<double>());
+      if (!(diff <= mtp->max_diff)) {  // NaN is the worst
+        mtp->max_diff = std::isnan(diff) ? std::numeric_limits<double>::infinity() : diff;
+        mtp->worst_tensor = fmt::format("model.layers.{}.{}", layer, name);
+      }
+    });
+    if (merged_files) {
+      LayerWeights files = LoadLayer(*merged_files, layer, settings, device);
+      as_stored_layer(layer, peft_weights, files);
     }
   }
 
@@ -401,6 +456,7 @@ VerificationReport Verify(const VerifyOptions& options) {
     inputs.prompts.push_back(std::move(logits));
   }
   if (merged_files) inputs.merged_model_weights = rounding;
+  inputs.mtp_layers = mtp;
   inputs.unused_tensors = peft.unused_tensors().size();
   inputs.missing_tensors = peft.missing_tensors().size();
   inputs.unmodelled_fields = peft.unmodelled_fields();

@@ -10,6 +10,7 @@ give the logits of an independent fp32 merge of the Megatron tensors into the ba
 which maps the modules one to one from Megatron-Bridge's models/deepseek/common.py); our verification's forward must
 give transformers' base logits, stock PEFT's and that merge's, and fail an adapter with kv_b_proj's per-head
 [k_nope; v] rows swapped."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run
 from megatron_checkpoint import CheckpointConfig, Mla, write_checkpoint
-from peft_reference import live_tensors, load_base, logits_of, merged_reference_logits, peft_logits
+from peft_reference import (hf_adapters, live_tensors, load_base, logits_of, merged_reference_logits, merged_weight,
+                            peft_logits)
 from test_families import (MPIRUN, PEFT_ATOL, assert_matches_the_references, export, export_verified_and_alone,
                            peft_warnings_beyond_its_moe_conversion)
 from test_merge import load_merged
@@ -54,6 +56,18 @@ def checkpoint(base_name, base, kind, targets, tp, ep, out):
                             experts=b.experts, expert_ffn=b.expert_ffn, topk=b.experts_per_token, mla=mla,
                             first_dense_layers=b.first_dense_layers, shared_expert_ffn=b.expert_ffn * b.shared_experts,
                             share_expert_adapters=False, per_layer_keys=True)
+
+
+def with_kv_b_halves_swapped(adapter_dir: Path, out: Path, layer: int, b: TinyLlamaConfig) -> Path:
+    """A copy of the adapter whose kv_b_proj lora_B in `layer` has each head's [k_nope; v] rows as [v; k_nope]."""
+    shutil.copytree(adapter_dir, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = f"base_model.model.model.layers.{layer}.self_attn.kv_b_proj.lora_B.weight"
+    heads = tensors[key].reshape(b.heads, b.qk_nope_head_dim + b.v_head_dim, -1)
+    tensors[key] = torch.cat([heads[:, b.qk_nope_head_dim:], heads[:, :b.qk_nope_head_dim]], 1).reshape(
+        tensors[key].shape).contiguous()
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 @pytest.mark.parametrize("base_name,kind,targets,tp,ep,ranks", CASES,
@@ -97,14 +111,7 @@ def test_export_loads_in_peft_and_matches_the_fp32_merge(adapter_job_bin, bases,
 
     # Both references see MLA's layout: kv_b_proj's per-head [k_nope; v] rows swapped in one layer are far off for
     # stock PEFT, and our verification fails them.
-    tensors = load_file(out / "adapter_model.safetensors")
-    key = f"{prefix}1.self_attn.kv_b_proj.lora_B.weight"
-    heads = tensors[key].reshape(b.heads, b.qk_nope_head_dim + b.v_head_dim, -1)
-    tensors[key] = torch.cat([heads[:, b.qk_nope_head_dim:], heads[:, :b.qk_nope_head_dim]], 1).reshape(
-        tensors[key].shape).contiguous()
-    planted = tmp_path / "planted"
-    shutil.copytree(out, planted)
-    save_file(tensors, planted / "adapter_model.safetensors", metadata={"format": "pt"})
+    planted = with_kv_b_halves_swapped(out, tmp_path / "planted", 1, b)
     reference = merged_reference_logits(base, live_tensors(written), kind, cfg.alpha, cfg.dim, prompts[0])
     wrong = (peft_logits(base, planted, prompts[0]).logits - reference).abs().max().item()
     assert wrong > 10 * PEFT_ATOL, f"swapped kv_b_proj halves still match ({wrong:.3g})"
@@ -212,3 +219,95 @@ def test_an_unmapped_module_is_named(adapter_job_bin, bases, tmp_path):
                   "--model-families", custom)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "self_attention.linear_kv_up_proj" in proc.stderr and "no HuggingFace mapping" in proc.stderr, proc.stderr
+
+
+def test_mtp_layers_are_exported_merged_and_verified_when_asked(adapter_job_bin, tmp_path, monkeypatch):
+    """DeepSeek-V3's multi-token prediction layer: Megatron saves its adapters as mtp.layers.0.mtp_model_layer.*, on
+    the last pipeline stage. Left out and listed by default; with --include-mtp-layers written as layer num_layers
+    (where the hub's checkpoint, and this base, keep the MTP layer's weights), each module's update s*B@A equal to
+    the independent fp32 mapping of the Megatron tensors (peft_reference's, as for a decoder layer), at TP2 x PP2 x
+    EP2 over 4 ranks; verification's weight check of that layer passes, and fails an adapter whose MTP kv_b_proj
+    has its per-head halves swapped, which no logit sees. `merge` folds it into the base's MTP tensors, which
+    transformers' own MtpModel then loads."""
+    b = dataclasses.replace(BASES["mla"], mtp_layers=1)
+    base = build_tiny_llama(b, tmp_path / "base")
+    cfg = dataclasses.replace(checkpoint("mla", base, "lora", None, 2, 2, tmp_path / "ckpt"), pp=2, mtp_layers=1)
+    written = write_checkpoint(cfg)
+    mtp_prefix, n = "mtp.layers.0.mtp_model_layer.", b.layers
+    mtp_tensors = {k: v for k, v in live_tensors(written).items() if k.startswith(mtp_prefix)}
+    assert len(mtp_tensors) == 18, sorted(mtp_tensors)  # MLA's five pairs, the experts' two, the shared experts' two
+
+    # Not asked for: left out, listed, and the rest verified.
+    out, report = tmp_path / "plain", tmp_path / "plain.json"
+    proc = export(adapter_job_bin, base, written.root, out, 4, "--verify-device", "cpu", "--report", report)
+    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
+    assert sorted(json.loads(report.read_text())["excluded_adapter_tensors"]) == sorted(mtp_tensors)
+    assert not any(f".layers.{n}." in k for k in load_file(out / "adapter_model.safetensors"))
+
+    # Asked for: layer n, the same update as the independent mapping.
+    out, report = tmp_path / "mtp", tmp_path / "mtp.json"
+    proc = export(adapter_job_bin, base, written.root, out, 4, "--verify-device", "cpu", "--report", report,
+                  "--include-mtp-layers")
+    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
+    checks = {c["name"]: c for c in json.loads(report.read_text())["verification"]["checks"]}
+    assert checks["mtp_layers_peft_vs_merged_update"]["passed"], checks["mtp_layers_peft_vs_merged_update"]
+    adapter = load_file(out / "adapter_model.safetensors")
+    config = json.loads((out / "adapter_config.json").read_text())
+    expected = hf_adapters({f"decoder.layers.{n}.{k[len(mtp_prefix):]}": v for k, v in mtp_tensors.items()},
+                           b.heads, b.heads, b.head_dim, model_type="deepseek_v3", experts=b.experts)
+    assert expected and all(path.startswith(f"model.layers.{n}.") for path in expected)
+    written_modules = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in adapter if f".layers.{n}." in k}
+    assert written_modules == set(expected), sorted(written_modules ^ set(expected))[:4]
+    for path, p in expected.items():
+        a, bb = (adapter[f"base_model.model.{path}.lora_{x}.weight"].float() for x in "AB")
+        ours, reference = bb @ a, p["B"] @ p["A"]
+        assert (ours - reference).abs().max() <= 1e-6 * reference.abs().max(), path
+    peft = peft_logits(base, out, prompts_for(b.vocab)[0])  # stock PEFT: the decoder's layers, no MTP module
+    assert peft.missing == [] and peft_warnings_beyond_its_moe_conversion(peft.warnings, config["rank_pattern"]) == []
+
+    # A fault only the MTP layer has: kv_b_proj's per-head [k_nope; v] rows swapped. The logits cannot see it.
+    planted = with_kv_b_halves_swapped(out, tmp_path / "planted", n, b)
+    prompts = prompts_for(b.vocab)
+    v = verify(adapter_job_bin, base, planted, tmp_path / "verify-planted", prompts, ckpt=written.root,
+               extra=("--include-mtp-layers",))
+    failed = [c["name"] for c in v.report["checks"] if not c["passed"]]
+    assert v.rc == EXIT_FAILED and failed == ["mtp_layers_peft_vs_merged_update"], (failed, v.stdout)
+    v = verify(adapter_job_bin, base, out, tmp_path / "verify-ok", prompts, ckpt=written.root,
+               extra=("--include-mtp-layers",))
+    assert v.rc == 0 and v.report["passed"], v.stdout
+
+    # merge: the MTP layer folded into the base's model.layers.n tensors, which transformers' MtpModel loads.
+    merged = tmp_path / "merged"
+    proc = run([*MPIRUN, "-np", "2", adapter_job_bin, "merge", "--hf-model-id", base, "--megatron-peft-checkpoint",
+                written.root, "--output-hf-path", merged, "--dtype", "fp32", "--verify-device", "cpu",
+                "--include-mtp-layers"], check=False)
+    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
+    base_weights = {}
+    for f in base.glob("*.safetensors"):
+        base_weights |= load_file(f)
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.modeling_layers import MtpModel
+    # transformers names the MTP layer the hub's model has (layer 61); this one's is layer n.
+    monkeypatch.setattr(DeepseekV3ForCausalLM, "_keys_to_ignore_on_load_unexpected", [rf"model\.layers\.{n}\..*"])
+    main = load_merged(merged)
+    mtp = MtpModel.from_pretrained(main)  # raises for any MTP weight it misses
+    files = {}
+    for f in merged.glob("*.safetensors"):
+        files |= load_file(f)
+    for path, p in expected.items():
+        reference = merged_weight(path, base_weights[path + ".weight"], p, "lora", cfg.alpha, cfg.dim)
+        candidates = [files[path + ".weight"]]
+        if ".experts." not in path:  # transformers holds the routed experts fused
+            candidates.append(mtp.get_submodule(path.replace(f"model.layers.{n}.", "layers.0.mtp_block.")).weight)
+        for ours in candidates:
+            assert ours.dtype == torch.float32 and (ours - reference).abs().max() <= 1e-6 * reference.abs().max(), path
+    # A merged model whose MTP layer lacks the update (the base's q_a_proj kept) fails `verify --merged-model`.
+    stale = tmp_path / "stale"
+    shutil.copytree(merged, stale)
+    name = f"model.layers.{n}.self_attn.q_a_proj.weight"
+    shard = next(f for f in stale.glob("*.safetensors") if name in load_file(f))
+    save_file(load_file(shard) | {name: base_weights[name].float()}, shard, metadata={"format": "pt"})
+    v = verify(adapter_job_bin, base, out, tmp_path / "verify-stale", prompts, ckpt=written.root,
+               extra=("--include-mtp-layers", "--merged-model", stale))
+    failed = [c["name"] for c in v.report["checks"] if not c["passed"]]
+    assert v.rc == EXIT_FAILED and "merged_model_weights_within_rounding" in failed, (failed, v.stdout)

@@ -283,16 +283,56 @@ TEST(AdapterLayout, MtpLayersAndExcludedPrefixesAreLeftOutAndListed) {
   EXPECT_THAT(layout.excluded, ElementsAre(mtp + "linear_in.weight", mtp + "linear_out.weight"));
   EXPECT_EQ(layout.layers.at(0).tensors.size(), 3u);
 
-  const AdapterLayout narrowed = PlanAdapterLayout(md, Parallel(1, 1), {"decoder.layers.0.mlp"});
+  const AdapterLayout narrowed = PlanAdapterLayout(md, Parallel(1, 1), {{"decoder.layers.0.mlp"}});
   EXPECT_THAT(narrowed.excluded,
               ElementsAre(mtp + "linear_in.weight", mtp + "linear_out.weight", PerLayer(0, fc2)));
   EXPECT_EQ(narrowed.layers.at(0).tensors.size(), 2u);
   try {
-    PlanAdapterLayout(md, Parallel(1, 1), {"decoder.layer.0"});
+    PlanAdapterLayout(md, Parallel(1, 1), {{"decoder.layer.0"}});
     FAIL() << "a prefix that matches nothing";
   } catch (const FormatError& e) {
     EXPECT_THAT(e.what(), HasSubstr("'decoder.layer.0' matches no adapter tensor"));
   }
+}
+
+// Asked for, an MTP layer's adapters become the layer after the decoder's, as DeepSeek-V3's HF
+// checkpoint numbers it (model.layers.61 after 61 layers), owned by the last pipeline stage; an
+// adapter on the MTP block outside its transformer layer has no PEFT target and is named.
+TEST(AdapterLayout, MtpLayersFollowTheDecoderOnTheLastStageWhenAsked) {
+  DcpMetadata md;
+  for (int layer : {0, 1}) {
+    md.tensors.push_back(Tiled(PerLayer(layer, kQkvIn), {4, 8}, {4, 8}));
+    md.tensors.push_back(Tiled(PerLayer(layer, kQkvOut), {12, 4}, {6, 4}));
+  }
+  for (const char* name : {"mtp_model_layer", "transformer_layer"}) {
+    DcpMetadata with_mtp = md;
+    const std::string mtp = fmt::format("mtp.layers.0.{}.self_attention.linear_qkv.adapter.", name);
+    with_mtp.tensors.push_back(Tiled(mtp + "linear_in.weight", {4, 8}, {4, 8}));
+    with_mtp.tensors.push_back(Tiled(mtp + "linear_out.weight", {12, 4}, {6, 4}));
+    const AdapterLayout layout = PlanAdapterLayout(with_mtp, Parallel(2, 2), {{}, true});
+    EXPECT_TRUE(layout.excluded.empty());
+    EXPECT_EQ(layout.num_layers, 2);
+    EXPECT_EQ(layout.mtp_layers, 1);
+    ASSERT_EQ(layout.layers.size(), 3u);
+    EXPECT_EQ(layout.layers[0].pp_stage, 0);
+    EXPECT_EQ(layout.layers[1].pp_stage, 1);
+    const LayerLayout& last = layout.layers[2];
+    EXPECT_EQ(last.layer, 2);
+    EXPECT_EQ(last.pp_stage, 1);
+    EXPECT_THAT(Placements(last), ElementsAre(Placement{0, mtp + "linear_in.weight", {0, 0}},
+                                              Placement{0, mtp + "linear_out.weight", {0, 0}},
+                                              Placement{1, mtp + "linear_out.weight", {6, 0}}));
+    EXPECT_EQ(last.tensors.at(0).key.module, "self_attention.linear_qkv");
+  }
+  try {
+    PlanAdapterLayout(md, Parallel(2, 2), {{}, true});
+    FAIL() << "asked for MTP layers the checkpoint lacks";
+  } catch (const FormatError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("no MTP layer adapters"));
+  }
+  EXPECT_THROW(ParseAdapterKey("mtp.layers.0.eh_proj.adapter.linear_in.weight"), FormatError);
+  EXPECT_THROW(ParseAdapterKey("mtp.layers.x.mtp_model_layer.mlp.adapter.linear_in.weight"),
+               FormatError);
 }
 
 }  // namespace

@@ -18,12 +18,17 @@ namespace adapter_job::checkpoint {
 enum class AdapterParam { kLinearIn, kLinearOut, kMagnitude };
 std::string_view AdapterParamName(AdapterParam param);
 
-// "decoder.layers[.<i>].<module>.adapter[.<canonical>].<param>".
+// "decoder.layers[.<i>].<module>.adapter[.<canonical>].<param>", or a multi-token prediction
+// layer's "mtp.layers.<i>.mtp_model_layer.<module>.adapter..." (Megatron-LM before 0.14:
+// "transformer_layer").
 struct AdapterKey {
   std::string module;     // e.g. "self_attention.linear_qkv"
   std::string canonical;  // CanonicalLoRA's "adapter_q" etc.; empty otherwise
   AdapterParam param = AdapterParam::kLinearIn;
   std::optional<int64_t> layer;  // per-layer keys carry the layer; stacked keys do not
+  // MTP layer i, which PlanAdapterLayout numbers num_layers + i, as the HF checkpoints of
+  // DeepSeek-V3 and GLM-4.5 store it (model.layers.61 after DeepSeek-V3's 61 decoder layers).
+  std::optional<int64_t> mtp_layer;
 };
 
 // nullopt for keys that are not adapter weights (base weights, optimizer state, RNG state);
@@ -78,10 +83,11 @@ struct AdapterLayout {
   // Shards per stage: TP, or max(TP, EP x ETP) when expert adapters are saved. Megatron gives each
   // stage that many ranks (TP x DP, which EP x ETP divides), and these are the ones that write.
   int slots = 1;
-  int64_t num_layers = 0;
-  std::vector<LayerLayout> layers;  // by global layer index
-  // Adapter tensors deliberately left out: those of the MTP layers (transformers has no module for
-  // them) and those under an excluded prefix.
+  int64_t num_layers = 0;           // decoder layers
+  int64_t mtp_layers = 0;           // MTP layers exported after them (AdapterSelection::mtp_layers)
+  std::vector<LayerLayout> layers;  // by global layer index: the decoder's, then the MTP layers
+  // Adapter tensors deliberately left out: those of the MTP layers unless asked for (transformers
+  // has no module for them) and those under an excluded prefix.
   std::vector<std::string> excluded;
   int shard_count() const { return slots * pipeline_parallel; }
   int ShardOf(int slot, int pp) const { return pp * slots + slot; }
@@ -92,13 +98,21 @@ const TensorMeta& MetaOf(const DcpMetadata& metadata, const LayerTensor& tensor)
 const ChunkMeta& MetaOf(const DcpMetadata& metadata, const LayerLayout& layer,
                         const LayerChunk& chunk);
 
+// Which adapter tensors an export takes.
+struct AdapterSelection {
+  // Keys starting with one of these are left out (Megatron-Bridge's --exclude-adapter-base-prefix).
+  std::vector<std::string> excluded_prefixes;
+  // The MTP layers' adapters (`mtp.layers.<i>.mtp_model_layer.`): taken as layers num_layers + i
+  // (--include-mtp-layers), else left out.
+  bool mtp_layers = false;
+};
+
 // Groups the adapter tensors of `metadata` by layer and assigns each chunk to the shard (slot, pp)
 // the training TP x PP (and EP x ETP) of `model` implies, checking the chunk layout agrees with
-// it. Adapters of the MTP layers (`mtp.`), and those whose key starts with one of
-// `excluded_prefixes` (Megatron-Bridge's --exclude-adapter-base-prefix), are listed in
-// `excluded` instead; a prefix that matches no adapter is an error (a typo must not pass).
+// it. Adapters left out (`selection`) are listed in `excluded` instead; a prefix that matches no
+// adapter is an error (a typo must not pass). MTP layers belong to the last pipeline stage.
 AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model,
-                                const std::vector<std::string>& excluded_prefixes = {});
+                                const AdapterSelection& selection = {});
 
 // The pipeline stage that owns `layer`, as Megatron assigns them (even split, interleaved when
 // the virtual pipeline size is above 1).

@@ -30,6 +30,9 @@ struct VerifyOptions {
   std::vector<std::filesystem::path> model_family_dirs;  // besides the built-in families
   // The export's --exclude-adapter-base-prefix: the Megatron-merged variant leaves out the same.
   std::vector<std::string> excluded_adapter_prefixes;
+  // The export's --include-mtp-layers: the MTP layers' adapted weights are held to the Megatron
+  // merge's (no forward pass runs them).
+  bool include_mtp_layers = false;
 };
 
 // Default prompt when none is given, as Megatron-Bridge's verify_adapter.py.
