@@ -10,6 +10,7 @@ A machine without a CUDA GPU skips this whole module; ctest then lists the test 
 SKIP_REGULAR_EXPRESSION matches the reason), never as passed. A layout needing more GPUs than
 the machine has skips with the count in the reason.
 """
+import dataclasses
 import json
 
 import h5py
@@ -158,13 +159,17 @@ def export_one_process(binary, base, ckpt, out, device, *extra):
     return json.loads(report.read_text()), proc
 
 
-def assert_cuda_verification_matches_cpu(binary, base, ckpt, tmp_path):
-    """One process exports `ckpt` verified on the CPU, another on cuda:0: both pass, and agree (bytes, logits)."""
-    cpu, _ = export_one_process(binary, base, ckpt, tmp_path / "cpu", "cpu")
-    cuda, proc = export_one_process(binary, base, ckpt, tmp_path / "cuda", "cuda")
+def assert_cuda_verification_matches_cpu(binary, base, ckpt, tmp_path, *extra):
+    """One process exports `ckpt` verified on the CPU, another on cuda:0: both pass, and agree (bytes, logits, and
+    every check's figure within float32 noise)."""
+    cpu, _ = export_one_process(binary, base, ckpt, tmp_path / "cpu", "cpu", *extra)
+    cuda, proc = export_one_process(binary, base, ckpt, tmp_path / "cuda", "cuda", *extra)
     assert cuda["verification"]["device"].startswith("cuda"), cuda["verification"]["device"]
     assert cpu["verification"]["passed"] and cuda["verification"]["passed"], proc.stdout
     assert_same_adapter_and_logits(tmp_path / "cuda", tmp_path / "cpu")
+    figures = [{c["name"]: c["figure"] for c in r["verification"]["checks"]} for r in (cpu, cuda)]
+    assert figures[0].keys() == figures[1].keys()
+    return figures
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "canonical_lora"])
@@ -178,9 +183,9 @@ def test_cuda_verification_matches_cpu_on_one_gpu(adapter_job_bin, base, tmp_pat
 # The forwards of issue 15 (MLA with YaRN and grouped sigmoid routing, GLM-4.5's partial RoPE, OLMoE's clipped,
 # whole-projection-normed q/k, GPT-OSS's sinks, fused biased experts and clamped SwiGLU), with expert adapters.
 def family_checkpoint(family, base_dir, out):
-    if family == "deepseek_v3":
-        base = build_tiny_llama(MLA_BASES["mla"], base_dir)
-        return base, mla_checkpoint("mla", base, "lora", None, 2, 2, out)
+    if family == "deepseek_v3":  # with its MTP layer, exported (--include-mtp-layers) and checked by its weights
+        base = build_tiny_llama(dataclasses.replace(MLA_BASES["mla"], mtp_layers=1), base_dir)
+        return base, dataclasses.replace(mla_checkpoint("mla", base, "lora", None, 2, 2, out), mtp_layers=1)
     if family == "gpt_oss":
         base = build_tiny_llama(GPT_OSS_BASE, base_dir)
         return base, gpt_oss_checkpoint(base, out, share_expert_adapters=False)
@@ -201,7 +206,11 @@ def test_cuda_verification_matches_cpu_for_the_newer_families(adapter_job_bin, t
     rounding (a routing decision flipped by rounding would show as a large difference here)."""
     base, cfg = family_checkpoint(family, tmp_path / "base", tmp_path / "ckpt")
     written = write_checkpoint(cfg)
-    assert_cuda_verification_matches_cpu(adapter_job_bin, base, written.root, tmp_path)
+    extra = ("--include-mtp-layers",) if cfg.mtp_layers else ()
+    cpu, cuda = assert_cuda_verification_matches_cpu(adapter_job_bin, base, written.root, tmp_path, *extra)
+    if cfg.mtp_layers:
+        name = "mtp_layers_peft_vs_merged_update"
+        assert cpu[name] <= 1e-6 and cuda[name] <= 1e-6, (cpu[name], cuda[name])
 
 
 # A device this test leaves this much memory free: enough for the verifier's CUDA context, far too
