@@ -34,9 +34,14 @@ class ExportSink;
 using writer::kUnverifiedSuffix;
 
 struct ExportOptions {
-  // A local HF model directory (its config.json gives the dims) or a model id, which is then
+  // A local HF model directory (its config.json gives the dims), a model id the local HF cache
+  // holds at `revision` (convert::ResolveBaseModel; never downloaded), or a model id that is then
   // only recorded as base_model_name_or_path (dims come from run_config.yaml).
   std::string hf_model_id;
+  std::string revision = "main";
+  // adapter_config.json's base_model_name_or_path; unset: the model id (for a model of the HF
+  // cache, or a snapshot directory of it), else --hf-model-id as given.
+  std::optional<std::string> base_model_name_or_path;
   // The top-level run directory or an iter_* directory.
   std::filesystem::path checkpoint;
   std::filesystem::path output = "./my_adapter";  // ExportAdapter's; a sink names its own
@@ -96,6 +101,7 @@ struct ExportReport {
   std::optional<std::size_t> integrity_files;       // files checked against integrity.json
   std::string integrity_not_checked;                // why not, when integrity_files is empty
   std::vector<std::string> excluded_adapters;       // adapter tensors deliberately not exported
+  std::string base_model_resolved;  // where the base model came from, when not a directory given
 
   // Verified and passed: only then does the adapter go to `output`.
   bool verified() const { return verification && verification->passed(); }

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <sstream>
 
+#include "adapter_job/convert/base_model.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/merge/merged_layout.h"
 #include "adapter_job/verify/plugin.h"
@@ -73,7 +74,14 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
     ("print-config", po::bool_switch(),
      "print the effective settings and where each comes from, as an INI file, and exit")
     ("hf-model-id", po::value<std::string>(),
-     "base model: a local HF model directory (config.json is read) or a model id string")
+     "base model: a local HF model directory (config.json is read), or a model id ('org/name') "
+     "found in the local HF cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub; "
+     "never downloaded) or else only recorded")
+    ("revision", po::value<std::string>()->default_value("main"),
+     "the revision of an --hf-model-id found in the HF cache: a branch, tag or commit hash")
+    ("base-model-name-or-path", po::value<std::string>(),
+     "what adapter_config.json records as base_model_name_or_path (default: the model id, also "
+     "for a snapshot directory of the HF cache, else --hf-model-id as given)")
     ("megatron-peft-checkpoint", po::value<std::string>(),
      "Megatron-Bridge checkpoint: the top-level run directory or an iter_* directory")
     ("output-hf-path", merge ? po::value<std::string>() : po::value<std::string>()->default_value("./my_adapter"),
@@ -183,12 +191,17 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
     throw po::error("the option '--megatron-peft-checkpoint' is required");
   }
   cl.options.hf_model_id = vm["hf-model-id"].as<std::string>();
+  cl.options.revision = vm["revision"].as<std::string>();
+  if (vm.count("base-model-name-or-path"))
+    cl.options.base_model_name_or_path = vm["base-model-name-or-path"].as<std::string>();
   cl.options.checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
   if (!vm.count("output-hf-path")) throw po::error("the option '--output-hf-path' is required");
   cl.options.output = vm["output-hf-path"].as<std::string>();
   if (merge) {
     // The adapter the merge goes through keeps the checkpoint's dtype; --dtype is the model's.
-    cl.merge.base_model = cl.options.hf_model_id;
+    const convert::BaseModel base =
+        convert::ResolveBaseModel(cl.options.hf_model_id, cl.options.revision);
+    cl.merge.base_model = base.dir.value_or(cl.options.hf_model_id);
     cl.merge.target = cl.options.output;
     cl.merge.overwrite = vm["overwrite"].as<bool>();
     cl.merge.dtype = ParseDType(vm["dtype"].as<std::string>());

@@ -4,6 +4,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "adapter_job/convert/base_model.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
 #include "adapter_job/verify/plugin.h"
@@ -114,7 +115,10 @@ int RunVerify(const std::vector<std::string>& args) {
   // clang-format off
   options.add_options()
     ("help,h", "show this help")
-    ("hf-model-id", po::value<std::string>(), "the base model's local HF directory")
+    ("hf-model-id", po::value<std::string>(),
+     "the base model: its local HF directory, or a model id ('org/name') the local HF cache holds")
+    ("revision", po::value<std::string>()->default_value("main"),
+     "the revision of an --hf-model-id found in the HF cache: a branch, tag or commit hash")
     ("hf-adapter-path", po::value<std::string>(), "the PEFT adapter directory to verify")
     ("megatron-peft-checkpoint", po::value<std::string>(),
      "also compare against the checkpoint's adapter merged in Megatron's layout")
@@ -142,7 +146,10 @@ int RunVerify(const std::vector<std::string>& args) {
   if (!vm.count("hf-model-id")) throw po::error("the option '--hf-model-id' is required");
   if (!vm.count("hf-adapter-path")) throw po::error("the option '--hf-adapter-path' is required");
   verify::VerifyOptions verify;
-  verify.hf_model = vm["hf-model-id"].as<std::string>();
+  const convert::BaseModel base = convert::ResolveBaseModel(vm["hf-model-id"].as<std::string>(),
+                                                            vm["revision"].as<std::string>());
+  verify.hf_model = base.dir.value_or(base.id);
+  verify.base_model_name = base.name;
   verify.adapter = vm["hf-adapter-path"].as<std::string>();
   if (vm.count("megatron-peft-checkpoint"))
     verify.megatron_checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();

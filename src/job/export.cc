@@ -114,8 +114,8 @@ std::vector<writer::SinkStats> GatherSinkStats(const comm::MpiWorld& world,
 verify::VerificationReport VerifyOutput(const ExportOptions& options, const job::ExportPlan& plan,
                                         const writer::FinishedOutput& finished) {
   verify::VerifyOptions v = *options.verify;
-  v.hf_model = options.hf_model_id;
-  v.base_model_name = options.hf_model_id;
+  v.hf_model = plan.base.dir.value_or(options.hf_model_id);
+  v.base_model_name = options.base_model_name_or_path.value_or(plan.base.name);
   v.adapter = finished.verifiable_directory;
   if (!finished.merged_model_directory.empty()) v.merged_model = finished.merged_model_directory;
   // The iteration this export read: a newer save appearing meanwhile must not be verified instead.

@@ -134,8 +134,8 @@ std::vector<std::string> ModulesLeftOut(
 ExportPlan PlanExport(const ExportOptions& options, bool verify,
                       const std::vector<writer::NamedPath>& outputs, int world_size, int rank) {
   // Verification asked for but impossible is an error before any work, never a quiet skip.
-  convert::BaseModel base = convert::ResolveBaseModel(options.hf_model_id);
-  if (verify) verify::RequireVerifiable(options.hf_model_id);
+  convert::BaseModel base = convert::ResolveBaseModel(options.hf_model_id, options.revision);
+  if (verify) verify::RequireVerifiable(base.dir ? base.dir->string() : options.hf_model_id);
   std::optional<std::size_t> integrity_files;
   std::string integrity_not_checked;
   checkpoint::RunDirectory run =
@@ -179,7 +179,7 @@ writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) co
   writer::ExportAnnouncement announced;
   // Megatron's peft settings plus the rank of every adapted module (for rank_pattern).
   writer::AdapterConfigInputs& config = announced.config;
-  config.base_model_name_or_path = options.hf_model_id;
+  config.base_model_name_or_path = options.base_model_name_or_path.value_or(base.name);
   config.r = run.peft->dim;
   config.lora_alpha = run.peft->alpha;
   config.lora_dropout = run.peft->dropout;

@@ -62,6 +62,7 @@ nlohmann::ordered_json ExportReport::ToJson() const {
     j["integrity"] = {{"checked", false}, {"why", integrity_not_checked}};
   }
   j["excluded_adapter_tensors"] = excluded_adapters;
+  if (!base_model_resolved.empty()) j["base_model_resolved"] = base_model_resolved;
   if (verification) j["verification"] = verification->ToJson();
   return j;
 }
@@ -72,6 +73,7 @@ std::string ExportReport::Summary() const {
     read += fmt::format("{}{}: {}", r ? ", " : "", r, bytes_read_per_rank[r]);
   }
   std::string output_lines;
+  if (!base_model_resolved.empty()) output_lines += "base model: " + base_model_resolved + "\n";
   if (!excluded_adapters.empty()) {
     output_lines += fmt::format(
         "left out {} adapter tensors on purpose (MTP layers without --include-mtp-layers, "
@@ -110,6 +112,7 @@ void DescribePlan(const ExportPlan& plan, ExportReport& report) {
   report.integrity_files = plan.integrity_files;
   report.integrity_not_checked = plan.integrity_not_checked;
   report.excluded_adapters = plan.layout.excluded;
+  report.base_model_resolved = plan.base.resolved_how;
 }
 
 OutputFile OpenReportFile(const fs::path& path) {
