@@ -11,6 +11,7 @@ set(ADAPTER_JOB_PUBLIC_HEADERS
     comm/mpi_world.h
     core/dtype.h
     core/error.h
+    core/parallel_sizes.h
     core/progress.h
     core/tensor.h
     merge/merged_model_sink.h

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "adapter_job/comm/backend.h"
+#include "adapter_job/core/parallel_sizes.h"
 #include "adapter_job/core/progress.h"
 #include "adapter_job/core/tensor.h"
 #include "adapter_job/report/report.h"
@@ -39,6 +40,8 @@ struct ExportOptions {
   // only recorded as base_model_name_or_path (dims come from run_config.yaml).
   std::string hf_model_id;
   std::string revision = "main";
+  // Megatron-Bridge's --tp/--pp/--ep/--etp: read from the checkpoint, so only checked against it.
+  ParallelSizes stated_parallelism;
   // adapter_config.json's base_model_name_or_path; unset: the model id (for a model of the HF
   // cache, or a snapshot directory of it), else --hf-model-id as given.
   std::optional<std::string> base_model_name_or_path;

@@ -1,6 +1,7 @@
 #include "adapter_job/checkpoint/checkpoint_resolver.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cctype>
@@ -37,6 +38,12 @@ std::optional<int64_t> ParseIteration(std::string_view text) {
 
 Resolution NotYet(std::string why, std::string error) {
   return {std::nullopt, std::move(why), std::move(error)};
+}
+
+// "; it holds iter_0000100, iter_0000200" for a message, or "" when it holds none.
+std::string Holding(const fs::path& save_dir) {
+  const auto found = IterationsIn(save_dir);
+  return found.empty() ? "" : fmt::format("; it holds {}", fmt::join(found, ", "));
 }
 
 }  // namespace
@@ -79,14 +86,46 @@ Resolution TryResolveCheckpoint(const fs::path& given) {
     // A top-level save directory gets its marker last; an iteration directory its .metadata.
     return NotYet(
         fmt::format("no {} yet", (iteration_dir ? given / ".metadata" : marker).string()),
-        fmt::format("'{}' is not a torch_dist checkpoint: it has no .metadata (pass the save "
-                    "directory or an iter_* directory)",
-                    given.string()));
+        fmt::format("'{}' is not a torch_dist checkpoint: it has no .metadata and no {} (pass the "
+                    "save directory, an iter_* directory, or --iteration N){}",
+                    given.string(), kLatestIterationFile, Holding(given)));
   }
   location.iteration_dir = given;
   location.label = name;
   if (name.rfind("iter_", 0) == 0) location.iteration = ParseIteration(name.substr(5));
   return {std::move(location), {}, {}};
+}
+
+std::vector<std::string> IterationsIn(const fs::path& save_dir) {
+  std::vector<std::string> found;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(save_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    const bool iteration =
+        name == "release" || (name.starts_with("iter_") && ParseIteration(name.substr(5)));
+    if (iteration && entry.is_directory(ec)) found.push_back(name);
+  }
+  std::sort(found.begin(), found.end());
+  return found;
+}
+
+fs::path PickIteration(const fs::path& save_dir, int64_t iteration, bool may_appear) {
+  if (iteration < 0) Fail("--iteration must be >= 0, not {}", iteration);
+  const std::string name = fmt::format("iter_{:07d}", iteration);
+  std::error_code ec;
+  const std::string given = save_dir.filename().string();
+  if (fs::exists(save_dir / ".metadata", ec) || given.starts_with("iter_") || given == "release") {
+    if (given == name) return save_dir;
+    Fail(
+        "--iteration {} picks an iteration of a save directory, but '{}' is an iteration "
+        "directory itself: pass its save directory",
+        iteration, save_dir.string());
+  }
+  const fs::path dir = save_dir / name;
+  if (!may_appear && !fs::is_directory(dir, ec)) {
+    Fail("--iteration {}: '{}' does not exist{}", iteration, dir.string(), Holding(save_dir));
+  }
+  return dir;
 }
 
 CheckpointLocation ResolveCheckpoint(const fs::path& given) {

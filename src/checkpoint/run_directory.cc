@@ -219,4 +219,27 @@ RunDirectory OpenRunDirectory(const fs::path& path,
   return run;
 }
 
+void RequireParallelSizes(const ParallelSizes& stated, const ModelSettings& model,
+                          const std::filesystem::path& run_config) {
+  const struct {
+    const char* flag;
+    const char* key;
+    std::optional<int64_t> stated;
+    int64_t actual;
+  } sizes[] = {
+      {"--tp", "tensor_model_parallel_size", stated.tensor, model.tensor_parallel},
+      {"--pp", "pipeline_model_parallel_size", stated.pipeline, model.pipeline_parallel},
+      {"--ep", "expert_model_parallel_size", stated.expert, model.expert_parallel},
+      {"--etp", "expert_tensor_parallel_size", stated.expert_tensor, model.expert_tensor_parallel},
+  };
+  for (const auto& size : sizes) {
+    if (size.stated && *size.stated != size.actual) {
+      Fail(
+          "{} {} does not match the checkpoint's {} {} ({}): the parallel sizes are read from the "
+          "checkpoint, so {} may be left out; a stated one must agree",
+          size.flag, *size.stated, size.key, size.actual, run_config.string(), size.flag);
+    }
+  }
+}
+
 }  // namespace adapter_job::checkpoint

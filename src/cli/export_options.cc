@@ -1,12 +1,15 @@
 #include "export_options.h"
 
+#include <algorithm>
 #include <boost/program_options.hpp>
+#include <cctype>
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <sstream>
 
+#include "adapter_job/checkpoint/checkpoint_resolver.h"
 #include "adapter_job/convert/base_model.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/merge/merged_layout.h"
@@ -40,12 +43,17 @@ const char* Usage(ExportCommand command) {
   }
 }
 
-std::optional<DType> ParseDType(const std::string& name) {
+// Megatron-Bridge's spellings too (str_to_dtype: any case, "torch." in front).
+std::optional<DType> ParseDType(const std::string& given) {
+  std::string name = given;
+  std::transform(name.begin(), name.end(), name.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  if (name.starts_with("torch.")) name.erase(0, 6);
   if (name == "auto") return std::nullopt;
   if (name == "bf16" || name == "bfloat16") return DType::kBFloat16;
   if (name == "fp16" || name == "float16") return DType::kFloat16;
   if (name == "fp32" || name == "float32") return DType::kFloat32;
-  Fail("--dtype must be auto, bf16, fp16 or fp32, not '{}'", name);
+  Fail("--dtype must be auto, bf16, fp16 or fp32 (or bfloat16, float16, float32), not '{}'", given);
 }
 
 // Strings, not doubles, in the options: --print-config shows strings (and --config files hold
@@ -106,11 +114,27 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
      "num_hidden_layers + i, where DeepSeek-V3's and GLM-4.5's HF checkpoints keep them; "
      "left out otherwise")
     ("trust-remote-code", po::value<bool>()->default_value(false)->implicit_value(true)->zero_tokens(),
-     "accepted for compatibility with Megatron-Bridge's script; no code is ever loaded");
+     "accepted for compatibility with Megatron-Bridge's script; no code is ever loaded")
+    // Megatron-Bridge's spellings (examples/conversion/adapter/export_adapter.py), for its users'
+    // scripts: the same options under its names.
+    ("hf-model-path", po::value<std::string>(), "Megatron-Bridge's spelling of --hf-model-id")
+    ("lora-checkpoint", po::value<std::string>(),
+     "Megatron-Bridge's spelling of --megatron-peft-checkpoint")
+    ("iteration", po::value<int64_t>(),
+     "export iteration N of the save directory (its iter_%07d) instead of the one "
+     "latest_checkpointed_iteration.txt names")
+    ("sequence-parallel", po::bool_switch(),
+     "accepted for compatibility with Megatron-Bridge's script: the adapters' layout does not "
+     "depend on it");
+  // clang-format on
+  AddParallelSizeOptions(options, /*expert_tp=*/true);
+  // clang-format off
   if (stream) {
     options.add_options()("output", po::value<std::string>(),
                           "safetensors file for the HF-named adapter tensors");
   } else {
+    options.add_options()("output", po::value<std::string>(),
+                          "Megatron-Bridge's spelling of --output-hf-path");
     options.add_options()(
         "verify", po::value<bool>()->default_value(true)->implicit_value(true)->zero_tokens(),
         merge ? "verify before publishing (the default)"
@@ -168,9 +192,10 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
       throw po::error("--record-failure-code must be 1 to 255");
     }
     // What the wrapper was given, for the result; none of it is needed.
-    if (vm.count("megatron-peft-checkpoint"))
-      cl.options.checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
-    if (vm.count("output-hf-path")) cl.options.output = vm["output-hf-path"].as<std::string>();
+    if (auto given = EitherSpelling(vm, "megatron-peft-checkpoint", "lora-checkpoint", &layered))
+      cl.options.checkpoint = *given;
+    if (auto given = EitherSpelling(vm, "output-hf-path", "output", &layered))
+      cl.options.output = *given;
     cl.values = vm;
     return cl;
   }
@@ -186,17 +211,21 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
     cl.help_text = PrintConfig(layered, options, {"help", "config", "print-config"});
     return cl;
   }
-  if (!vm.count("hf-model-id")) throw po::error("the option '--hf-model-id' is required");
-  if (!vm.count("megatron-peft-checkpoint")) {
-    throw po::error("the option '--megatron-peft-checkpoint' is required");
-  }
-  cl.options.hf_model_id = vm["hf-model-id"].as<std::string>();
+  const auto hf_model = EitherSpelling(vm, "hf-model-id", "hf-model-path", &layered);
+  const auto checkpoint =
+      EitherSpelling(vm, "megatron-peft-checkpoint", "lora-checkpoint", &layered);
+  if (!hf_model) throw po::error("the option '--hf-model-id' is required");
+  if (!checkpoint) throw po::error("the option '--megatron-peft-checkpoint' is required");
+  cl.options.hf_model_id = *hf_model;
+  cl.options.stated_parallelism = StatedParallelSizes(vm);
   cl.options.revision = vm["revision"].as<std::string>();
   if (vm.count("base-model-name-or-path"))
     cl.options.base_model_name_or_path = vm["base-model-name-or-path"].as<std::string>();
-  cl.options.checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
-  if (!vm.count("output-hf-path")) throw po::error("the option '--output-hf-path' is required");
-  cl.options.output = vm["output-hf-path"].as<std::string>();
+  cl.options.checkpoint = *checkpoint;
+  const auto output = stream ? std::optional<std::string>()
+                             : EitherSpelling(vm, "output-hf-path", "output", &layered);
+  if (!stream && !output) throw po::error("the option '--output-hf-path' is required");
+  if (output) cl.options.output = *output;
   if (merge) {
     // The adapter the merge goes through keeps the checkpoint's dtype; --dtype is the model's.
     const convert::BaseModel base =
@@ -243,6 +272,10 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
       cl.wait->poll_seconds = Seconds(vm, "wait-poll");
       cl.wait->settle_seconds = Seconds(vm, "wait-settle");
     }
+  }
+  if (vm.count("iteration")) {
+    cl.options.checkpoint = checkpoint::PickIteration(
+        cl.options.checkpoint, vm["iteration"].as<int64_t>(), cl.wait.has_value());
   }
   cl.values = vm;
   return cl;

@@ -46,10 +46,53 @@ std::vector<std::string> ValueTexts(const boost::any& value) {
 
 }  // namespace
 
+std::optional<std::string> EitherSpelling(const po::variables_map& vm, const char* name,
+                                          const char* alias, const LayeredOptions* layered) {
+  const auto given = [&](const char* key) {
+    if (layered == nullptr) return vm.count(key) > 0 && !vm[key].defaulted();
+    return std::any_of(layered->layers.begin(), layered->layers.end(), [&](const OptionLayer& l) {
+      return !l.source.starts_with("defaults ") && l.values.count(key) > 0 &&
+             !l.values[key].defaulted();
+    });
+  };
+  if (given(name) && given(alias)) {
+    throw po::error(fmt::format(
+        "--{} and --{} (Megatron-Bridge's spelling) are the same option: give one", name, alias));
+  }
+  if (given(alias)) return vm[alias].as<std::string>();
+  if (vm.count(name)) return vm[name].as<std::string>();
+  return std::nullopt;
+}
+
+ParallelSizes StatedParallelSizes(const po::variables_map& vm) {
+  const auto stated = [&](const char* key) -> std::optional<int64_t> {
+    if (!vm.count(key)) return std::nullopt;
+    return vm[key].as<int>();
+  };
+  return {stated("tp"), stated("pp"), stated("ep"), stated("etp")};
+}
+
+void AddParallelSizeOptions(po::options_description& options, bool expert_tp) {
+  constexpr const char* kWhy = ": read from the checkpoint; given, it must agree";
+  options.add_options()("tp", po::value<int>(),
+                        (std::string("tensor parallel size") + kWhy).c_str())(
+      "pp", po::value<int>(), (std::string("pipeline parallel size") + kWhy).c_str())(
+      "ep", po::value<int>(), (std::string("expert parallel size") + kWhy).c_str());
+  if (expert_tp) {
+    options.add_options()("etp", po::value<int>(),
+                          (std::string("expert tensor parallel size") + kWhy).c_str());
+  }
+}
+
 po::parsed_options ParseOptionsOnly(const std::vector<std::string>& args,
                                     const po::options_description& options) {
   // Without a positional description Boost keeps such arguments unnamed, and store() drops them.
-  po::parsed_options parsed = po::command_line_parser(args).options(options).run();
+  // No guessing: Boost would take --out for --output-hf-path, and a typo for some other option.
+  po::parsed_options parsed =
+      po::command_line_parser(args)
+          .options(options)
+          .style(po::command_line_style::default_style & ~po::command_line_style::allow_guessing)
+          .run();
   for (const auto& option : parsed.options) {
     if (option.string_key.empty() && !option.original_tokens.empty()) {
       throw po::error(fmt::format("unexpected argument '{}' (this command takes only --options)",

@@ -5,8 +5,11 @@
 
 #include <boost/program_options.hpp>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "adapter_job/core/parallel_sizes.h"
 
 namespace adapter_job::cli {
 
@@ -25,6 +28,19 @@ struct LayeredOptions {
 boost::program_options::parsed_options ParseOptionsOnly(
     const std::vector<std::string>& args,
     const boost::program_options::options_description& options);
+
+// The value of option `name`, or of `alias`, the same option under Megatron-Bridge's spelling
+// (its examples/conversion/adapter/*.py); both given is a usage error. A default (built in, or
+// from a defaults file of `layered`) counts as not given.
+std::optional<std::string> EitherSpelling(const boost::program_options::variables_map& vm,
+                                          const char* name, const char* alias,
+                                          const LayeredOptions* layered = nullptr);
+
+// Megatron-Bridge's --tp/--pp/--ep/--etp: the sizes stated (the checkpoint's are used).
+ParallelSizes StatedParallelSizes(const boost::program_options::variables_map& vm);
+
+// Adds those four to `options`.
+void AddParallelSizeOptions(boost::program_options::options_description& options, bool expert_tp);
 
 // Parses `args`, then the --config file they name (if any), then `defaults_file` (if any).
 LayeredOptions ParseLayered(const std::vector<std::string>& args,

@@ -4,6 +4,8 @@
 #include <iostream>
 #include <sstream>
 
+#include "adapter_job/checkpoint/checkpoint_resolver.h"
+#include "adapter_job/checkpoint/run_directory.h"
 #include "adapter_job/convert/base_model.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
@@ -131,8 +133,16 @@ int RunVerify(const std::vector<std::string>& args) {
      "as the export was given it: the Megatron-merged variant leaves these adapters out too "
      "(repeatable)")
     ("include-mtp-layers", po::bool_switch(),
-     "as the export was given it: hold the MTP layers' adapted weights to the Megatron merge's");
+     "as the export was given it: hold the MTP layers' adapted weights to the Megatron merge's")
+    // Megatron-Bridge's spellings (examples/conversion/adapter/verify_adapter.py).
+    ("hf-model-path", po::value<std::string>(), "Megatron-Bridge's spelling of --hf-model-id")
+    ("lora-checkpoint", po::value<std::string>(),
+     "Megatron-Bridge's spelling of --megatron-peft-checkpoint")
+    ("cpu", po::bool_switch(), "Megatron-Bridge's spelling of --verify-device cpu")
+    ("iteration", po::value<int64_t>(),
+     "compare against iteration N of the checkpoint's save directory (its iter_%07d)");
   // clang-format on
+  AddParallelSizeOptions(options, /*expert_tp=*/false);
   AddVerifyOptions(options);
   AddConsoleOptions(options);
   po::variables_map vm;
@@ -143,16 +153,32 @@ int RunVerify(const std::vector<std::string>& args) {
     return 0;
   }
   verify::RequireVerificationBuilt();
-  if (!vm.count("hf-model-id")) throw po::error("the option '--hf-model-id' is required");
+  const auto hf_model = EitherSpelling(vm, "hf-model-id", "hf-model-path");
+  if (!hf_model) throw po::error("the option '--hf-model-id' is required");
   if (!vm.count("hf-adapter-path")) throw po::error("the option '--hf-adapter-path' is required");
   verify::VerifyOptions verify;
-  const convert::BaseModel base = convert::ResolveBaseModel(vm["hf-model-id"].as<std::string>(),
-                                                            vm["revision"].as<std::string>());
+  const convert::BaseModel base =
+      convert::ResolveBaseModel(*hf_model, vm["revision"].as<std::string>());
   verify.hf_model = base.dir.value_or(base.id);
   verify.base_model_name = base.name;
   verify.adapter = vm["hf-adapter-path"].as<std::string>();
-  if (vm.count("megatron-peft-checkpoint"))
-    verify.megatron_checkpoint = vm["megatron-peft-checkpoint"].as<std::string>();
+  if (auto given = EitherSpelling(vm, "megatron-peft-checkpoint", "lora-checkpoint"))
+    verify.megatron_checkpoint = *given;
+  if (vm.count("iteration")) {
+    if (!verify.megatron_checkpoint)
+      throw po::error("--iteration picks an iteration of the Megatron checkpoint: it needs one");
+    verify.megatron_checkpoint = checkpoint::PickIteration(
+        *verify.megatron_checkpoint, vm["iteration"].as<int64_t>(), /*may_appear=*/false);
+  }
+  const ParallelSizes stated = StatedParallelSizes(vm);
+  if (stated.tensor || stated.pipeline || stated.expert) {
+    if (!verify.megatron_checkpoint)
+      throw po::error("--tp, --pp and --ep describe the Megatron checkpoint: they need one");
+    const auto run = checkpoint::OpenRunDirectory(
+        checkpoint::ResolveCheckpoint(*verify.megatron_checkpoint).iteration_dir);
+    checkpoint::RequireParallelSizes(stated, run.model,
+                                     run.run_config_path.value_or(run.iteration_dir));
+  }
   if (vm.count("merged-model")) verify.merged_model = vm["merged-model"].as<std::string>();
   if (vm.count("model-families")) {
     for (const auto& dir : vm["model-families"].as<std::vector<std::string>>())
@@ -163,6 +189,11 @@ int RunVerify(const std::vector<std::string>& args) {
         vm["exclude-adapter-base-prefix"].as<std::vector<std::string>>();
   verify.include_mtp_layers = vm["include-mtp-layers"].as<bool>();
   ReadVerifyOptions(vm, verify);
+  if (vm["cpu"].as<bool>()) {
+    if (!vm["verify-device"].defaulted() && verify.device != "cpu")
+      throw po::error("--cpu and --verify-device " + verify.device + " disagree");
+    verify.device = "cpu";
+  }
   writer::RefuseOutputsOverInputs(
       {{"--report", vm.count("report") ? vm["report"].as<std::string>() : ""},
        {"--verify-h5", vm.count("verify-h5") ? vm["verify-h5"].as<std::string>() : ""}},

@@ -156,6 +156,8 @@ ExportPlan PlanExport(const ExportOptions& options, bool verify,
   // shard, or a .metadata that declares more than the files hold. Every rank checks every chunk,
   // so all fail alike.
   reader.CheckDeclaredBytes(layout);
+  checkpoint::RequireParallelSizes(options.stated_parallelism, run.model,
+                                   run.run_config_path.value_or(run.iteration_dir));
   auto settings = SettingsFor(options, base, run, layout);
   if (verify) convert::RequireVerificationForward(settings.family);
   std::vector<std::vector<convert::OutputTensor>> layer_outputs;

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace adapter_job::checkpoint {
 
@@ -35,5 +36,14 @@ Resolution TryResolveCheckpoint(const std::filesystem::path& given);
 
 // TryResolveCheckpoint, with what is missing as a FormatError (exit 2) naming it.
 CheckpointLocation ResolveCheckpoint(const std::filesystem::path& given);
+
+// The iteration directories (iter_*, release) a save directory holds, sorted by name.
+std::vector<std::string> IterationsIn(const std::filesystem::path& save_dir);
+
+// --iteration N: save_dir/iter_%07d. Throws FormatError when `save_dir` is an iteration
+// directory itself (its .metadata, or its name) unless it is that iteration, and when the
+// iteration is missing and `may_appear` is false (no --wait), listing the ones there are.
+std::filesystem::path PickIteration(const std::filesystem::path& save_dir, int64_t iteration,
+                                    bool may_appear);
 
 }  // namespace adapter_job::checkpoint

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "adapter_job/core/parallel_sizes.h"
+
 namespace adapter_job::checkpoint {
 
 enum class AdapterKind { kLoRA, kDoRA, kCanonicalLoRA, kVLMLoRA };
@@ -50,6 +52,11 @@ struct ModelSettings {
   bool bf16 = false;
   bool fp16 = false;
 };
+
+// Throws FormatError naming the first stated size that differs from `model`'s (from
+// `run_config`).
+void RequireParallelSizes(const ParallelSizes& stated, const ModelSettings& model,
+                          const std::filesystem::path& run_config);
 
 struct IntegrityManifest {
   std::string algorithm;                     // "sha256"
