@@ -31,7 +31,7 @@ struct RoundingTally {
 };
 
 // The MTP layers' weights updated as PEFT applies the adapter against the Megatron merge's update
-// (no forward pass runs those layers: transformers has no MTP module).
+// (no forward pass runs those layers: the model PEFT wraps has no MTP module).
 struct UpdateComparison {
   int64_t layers = 0;
   double max_diff = 0;  // largest |PEFT update - Megatron update| of any weight element

@@ -206,8 +206,8 @@ VerificationReport Verify(const VerifyOptions& options) {
   const LlamaSettings settings = MakeLlamaSettings(config, family);
   const HfWeights base = HfWeights::Open(options.hf_model);
   CheckBaseShapes(base, config, settings);
-  // MTP layers: the layers the base's files hold after the decoder's (transformers loads none of
-  // them), when the adapter's are asked for.
+  // MTP layers: the layers the base's files hold after the decoder's (the causal LM loads none of
+  // them; transformers' MtpModel, a model of its own, does), when the adapter's are asked for.
   const int64_t decoder_layers = config.num_hidden_layers;
   int64_t mtp_layers = 0;
   if (options.include_mtp_layers) {
@@ -394,8 +394,9 @@ VerificationReport Verify(const VerifyOptions& options) {
           {"verify", static_cast<uint64_t>(layer + 1), static_cast<uint64_t>(decoder_layers)});
     }
   }
-  // The MTP layers run in no forward pass here (transformers has no MTP module): PEFT's update of
-  // each weight is held to the Megatron merge's, and a merged model's files to PEFT's weights.
+  // The MTP layers run in no forward pass here (the model PEFT wraps has no MTP module): PEFT's
+  // update of each weight is held to the Megatron merge's, and a merged model's files to PEFT's
+  // weights.
   std::optional<UpdateComparison> mtp;
   if (options.include_mtp_layers) mtp.emplace().layers = megatron->mtp_layers();
   for (int64_t layer = decoder_layers; layer < decoder_layers + (mtp ? mtp->layers : 0); ++layer) {
