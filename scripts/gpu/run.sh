@@ -12,8 +12,9 @@
 #   merge-1b      the same model merged on the GPU (`adapter_job merge --merge-device cuda`, CUDA
 #                 verification) must pass and equal the CPU's merge byte for byte, and `verify
 #                 --merged-model` on the CPU must give the same verdict; figures to the summary
-#   bench-merge   bench/merge_bench.sh at the 8B shape with 16 layers (LoRA r16): the merge on the GPU
-#                 (verified on CUDA) and on the CPU, beside the floor and the Python reference
+#   bench-merge   bench/merge_bench.sh at the 8B shape with 16 layers (LoRA r16; MERGE_SHAPE and
+#                 MERGE_LAYERS pick another): the merge on the GPU (verified on CUDA) and on the
+#                 CPU, beside the floor and the Python reference
 #   select        ctest -R "$CTEST_SELECT" in the GPU build (g++ 13 / CMake 4): CPU tests that must
 #                 also pass on the image's toolchain, e.g. install.find_package|comm.mpi
 #   all           the three, in that order (about 12 minutes on 4 H100s: more than one device call
@@ -223,9 +224,12 @@ for stage in "$@"; do
     bench-merge)
       # The GPU merge with the floor, verification on CUDA and the Python reference; then the CPU
       # merge of the same model (16 threads) alone.
-      MERGE_DEVICE=cuda VERIFY_DEVICE=cuda RANKS=direct SHAPE=8b LAYERS=16 BIN=$B \
+      # MERGE_SHAPE/MERGE_LAYERS pick another shape (70b 4: the 70B shape cut to 4 layers).
+      MERGE_DEVICE=cuda VERIFY_DEVICE=cuda RANKS=direct SHAPE=${MERGE_SHAPE:-8b} \
+        LAYERS=${MERGE_LAYERS:-16} BIN=$B \
         bash bench/merge_bench.sh /tmp/bench-work 2>&1 | tee -a "$SUMMARY" || status=1
-      MERGE_DEVICE=cpu VERIFY=0 REFERENCE=0 RANKS=direct SHAPE=8b LAYERS=16 BIN=$B \
+      MERGE_DEVICE=cpu VERIFY=0 REFERENCE=0 RANKS=direct SHAPE=${MERGE_SHAPE:-8b} \
+        LAYERS=${MERGE_LAYERS:-16} BIN=$B \
         bash bench/merge_bench.sh /tmp/bench-work 2>&1 | tee -a "$SUMMARY" || status=1 ;;
     *) echo "unknown stage '$stage'" >&2; status=2; exit ;;
   esac
