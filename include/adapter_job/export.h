@@ -37,7 +37,8 @@ using writer::kUnverifiedSuffix;
 struct ExportOptions {
   // A local HF model directory (its config.json gives the dims), a model id the local HF cache
   // holds at `revision` (convert::ResolveBaseModel; never downloaded), or a model id that is then
-  // only recorded as base_model_name_or_path (dims come from run_config.yaml).
+  // only recorded as base_model_name_or_path (dims come from run_config.yaml). Empty: the one
+  // run_config.yaml's model.hf_model_id records, resolved alike.
   std::string hf_model_id;
   std::string revision = "main";
   // Megatron-Bridge's --tp/--pp/--ep/--etp: read from the checkpoint, so only checked against it.

@@ -84,7 +84,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
     ("hf-model-id", po::value<std::string>(),
      "base model: a local HF model directory (config.json is read), or a model id ('org/name') "
      "found in the local HF cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub; "
-     "never downloaded) or else only recorded")
+     "never downloaded) or else only recorded; default: run_config.yaml's model.hf_model_id")
     ("revision", po::value<std::string>()->default_value("main"),
      "the revision of an --hf-model-id found in the HF cache: a branch, tag or commit hash")
     ("base-model-name-or-path", po::value<std::string>(),
@@ -214,9 +214,9 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
   const auto hf_model = EitherSpelling(vm, "hf-model-id", "hf-model-path", &layered);
   const auto checkpoint =
       EitherSpelling(vm, "megatron-peft-checkpoint", "lora-checkpoint", &layered);
-  if (!hf_model) throw po::error("the option '--hf-model-id' is required");
   if (!checkpoint) throw po::error("the option '--megatron-peft-checkpoint' is required");
-  cl.options.hf_model_id = *hf_model;
+  // Absent, the export takes the base model run_config.yaml records.
+  cl.options.hf_model_id = hf_model.value_or("");
   cl.options.stated_parallelism = StatedParallelSizes(vm);
   cl.options.revision = vm["revision"].as<std::string>();
   if (vm.count("base-model-name-or-path"))
@@ -228,9 +228,11 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
   if (output) cl.options.output = *output;
   if (merge) {
     // The adapter the merge goes through keeps the checkpoint's dtype; --dtype is the model's.
-    const convert::BaseModel base =
-        convert::ResolveBaseModel(cl.options.hf_model_id, cl.options.revision);
-    cl.merge.base_model = base.dir.value_or(cl.options.hf_model_id);
+    // Left empty, the sink takes the base directory the export resolves.
+    if (hf_model) {
+      cl.merge.base_model =
+          convert::ResolveBaseModel(*hf_model, cl.options.revision).dir.value_or(*hf_model);
+    }
     cl.merge.target = cl.options.output;
     cl.merge.overwrite = vm["overwrite"].as<bool>();
     cl.merge.dtype = ParseDType(vm["dtype"].as<std::string>());

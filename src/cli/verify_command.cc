@@ -153,14 +153,8 @@ int RunVerify(const std::vector<std::string>& args) {
     return 0;
   }
   verify::RequireVerificationBuilt();
-  const auto hf_model = EitherSpelling(vm, "hf-model-id", "hf-model-path");
-  if (!hf_model) throw po::error("the option '--hf-model-id' is required");
   if (!vm.count("hf-adapter-path")) throw po::error("the option '--hf-adapter-path' is required");
   verify::VerifyOptions verify;
-  const convert::BaseModel base =
-      convert::ResolveBaseModel(*hf_model, vm["revision"].as<std::string>());
-  verify.hf_model = base.dir.value_or(base.id);
-  verify.base_model_name = base.name;
   verify.adapter = vm["hf-adapter-path"].as<std::string>();
   if (auto given = EitherSpelling(vm, "megatron-peft-checkpoint", "lora-checkpoint"))
     verify.megatron_checkpoint = *given;
@@ -170,6 +164,22 @@ int RunVerify(const std::vector<std::string>& args) {
     verify.megatron_checkpoint = checkpoint::PickIteration(
         *verify.megatron_checkpoint, vm["iteration"].as<int64_t>(), /*may_appear=*/false);
   }
+  // Absent, the base model is the one the checkpoint's run_config.yaml records.
+  const std::optional<std::string> hf_model = EitherSpelling(vm, "hf-model-id", "hf-model-path");
+  if (!hf_model && !verify.megatron_checkpoint)
+    throw po::error("the option '--hf-model-id' is required (or a checkpoint that records it)");
+  const std::string revision = vm["revision"].as<std::string>();
+  convert::BaseModel base;
+  if (hf_model) {
+    base = convert::ResolveBaseModel(*hf_model, revision);
+  } else {
+    const auto run = checkpoint::OpenRunDirectory(
+        checkpoint::ResolveCheckpoint(*verify.megatron_checkpoint).iteration_dir);
+    base = convert::ResolveRecordedBaseModel(
+        run.model.hf_model_id, run.run_config_path.value_or(run.iteration_dir), revision);
+  }
+  verify.hf_model = base.dir.value_or(base.id);
+  verify.base_model_name = base.name;
   const ParallelSizes stated = StatedParallelSizes(vm);
   if (stated.tensor || stated.pipeline || stated.expert) {
     if (!verify.megatron_checkpoint)

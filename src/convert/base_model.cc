@@ -124,4 +124,18 @@ BaseModel ResolveBaseModel(const std::string& hf_model_id, const std::string& re
   return base;
 }
 
+BaseModel ResolveRecordedBaseModel(const std::optional<std::string>& recorded,
+                                   const fs::path& run_config, const std::string& revision) {
+  if (!recorded) {
+    Fail("--hf-model-id is not given and {} records no model.hf_model_id: pass the base model",
+         run_config.string());
+  }
+  try {
+    return ResolveBaseModel(*recorded, revision);
+  } catch (const FormatError& e) {
+    Fail("--hf-model-id is not given, and the base model {} records cannot be used here: {}",
+         run_config.string(), e.what());
+  }
+}
+
 }  // namespace adapter_job::convert

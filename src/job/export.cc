@@ -114,7 +114,7 @@ std::vector<writer::SinkStats> GatherSinkStats(const comm::MpiWorld& world,
 verify::VerificationReport VerifyOutput(const ExportOptions& options, const job::ExportPlan& plan,
                                         const writer::FinishedOutput& finished) {
   verify::VerifyOptions v = *options.verify;
-  v.hf_model = plan.base.dir.value_or(options.hf_model_id);
+  v.hf_model = plan.base.dir.value_or(plan.base.id);
   v.base_model_name = options.base_model_name_or_path.value_or(plan.base.name);
   v.adapter = finished.verifiable_directory;
   if (!finished.merged_model_directory.empty()) v.merged_model = finished.merged_model_directory;

@@ -134,12 +134,25 @@ std::vector<std::string> ModulesLeftOut(
 ExportPlan PlanExport(const ExportOptions& options, bool verify,
                       const std::vector<writer::NamedPath>& outputs, int world_size, int rank) {
   // Verification asked for but impossible is an error before any work, never a quiet skip.
-  convert::BaseModel base = convert::ResolveBaseModel(options.hf_model_id, options.revision);
-  if (verify) verify::RequireVerifiable(base.dir ? base.dir->string() : options.hf_model_id);
+  const auto require_verifiable = [&](const convert::BaseModel& base) {
+    if (verify) verify::RequireVerifiable(base.dir ? base.dir->string() : base.id);
+    return base;
+  };
+  std::optional<convert::BaseModel> given_base;
+  if (!options.hf_model_id.empty())
+    given_base =
+        require_verifiable(convert::ResolveBaseModel(options.hf_model_id, options.revision));
   std::optional<std::size_t> integrity_files;
   std::string integrity_not_checked;
   checkpoint::RunDirectory run =
       OpenRun(options, world_size, rank, integrity_files, integrity_not_checked);
+  // Without --hf-model-id, the base model the fine-tune recorded (read once the files are
+  // checked against integrity.json, as all of run_config.yaml is).
+  convert::BaseModel base =
+      given_base ? *given_base
+                 : require_verifiable(convert::ResolveRecordedBaseModel(
+                       run.model.hf_model_id, run.run_config_path.value_or(run.iteration_dir),
+                       options.revision));
 
   std::vector<writer::NamedPath> inputs = {
       {"--megatron-peft-checkpoint", options.checkpoint},
@@ -182,6 +195,7 @@ writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) co
   // Megatron's peft settings plus the rank of every adapted module (for rank_pattern).
   writer::AdapterConfigInputs& config = announced.config;
   config.base_model_name_or_path = options.base_model_name_or_path.value_or(base.name);
+  announced.base_model_dir = base.dir;
   config.r = run.peft->dim;
   config.lora_alpha = run.peft->alpha;
   config.lora_dropout = run.peft->dropout;

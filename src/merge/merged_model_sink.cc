@@ -142,6 +142,12 @@ std::vector<writer::NamedPath> MergedModelSink::Outputs() const {
 }
 
 void MergedModelSink::Begin(const writer::ExportAnnouncement& announcement) {
+  // The base directory the export resolved (through the HF cache, or from run_config.yaml when
+  // --hf-model-id was not given).
+  if (announcement.base_model_dir) options_.base_model = *announcement.base_model_dir;
+  if (options_.base_model.empty())
+    Fail("adapter_job merge needs the base model's local directory, and '{}' is none",
+         announcement.config.base_model_name_or_path);
   const fs::path target = fs::absolute(options_.target).lexically_normal();
   fs::path scratch = target.parent_path() / ("." + target.filename().string() + ".merge-adapter");
   open_.reset(new Open{writer::PeftDirectorySink(scratch, false), {}, {}, {}, 0});

@@ -36,7 +36,9 @@ def test_export_is_the_default_command_and_accepts_trust_remote_code(adapter_job
 
 def test_usage_errors(adapter_job_bin, mb_fixtures, tmp_path):
     cases = [
-        (["export", "--megatron-peft-checkpoint", mb_fixtures / CKPT], "'--hf-model-id' is required"),
+        # run_config.yaml's base is a path on the machine it was trained on
+        (["export", "--megatron-peft-checkpoint", mb_fixtures / CKPT],
+         "--hf-model-id is not given, and the base model"),
         (["export", "--no-such-option"], "unrecognised option '--no-such-option'"),
         (["export", "--hf-model-id", "x", "--megatron-peft-checkpoint", "y", "--dtype", "int8"], "--dtype"),
         (["export", "--hf-model-id", "x", "--megatron-peft-checkpoint", "y", "--backend", "gloo"], "--backend"),

@@ -30,4 +30,11 @@ std::filesystem::path HfHubCache();
 // not that revision.
 BaseModel ResolveBaseModel(const std::string& hf_model_id, const std::string& revision = "main");
 
+// Without --hf-model-id: the base model a checkpoint's run_config.yaml (`run_config`) records as
+// model.hf_model_id, resolved as above. A checkpoint recording none, or one that cannot be used
+// here (a path on the training machine), is a FormatError saying so.
+BaseModel ResolveRecordedBaseModel(const std::optional<std::string>& recorded,
+                                   const std::filesystem::path& run_config,
+                                   const std::string& revision);
+
 }  // namespace adapter_job::convert

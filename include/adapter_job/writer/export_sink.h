@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -38,6 +39,9 @@ struct AnnouncedTensor {
 struct ExportAnnouncement {
   std::vector<AnnouncedTensor> tensors;  // in the order they are written, layer by layer
   AdapterConfigInputs config;            // ranks, alpha, dropout, DoRA or not, base model
+  // The base model's local directory when there is one (--hf-model-id, resolved through the HF
+  // cache, or run_config.yaml's model.hf_model_id when it is not given).
+  std::optional<std::filesystem::path> base_model_dir;
 };
 
 // One tensor's bytes as consecutive pieces (the pipeline avoids copying them together); valid
