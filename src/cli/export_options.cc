@@ -227,12 +227,12 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
   if (!stream && !output) throw po::error("the option '--output-hf-path' is required");
   if (output) cl.options.output = *output;
   if (merge) {
+    // Every rank of a merge reads the base weights, but only rank 0 plans the export (which
+    // would read run_config.yaml's base): the merge needs the base named on its command line.
+    if (!hf_model) throw po::error("adapter_job merge needs --hf-model-id (the base model)");
     // The adapter the merge goes through keeps the checkpoint's dtype; --dtype is the model's.
-    // Left empty, the sink takes the base directory the export resolves.
-    if (hf_model) {
-      cl.merge.base_model =
-          convert::ResolveBaseModel(*hf_model, cl.options.revision).dir.value_or(*hf_model);
-    }
+    cl.merge.base_model =
+        convert::ResolveBaseModel(*hf_model, cl.options.revision).dir.value_or(*hf_model);
     cl.merge.target = cl.options.output;
     cl.merge.overwrite = vm["overwrite"].as<bool>();
     cl.merge.dtype = ParseDType(vm["dtype"].as<std::string>());

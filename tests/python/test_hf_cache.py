@@ -163,8 +163,8 @@ def test_verify_and_merge_take_the_model_id(adapter_job_bin, model, offline, tmp
 
 def test_without_hf_model_id_the_checkpoints_recorded_base_is_used(adapter_job_bin, model, offline, tmp_path):
     """run_config.yaml's model.hf_model_id (Megatron-Bridge records the model it fine-tuned) stands in for a missing
-    --hf-model-id in export, merge and verify, resolved through the cache like a given one; a checkpoint that records
-    none is an error naming its run_config.yaml."""
+    --hf-model-id in export and verify, resolved through the cache like a given one; a checkpoint that records none is
+    an error naming its run_config.yaml. merge, whose every rank reads the base, needs it named."""
     root, base, cache, snapshots, written = model
     offline.setenv("HF_HUB_CACHE", str(cache))
     recorded = write_checkpoint(CheckpointConfig(out=tmp_path / "ckpt", hf_model_id=REPO))
@@ -176,10 +176,10 @@ def test_without_hf_model_id_the_checkpoints_recorded_base_is_used(adapter_job_b
     proc = run([adapter_job_bin, "verify", "--hf-adapter-path", out, "--megatron-peft-checkpoint", recorded.root,
                 "--verify-device", "cpu"], check=False)
     assert proc.returncode == 0 and "PASSED" in proc.stdout, proc.stdout + proc.stderr
-    proc = run([adapter_job_bin, "merge", "--megatron-peft-checkpoint", recorded.root, "--output-hf-path",
-                tmp_path / "merged", "--verify-device", "cpu"], check=False)
-    assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
-    assert (tmp_path / "merged" / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    proc = run([*MPIRUN, "-np", "2", adapter_job_bin, "merge", "--megatron-peft-checkpoint", recorded.root,
+                "--output-hf-path", tmp_path / "merged", "--verify-device", "cpu"], check=False)
+    assert proc.returncode == 2 and "merge needs --hf-model-id" in proc.stderr, proc.stdout + proc.stderr
+    assert not (tmp_path / "merged").exists()
 
     unrecorded = write_checkpoint(CheckpointConfig(out=tmp_path / "none"))
     proc = run([adapter_job_bin, "export", "--megatron-peft-checkpoint", unrecorded.root, "--output-hf-path",
