@@ -79,7 +79,7 @@ Gathered GatherConvertWrite(const job::ExportPlan& plan, comm::Transport& transp
     done.convert_write_seconds += Since(start);
     bytes_gathered += buffer.size();
     if (progress) {
-      progress({"export", ++layers_done, static_cast<uint64_t>(plan.layout.num_layers),
+      progress({"export", ++layers_done, static_cast<uint64_t>(plan.layout.layers.size()),
                 bytes_gathered, done.tensors, done.tensor_bytes});
     }
   };
