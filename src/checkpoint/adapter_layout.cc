@@ -4,6 +4,7 @@
 #include <array>
 #include <charconv>
 #include <map>
+#include <set>
 #include <span>
 
 #include "adapter_job/core/checked_math.h"
@@ -82,6 +83,21 @@ int SlotOf(const LayerTensor& tensor, const std::vector<int64_t>& offsets,
   return static_cast<int>(first / per_rank) * etp_size + etp;
 }
 
+// A split tensor's parts (AdapterKey::split): the whole's rows are theirs one after the other.
+struct SplitTensor {
+  std::vector<int64_t> shape;                    // the whole, per layer
+  std::array<int64_t, kSplitParts.size()> rows;  // each part's first row in the whole
+};
+
+std::size_t SplitIndex(std::string_view part) {
+  return static_cast<std::size_t>(std::find(kSplitParts.begin(), kSplitParts.end(), part) -
+                                  kSplitParts.begin());
+}
+
+std::string WithoutSplit(const std::string& fqn, const AdapterKey& key) {
+  return key.split.empty() ? fqn : fqn.substr(0, fqn.size() - key.split.size() - 1);
+}
+
 }  // namespace
 
 bool IsExpertModule(std::string_view module) { return module.starts_with("mlp.experts."); }
@@ -146,6 +162,17 @@ std::optional<AdapterKey> ParseAdapterKey(std::string_view fqn) {
     key.canonical = std::string(rest.substr(0, dot));
     rest.remove_prefix(dot + 1);
   }
+  if (constexpr std::string_view kSplitOut = "linear_out.weight."; rest.starts_with(kSplitOut)) {
+    const std::string_view part = rest.substr(kSplitOut.size());
+    if (std::find(kSplitParts.begin(), kSplitParts.end(), part) == kSplitParts.end()) {
+      Fail(
+          "adapter key '{}' has an unknown split part '{}' (expected one of z, x, B, C, dt, as "
+          "megatron-core splits a Mamba in_proj)",
+          fqn, part);
+    }
+    key.split = std::string(part);
+    rest = rest.substr(0, kSplitOut.size() - 1);
+  }
   if (rest == "linear_in.weight") {
     key.param = AdapterParam::kLinearIn;
   } else if (rest == "linear_out.weight") {
@@ -171,9 +198,12 @@ const TensorMeta& MetaOf(const DcpMetadata& metadata, const LayerTensor& tensor)
   return metadata.tensors.at(tensor.meta_index);
 }
 
-const ChunkMeta& MetaOf(const DcpMetadata& metadata, const LayerLayout& layer,
-                        const LayerChunk& chunk) {
-  return MetaOf(metadata, layer.tensors.at(chunk.tensor_index)).chunks.at(chunk.chunk_index);
+const TensorMeta& TensorMetaOf(const DcpMetadata& metadata, const LayerChunk& chunk) {
+  return metadata.tensors.at(chunk.meta_index);
+}
+
+const ChunkMeta& MetaOf(const DcpMetadata& metadata, const LayerChunk& chunk) {
+  return TensorMetaOf(metadata, chunk).chunks.at(chunk.chunk_index);
 }
 
 AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings& model,
@@ -271,6 +301,47 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
 
   std::sort(found.begin(), found.end(),
             [](const Found& a, const Found& b) { return a.meta->fqn < b.meta->fqn; });
+  // Split tensors: every part there once, of one dtype, differing in rows only.
+  std::map<std::string, SplitTensor> splits;
+  {
+    std::map<std::string, std::array<const Found*, kSplitParts.size()>> parts;
+    for (const Found& entry : found) {
+      if (!entry.key.split.empty())
+        parts[WithoutSplit(entry.meta->fqn, entry.key)][SplitIndex(entry.key.split)] = &entry;
+    }
+    for (const auto& [whole, of] : parts) {
+      SplitTensor split;
+      int64_t rows = 0;
+      for (std::size_t i = 0; i < of.size(); ++i) {
+        if (of[i] == nullptr) {
+          Fail("'{}' is saved split in parts z, x, B, C, dt, but the checkpoint has no '{}.{}'",
+               whole, whole, kSplitParts[i]);
+        }
+        const TensorMeta& part = *of[i]->meta;
+        const std::size_t row_axis = of[i]->key.layer ? 0 : 1;  // past a stacked layer axis
+        if (part.size.size() != row_axis + 2) {
+          Fail("'{}' should be 2-D per layer, found {}", part.fqn, ShapeToString(part.size));
+        }
+        std::vector<int64_t> shape(part.size.begin() + static_cast<std::ptrdiff_t>(row_axis),
+                                   part.size.end());
+        const TensorMeta& first = *of[0]->meta;
+        if (part.dtype != first.dtype || shape[1] != first.size.back() ||
+            (row_axis == 1 && part.size.front() != first.size.front())) {
+          Fail("'{}' is {} {} but '{}' is {} {}: the parts of one tensor differ only in rows",
+               part.fqn, TorchName(part.dtype), ShapeToString(part.size), first.fqn,
+               TorchName(first.dtype), ShapeToString(first.size));
+        }
+        split.rows[i] = rows;
+        rows += shape[0];
+        split.shape = {rows, shape[1]};
+      }
+      splits.emplace(whole, std::move(split));
+    }
+    for (const Found& entry : found) {
+      if (entry.key.split.empty() && parts.contains(entry.meta->fqn))
+        Fail("'{}' is saved both whole and split in parts", entry.meta->fqn);
+    }
+  }
   for (const Found& entry : found) {
     // Named copies, not structured bindings: lambdas below capture them (clang < 16 cannot).
     const TensorMeta* meta = entry.meta;
@@ -278,8 +349,13 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
     ValidateChunkLayout(*meta);
     const bool stacked = !key.layer.has_value();
     const std::vector<int64_t> shape(meta->size.begin() + (stacked ? 1 : 0), meta->size.end());
-    const uint64_t nbytes =
-        CheckedMul(CheckedNumel(shape, "adapter shape"), ItemSize(meta->dtype), "adapter bytes");
+    // A split tensor's part fills its rows of the whole, which the layer holds as one tensor.
+    const std::string whole_fqn = WithoutSplit(meta->fqn, key);
+    const SplitTensor* split = key.split.empty() ? nullptr : &splits.at(whole_fqn);
+    const std::vector<int64_t>& whole_shape = split ? split->shape : shape;
+    const int64_t first_row = split ? split->rows[SplitIndex(key.split)] : 0;
+    const uint64_t nbytes = CheckedMul(CheckedNumel(whole_shape, "adapter shape"),
+                                       ItemSize(meta->dtype), "adapter bytes");
     for (std::size_t chunk_index = 0; chunk_index < meta->chunks.size(); ++chunk_index) {
       const ChunkMeta& chunk = meta->chunks[chunk_index];
       const int64_t l = stacked ? chunk.offsets[0] : *key.layer;
@@ -290,22 +366,30 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
       if (l >= std::ssize(layout.layers)) Fail("'{}': layer {} is beyond num_layers", meta->fqn, l);
       auto& layer = layout.layers[static_cast<std::size_t>(l)];
       auto it = std::find_if(layer.tensors.begin(), layer.tensors.end(),
-                             [&](const LayerTensor& t) { return t.meta_index == entry.index; });
+                             [&](const LayerTensor& t) { return t.fqn == whole_fqn; });
       if (it == layer.tensors.end()) {
         const std::size_t expert_axis_rank = key.param == AdapterParam::kMagnitude ? 2 : 3;
         const int64_t experts =
             IsExpertModule(key.module) && shape.size() == expert_axis_rank ? shape[0] : 0;
+        AdapterKey whole_key = key;
+        whole_key.split.clear();
         layer.tensors.push_back(
-            {entry.index, meta->fqn, meta->dtype, key, experts, shape, nbytes, 0});
+            {entry.index, whole_fqn, meta->dtype, whole_key, experts, whole_shape, nbytes, 0});
         it = layer.tensors.end() - 1;
       }
       LayerChunk c;
       c.tensor_index = static_cast<std::size_t>(it - layer.tensors.begin());
+      c.meta_index = entry.index;
       c.chunk_index = chunk_index;
       c.offsets_in_layer.assign(chunk.offsets.begin() + (stacked ? 1 : 0), chunk.offsets.end());
       c.sizes_in_layer.assign(chunk.sizes.begin() + (stacked ? 1 : 0), chunk.sizes.end());
       c.nbytes = CheckedNumel(c.sizes_in_layer, "chunk") * ItemSize(meta->dtype);
-      c.slot = SlotOf(*it, c.offsets_in_layer, c.sizes_in_layer, layout);
+      // The training shard from the part's own sharding, before its rows move into the whole.
+      LayerTensor part = *it;
+      part.fqn = meta->fqn;
+      part.shape = shape;
+      c.slot = SlotOf(part, c.offsets_in_layer, c.sizes_in_layer, layout);
+      c.offsets_in_layer[0] += first_row;
       layer.chunks.push_back(std::move(c));
     }
   }
@@ -324,19 +408,24 @@ AdapterLayout PlanAdapterLayout(const DcpMetadata& metadata, const ModelSettings
   }
   // Layers that carry adapters carry the same ones (per-layer keys may target a subset of
   // layers), but a dense layer and an MoE layer differ (DeepSeek-V3's first_k_dense_replace,
-  // Qwen3-MoE's mlp_only_layers): each is held to the first layer of its own kind.
-  std::array<const LayerLayout*, 2> reference = {nullptr, nullptr};
+  // Qwen3-MoE's mlp_only_layers), and so do a hybrid model's Mamba, attention and MLP layers
+  // (Nemotron-H): each is held to the first layer of its own kind, named by the blocks its
+  // modules are in ("self_attention", "mlp", "mixer") and whether it has experts.
+  std::map<std::string, const LayerLayout*> reference;
   for (const auto& layer : layout.layers) {
     if (layer.tensors.empty()) continue;
-    const bool sparse =
-        std::any_of(layer.tensors.begin(), layer.tensors.end(),
-                    [](const LayerTensor& t) { return IsExpertModule(t.key.module); });
-    const LayerLayout*& first = reference[sparse ? 1 : 0];
+    std::set<std::string> blocks;
+    for (const LayerTensor& t : layer.tensors) {
+      blocks.insert(IsExpertModule(t.key.module) ? "MoE"
+                                                 : t.key.module.substr(0, t.key.module.find('.')));
+    }
+    std::string kind;
+    for (const std::string& block : blocks) kind += (kind.empty() ? "" : "+") + block;
+    const LayerLayout*& first = reference[kind];
     if (first == nullptr) first = &layer;
     if (layer.tensors.size() != first->tensors.size()) {
-      Fail("{} layer {} has {} adapter tensors but {} layer {} has {}", sparse ? "MoE" : "dense",
-           layer.layer, layer.tensors.size(), sparse ? "MoE" : "dense", first->layer,
-           first->tensors.size());
+      Fail("layer {} ({}) has {} adapter tensors but layer {} ({}) has {}", layer.layer, kind,
+           layer.tensors.size(), first->layer, kind, first->tensors.size());
     }
   }
   return layout;

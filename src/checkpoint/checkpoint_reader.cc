@@ -33,11 +33,11 @@ void CheckpointReader::ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& 
   ReadChunkInto(tensor, chunk, dest.data.data(), dest.shape, dest_offsets);
 }
 
-void CheckpointReader::ReadChunkInto(const LayerLayout& layer, const LayerChunk& chunk,
-                                     std::byte* dest, std::span<const int64_t> dest_shape,
+void CheckpointReader::ReadChunkInto(const LayerChunk& chunk, std::byte* dest,
+                                     std::span<const int64_t> dest_shape,
                                      std::span<const int64_t> dest_offsets) const {
-  ReadChunkInto(MetaOf(metadata_, layer.tensors.at(chunk.tensor_index)),
-                MetaOf(metadata_, layer, chunk), dest, dest_shape, dest_offsets);
+  ReadChunkInto(TensorMetaOf(metadata_, chunk), MetaOf(metadata_, chunk), dest, dest_shape,
+                dest_offsets);
 }
 
 void CheckpointReader::ReadChunkInto(const TensorMeta& tensor, const ChunkMeta& chunk,

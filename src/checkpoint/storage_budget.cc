@@ -26,8 +26,8 @@ void CheckpointReader::CheckDeclaredBytes(const AdapterLayout& layout) const {
   std::vector<Range> ranges;
   for (const auto& layer : layout.layers) {
     for (const auto& chunk : layer.chunks) {
-      const TensorMeta& tensor = MetaOf(metadata, layer.tensors[chunk.tensor_index]);
-      const ChunkMeta& chunk_meta = MetaOf(metadata, layer, chunk);
+      const TensorMeta& tensor = TensorMetaOf(metadata, chunk);
+      const ChunkMeta& chunk_meta = MetaOf(metadata, chunk);
       const StorageLocation& location = metadata.Locate(tensor, chunk_meta);
       const std::filesystem::path file = dir / location.relative_path;
       if (chunk.nbytes > location.length) {

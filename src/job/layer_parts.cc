@@ -84,7 +84,7 @@ comm::LayerParts PartsOf(const AdapterLayout& layout, const checkpoint::Checkpoi
     if (StageMembers(layout, owners, layer.pp_stage).size() == 1) {
       for (const auto& chunk : layer.chunks) {
         const auto& tensor = layer.tensors[chunk.tensor_index];
-        reader.ReadChunkInto(layer, chunk, out.data() + tensor.offset_in_layer, tensor.shape,
+        reader.ReadChunkInto(chunk, out.data() + tensor.offset_in_layer, tensor.shape,
                              chunk.offsets_in_layer);
       }
       return;
@@ -93,7 +93,7 @@ comm::LayerParts PartsOf(const AdapterLayout& layout, const checkpoint::Checkpoi
     for (const LayerChunk* chunk :
          PartOf(layer, SlotsOf(layout, owners, layer.pp_stage, world_rank))) {
       const std::vector<int64_t> origin(chunk->sizes_in_layer.size(), 0);
-      reader.ReadChunkInto(layer, *chunk, out.data() + at, chunk->sizes_in_layer, origin);
+      reader.ReadChunkInto(*chunk, out.data() + at, chunk->sizes_in_layer, origin);
       at += chunk->nbytes;
     }
   };
@@ -117,9 +117,9 @@ std::vector<uint64_t> ExpectedBytesPerRank(const AdapterLayout& layout,
   for (const auto& layer : layout.layers) {
     for (const auto& chunk : layer.chunks) {
       const int shard = layout.ShardOf(chunk.slot, layer.pp_stage);
-      const auto& tensor = checkpoint::MetaOf(metadata, layer.tensors[chunk.tensor_index]);
+      const auto& tensor = checkpoint::TensorMetaOf(metadata, chunk);
       bytes[static_cast<std::size_t>(owners.owner[static_cast<std::size_t>(shard)])] +=
-          metadata.Locate(tensor, checkpoint::MetaOf(metadata, layer, chunk)).length;
+          metadata.Locate(tensor, checkpoint::MetaOf(metadata, chunk)).length;
     }
   }
   return bytes;

@@ -90,8 +90,8 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
     Tensor host = Tensor::Zeros(t.dtype, t.shape);
     for (const auto& chunk : layout.chunks) {
       if (chunk.tensor_index == index) {
-        reader_.ReadChunkInto(checkpoint::MetaOf(reader_.metadata(), t),
-                              checkpoint::MetaOf(reader_.metadata(), layout, chunk), host,
+        reader_.ReadChunkInto(checkpoint::TensorMetaOf(reader_.metadata(), chunk),
+                              checkpoint::MetaOf(reader_.metadata(), chunk), host,
                               chunk.offsets_in_layer);
       }
     }

@@ -126,7 +126,7 @@ TEST(AdapterLayout, StackedLayersSplitEvenlyOverPipelineStages) {
     stages.push_back(layer.pp_stage);
     ASSERT_EQ(layer.chunks.size(), 2u);
     EXPECT_EQ(layer.tensors[0].shape, (std::vector<int64_t>{2, 6})) << "the layer axis is removed";
-    EXPECT_THAT(MetaOf(md, layer, layer.chunks[0]).offsets, ElementsAre(layer.layer, 0, 0));
+    EXPECT_THAT(MetaOf(md, layer.chunks[0]).offsets, ElementsAre(layer.layer, 0, 0));
     EXPECT_THAT(layer.chunks[0].offsets_in_layer, ElementsAre(0, 0));
   }
   EXPECT_THAT(stages, ElementsAre(0, 0, 1, 1));
@@ -246,8 +246,58 @@ TEST(AdapterLayout, RefusesLayersWithDifferentAdapters) {
   md.tensors.push_back(Tiled(PerLayer(0, kQkvIn), {2, 4}, {2, 4}));
   md.tensors.push_back(Tiled(PerLayer(0, kQkvOut), {6, 2}, {6, 2}));
   md.tensors.push_back(Tiled(PerLayer(1, kQkvIn), {2, 4}, {2, 4}));
-  EXPECT_THAT(ErrorOf(md, Parallel(1, 1)),
-              HasSubstr("dense layer 1 has 1 adapter tensors but dense layer 0 has 2"));
+  EXPECT_THAT(
+      ErrorOf(md, Parallel(1, 1)),
+      HasSubstr(
+          "layer 1 (self_attention) has 1 adapter tensors but layer 0 (self_attention) has 2"));
+}
+
+// A Mamba in_proj's linear_out is saved as five global tensors (z, x, B, C, dt), each split over
+// TP by rows: the layer holds them as one tensor, the parts' rows one after the other in that
+// order, whatever order the keys sort in; each chunk still belongs to its part's TP rank.
+TEST(AdapterLayout, SplitPartsMakeOneTensorInTheirOrder) {
+  constexpr std::string_view kOut = "mixer.in_proj.adapter.linear_out.weight";
+  const std::map<std::string, int64_t> rows = {{"z", 8}, {"x", 8}, {"B", 4}, {"C", 4}, {"dt", 2}};
+  DcpMetadata md;
+  md.tensors.push_back(
+      Tiled(PerLayer(0, "mixer.in_proj.adapter.linear_in.weight"), {2, 6}, {1, 6}));
+  for (const auto& [part, n] : rows)
+    md.tensors.push_back(Tiled(PerLayer(0, std::string(kOut) + "." + part), {n, 2}, {n / 2, 2}));
+  const AdapterLayout layout = PlanAdapterLayout(md, Parallel(2, 1));
+  const LayerLayout& layer = layout.layers.at(0);
+  ASSERT_EQ(layer.tensors.size(), 2u);
+  const LayerTensor& out = layer.tensors[1];
+  EXPECT_EQ(out.fqn, PerLayer(0, kOut));
+  EXPECT_TRUE(out.key.split.empty());
+  EXPECT_THAT(out.shape, ElementsAre(26, 2));
+  EXPECT_EQ(out.nbytes, 26u * 2 * 2);
+  // Rank 1's chunks, after its linear_in rows: z rows 4.., x 12.., B 18.., C 22.., dt 25.
+  std::vector<std::pair<std::string, int64_t>> rank1;
+  for (const auto& c : layer.chunks) {
+    if (c.slot == 1 && c.tensor_index == 1) {
+      const std::string& part = md.tensors.at(c.meta_index).fqn;
+      rank1.emplace_back(part.substr(part.rfind('.') + 1), c.offsets_in_layer[0]);
+      EXPECT_EQ(&MetaOf(md, c), &md.tensors.at(c.meta_index).chunks.at(c.chunk_index));
+    }
+  }
+  EXPECT_THAT(rank1, ::testing::UnorderedElementsAre(std::pair<std::string, int64_t>{"z", 4},
+                                                     std::pair<std::string, int64_t>{"x", 12},
+                                                     std::pair<std::string, int64_t>{"B", 18},
+                                                     std::pair<std::string, int64_t>{"C", 22},
+                                                     std::pair<std::string, int64_t>{"dt", 25}));
+}
+
+TEST(AdapterLayout, RefusesIncompleteOrMismatchedSplitParts) {
+  constexpr std::string_view kOut = "mixer.in_proj.adapter.linear_out.weight";
+  DcpMetadata md;
+  for (const char* part : {"z", "x", "B", "C"})
+    md.tensors.push_back(Tiled(PerLayer(0, std::string(kOut) + "." + part), {4, 2}, {4, 2}));
+  EXPECT_THAT(ErrorOf(md, Parallel(1, 1)), HasSubstr("has no '" + PerLayer(0, kOut) + ".dt'"));
+  md.tensors.push_back(Tiled(PerLayer(0, std::string(kOut) + ".dt"), {2, 3}, {2, 3}));
+  EXPECT_THAT(ErrorOf(md, Parallel(1, 1)), HasSubstr("differ only in rows"));
+  EXPECT_THROW(ParseAdapterKey(PerLayer(0, std::string(kOut) + ".q")), FormatError);
+  EXPECT_THROW(ParseAdapterKey(PerLayer(0, "mixer.in_proj.adapter.linear_in.weight.z")),
+               FormatError);
 }
 
 TEST(AdapterLayout, RefusesMetadataWithoutAdaptersOrWithUnknownKeys) {

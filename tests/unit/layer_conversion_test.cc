@@ -47,7 +47,7 @@ class Layer {
             (canonical.empty() ? "" : canonical + ".") +
             std::string(checkpoint::AdapterParamName(param));
     t.dtype = DType::kFloat32;
-    t.key = AdapterKey{module, canonical, param, 0, std::nullopt};
+    t.key = AdapterKey{module, canonical, param, 0, std::nullopt, {}};
     t.experts = experts;
     t.shape = std::move(shape);
     t.nbytes = static_cast<uint64_t>(numel) * 4;

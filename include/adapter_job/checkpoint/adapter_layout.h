@@ -4,6 +4,7 @@
 // layout from `.metadata` alone, so no sizes ever need to be exchanged.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -29,7 +30,16 @@ struct AdapterKey {
   // MTP layer i, which PlanAdapterLayout numbers num_layers + i, as the HF checkpoints of
   // DeepSeek-V3 and GLM-4.5 store it (model.layers.61 after DeepSeek-V3's 61 decoder layers).
   std::optional<int64_t> mtp_layer;
+  // A Mamba mixer's in_proj linear_out is saved as five tensors, "linear_out.weight.z", ".x",
+  // ".B", ".C" and ".dt" (megatron-core ssm/utils.py _split_tensor_factory, called from
+  // Megatron-Bridge peft/utils.py ParallelLinearAdapter.sharded_state_dict): each a global tensor
+  // of its own, TP-sharded along its rows. Their position in kSplitParts; empty otherwise.
+  std::string split;
 };
+
+// The parts of a split tensor in the order they make the whole one: in_proj's output [z; x; B; C;
+// dt], which is also transformers' order (NemotronHMamba2Mixer splits in_proj's output so).
+inline constexpr std::array<std::string_view, 5> kSplitParts = {"z", "x", "B", "C", "dt"};
 
 // nullopt for keys that are not adapter weights (base weights, optimizer state, RNG state);
 // throws FormatError for an adapter key whose structure we do not know.
@@ -43,8 +53,8 @@ bool IsExpertModule(std::string_view module);
 // layout refers to `.metadata` by index, never by pointer, so a layout and the metadata it was
 // planned from move independently (see MetaOf).
 struct LayerTensor {
-  std::size_t meta_index = 0;  // into DcpMetadata::tensors
-  std::string fqn;
+  std::size_t meta_index = 0;  // into DcpMetadata::tensors (a split tensor's first part)
+  std::string fqn;             // a split tensor's without the part's suffix
   DType dtype = DType::kFloat32;
   AdapterKey key;
   // Expert modules: [experts, ...] since Megatron-Bridge 0.5.1 (per-expert adapters, or a shared
@@ -59,8 +69,11 @@ struct LayerTensor {
 // One stored chunk of one layer tensor and the training shard that owns it.
 struct LayerChunk {
   std::size_t tensor_index = 0;  // into LayerLayout::tensors
-  std::size_t chunk_index = 0;   // into that tensor's TensorMeta::chunks
-  int slot = 0;                  // the shard within the stage: tp, or ep x ETP + etp for experts
+  // The `.metadata` tensor holding the chunk: the layer tensor's own, or for a split tensor
+  // (AdapterKey::split) the part's, whose rows offsets_in_layer places in the whole.
+  std::size_t meta_index = 0;
+  std::size_t chunk_index = 0;  // into that TensorMeta::chunks
+  int slot = 0;                 // the shard within the stage: tp, or ep x ETP + etp for experts
   std::vector<int64_t> offsets_in_layer;  // chunk offsets with the stacked axis removed
   std::vector<int64_t> sizes_in_layer;
   uint64_t nbytes = 0;
@@ -93,10 +106,11 @@ struct AdapterLayout {
   int ShardOf(int slot, int pp) const { return pp * slots + slot; }
 };
 
-// The `.metadata` entries a layout names (`metadata` must be the one it was planned from).
+// The `.metadata` entries a layout names (`metadata` must be the one it was planned from): a
+// layer tensor's (its first part's, if split), and a chunk's and the tensor that holds it.
 const TensorMeta& MetaOf(const DcpMetadata& metadata, const LayerTensor& tensor);
-const ChunkMeta& MetaOf(const DcpMetadata& metadata, const LayerLayout& layer,
-                        const LayerChunk& chunk);
+const TensorMeta& TensorMetaOf(const DcpMetadata& metadata, const LayerChunk& chunk);
+const ChunkMeta& MetaOf(const DcpMetadata& metadata, const LayerChunk& chunk);
 
 // Which adapter tensors an export takes.
 struct AdapterSelection {

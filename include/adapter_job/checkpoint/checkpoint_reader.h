@@ -33,8 +33,7 @@ class CheckpointReader {
                      std::span<const int64_t> dest_shape,
                      std::span<const int64_t> dest_offsets) const;
   // One chunk of a layout planned from this reader's metadata, into a buffer of `dest_shape`.
-  void ReadChunkInto(const LayerLayout& layer, const LayerChunk& chunk, std::byte* dest,
-                     std::span<const int64_t> dest_shape,
+  void ReadChunkInto(const LayerChunk& chunk, std::byte* dest, std::span<const int64_t> dest_shape,
                      std::span<const int64_t> dest_offsets) const;
   // Assembles the whole global tensor from all of its chunks.
   Tensor ReadTensor(const TensorMeta& tensor) const;
