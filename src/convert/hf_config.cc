@@ -1,5 +1,7 @@
 #include "adapter_job/convert/hf_config.h"
 
+#include <algorithm>
+
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
 #include "adapter_job/core/json_file.h"
@@ -65,13 +67,25 @@ HfModelConfig ReadHfConfig(const std::filesystem::path& model_dir) {
                          ? RequireInt(j, "head_dim")
                          : c.hidden_size / c.num_attention_heads;
         c.intermediate_size = RequireInt(j, "intermediate_size");
-        c.num_hidden_layers = RequireInt(j, "num_hidden_layers");
+        // transformers 5's hybrids (Nemotron-H) save the layer types and no num_hidden_layers,
+        // which is a property of the list there; a model built without MoE layers still saves
+        // the expert defaults, which then describe no layer.
+        const nlohmann::json* block_types =
+            j.contains("layers_block_type") && j["layers_block_type"].is_array()
+                ? &j["layers_block_type"]
+                : nullptr;
+        c.num_hidden_layers = !j.contains("num_hidden_layers") && block_types
+                                  ? static_cast<int64_t>(block_types->size())
+                                  : RequireInt(j, "num_hidden_layers");
+        const bool no_moe_layers =
+            block_types &&
+            std::find(block_types->begin(), block_types->end(), "moe") == block_types->end();
         // Qwen3-MoE calls it num_experts, Mixtral num_local_experts, DeepSeek-V3 n_routed_experts,
         // and transformers 5 treats them as one; two different counts leave the model's
         // unknowable.
         const char* experts_key = nullptr;
         for (const char* key : {"num_experts", "num_local_experts", "n_routed_experts"}) {
-          if (!j.contains(key) || j[key].is_null() || j[key] == 0) continue;
+          if (no_moe_layers || !j.contains(key) || j[key].is_null() || j[key] == 0) continue;
           const int64_t experts = RequireInt(j, key);
           if (experts_key != nullptr && experts != c.num_experts) {
             Fail("{} {} and {} {} disagree; expected one expert count", experts_key, c.num_experts,

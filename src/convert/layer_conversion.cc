@@ -282,6 +282,7 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
     Fusion fusion = Fusion::kNone;
     bool swiglu_sharded = false;
     const ModuleMapping* experts = nullptr;
+    std::string peft_refuses;
     if (!key.canonical.empty()) {
       const CanonicalMapping* c = family.FindCanonical(key.module, key.canonical);
       if (c == nullptr) {
@@ -302,6 +303,7 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
       }
       targets = mapping->hf;
       fusion = mapping->fusion;
+      peft_refuses = mapping->peft_refuses;
       if (mapping->experts) experts = mapping;
     }
     if (experts != nullptr) {
@@ -372,6 +374,7 @@ std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
         out.param = key.param;
         out.name = out.module + std::string(Suffix(key.param));
         out.source = index;
+        out.peft_refuses = peft_refuses;
         out.rows = parts[p];
         if (t.experts > 0) {
           if (out.rows.empty()) out.rows = {{0, unit[0]}};

@@ -136,6 +136,8 @@ ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
         if (m.stored_fused && m.fused_layout == FusedLayout::kOutIn)
           Fail("{}.stored_fused: needs fused_layout in_out or in_out_interleaved", at);
       }
+      if (modules[i].contains("peft_refuses"))
+        m.peft_refuses = String(modules[i], "peft_refuses", at);
       f.modules.push_back(std::move(m));
     }
   }
@@ -182,12 +184,19 @@ ModelFamily ParseModelFamily(std::string_view text, const std::string& source,
                                                                     value["limit"].get<double>()};
       } else if (key == "verification" && value.is_boolean()) {
         f.forward.verification = value.get<bool>();
+      } else if (key == "hybrid" && value.is_boolean()) {
+        f.forward.hybrid = value.get<bool>();
+      } else if ((key == "embedding" || key == "final_norm") && value.is_string() &&
+                 !value.get<std::string>().empty()) {
+        (key == "embedding" ? f.forward.embedding : f.forward.final_norm) =
+            value.get<std::string>();
       } else {
         Fail(
             "{}.{}: expected norm_weight_offset (a number), embedding_scale (\"sqrt_hidden\" or "
             "\"none\"), moe_router (a module path), moe_router_scoring (\"softmax\" or "
             "\"sigmoid\"), moe_shared_experts (a module path), moe_clamped_swiglu ({{\"alpha\": "
-            "a number, \"limit\": a number}}) or verification (true or false)",
+            "a number, \"limit\": a number}}), verification or hybrid (true or false), embedding "
+            "or final_norm (a tensor name)",
             at, key);
       }
     }

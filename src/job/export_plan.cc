@@ -212,6 +212,8 @@ writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) co
       announced.tensors.push_back({out.name, out.module, WeightOf(out.param),
                                    static_cast<int64_t>(l), out.dtype, out.shape});
       if (out.param == checkpoint::AdapterParam::kLinearIn) {
+        if (!out.peft_refuses.empty())
+          announced.peft_refused.push_back({out.module, out.peft_refuses});
         if (!out.parameter.empty()) {  // a fused expert parameter: lora_A is [experts x rank, in]
           config.modules.push_back({out.module, out.leaf, out.shape[0] / settings.model.num_experts,
                                     out.rank_keys, out.parameter});

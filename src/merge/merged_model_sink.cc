@@ -151,7 +151,11 @@ void MergedModelSink::Begin(const writer::ExportAnnouncement& announcement) {
   const fs::path target = fs::absolute(options_.target).lexically_normal();
   fs::path scratch = target.parent_path() / ("." + target.filename().string() + ".merge-adapter");
   open_.reset(new Open{writer::PeftDirectorySink(scratch, false), {}, {}, {}, 0});
-  open_->adapter.Begin(announcement);
+  // The scratch adapter feeds the merge and the verifier, never stock PEFT: a module PEFT refuses
+  // to load an adapter on (Nemotron-H's out_proj) is merged like any other.
+  writer::ExportAnnouncement scratch_adapter = announcement;
+  scratch_adapter.peft_refused.clear();
+  open_->adapter.Begin(scratch_adapter);
 
   // Everything about the output is known now, so the output is laid out before the export
   // starts: a target that may not be replaced, or a base that does not fit the adapter, fails

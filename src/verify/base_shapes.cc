@@ -17,6 +17,48 @@ void Expect(const HfWeights& base, const std::string& name, const std::vector<in
   }
 }
 
+// Nemotron-H's layers (transformers NemotronHMamba2Mixer, NemotronHAttention, NemotronHMLP).
+void CheckHybridLayers(const HfWeights& base, const convert::HfModelConfig& config,
+                       const LlamaSettings& s) {
+  const int64_t hidden = config.hidden_size;
+  const int64_t query = s.heads * s.head_dim;
+  const int64_t key_value = s.kv_heads * s.head_dim;
+  const int64_t ffn = config.intermediate_size;
+  const Mamba2Settings& m = s.mamba;
+  const int64_t inner = m.inner(), group_state = m.groups * m.state;
+  for (int64_t layer = 0; layer < std::ssize(s.hybrid); ++layer) {
+    const std::string p = fmt::format("{}.{}.", s.layers_prefix, layer);
+    const auto expect = [&](const std::string& name, std::vector<int64_t> shape,
+                            std::string_view why) { Expect(base, p + name, shape, config, why); };
+    expect("norm.weight", {hidden}, "[hidden_size]");
+    switch (s.hybrid[static_cast<std::size_t>(layer)]) {
+      case HybridBlock::kMamba:
+        expect("mixer.in_proj.weight", {2 * inner + 2 * group_state + m.heads, hidden},
+               "[2 x heads x head_dim + 2 x n_groups x ssm_state_size + heads, hidden_size]");
+        expect("mixer.conv1d.weight", {inner + 2 * group_state, 1, m.conv_kernel},
+               "[heads x head_dim + 2 x n_groups x ssm_state_size, 1, conv_kernel]");
+        if (base.Has(p + "mixer.conv1d.bias"))
+          expect("mixer.conv1d.bias", {inner + 2 * group_state}, "[conv channels]");
+        for (const char* name : {"mixer.A_log", "mixer.D", "mixer.dt_bias"})
+          expect(name, {m.heads}, "[mamba_num_heads]");
+        expect("mixer.norm.weight", {inner}, "[mamba_num_heads x mamba_head_dim]");
+        expect("mixer.out_proj.weight", {hidden, inner},
+               "[hidden_size, mamba_num_heads x mamba_head_dim]");
+        break;
+      case HybridBlock::kAttention:
+        expect("mixer.q_proj.weight", {query, hidden}, "[heads x head_dim, hidden_size]");
+        expect("mixer.k_proj.weight", {key_value, hidden}, "[kv heads x head_dim, hidden_size]");
+        expect("mixer.v_proj.weight", {key_value, hidden}, "[kv heads x head_dim, hidden_size]");
+        expect("mixer.o_proj.weight", {hidden, query}, "[hidden_size, heads x head_dim]");
+        break;
+      case HybridBlock::kMlp:
+        expect("mixer.up_proj.weight", {ffn, hidden}, "[intermediate_size, hidden_size]");
+        expect("mixer.down_proj.weight", {hidden, ffn}, "[hidden_size, intermediate_size]");
+        break;
+    }
+  }
+}
+
 }  // namespace
 
 void CheckBaseShapes(const HfWeights& base, const convert::HfModelConfig& config,
@@ -27,13 +69,14 @@ void CheckBaseShapes(const HfWeights& base, const convert::HfModelConfig& config
   const int64_t ffn = config.intermediate_size;
   const int64_t expert_ffn = config.expert_intermediate_size;
   const int64_t vocab = config.vocab_size;
-  Expect(base, "model.embed_tokens.weight", {vocab, hidden}, config, "[vocab_size, hidden_size]");
-  Expect(base, "model.norm.weight", {hidden}, config, "[hidden_size]");
+  Expect(base, s.embedding, {vocab, hidden}, config, "[vocab_size, hidden_size]");
+  Expect(base, s.final_norm, {hidden}, config, "[hidden_size]");
   if (base.Has("lm_head.weight") && !config.tie_word_embeddings)
     Expect(base, "lm_head.weight", {vocab, hidden}, config, "[vocab_size, hidden_size]");
+  if (!s.hybrid.empty()) return CheckHybridLayers(base, config, s);
 
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
-    const std::string p = fmt::format("model.layers.{}.", layer);
+    const std::string p = fmt::format("{}.{}.", s.layers_prefix, layer);
     const auto expect = [&](const std::string& module, std::vector<int64_t> shape,
                             std::string_view why) { Expect(base, p + module, shape, config, why); };
     const auto optional = [&](const std::string& module, std::vector<int64_t> shape,

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "adapter_job/core/error.h"
+#include "hybrid_forward.h"
 
 namespace adapter_job::verify {
 namespace {
@@ -111,7 +112,7 @@ LayerAttention Yarn(const nlohmann::json& rope, const nlohmann::json& raw, int64
 
 Activation ActivationOf(const nlohmann::json& raw, const std::string& where) {
   std::string name = "silu";
-  for (const char* key : {"hidden_activation", "hidden_act"}) {
+  for (const char* key : {"hidden_activation", "hidden_act", "mlp_hidden_act"}) {
     if (raw.contains(key) && raw[key].is_string()) {
       name = raw[key].get<std::string>();
       break;
@@ -121,7 +122,71 @@ Activation ActivationOf(const nlohmann::json& raw, const std::string& where) {
   if (name == "gelu_pytorch_tanh" || name == "gelu_new" || name == "gelu_fast")
     return Activation::kGeluTanh;
   if (name == "gelu") return Activation::kGelu;
-  Fail("{}: activation '{}' is not supported (silu, gelu, gelu_pytorch_tanh)", where, name);
+  if (name == "relu2") return Activation::kRelu2;
+  Fail("{}: activation '{}' is not supported (silu, gelu, gelu_pytorch_tanh, relu2)", where, name);
+}
+
+// Nemotron-H (transformers NemotronHConfig): the block of each layer from layers_block_type (or
+// the hub's hybrid_override_pattern, one of M, *, - a layer), the Mamba-2 dims, no RoPE.
+LlamaSettings WithHybridLayers(LlamaSettings s, const convert::HfModelConfig& config) {
+  const nlohmann::json& raw = config.text();
+  const std::string where = config.path.string();
+  std::vector<std::string> types;
+  if (raw.contains("layers_block_type") && raw["layers_block_type"].is_array()) {
+    for (const auto& type : raw["layers_block_type"])
+      types.push_back(type.is_string() ? type.get<std::string>() : type.dump());
+  } else if (raw.contains("hybrid_override_pattern") &&
+             raw["hybrid_override_pattern"].is_string()) {
+    for (char c : raw["hybrid_override_pattern"].get<std::string>()) {
+      types.push_back(c == 'M'   ? "mamba"
+                      : c == '*' ? "attention"
+                      : c == '-' ? "mlp"
+                                 : std::string(1, c));
+    }
+  } else {
+    Fail("{}: a hybrid model needs layers_block_type (or hybrid_override_pattern)", where);
+  }
+  if (std::ssize(types) != config.num_hidden_layers)
+    Fail("{}: {} layer types for {} layers", where, types.size(), config.num_hidden_layers);
+  for (const std::string& type : types) {
+    if (type == "linear_attention" || type == "mamba") {
+      s.hybrid.push_back(HybridBlock::kMamba);
+    } else if (type == "full_attention" || type == "attention") {
+      s.hybrid.push_back(HybridBlock::kAttention);
+    } else if (type == "mlp") {
+      s.hybrid.push_back(HybridBlock::kMlp);
+    } else {
+      Fail("{}: layer type '{}' is not supported (Mamba-2, attention and MLP layers; no MoE yet)",
+           where, type);
+    }
+  }
+  const auto integer = [&](const char* key, const char* legacy) {
+    for (const char* name : {key, legacy}) {
+      if (raw.contains(name) && raw[name].is_number_integer() && raw[name].get<int64_t>() > 0)
+        return raw[name].get<int64_t>();
+    }
+    Fail("{}: a Mamba-2 mixer needs '{}' as a positive integer", where, key);
+  };
+  s.mamba.heads = integer("mamba_num_heads", "mamba_num_heads");
+  s.mamba.head_dim = integer("mamba_head_dim", "mamba_head_dim");
+  s.mamba.state = integer("ssm_state_size", "ssm_state_size");
+  s.mamba.groups = integer("n_groups", "mamba_n_groups");
+  s.mamba.conv_kernel = integer("conv_kernel", "mamba_d_conv");
+  if (s.mamba.heads % s.mamba.groups != 0)
+    Fail("{}: {} Mamba heads do not split into {} groups", where, s.mamba.heads, s.mamba.groups);
+  // transformers clamps dt from below at time_step_limit's floor, which NemotronHConfig sets to
+  // time_step_min (modeling_nemotron_h.py NemotronHMamba2Mixer); Megatron does not clamp.
+  s.mamba.time_step_min = Number(raw, "time_step_min", 0.001);
+  s.rms_norm_eps = Number(raw, "layer_norm_epsilon", 1e-5);
+  s.mamba.norm_eps = s.rms_norm_eps;
+  s.activation = ActivationOf(raw, where);
+  if (raw.value("mamba_hidden_act", std::string("silu")) != "silu")
+    Fail("{}: mamba_hidden_act '{}' is not modelled (silu)", where, raw["mamba_hidden_act"].dump());
+  if (raw.value("use_bias", false) || raw.value("mlp_bias", false))
+    Fail("{}: use_bias/mlp_bias: biased linears are not modelled in a hybrid", where);
+  // No RoPE: NemotronHAttention never applies one.
+  s.layers.assign(types.size(), LayerAttention{at::empty({0}, at::kFloat), 1.0, 0, 0});
+  return s;
 }
 
 }  // namespace
@@ -153,6 +218,7 @@ void ForEachWeight(LayerWeights& w, const LlamaSettings& s,
     maybe(s.moe.router + ".e_score_correction_bias", w.router_bias);
   }
   for (auto& [path, t] : w.biases) maybe(path + ".bias", t);
+  for (auto& [name, t] : w.hybrid_params) maybe(name, t);
   maybe("self_attn.sinks", w.sinks);
   maybe("self_attn.q_a_layernorm.weight", w.q_a_layernorm);
   maybe("self_attn.kv_a_layernorm.weight", w.kv_a_layernorm);
@@ -196,7 +262,27 @@ std::vector<std::string> SparseMlpPaths(const LlamaSettings& s) {
   return paths;
 }
 
+std::vector<std::string> HybridLinearPaths(HybridBlock block) {
+  switch (block) {
+    case HybridBlock::kMamba:
+      return {"mixer.in_proj", "mixer.out_proj"};
+    case HybridBlock::kAttention:
+      return {"mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.o_proj"};
+    case HybridBlock::kMlp:
+      return {"mixer.up_proj", "mixer.down_proj"};
+  }
+  return {};
+}
+
 std::vector<std::string> DecoderLinearPaths(const LlamaSettings& s) {
+  if (!s.hybrid.empty()) {
+    std::vector<std::string> paths;
+    for (HybridBlock block : {HybridBlock::kMamba, HybridBlock::kAttention, HybridBlock::kMlp}) {
+      const auto more = HybridLinearPaths(block);
+      paths.insert(paths.end(), more.begin(), more.end());
+    }
+    return paths;
+  }
   std::vector<std::string> paths = AttentionLinearPaths(s);
   for (auto more : {DenseMlpPaths(), SparseMlpPaths(s)}) {
     paths.insert(paths.end(), more.begin(), more.end());
@@ -241,6 +327,10 @@ LlamaSettings MakeLlamaSettings(const convert::HfModelConfig& config,
     s.attention_scale =
         1.0 / std::sqrt(static_cast<double>(mla.qk_nope_head_dim + mla.qk_rope_head_dim));
   }
+  s.layers_prefix = family.hf_layers_prefix;
+  s.embedding = traits.embedding;
+  s.final_norm = traits.final_norm;
+  if (traits.hybrid) return WithHybridLayers(std::move(s), config);
   s.attention_softcap = OptionalNumber(raw, "attn_logit_softcapping");
   s.final_softcap = OptionalNumber(raw, "final_logit_softcapping");
   s.clip_qkv = OptionalNumber(raw, "clip_qkv");
@@ -359,13 +449,6 @@ at::Tensor SoftCap(const at::Tensor& x, const std::optional<double>& cap) {
   return cap ? at::tanh(x / *cap) * *cap : x;
 }
 
-namespace {
-
-at::Tensor RotateHalf(const at::Tensor& x) {
-  const int64_t half = x.size(-1) / 2;
-  return at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
-}
-
 at::Tensor Activate(const at::Tensor& x, Activation activation) {
   switch (activation) {
     case Activation::kSilu:
@@ -374,8 +457,17 @@ at::Tensor Activate(const at::Tensor& x, Activation activation) {
       return at::gelu(x, "tanh");
     case Activation::kGelu:
       return at::gelu(x);
+    case Activation::kRelu2:
+      return at::relu(x).square();
   }
   return x;
+}
+
+namespace {
+
+at::Tensor RotateHalf(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
 }
 
 // Each token's top-k experts and their weights [tokens, k]. Softmax routers (transformers'
@@ -546,7 +638,8 @@ at::Tensor MultiLatentAttention(const at::Tensor& h, const LayerWeights& w, cons
                     w.Linear("self_attn.o_proj").t());
 }
 
-// Llama-style attention: q/k/v heads (GQA), optional biases and per-head norms, RoPE on halves.
+}  // namespace
+
 at::Tensor GroupedQueryAttention(const at::Tensor& h, const LayerWeights& w, const LlamaSettings& s,
                                  const LayerAttention& attention) {
   const int64_t tokens = h.size(0);
@@ -568,6 +661,7 @@ at::Tensor GroupedQueryAttention(const at::Tensor& h, const LayerWeights& w, con
   auto [cos, sin] = RopeTables(attention, tokens, h.options());
   const auto rotate =
       [&](const at::Tensor& x) {  // the leading rotary_dim dims; the rest as they are
+        if (attention.rotary_dim == 0) return x;
         const at::Tensor turned = x.slice(-1, 0, attention.rotary_dim);
         const at::Tensor rotated = turned * cos + RotateHalf(turned) * sin;
         return attention.rotary_dim == x.size(-1)
@@ -583,10 +677,9 @@ at::Tensor GroupedQueryAttention(const at::Tensor& h, const LayerWeights& w, con
                 w.Bias("self_attn.o_proj"));
 }
 
-}  // namespace
-
 at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaSettings& s,
                         int64_t layer) {
+  if (!s.hybrid.empty()) return HybridLayer(x, w, s, layer);
   const LayerAttention& attention = s.layers.at(static_cast<std::size_t>(layer));
   const auto norm = [&](const at::Tensor& t, const at::Tensor& weight) {
     return RmsNorm(t, weight, s.rms_norm_eps, s.norm_weight_offset);

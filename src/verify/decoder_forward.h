@@ -24,7 +24,7 @@
 
 namespace adapter_job::verify {
 
-enum class Activation { kSilu, kGeluTanh, kGelu };
+enum class Activation { kSilu, kGeluTanh, kGelu, kRelu2 };
 
 // What differs between the layers of one model: full or sliding-window attention, and its RoPE.
 struct LayerAttention {
@@ -84,6 +84,24 @@ struct MoeSettings {
   std::optional<convert::ForwardTraits::ClampedSwiglu> clamped_swiglu;
 };
 
+// Nemotron-H's hybrid layers: each one block behind one norm ("norm.weight"), its "mixer" a
+// Mamba-2 mixer, attention without RoPE, or a squared-ReLU MLP (config.json layers_block_type).
+enum class HybridBlock { kMamba, kAttention, kMlp };
+
+// A Mamba-2 mixer's dims (transformers NemotronHMamba2Mixer): in_proj's output is [z; x; B; C;
+// dt] of inner, inner, groups x state, groups x state and heads rows, x, B and C through a
+// depthwise causal conv of `conv_kernel` taps.
+struct Mamba2Settings {
+  int64_t heads = 0;
+  int64_t head_dim = 0;
+  int64_t state = 0;
+  int64_t groups = 1;
+  int64_t conv_kernel = 4;
+  double time_step_min = 0;  // dt is clamped to at least this (time_step_limit's floor)
+  double norm_eps = 1e-5;    // the gated RMSNorm's, per group
+  int64_t inner() const { return heads * head_dim; }
+};
+
 struct LlamaSettings {
   int64_t hidden = 0;
   int64_t heads = 0;
@@ -99,6 +117,14 @@ struct LlamaSettings {
   std::vector<LayerAttention> layers;
   std::optional<MlaSettings> mla;
   MoeSettings moe;
+  // A hybrid (Nemotron-H): one block per layer; empty for a decoder of attention + MLP layers.
+  std::vector<HybridBlock> hybrid;
+  Mamba2Settings mamba;
+  // Where the weights are: the family's hf_layers_prefix, its embedding and final norm (Nemotron-H
+  // keeps transformers 4's backbone.* names on disk).
+  std::string layers_prefix = "model.layers";
+  std::string embedding = "model.embed_tokens.weight";
+  std::string final_norm = "model.norm.weight";
 };
 
 // Reads rms_norm_eps, the activation, soft-caps, sliding windows and the RoPE parameters
@@ -117,7 +143,9 @@ inline constexpr std::array<const char*, 7> kDecoderLinears = {
 std::vector<std::string> AttentionLinearPaths(const LlamaSettings& s);
 std::vector<std::string> DenseMlpPaths();
 std::vector<std::string> SparseMlpPaths(const LlamaSettings& s);
-// Every linear module a layer of this model may have: the three above.
+// A hybrid layer's linear modules (its mixer's), by its block.
+std::vector<std::string> HybridLinearPaths(HybridBlock block);
+// Every linear module a layer of this model may have: the three above, or a hybrid's.
 std::vector<std::string> DecoderLinearPaths(const LlamaSettings& s);
 
 // The linear weights of one decoder layer ([out, in], as in HF) and its norms; the optional
@@ -143,8 +171,12 @@ struct LayerWeights {
   // -> the checkpoint tensor they are slices of ("mlp.experts.gate_up_proj").
   std::map<std::string, std::string> stored_as;
   // Linears beyond the named ones, by HF path: the router, experts, shared experts, MLA's
-  // projections.
+  // projections, a hybrid layer's mixer's.
   std::map<std::string, at::Tensor> other_linears;
+  // A hybrid layer's other weights by name within the layer: "norm.weight", and a Mamba mixer's
+  // "mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.A_log", "mixer.D", "mixer.dt_bias",
+  // "mixer.norm.weight".
+  std::map<std::string, at::Tensor> hybrid_params;
 
   // An MoE layer: it has the router `s.moe.router`.
   bool Sparse(const MoeSettings& moe) const {
@@ -169,9 +201,18 @@ void ForEachWeight(LayerWeights& w, const LlamaSettings& s,
 
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps, double offset = 0);
 
-// x: [tokens, hidden] -> [tokens, hidden]; causal attention over positions 0..tokens-1.
+at::Tensor Activate(const at::Tensor& x, Activation activation);
+
+// x: [tokens, hidden] -> [tokens, hidden]; causal attention over positions 0..tokens-1 (or a
+// hybrid's block, see hybrid_forward.h).
 at::Tensor DecoderLayer(const at::Tensor& x, const LayerWeights& w, const LlamaSettings& s,
                         int64_t layer);
+
+// Llama-style attention of normed hidden states h: q/k/v heads (GQA) from w.q_proj ... w.o_proj,
+// optional biases and per-head norms, RoPE on halves of the leading `attention.rotary_dim` dims
+// (none when 0).
+at::Tensor GroupedQueryAttention(const at::Tensor& h, const LayerWeights& w, const LlamaSettings& s,
+                                 const LayerAttention& attention);
 
 // Soft-capping as Gemma 2 does it: cap * tanh(x / cap).
 at::Tensor SoftCap(const at::Tensor& x, const std::optional<double>& cap);

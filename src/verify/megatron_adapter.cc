@@ -19,24 +19,27 @@ namespace {
 using at::indexing::Slice;
 using checkpoint::AdapterParam;
 
-struct Parts {
-  std::optional<at::Tensor> a, b, m;
+// The q, k and v linears of an attention, as LayerWeights holds them.
+struct QkvLinears {
+  at::Tensor& q;
+  at::Tensor& k;
+  at::Tensor& v;
 };
 
 // linear_qkv rows: for each query group g, its q heads, then k_g, then v_g (d rows each head).
-at::Tensor FuseQkv(const LayerWeights& w, int64_t groups, int64_t d) {
-  const int64_t per_group = w.q_proj.size(0) / groups;
+at::Tensor FuseQkv(const QkvLinears& w, int64_t groups, int64_t d) {
+  const int64_t per_group = w.q.size(0) / groups;
   std::vector<at::Tensor> rows;
   for (int64_t g = 0; g < groups; ++g) {
-    rows.push_back(w.q_proj.index({Slice(g * per_group, (g + 1) * per_group)}));
-    rows.push_back(w.k_proj.index({Slice(g * d, (g + 1) * d)}));
-    rows.push_back(w.v_proj.index({Slice(g * d, (g + 1) * d)}));
+    rows.push_back(w.q.index({Slice(g * per_group, (g + 1) * per_group)}));
+    rows.push_back(w.k.index({Slice(g * d, (g + 1) * d)}));
+    rows.push_back(w.v.index({Slice(g * d, (g + 1) * d)}));
   }
   return at::cat(rows, 0);
 }
 
-void SplitQkv(const at::Tensor& fused, LayerWeights& w, int64_t groups, int64_t d) {
-  const int64_t per_group = w.q_proj.size(0) / groups;
+void SplitQkv(const at::Tensor& fused, const QkvLinears& w, int64_t groups, int64_t d) {
+  const int64_t per_group = w.q.size(0) / groups;
   const int64_t stride = per_group + 2 * d;
   std::vector<at::Tensor> q, k, v;
   for (int64_t g = 0; g < groups; ++g) {
@@ -45,9 +48,9 @@ void SplitQkv(const at::Tensor& fused, LayerWeights& w, int64_t groups, int64_t 
     k.push_back(fused.index({Slice(base + per_group, base + per_group + d)}));
     v.push_back(fused.index({Slice(base + per_group + d, base + stride)}));
   }
-  w.q_proj = at::cat(q, 0);
-  w.k_proj = at::cat(k, 0);
-  w.v_proj = at::cat(v, 0);
+  w.q = at::cat(q, 0);
+  w.k = at::cat(k, 0);
+  w.v = at::cat(v, 0);
 }
 
 // The global rows of TP rank `rank`'s local linear_fc1 output [gate_rank; up_rank].
@@ -76,6 +79,7 @@ std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(
   adapter->model_ = model;
   adapter->adapter_dtype_ = adapter_dtype;
   adapter->moe_ = settings.moe;
+  adapter->hybrid_ = !settings.hybrid.empty();
   adapter->alpha_ = adapter->run_.peft->alpha.get<double>();
   adapter->scale_ = adapter->alpha_ / static_cast<double>(adapter->run_.peft->dim);
   return adapter;
@@ -84,7 +88,7 @@ std::unique_ptr<MegatronAdapter> MegatronAdapter::Open(
 void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& device) const {
   const auto& layout = layout_.layers.at(static_cast<std::size_t>(layer));
   // Read every adapter tensor of the layer, assembled from all of its chunks.
-  std::map<std::pair<std::string, std::string>, Parts> adapters;
+  std::map<std::pair<std::string, std::string>, Adapter> adapters;
   for (std::size_t index = 0; index < layout.tensors.size(); ++index) {
     const auto& t = layout.tensors[index];
     Tensor host = Tensor::Zeros(t.dtype, t.shape);
@@ -99,7 +103,7 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
         at::from_blob(host.data.data(), host.shape, at::TensorOptions().dtype(ToTorch(host.dtype)))
             .to(device, adapter_dtype_, false, /*copy=*/true)
             .to(at::kFloat);
-    Parts& parts = adapters[{t.key.module, t.key.canonical}];
+    Adapter& parts = adapters[{t.key.module, t.key.canonical}];
     (t.key.param == AdapterParam::kLinearIn    ? parts.a
      : t.key.param == AdapterParam::kLinearOut ? parts.b
                                                : parts.m) = tensor;
@@ -142,8 +146,12 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
         Fail("layer {}: a router adapter, but the model has no router", layer);
       at::Tensor& router = w.Linear(moe_.router);
       router = MergeAdapter(router, *p.a, *p.b, scale_, p.m, what);
+    } else if (hybrid_) {
+      ApplyHybrid(layer, module, canonical, p, w, what);
     } else if (module == "self_attention.linear_qkv" && canonical.empty()) {
-      SplitQkv(MergeAdapter(FuseQkv(w, groups, d), *p.a, *p.b, scale_, p.m, what), w, groups, d);
+      const QkvLinears qkv{w.q_proj, w.k_proj, w.v_proj};
+      SplitQkv(MergeAdapter(FuseQkv(qkv, groups, d), *p.a, *p.b, scale_, p.m, what), qkv, groups,
+               d);
     } else if ((module == "mlp.linear_fc1" || module == "mlp.shared_experts.linear_fc1") &&
                canonical.empty()) {
       // Each TP rank merges its local [gate_i; up_i] rows; its magnitude slice is stored in that
@@ -201,6 +209,40 @@ void MegatronAdapter::Apply(int64_t layer, LayerWeights& w, const at::Device& de
       target = MergeAdapter(target, *p.a, *p.b, scale_, p.m, what);
     }
   }
+}
+
+// Nemotron-H (Megatron-Bridge nemotron_h_bridge.py): every module one to one but linear_qkv, and
+// linear_fc1 not gated. in_proj's adapter acts on each TP rank's local rows [z_r; x_r; B_r; C_r;
+// dt_r] with the same rows of linear_out, whose parts the checkpoint stores each TP-split, so the
+// joined lora_B is the global rows in transformers' order and each row merges as it is.
+void MegatronAdapter::ApplyHybrid(int64_t layer, const std::string& module,
+                                  const std::string& canonical, const Adapter& p, LayerWeights& w,
+                                  const std::string& what) const {
+  const int64_t d = model_.head_dim;
+  const int64_t groups = model_.num_key_value_heads;
+  if (module == "self_attention.linear_qkv" && canonical.empty()) {
+    const QkvLinears qkv{w.Linear("mixer.q_proj"), w.Linear("mixer.k_proj"),
+                         w.Linear("mixer.v_proj")};
+    SplitQkv(MergeAdapter(FuseQkv(qkv, groups, d), *p.a, *p.b, scale_, p.m, what), qkv, groups, d);
+    return;
+  }
+  static const std::map<std::pair<std::string, std::string>, std::string> kOneToOne = {
+      {{"mixer.in_proj", ""}, "mixer.in_proj"},
+      {{"mixer.out_proj", ""}, "mixer.out_proj"},
+      {{"self_attention.linear_proj", ""}, "mixer.o_proj"},
+      {{"mlp.linear_fc1", ""}, "mixer.up_proj"},
+      {{"mlp.linear_fc2", ""}, "mixer.down_proj"},
+  };
+  const auto it = kOneToOne.find({module, canonical});
+  if (it == kOneToOne.end())
+    Fail("layer {}: no Megatron semantics known for {} {} in a hybrid", layer, module, canonical);
+  if (module == "mixer.in_proj" && p.m)
+    Fail(
+        "layer {}: a DoRA magnitude on in_proj, whose TP-local rows it would scale, is not "
+        "modelled",
+        layer);
+  at::Tensor& target = w.Linear(it->second);
+  target = MergeAdapter(target, *p.a, *p.b, scale_, p.m, what);
 }
 
 }  // namespace adapter_job::verify

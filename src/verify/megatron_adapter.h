@@ -38,6 +38,13 @@ class MegatronAdapter {
   void Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const;
 
  private:
+  // One module's adapter as the checkpoint holds it: linear_in, linear_out, the DoRA magnitude.
+  struct Adapter {
+    std::optional<at::Tensor> a, b, m;
+  };
+  void ApplyHybrid(int64_t layer, const std::string& module, const std::string& canonical,
+                   const Adapter& p, LayerWeights& w, const std::string& what) const;
+
   MegatronAdapter(checkpoint::RunDirectory run, checkpoint::CheckpointReader reader)
       : run_(std::move(run)), reader_(std::move(reader)) {}
 
@@ -49,6 +56,7 @@ class MegatronAdapter {
   double alpha_ = 1.0;
   double scale_ = 1.0;
   at::ScalarType adapter_dtype_ = at::kFloat;
+  bool hybrid_ = false;  // Nemotron-H: ApplyHybrid's module semantics
 };
 
 }  // namespace adapter_job::verify

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <set>
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/tensor.h"
@@ -32,10 +33,12 @@ TensorStat StatOf(const std::string& name, const at::Tensor& t, DType dtype) {
 }  // namespace
 
 PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights& base,
-                              int64_t num_layers, const std::vector<std::string>& linears,
-                              const MoeSettings& moe, const std::string& model_type) {
+                              const std::string& layers_prefix, int64_t num_layers,
+                              const std::vector<std::string>& linears, const MoeSettings& moe,
+                              const std::string& model_type, bool for_stock_peft) {
   PeftAdapter adapter;
   adapter.moe_ = moe;
+  adapter.layers_prefix_ = layers_prefix;
   const auto config_path = dir / writer::kAdapterConfigFile;
   const PeftConfig config = PeftConfig::Read(config_path, model_type);
   adapter.unmodelled_ = config.unmodelled();
@@ -62,7 +65,7 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
   // Every targeted module of the base model, as PEFT would wrap them.
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     for (const std::string& linear : linears) {
-      const std::string module = fmt::format("model.layers.{}.{}", layer, linear);
+      const std::string module = fmt::format("{}.{}.{}", layers_prefix, layer, linear);
       if (!base.Has(module + ".weight") || !config.Targets(module)) continue;
       as_parameter(module + ".weight");
       Module m;
@@ -85,7 +88,7 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
   // module without `is_transposed`.
   const auto parent_of = [](const std::string& p) { return p.substr(0, p.rfind('.')); };
   for (int64_t layer = 0; layer < num_layers; ++layer) {
-    const std::string prefix = fmt::format("model.layers.{}.", layer);
+    const std::string prefix = fmt::format("{}.{}.", layers_prefix, layer);
     for (std::size_t i = 0; i < moe.fused.size(); ++i) {
       const FusedExperts& f = moe.fused[i];
       if (!base.Has(prefix + f.parameter) || !as_parameter(prefix + f.parameter)) continue;
@@ -112,19 +115,35 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
       adapter.modules_.emplace(wrapper, std::move(m));
     }
   }
+  // PEFT refuses LoRA on a Mamba-based model's out_proj and conv1d when it injects the adapter
+  // (tuners/tuners_utils.py _check_lora_target_modules_mamba).
+  static const std::set<std::string> kMambaModelTypes = {"falcon_h1", "mamba", "mamba2",
+                                                         "falcon_mamba", "nemotron_h"};
+  if (for_stock_peft && kMambaModelTypes.contains(model_type)) {
+    for (const auto& [module, m] : adapter.modules_) {
+      const std::string leaf = module.substr(module.rfind('.') + 1);
+      if (leaf == "out_proj" || leaf == "conv1d") {
+        Fail(
+            "{}: target_modules reaches '{}', but stock PEFT refuses LoRA on a Mamba-based model's "
+            "{} (model_type '{}'; peft tuners/tuners_utils.py _check_lora_target_modules_mamba): "
+            "the adapter does not load",
+            config_path.string(), module, leaf, model_type);
+      }
+    }
+  }
   // A target_parameters entry that names no linear's weight and no fused expert parameter
   // targets something not modelled here.
   for (const std::string& parameter : config.target_parameters()) {
     bool matched = false;
     for (int64_t layer = 0; layer < num_layers && !matched; ++layer) {
       for (const FusedExperts& f : moe.fused) {
-        const std::string name = fmt::format("model.layers.{}.{}", layer, f.parameter);
+        const std::string name = fmt::format("{}.{}.{}", layers_prefix, layer, f.parameter);
         if (base.Has(name) && NamesParameter(parameter, name)) matched = true;
       }
     }
     for (int64_t layer = 0; layer < num_layers && !matched; ++layer) {
       for (const std::string& linear : linears) {
-        const std::string weight = fmt::format("model.layers.{}.{}.weight", layer, linear);
+        const std::string weight = fmt::format("{}.{}.{}.weight", layers_prefix, layer, linear);
         if (base.Has(weight) && NamesParameter(parameter, weight)) {
           matched = true;
           break;
@@ -219,7 +238,7 @@ PeftAdapter PeftAdapter::Open(const std::filesystem::path& dir, const HfWeights&
 }
 
 void PeftAdapter::Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const {
-  const std::string prefix = fmt::format("model.layers.{}.", layer);
+  const std::string prefix = fmt::format("{}.{}.", layers_prefix_, layer);
   for (auto it = modules_.lower_bound(prefix);
        it != modules_.end() && it->first.starts_with(prefix); ++it) {
     const Module& m = it->second;

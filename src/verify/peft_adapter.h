@@ -23,10 +23,14 @@ class PeftAdapter {
   // do not parse and for what PEFT refuses to load: a config it rejects, no module targeted, a
   // lora_A/lora_B/magnitude whose shape does not fit the rank and the base weight.
   // `model_type` is config.json's (PeftConfig::Read). Experts stored fused (`moe.fused`) are
-  // adapted as PEFT's ParamWrapper adapts a parameter named in target_parameters.
+  // adapted as PEFT's ParamWrapper adapts a parameter named in target_parameters. Layer l's
+  // modules are "<layers_prefix>.<l>.<linear>" (model.layers; Nemotron-H: backbone.layers).
+  // `for_stock_peft`: the adapter is one people load in PEFT, so what PEFT refuses to inject
+  // (LoRA on a Mamba out_proj) is an error; a merge's own adapter is only its arithmetic.
   static PeftAdapter Open(const std::filesystem::path& dir, const HfWeights& base,
-                          int64_t num_layers, const std::vector<std::string>& linears,
-                          const MoeSettings& moe, const std::string& model_type);
+                          const std::string& layers_prefix, int64_t num_layers,
+                          const std::vector<std::string>& linears, const MoeSettings& moe,
+                          const std::string& model_type, bool for_stock_peft);
 
   // Replaces the adapted linear weights of `layer` in `weights` by their merged values.
   void Apply(int64_t layer, LayerWeights& weights, const at::Device& device) const;
@@ -57,6 +61,7 @@ class PeftAdapter {
                   const at::Device& device) const;
 
   MoeSettings moe_;
+  std::string layers_prefix_;
   // "model.layers.3.self_attn.q_proj"; a ParamWrapper's under PEFT's name for it,
   // "model.layers.3.mlp.experts.base_layer".
   std::map<std::string, Module> modules_;

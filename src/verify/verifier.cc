@@ -49,9 +49,32 @@ at::Device PickDevice(const std::string& name) {
   return CudaAvailable() ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
 }
 
+// A hybrid layer's block: its mixer's linears, its norm and a Mamba mixer's other weights.
+LayerWeights LoadHybridLayer(const HfWeights& base, int64_t layer, const LlamaSettings& s,
+                             const at::Device& device) {
+  const std::string p = fmt::format("{}.{}.", s.layers_prefix, layer);
+  const HybridBlock block = s.hybrid.at(static_cast<std::size_t>(layer));
+  LayerWeights w;
+  for (const std::string& linear : HybridLinearPaths(block)) {
+    w.other_linears.emplace(linear, base.Get(p + linear + ".weight", device, at::kFloat));
+    if (base.Has(p + linear + ".bias"))
+      Fail("the base model's '{}{}.bias' is not modelled in a hybrid", p, linear);
+  }
+  std::vector<std::string> params = {"norm.weight"};
+  if (block == HybridBlock::kMamba) {
+    params.insert(params.end(), {"mixer.conv1d.weight", "mixer.A_log", "mixer.D", "mixer.dt_bias",
+                                 "mixer.norm.weight"});
+    if (base.Has(p + "mixer.conv1d.bias")) params.push_back("mixer.conv1d.bias");
+  }
+  for (const std::string& name : params)
+    w.hybrid_params.emplace(name, base.Get(p + name, device, at::kFloat));
+  return w;
+}
+
 LayerWeights LoadLayer(const HfWeights& base, int64_t layer, const LlamaSettings& s,
                        const at::Device& device) {
-  const std::string p = fmt::format("model.layers.{}.", layer);
+  if (!s.hybrid.empty()) return LoadHybridLayer(base, layer, s, device);
+  const std::string p = fmt::format("{}.{}.", s.layers_prefix, layer);
   LayerWeights w;
   const auto load = [&](const std::string& linear) {
     at::Tensor t = base.Get(p + linear + ".weight", device, at::kFloat);
@@ -215,13 +238,14 @@ VerificationReport Verify(const VerifyOptions& options) {
       Fail(
           "--include-mtp-layers needs --megatron-peft-checkpoint: no forward pass runs the MTP "
           "layers, so their weights are held to the checkpoint's");
-    while (base.Has(
-        fmt::format("model.layers.{}.input_layernorm.weight", decoder_layers + mtp_layers)))
+    while (base.Has(fmt::format("{}.{}.input_layernorm.weight", settings.layers_prefix,
+                                decoder_layers + mtp_layers)))
       ++mtp_layers;
   }
   const PeftAdapter peft =
-      PeftAdapter::Open(options.adapter, base, decoder_layers + mtp_layers,
-                        DecoderLinearPaths(settings), settings.moe, config.model_type);
+      PeftAdapter::Open(options.adapter, base, settings.layers_prefix, decoder_layers + mtp_layers,
+                        DecoderLinearPaths(settings), settings.moe, config.model_type,
+                        /*for_stock_peft=*/!options.merged_model);
   std::unique_ptr<MegatronAdapter> megatron;
   if (options.megatron_checkpoint) {
     megatron =
@@ -316,18 +340,21 @@ VerificationReport Verify(const VerifyOptions& options) {
       return n;
     };
     uint64_t layer = 0;
-    for (const std::string& linear : DecoderLinearPaths(settings)) {
-      const std::string name = fmt::format("model.layers.0.{}.weight", linear);
-      if (base.Has(name)) layer += bytes_of(name);
-    }
-    for (const FusedExperts& f : settings.moe.fused) {
-      const std::string name = "model.layers.0." + f.parameter;
-      if (base.Has(name)) layer += bytes_of(name);
+    // The largest layer: a hybrid's differ by block.
+    for (int64_t l = 0; l < (settings.hybrid.empty() ? 1 : decoder_layers); ++l) {
+      const std::string p = fmt::format("{}.{}.", settings.layers_prefix, l);
+      uint64_t bytes = 0;
+      for (const std::string& linear : DecoderLinearPaths(settings)) {
+        if (base.Has(p + linear + ".weight")) bytes += bytes_of(p + linear + ".weight");
+      }
+      for (const FusedExperts& f : settings.moe.fused) {
+        if (base.Has(p + f.parameter)) bytes += bytes_of(p + f.parameter);
+      }
+      layer = std::max(layer, bytes);
     }
     const bool tied = !base.Has("lm_head.weight") || config.tie_word_embeddings;
     const uint64_t needed =
-        bytes_of("model.embed_tokens.weight") * (tied ? 1 : 2) * (merged_files ? 3 : 1) +
-        layer * variants;
+        bytes_of(settings.embedding) * (tied ? 1 : 2) * (merged_files ? 3 : 1) + layer * variants;
     if (needed > *options.max_device_bytes) {
       Fail(
           "verification needs {} bytes of device memory (embedding, head and one layer per variant "
@@ -340,7 +367,7 @@ VerificationReport Verify(const VerifyOptions& options) {
   // Hidden states: [variant][prompt].
   std::vector<std::vector<at::Tensor>> hidden(variants);
   {
-    const std::string name = "model.embed_tokens.weight";
+    const std::string& name = settings.embedding;
     std::vector<at::Tensor> embed(variants, base.Get(name, device, at::kFloat));
     if (merged_files) {
       embed[variant("merged_model")] = merged_files->Get(name, device, at::kFloat);
@@ -360,7 +387,7 @@ VerificationReport Verify(const VerifyOptions& options) {
     ForEachWeight(files, settings,
                   [&](const std::string& name, at::Tensor& t) { in_files.emplace(name, t); });
     LayerWeights stored = peft_weights;
-    const std::string prefix = fmt::format("model.layers.{}.", layer);
+    const std::string prefix = fmt::format("{}.{}.", settings.layers_prefix, layer);
     ForEachWeight(stored, settings, [&](const std::string& name, at::Tensor& t) {
       const auto file = in_files.find(name);
       if (file == in_files.end()) Fail("the merged model has no tensor '{}'", prefix + name);
@@ -416,7 +443,7 @@ VerificationReport Verify(const VerifyOptions& options) {
       mtp->scale = std::max(mtp->scale, update.abs().max().item<double>());
       if (!(diff <= mtp->max_diff)) {  // NaN is the worst
         mtp->max_diff = std::isnan(diff) ? std::numeric_limits<double>::infinity() : diff;
-        mtp->worst_tensor = fmt::format("model.layers.{}.{}", layer, name);
+        mtp->worst_tensor = fmt::format("{}.{}.{}", settings.layers_prefix, layer, name);
       }
     });
     if (merged_files) {
@@ -427,14 +454,15 @@ VerificationReport Verify(const VerifyOptions& options) {
 
   const std::string head = base.Has("lm_head.weight") && !config.tie_word_embeddings
                                ? "lm_head.weight"
-                               : "model.embed_tokens.weight";
-  std::vector<at::Tensor> norms(variants, base.Get("model.norm.weight", device, at::kFloat));
+                               : settings.embedding;
+  const std::string& norm = settings.final_norm;
+  std::vector<at::Tensor> norms(variants, base.Get(norm, device, at::kFloat));
   std::vector<at::Tensor> heads(variants, base.Get(head, device, at::kFloat));
   if (merged_files) {
     const std::size_t files = variant("merged_model"), stored = variant("peft_as_stored");
-    norms[files] = merged_files->Get("model.norm.weight", device, at::kFloat);
+    norms[files] = merged_files->Get(norm, device, at::kFloat);
     heads[files] = merged_files->Get(head, device, at::kFloat);
-    norms[stored] = as_stored(norms[0], norms[files], "model.norm.weight", "model.norm.weight");
+    norms[stored] = as_stored(norms[0], norms[files], norm, norm);
     // A tied head is the embedding again: tallied twice, which changes no verdict.
     heads[stored] = as_stored(heads[0], heads[files], head, head);
   }

@@ -27,6 +27,14 @@ std::vector<NamedPath> PeftDirectorySink::Outputs() const {
 }
 
 void PeftDirectorySink::Begin(const ExportAnnouncement& announcement) {
+  if (const auto& refused = announcement.peft_refused; !refused.empty()) {
+    Fail(
+        "'{}' has an adapter ({} module(s) like it), but {}: a PEFT adapter cannot carry it. "
+        "`adapter_job merge` folds every adapter into the base weights (a model that vLLM and "
+        "SGLang serve as it is); --exclude-adapter-base-prefix can leave such adapters out, "
+        "which changes what the model computes",
+        refused.front().module, refused.size(), refused.front().why);
+  }
   announcement_ = announcement;
   open_.reset(new Open{
       StagedDirectory::Create(target_, overwrite_, {kAdapterWeightsFile, kAdapterConfigFile},

@@ -25,6 +25,7 @@ from test_deepseek_v3 import BASES as MLA_BASES, checkpoint as mla_checkpoint
 from test_families import MOE_BASES
 from test_glm4_moe import BASE as GLM_BASE, checkpoint as glm_checkpoint
 from test_gpt_oss import BASE as GPT_OSS_BASE, checkpoint as gpt_oss_checkpoint
+from test_nemotron_h import BASE as NEMOTRON_H_BASE, LOADABLE as NEMOTRON_H_TARGETS
 from tiny_llama import TinyLlamaConfig, build_tiny_llama
 
 GPUS = torch.cuda.device_count()
@@ -181,8 +182,15 @@ def test_cuda_verification_matches_cpu_on_one_gpu(adapter_job_bin, base, tmp_pat
 
 
 # The forwards of issue 15 (MLA with YaRN and grouped sigmoid routing, GLM-4.5's partial RoPE, OLMoE's clipped,
-# whole-projection-normed q/k, GPT-OSS's sinks, fused biased experts and clamped SwiGLU), with expert adapters.
+# whole-projection-normed q/k, GPT-OSS's sinks, fused biased experts and clamped SwiGLU, Nemotron-H's Mamba-2 scan),
+# with expert adapters where the family has experts.
 def family_checkpoint(family, base_dir, out):
+    if family == "nemotron_h":
+        b = NEMOTRON_H_BASE
+        base = build_tiny_llama(b, base_dir)
+        return base, CheckpointConfig(out=out, base_model=base, targets=NEMOTRON_H_TARGETS, tp=2, hybrid=b.hybrid,
+                                      num_layers=len(b.hybrid), hidden=b.hidden, heads=b.heads,
+                                      query_groups=b.kv_heads, head_dim=b.head_dim, ffn=b.ffn, per_layer_keys=True)
     if family == "deepseek_v3":  # with its MTP layer, exported (--include-mtp-layers) and checked by its weights
         base = build_tiny_llama(dataclasses.replace(MLA_BASES["mla"], mtp_layers=1), base_dir)
         return base, dataclasses.replace(mla_checkpoint("mla", base, "lora", None, 2, 2, out), mtp_layers=1)
@@ -200,7 +208,7 @@ def family_checkpoint(family, base_dir, out):
                                   share_expert_adapters=False)
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "olmoe", "gpt_oss", "nemotron_h"])
 def test_cuda_verification_matches_cpu_for_the_newer_families(adapter_job_bin, tmp_path, family):
     """The families' own forwards on `cuda:0` against the CPU's: the same verdict and every logit within float32
     rounding (a routing decision flipped by rounding would show as a large difference here)."""

@@ -59,6 +59,7 @@ struct OutputTensor {
     int64_t interleave = 1;
   };
   std::optional<ExpertPacking> packing;
+  std::string peft_refuses;  // ModuleMapping::peft_refuses of the module it came from
 };
 
 // Throws FormatError when a key has no mapping in the family, when shapes contradict the HF

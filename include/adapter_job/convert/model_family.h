@@ -68,6 +68,9 @@ struct ModuleMapping {
   // name each expert's slice of it: the PEFT adapter is written on the parameter
   // (target_parameters, PEFT's ParamWrapper), as no per-expert module exists to load into.
   bool stored_fused = false;
+  // Why stock PEFT refuses to load an adapter on this module, when it does (Nemotron-H's Mamba
+  // out_proj): a PEFT adapter directory cannot carry it, a merged model can. Empty: it loads.
+  std::string peft_refuses;
 };
 
 // "mlp.experts.{expert}.gate_proj" with expert 3 -> "mlp.experts.3.gate_proj".
@@ -105,6 +108,11 @@ struct ForwardTraits {
   // False for a family whose forward pass verification does not have yet: exporting it with
   // verification on is then an error before any work, never a quiet skip.
   bool verification = true;
+  // Nemotron-H: a hybrid of Mamba-2, attention and MLP layers (config.json layers_block_type).
+  bool hybrid = false;
+  // The embedding and the final norm, as the model's files name them.
+  std::string embedding = "model.embed_tokens.weight";
+  std::string final_norm = "model.norm.weight";
 };
 
 struct ModelFamily {

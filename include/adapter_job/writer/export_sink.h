@@ -42,6 +42,13 @@ struct ExportAnnouncement {
   // The base model's local directory when there is one (--hf-model-id, resolved through the HF
   // cache, or run_config.yaml's model.hf_model_id when it is not given).
   std::optional<std::filesystem::path> base_model_dir;
+  // Adapted modules stock PEFT refuses to load an adapter on, and why (Nemotron-H's Mamba
+  // out_proj): a PEFT adapter directory cannot carry them, a merged model can.
+  struct RefusedModule {
+    std::string module;
+    std::string why;
+  };
+  std::vector<RefusedModule> peft_refused;
 };
 
 // One tensor's bytes as consecutive pieces (the pipeline avoids copying them together); valid
