@@ -12,6 +12,9 @@
 #   merge-1b      the same model merged on the GPU (`adapter_job merge --merge-device cuda`, CUDA
 #                 verification) must pass and equal the CPU's merge byte for byte, and `verify
 #                 --merged-model` on the CPU must give the same verdict; figures to the summary
+#   trust-nemotron-h  bench/nemotron_h_trust.py: a Nemotron-H-8B-wide model (4 layers "M*M-", vocab
+#                 131072) exported with CUDA verification; our logits held to transformers' and
+#                 stock PEFT's on the GPU
 #   bench-merge   bench/merge_bench.sh at the 8B shape with 16 layers (LoRA r16; MERGE_SHAPE and
 #                 MERGE_LAYERS pick another): the merge on the GPU (verified on CUDA) and on the
 #                 CPU, beside the floor and the Python reference
@@ -215,6 +218,13 @@ for stage in "$@"; do
     bench-export) BIN=$B bash bench/gpu_bench.sh export 2>&1 | tee -a "$SUMMARY" || status=1 ;;
     bench-verify) BIN=$B bash bench/gpu_bench.sh verify 2>&1 | tee -a "$SUMMARY" || status=1 ;;
     trust-1b) run_trust_1b ;;
+    trust-nemotron-h)
+      python3 bench/nemotron_h_trust.py --work /tmp/trust-nemotron-h --bin "$B" 2>"$LOGS/trust-nemotron-h.log" |
+        tee -a "$SUMMARY"
+      rc=${PIPESTATUS[0]}
+      note "Nemotron-H-wide export and forward vs transformers (CUDA): exit $rc"
+      [[ $rc -eq 0 ]] || status=1
+      ;;
     merge-1b) run_merge_1b ;;
     select)
       (cd build-gpu && ctest -R "${CTEST_SELECT:?select needs CTEST_SELECT}" --output-on-failure --timeout 300) \
