@@ -13,6 +13,7 @@ set(ADAPTER_JOB_PUBLIC_HEADERS
     core/error.h
     core/parallel_sizes.h
     core/progress.h
+    core/serving_target.h
     core/tensor.h
     merge/merged_model_sink.h
     report/report.h

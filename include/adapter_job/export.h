@@ -15,6 +15,7 @@
 #include "adapter_job/comm/backend.h"
 #include "adapter_job/core/parallel_sizes.h"
 #include "adapter_job/core/progress.h"
+#include "adapter_job/core/serving_target.h"
 #include "adapter_job/core/tensor.h"
 #include "adapter_job/report/report.h"
 #include "adapter_job/verify/options.h"
@@ -60,6 +61,9 @@ struct ExportOptions {
   // The MTP layers' adapters (`mtp.layers.<i>.`), written as layers num_hidden_layers + i where
   // the HF checkpoints of DeepSeek-V3 and GLM-4.5 keep those layers; left out otherwise.
   bool include_mtp_layers = false;
+  // The engine the adapter is laid out for (convert/serving_layout.h): PEFT's layout, or vLLM's
+  // (one alpha / r for every module) or SGLang's; each refuses what its engine cannot serve.
+  ServingTarget target = ServingTarget::kPeft;
   // Verify on rank 0 before publishing (prompts, top-k, device; the paths are filled in). A
   // failed verification publishes the adapter as `<output>.unverified` instead.
   std::optional<verify::VerifyOptions> verify;
@@ -106,6 +110,8 @@ struct ExportReport {
   std::string integrity_not_checked;                // why not, when integrity_files is empty
   std::vector<std::string> excluded_adapters;       // adapter tensors deliberately not exported
   std::string base_model_resolved;  // where the base model came from, when not a directory given
+  std::string target = "peft";      // the serving target the adapter is laid out for
+  std::string target_note;          // what that layout changed (ServingLayout::note)
 
   // Verified and passed: only then does the adapter go to `output`.
   bool verified() const { return verification && verification->passed(); }

@@ -12,6 +12,7 @@
 #include "adapter_job/checkpoint/checkpoint_resolver.h"
 #include "adapter_job/convert/base_model.h"
 #include "adapter_job/core/error.h"
+#include "adapter_job/core/serving_target.h"
 #include "adapter_job/merge/merged_layout.h"
 #include "adapter_job/verify/plugin.h"
 #include "config_dir.h"
@@ -141,6 +142,13 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
               : "verify the adapter's logits before publishing it (the default)")(
         "no-verify", po::bool_switch(), "skip verification");
   }
+  if (!merge && !stream) {
+    options.add_options()(
+        "target", po::value<std::string>()->default_value("peft"),
+        "the engine that serves the adapter: peft (PEFT's layout, with rank_pattern) | vllm (one "
+        "alpha / r: ranks padded, each module's scale folded into lora_B) | sglang; DoRA is "
+        "refused for vllm and sglang (serve `adapter_job merge`'s model instead)");
+  }
   if (merge) {
     options.add_options()(
         "max-shard-size", po::value<std::string>()->default_value("50GB"),
@@ -243,6 +251,7 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
   } else {
     cl.options.dtype = ParseDType(vm["dtype"].as<std::string>());
   }
+  if (!merge && !stream) cl.options.target = ParseServingTarget(vm["target"].as<std::string>());
   cl.options.backend = comm::ParseBackend(vm["backend"].as<std::string>());
   cl.options.overwrite = vm["overwrite"].as<bool>();
   cl.options.check_integrity = !vm["no-integrity-check"].as<bool>();

@@ -262,6 +262,32 @@ std::vector<std::byte> PackExpertsInnermost(std::span<const std::byte> rows,
   return packed;
 }
 
+// OutputTensor::padding: lora_A [rank, in] gets zero rows, lora_B [out, rank] is scaled and gets
+// zero columns, in float32, then cast to the output's dtype.
+Tensor PadRank(const std::vector<std::span<const std::byte>>& pieces, const OutputTensor& output,
+               DType source_dtype) {
+  const OutputTensor::RankPadding& pad = *output.padding;
+  Tensor source;
+  source.dtype = source_dtype;
+  for (const auto& piece : pieces)
+    source.data.insert(source.data.end(), piece.begin(), piece.end());
+  const bool lora_a = output.param == AdapterParam::kLinearIn;
+  const int64_t rows = lora_a ? pad.rank : output.shape.at(0);
+  const int64_t cols = lora_a ? output.shape.at(1) : pad.rank;
+  source.shape = {rows, cols};
+  const Tensor values = CastTensor(source, DType::kFloat32);
+  const float* from = reinterpret_cast<const float*>(values.data.data());
+  Tensor padded = Tensor::Zeros(DType::kFloat32, output.shape);
+  float* to = reinterpret_cast<float*>(padded.data.data());
+  const int64_t stride = output.shape.at(1);
+  const auto scale = static_cast<float>(pad.scale);
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t col = 0; col < cols; ++col)
+      to[row * stride + col] = from[row * cols + col] * scale;
+  }
+  return CastTensor(padded, output.dtype);
+}
+
 }  // namespace
 
 std::vector<OutputTensor> PlanLayerConversion(const LayerLayout& layer,
@@ -440,7 +466,8 @@ std::vector<std::span<const std::byte>> OutputPieces(const OutputTensor& output,
 }
 
 bool NeedsCopy(const OutputTensor& output, const LayerLayout& layer) {
-  return layer.tensors[output.source].dtype != output.dtype || output.packing.has_value();
+  return layer.tensors[output.source].dtype != output.dtype || output.packing.has_value() ||
+         output.padding.has_value();
 }
 
 Tensor MaterializeOutput(const OutputTensor& output, const LayerLayout& layer,
@@ -449,6 +476,7 @@ Tensor MaterializeOutput(const OutputTensor& output, const LayerLayout& layer,
   out.dtype = layer.tensors[output.source].dtype;
   out.shape = output.shape;
   const auto pieces = OutputPieces(output, layer, layer_buffer);
+  if (output.padding) return PadRank(pieces, output, out.dtype);
   if (output.packing && pieces.size() == 1) {  // packed straight from the layer buffer
     out.data = PackExpertsInnermost(pieces[0], *output.packing, output.shape, ItemSize(out.dtype));
   } else {

@@ -178,16 +178,25 @@ ExportPlan PlanExport(const ExportOptions& options, bool verify,
     layer_outputs.push_back(convert::PlanLayerConversion(layer, settings));
   }
   CheckExpertCount(base, run, settings);
+  convert::ServingLayout serving =
+      convert::LayOutForServing(options.target, settings, run.peft->dim, layer_outputs);
   std::vector<std::string> exclude_modules =
       options.excluded_adapter_prefixes.empty()
           ? std::vector<std::string>()
           : ModulesLeftOut(base, settings.family, layer_outputs);
   auto owners = comm::ShardOwnership::Assign(layout.shard_count(), world_size);
-  return ExportPlan{
-      std::move(base),           std::move(run),      std::move(reader),
-      std::move(layout),         std::move(settings), std::move(layer_outputs),
-      std::move(owners),         integrity_files,     std::move(integrity_not_checked),
-      std::move(exclude_modules)};
+  return ExportPlan{std::move(base),
+                    std::move(run),
+                    std::move(reader),
+                    std::move(layout),
+                    std::move(settings),
+                    std::move(layer_outputs),
+                    std::move(owners),
+                    integrity_files,
+                    std::move(integrity_not_checked),
+                    std::move(exclude_modules),
+                    options.target,
+                    std::move(serving)};
 }
 
 writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) const {
@@ -196,7 +205,7 @@ writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) co
   writer::AdapterConfigInputs& config = announced.config;
   config.base_model_name_or_path = options.base_model_name_or_path.value_or(base.name);
   announced.base_model_dir = base.dir;
-  config.r = run.peft->dim;
+  config.r = serving.rank;
   config.lora_alpha = run.peft->alpha;
   config.lora_dropout = run.peft->dropout;
   config.use_dora = settings.kind == checkpoint::AdapterKind::kDoRA;

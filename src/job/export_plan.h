@@ -15,6 +15,7 @@
 #include "adapter_job/comm/layer_gather.h"
 #include "adapter_job/convert/base_model.h"
 #include "adapter_job/convert/layer_conversion.h"
+#include "adapter_job/convert/serving_layout.h"
 #include "adapter_job/export.h"
 #include "adapter_job/writer/export_sink.h"
 #include "adapter_job/writer/output_guard.h"
@@ -34,6 +35,8 @@ struct ExportPlan {
   // adapter_config.json's exclude_modules: base modules that target_modules would match but whose
   // adapters were left out on purpose (--exclude-adapter-base-prefix), so PEFT leaves them alone.
   std::vector<std::string> exclude_modules;
+  ServingTarget target = ServingTarget::kPeft;
+  convert::ServingLayout serving;  // adapter_config.json's r and what the layout changed
 
   // What the sink learns before the first layer: every output tensor, layer by layer, and the
   // adapter's settings (adapter_config.json's inputs).

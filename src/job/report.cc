@@ -63,6 +63,8 @@ nlohmann::ordered_json ExportReport::ToJson() const {
   }
   j["excluded_adapter_tensors"] = excluded_adapters;
   if (!base_model_resolved.empty()) j["base_model_resolved"] = base_model_resolved;
+  j["target"] = target;
+  if (!target_note.empty()) j["target_note"] = target_note;
   if (verification) j["verification"] = verification->ToJson();
   return j;
 }
@@ -74,6 +76,7 @@ std::string ExportReport::Summary() const {
   }
   std::string output_lines;
   if (!base_model_resolved.empty()) output_lines += "base model: " + base_model_resolved + "\n";
+  if (!target_note.empty()) output_lines += "--target " + target + ": " + target_note + "\n";
   if (!excluded_adapters.empty()) {
     output_lines += fmt::format(
         "left out {} adapter tensors on purpose (MTP layers without --include-mtp-layers, "
@@ -113,6 +116,8 @@ void DescribePlan(const ExportPlan& plan, ExportReport& report) {
   report.integrity_not_checked = plan.integrity_not_checked;
   report.excluded_adapters = plan.layout.excluded;
   report.base_model_resolved = plan.base.resolved_how;
+  report.target = std::string(ServingTargetName(plan.target));
+  report.target_note = plan.serving.note;
 }
 
 OutputFile OpenReportFile(const fs::path& path) {

@@ -60,6 +60,15 @@ struct OutputTensor {
   };
   std::optional<ExpertPacking> packing;
   std::string peft_refuses;  // ModuleMapping::peft_refuses of the module it came from
+  // vLLM's layout (serving_target.h): the selected rows hold rank `rank` (lora_A's rows, lora_B's
+  // columns), padded with zeros to `to` (`shape` is the padded one), lora_B scaled by `scale`
+  // first, in float32.
+  struct RankPadding {
+    int64_t rank = 0;
+    int64_t to = 0;
+    double scale = 1;
+  };
+  std::optional<RankPadding> padding;
 };
 
 // Throws FormatError when a key has no mapping in the family, when shapes contradict the HF
@@ -72,10 +81,10 @@ std::vector<OutputTensor> PlanLayerConversion(const checkpoint::LayerLayout& lay
 std::vector<std::span<const std::byte>> OutputPieces(const OutputTensor& output,
                                                      const checkpoint::LayerLayout& layer,
                                                      std::span<const std::byte> layer_buffer);
-// Whether the output's bytes are not spans of the layer buffer: it is cast or permuted.
+// Whether the output's bytes are not spans of the layer buffer: it is cast, permuted or padded.
 bool NeedsCopy(const OutputTensor& output, const checkpoint::LayerLayout& layer);
 
-// The output as a tensor of its own, permuted and cast.
+// The output as a tensor of its own, permuted, padded and cast.
 Tensor MaterializeOutput(const OutputTensor& output, const checkpoint::LayerLayout& layer,
                          std::span<const std::byte> layer_buffer);
 
