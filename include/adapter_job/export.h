@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "adapter_job/comm/backend.h"
@@ -64,6 +65,8 @@ struct ExportOptions {
   // The engine the adapter is laid out for (convert/serving_layout.h): PEFT's layout, or vLLM's
   // (one alpha / r for every module) or SGLang's; each refuses what its engine cannot serve.
   ServingTarget target = ServingTarget::kPeft;
+  // The command line that asked for this export, recorded in the report's provenance.
+  std::vector<std::string> command_line;
   // Verify on rank 0 before publishing (prompts, top-k, device; the paths are filled in). A
   // failed verification publishes the adapter as `<output>.unverified` instead.
   std::optional<verify::VerifyOptions> verify;
@@ -83,6 +86,24 @@ struct StageTimes {
   double convert_write = 0;
   double verify = 0;
   double total = 0;
+};
+
+// Where an output came from, for the report: the tool, how it was asked, the checkpoint read and
+// the files written.
+struct Provenance {
+  std::string tool_version;
+  std::string git_commit;
+  std::vector<std::string> command_line;
+  std::filesystem::path checkpoint;     // as given
+  std::filesystem::path iteration_dir;  // the iteration read
+  std::optional<int64_t> iteration;
+  std::string run_config_sha256;  // empty without a run_config.yaml
+  struct OutputFile {
+    std::string name;  // relative to the output
+    uint64_t bytes = 0;
+    std::string sha256;  // empty for a merged model's weight shards: sizes only, as --result
+  };
+  std::vector<OutputFile> output_files;
 };
 
 struct ExportReport {
@@ -112,6 +133,7 @@ struct ExportReport {
   std::string base_model_resolved;  // where the base model came from, when not a directory given
   std::string target = "peft";      // the serving target the adapter is laid out for
   std::string target_note;          // what that layout changed (ServingLayout::note)
+  Provenance provenance;
 
   // Verified and passed: only then does the adapter go to `output`.
   bool verified() const { return verification && verification->passed(); }
@@ -119,6 +141,11 @@ struct ExportReport {
   nlohmann::ordered_json ToJson() const;
   std::string Summary() const;  // human-readable, several lines
 };
+
+// The tool's version (the CMake project's) and the git commit it was built from ("unknown"
+// outside a git checkout), for `adapter_job version` and the report's provenance.
+std::string_view ToolVersion();
+std::string_view ToolGitCommit();
 
 // Exports the checkpoint's adapter into `sink` (used on rank 0 only; other ranks may pass any
 // sink, which they never touch). Verification runs when `options.verify` is set, and is then

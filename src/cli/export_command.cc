@@ -46,6 +46,10 @@ int RunRecorded(
   }
   Console console = Console::FromOptions(cl.values, world.rank());
   ExportOptions options = cl.options;
+  options.command_line = {"adapter_job", command == ExportCommand::kMerge    ? "merge"
+                                         : command == ExportCommand::kStream ? "stream"
+                                                                             : "export"};
+  options.command_line.insert(options.command_line.end(), args.begin(), args.end());
   options.progress = console.Progress();
   options.report_path = cl.report_path;  // written by the export, before it publishes
   // --wait and --result around the export (export_result.h); `options` is then pinned to the

@@ -188,6 +188,14 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
     report.peak_rss_bytes_per_rank[0] = PeakResidentBytes();
   if (!rank0) return report;
   report.file_bytes = finished.file_bytes;
+  report.provenance.command_line = options.command_line;
+  if (!finished.merged_model_directory.empty()) {
+    report.provenance.output_files =
+        job::DescribeOutputFiles(finished.merged_model_directory, /*merged=*/true);
+  } else if (!finished.verifiable_directory.empty()) {
+    report.provenance.output_files =
+        job::DescribeOutputFiles(finished.verifiable_directory, /*merged=*/false);
+  }
 
   // Verify the output as written, before anyone can see it.
   if (options.verify) {

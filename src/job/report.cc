@@ -3,8 +3,10 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <system_error>
 
+#include "adapter_job/checkpoint/integrity.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/export.h"
 
@@ -64,6 +66,24 @@ nlohmann::ordered_json ExportReport::ToJson() const {
   j["excluded_adapter_tensors"] = excluded_adapters;
   if (!base_model_resolved.empty()) j["base_model_resolved"] = base_model_resolved;
   j["target"] = target;
+  nlohmann::ordered_json files = nlohmann::ordered_json::array();
+  for (const auto& f : provenance.output_files) {
+    nlohmann::ordered_json file = {{"name", f.name}, {"bytes", f.bytes}};
+    if (!f.sha256.empty()) file["sha256"] = f.sha256;
+    files.push_back(std::move(file));
+  }
+  j["provenance"] = {
+      {"tool_version", provenance.tool_version},
+      {"git_commit", provenance.git_commit},
+      {"command_line", provenance.command_line},
+      {"checkpoint", provenance.checkpoint.string()},
+      {"iteration_dir", provenance.iteration_dir.string()},
+      {"iteration", provenance.iteration ? nlohmann::ordered_json(*provenance.iteration)
+                                         : nlohmann::ordered_json()},
+      {"run_config_sha256", provenance.run_config_sha256.empty()
+                                ? nlohmann::ordered_json()
+                                : nlohmann::ordered_json(provenance.run_config_sha256)},
+      {"output_files", std::move(files)}};
   if (!target_note.empty()) j["target_note"] = target_note;
   if (verification) j["verification"] = verification->ToJson();
   return j;
@@ -118,6 +138,30 @@ void DescribePlan(const ExportPlan& plan, ExportReport& report) {
   report.base_model_resolved = plan.base.resolved_how;
   report.target = std::string(ServingTargetName(plan.target));
   report.target_note = plan.serving.note;
+  Provenance& p = report.provenance;
+  p.tool_version = std::string(ToolVersion());
+  p.git_commit = std::string(ToolGitCommit());
+  p.checkpoint = plan.run.given;
+  p.iteration_dir = plan.run.iteration_dir;
+  p.iteration = plan.run.iteration;
+  if (plan.run.run_config_path)
+    p.run_config_sha256 = checkpoint::Sha256File(*plan.run.run_config_path);
+}
+
+std::vector<Provenance::OutputFile> DescribeOutputFiles(const fs::path& dir, bool merged) {
+  std::vector<Provenance::OutputFile> files;
+  for (const auto& entry : fs::recursive_directory_iterator(dir)) {
+    if (!entry.is_regular_file()) continue;
+    Provenance::OutputFile file;
+    file.name = entry.path().lexically_relative(dir).string();
+    file.bytes = entry.file_size();
+    if (!(merged && entry.path().extension() == ".safetensors"))
+      file.sha256 = checkpoint::Sha256File(entry.path());
+    files.push_back(std::move(file));
+  }
+  std::sort(files.begin(), files.end(),
+            [](const auto& a, const auto& b) { return a.name < b.name; });
+  return files;
 }
 
 OutputFile OpenReportFile(const fs::path& path) {

@@ -15,6 +15,12 @@ namespace adapter_job::job {
 // The report's figures that the plan gives: the training's parallelism, the adapter, integrity.
 void DescribePlan(const ExportPlan& plan, ExportReport& report);
 
+// The files of a finished output (the staged directory, before it is published), by name, with
+// their sizes and sha256; a merged model's *.safetensors weight shards (`merged`) by size only,
+// as --result records them: re-reading a 140 GB model to hash it would take minutes.
+std::vector<Provenance::OutputFile> DescribeOutputFiles(const std::filesystem::path& dir,
+                                                        bool merged);
+
 // Unnamed in the nearest existing ancestor of its directory until it is written: missing
 // directories are created only then, like the output's, so a failed run leaves none behind.
 OutputFile OpenReportFile(const std::filesystem::path& path);
