@@ -133,6 +133,7 @@ struct ExportReport {
   std::string base_model_resolved;  // where the base model came from, when not a directory given
   std::string target = "peft";      // the serving target the adapter is laid out for
   std::string target_note;          // what that layout changed (ServingLayout::note)
+  std::vector<std::string> notes;   // what was asked but did not apply, said in the summary
   Provenance provenance;
 
   // Verified and passed: only then does the adapter go to `output`.

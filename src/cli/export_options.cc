@@ -69,6 +69,22 @@ double Seconds(const po::variables_map& vm, const char* name) {
   return value;
 }
 
+// --verify and --no-verify are one setting: --print-config shows it once, as `verify`, false
+// where --no-verify (from whichever layer) turns it off.
+void ShowNoVerifyAsVerify(const LayeredOptions& layered, std::string& text) {
+  for (const auto& layer : layered.layers) {
+    if (!layer.values.count("no-verify") || layer.values["no-verify"].defaulted() ||
+        !layer.values["no-verify"].as<bool>())
+      continue;
+    const auto line = text.find("\nverify = ");
+    if (line == std::string::npos) return;
+    const auto end = text.find('\n', line + 1);
+    text.replace(line + 1, end - line - 1,
+                 fmt::format("verify = false  # no-verify in {}", layer.source));
+    return;
+  }
+}
+
 }  // namespace
 
 ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
@@ -216,7 +232,8 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
   }
   if (vm["print-config"].as<bool>()) {
     cl.help = true;  // print and exit, like --help
-    cl.help_text = PrintConfig(layered, options, {"help", "config", "print-config"});
+    cl.help_text = PrintConfig(layered, options, {"help", "config", "print-config", "no-verify"});
+    if (!stream) ShowNoVerifyAsVerify(layered, cl.help_text);
     return cl;
   }
   const auto hf_model = EitherSpelling(vm, "hf-model-id", "hf-model-path", &layered);

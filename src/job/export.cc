@@ -175,6 +175,11 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
 
   report.output = fs::absolute(output).lexically_normal();
   report.backend = std::string(transport->name());
+  if (options.backend == comm::Backend::kNccl && world.size() == 1) {
+    report.notes.push_back(
+        "--backend nccl: one process moves nothing between ranks, so NCCL was not used (start "
+        "the export under mpirun or srun with several ranks to use it)");
+  }
   report.ranks = world.size();
   job::DescribePlan(*plan, report);
   report.tensors = gathered.tensors;

@@ -65,6 +65,7 @@ nlohmann::ordered_json ExportReport::ToJson() const {
   }
   j["excluded_adapter_tensors"] = excluded_adapters;
   if (!base_model_resolved.empty()) j["base_model_resolved"] = base_model_resolved;
+  j["notes"] = notes;
   j["target"] = target;
   nlohmann::ordered_json files = nlohmann::ordered_json::array();
   for (const auto& f : provenance.output_files) {
@@ -97,6 +98,7 @@ std::string ExportReport::Summary() const {
   std::string output_lines;
   if (!base_model_resolved.empty()) output_lines += "base model: " + base_model_resolved + "\n";
   if (!target_note.empty()) output_lines += "--target " + target + ": " + target_note + "\n";
+  for (const std::string& note : notes) output_lines += note + "\n";
   if (!excluded_adapters.empty()) {
     output_lines += fmt::format(
         "left out {} adapter tensors on purpose (MTP layers without --include-mtp-layers, "

@@ -168,3 +168,30 @@ def test_progress_bar_on_a_terminal(adapter_job_bin, mb_fixtures, tmp_path):
     assert "] 4/4 layers, 0.1 MB gathered, 56 tensors (0.1 MB) written" in text, text
     assert "] 4/4 layers, " in text.split("verify")[-1], text
     assert "#" * 30 in text
+
+
+def test_print_config_shows_verify_once_and_round_trips(adapter_job_bin, mb_fixtures, tmp_path):
+    """--verify and --no-verify are one setting: printed once, as `verify`, and the printed file read back with
+    --config keeps it off."""
+    common = ["--hf-model-id", mb_fixtures / HF, "--megatron-peft-checkpoint", mb_fixtures / CKPT]
+    printed = run([adapter_job_bin, "export", *common, "--no-verify", "--print-config"]).stdout
+    lines = [line for line in printed.splitlines() if line.startswith(("verify =", "no-verify"))]
+    assert lines == ["verify = false  # no-verify in command line"], lines
+    assert not any(line.startswith("no-verify") for line in printed.splitlines())
+    ini = tmp_path / "printed.ini"
+    ini.write_text(printed)
+    proc = run([adapter_job_bin, "export", "--config", ini, "--output-hf-path", tmp_path / "out"])
+    assert "not verified (--no-verify was given)" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    on = run([adapter_job_bin, "export", *common, "--print-config"]).stdout
+    assert "verify = true  # built-in default" in on.splitlines()
+
+
+def test_nccl_backend_with_one_process_says_it_is_not_used(adapter_job_bin, mb_fixtures, tmp_path):
+    report = tmp_path / "report.json"
+    proc = run([adapter_job_bin, "export", "--hf-model-id", mb_fixtures / HF, "--megatron-peft-checkpoint",
+                mb_fixtures / CKPT, "--output-hf-path", tmp_path / "out", "--backend", "nccl", "--no-verify",
+                "--report", report])
+    note = "--backend nccl: one process moves nothing between ranks, so NCCL was not used"
+    assert note in proc.stdout, proc.stdout
+    import json
+    assert any(n.startswith(note) for n in json.loads(report.read_text())["notes"])
