@@ -53,6 +53,7 @@ Json PromptJson(const PromptResult& prompt) {
   Json j;
   j["prompt"] = ValidUtf8(prompt.prompt);
   j["token_ids"] = prompt.token_ids;
+  if (prompt.synthetic) j["synthetic"] = true;
   j["top_k"] = std::move(top_k);
   return j;
 }
@@ -215,7 +216,11 @@ int TokenColumnWidth(const std::vector<PromptResult>& prompts) {
 
 std::string PromptLine(std::size_t index, const PromptResult& prompt) {
   std::vector<Glyph> shown;
-  if (prompt.prompt.empty()) {
+  if (prompt.synthetic) {
+    shown = Escape(fmt::format("(synthetic token ids, the base model has no tokenizer.json: {})",
+                               fmt::join(prompt.token_ids, " ")),
+                   false);
+  } else if (prompt.prompt.empty()) {
     // Given as token ids: show those instead of an empty string.
     shown = Escape(fmt::format("(token ids: {})", fmt::join(prompt.token_ids, " ")), false);
   } else {

@@ -292,9 +292,11 @@ VerificationReport Verify(const VerifyOptions& options) {
       Fail("prompt '{}' is {} bytes, more than the {} allowed (a logits check needs a sentence)",
            Abbreviated(text), text.size(), kMaxPromptBytes);
     }
-    report.prompts.push_back({text, tokenizer->Encode(text), {}, {}});
+    report.prompts.push_back({text, tokenizer->Encode(text), {}, {}, false});
   }
-  for (const auto& ids : prompt_ids) report.prompts.push_back({"", ids, {}, {}});
+  for (const auto& ids : prompt_ids) report.prompts.push_back({"", ids, {}, {}, false});
+  if (options.prompts.empty() && options.prompt_ids.empty() && !tokenizer)
+    report.prompts.back().synthetic = true;
   for (const auto& p : report.prompts) {
     if (p.token_ids.empty()) Fail("prompt '{}' encodes to no tokens", p.prompt);
     if (p.token_ids.size() > kMaxPromptTokens) {

@@ -499,3 +499,19 @@ def test_bf16_export_of_fp32_checkpoint_passes(store, tmp_path):
                        check=False)
     assert proc.returncode == 0 and "verification PASSED" in proc.stdout, proc.stdout + proc.stderr
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_without_a_tokenizer_or_prompt_the_ids_are_called_synthetic(adapter_job_bin, tmp_path):
+    """A base model without tokenizer.json and no --prompt: verification runs on ids spread over the vocabulary, and
+    says so (the table and the report), rather than showing them as ids someone gave."""
+    base = build_tiny_llama(TinyLlamaConfig(), tmp_path / "base")
+    assert not (base / "tokenizer.json").exists()
+    written = write_checkpoint(CheckpointConfig(out=tmp_path / "ckpt", base_model=base))
+    report = tmp_path / "export.json"
+    proc = adapter_job(adapter_job_bin, "export", "--hf-model-id", base, "--megatron-peft-checkpoint", written.root,
+                       "--output-hf-path", tmp_path / "out", "--verify-device", "cpu", "--report", report)
+    assert "(synthetic token ids, the base model has no tokenizer.json: " in proc.stdout, proc.stdout
+    prompts = json.loads(report.read_text())["verification"]["prompts"]
+    assert len(prompts) == 1 and prompts[0]["synthetic"] is True and prompts[0]["prompt"] == ""
+    given = verify(adapter_job_bin, base, tmp_path / "out", tmp_path / "given", [torch.tensor([[3, 5, 7]])])
+    assert "synthetic" not in given.report["prompts"][0] and "(token ids: 3 5 7)" in given.stdout

@@ -74,7 +74,7 @@ VariantTopK MakeTopK(const VariantLogits& logits) {
 }
 
 PromptResult MakePrompt(int64_t p, std::string text, std::vector<int64_t> token_ids) {
-  PromptResult prompt{std::move(text), std::move(token_ids), {}, {}};
+  PromptResult prompt{std::move(text), std::move(token_ids), {}, {}, false};
   const auto tokens = static_cast<int64_t>(prompt.token_ids.size());
   for (int64_t v = 0; v < 3; ++v) {
     prompt.logits.push_back(MakeLogits(p, v, tokens));

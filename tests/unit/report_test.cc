@@ -37,7 +37,7 @@ VerificationReport SmallReport() {
   report.compute_dtype = "float32";
   report.top_k = 2;
   report.seconds = 3.5;
-  PromptResult prompt{"Hi", {1, 2}, {}, {}};
+  PromptResult prompt{"Hi", {1, 2}, {}, {}, false};
   prompt.logits.push_back({"base", {2, 3}, {0, 1, 2, 3, 4, 5}});
   prompt.top_k.push_back({"base", {Token(5, " Paris", 0.75f), Token(3, "\n", 0.125f)}});
   prompt.top_k.push_back({"peft", {Token(5, " Paris", 0.5f), Token(4, "end ", 0.25f)}});

@@ -36,6 +36,8 @@ struct PromptResult {
   std::vector<int64_t> token_ids;
   std::vector<VariantLogits> logits;
   std::vector<VariantTopK> top_k;
+  // No prompt was given and the base model has no tokenizer.json: ids spread over the vocabulary.
+  bool synthetic = false;
 };
 
 struct CheckResult {
