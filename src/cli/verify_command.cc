@@ -117,6 +117,9 @@ int RunVerify(const std::vector<std::string>& args) {
   // clang-format off
   options.add_options()
     ("help,h", "show this help")
+    ("config", po::value<std::string>(), "INI file with any of these options (key = value)")
+    ("print-config", po::bool_switch(),
+     "print the effective settings and where each comes from, as an INI file, and exit")
     ("hf-model-id", po::value<std::string>(),
      "the base model: its local HF directory, or a model id ('org/name') the local HF cache holds")
     ("revision", po::value<std::string>()->default_value("main"),
@@ -145,18 +148,22 @@ int RunVerify(const std::vector<std::string>& args) {
   AddParallelSizeOptions(options, /*expert_tp=*/false);
   AddVerifyOptions(options);
   AddConsoleOptions(options);
-  po::variables_map vm;
-  po::store(ParseOptionsOnly(args, options), vm);
-  po::notify(vm);
+  // The command line, then --config FILE (verify has no installed defaults file).
+  const LayeredOptions layered = ParseLayered(args, options, {});
+  const po::variables_map& vm = layered.merged;
   if (vm.count("help")) {
     std::cout << options;
+    return 0;
+  }
+  if (vm["print-config"].as<bool>()) {
+    std::cout << PrintConfig(layered, options, {"help", "config", "print-config"});
     return 0;
   }
   verify::RequireVerificationBuilt();
   if (!vm.count("hf-adapter-path")) throw po::error("the option '--hf-adapter-path' is required");
   verify::VerifyOptions verify;
   verify.adapter = vm["hf-adapter-path"].as<std::string>();
-  if (auto given = EitherSpelling(vm, "megatron-peft-checkpoint", "lora-checkpoint"))
+  if (auto given = EitherSpelling(vm, "megatron-peft-checkpoint", "lora-checkpoint", &layered))
     verify.megatron_checkpoint = *given;
   if (vm.count("iteration")) {
     if (!verify.megatron_checkpoint)
@@ -165,7 +172,8 @@ int RunVerify(const std::vector<std::string>& args) {
         *verify.megatron_checkpoint, vm["iteration"].as<int64_t>(), /*may_appear=*/false);
   }
   // Absent, the base model is the one the checkpoint's run_config.yaml records.
-  const std::optional<std::string> hf_model = EitherSpelling(vm, "hf-model-id", "hf-model-path");
+  const std::optional<std::string> hf_model =
+      EitherSpelling(vm, "hf-model-id", "hf-model-path", &layered);
   if (!hf_model && !verify.megatron_checkpoint)
     throw po::error("the option '--hf-model-id' is required (or a checkpoint that records it)");
   const std::string revision = vm["revision"].as<std::string>();

@@ -195,3 +195,21 @@ def test_nccl_backend_with_one_process_says_it_is_not_used(adapter_job_bin, mb_f
     assert note in proc.stdout, proc.stdout
     import json
     assert any(n.startswith(note) for n in json.loads(report.read_text())["notes"])
+
+
+def test_verify_takes_a_config_file(adapter_job_bin, mb_fixtures, tmp_path):
+    """verify reads --config FILE as export does (the command line wins) and prints its settings with their
+    sources."""
+    adapter = tmp_path / "adapter"
+    run([adapter_job_bin, "export", "--hf-model-id", mb_fixtures / HF, "--megatron-peft-checkpoint",
+         mb_fixtures / CKPT, "--output-hf-path", adapter, "--no-verify"])
+    ini = tmp_path / "verify.ini"
+    ini.write_text(f"hf-model-id = {mb_fixtures / HF}\nhf-adapter-path = {adapter}\nverify-device = cpu\n"
+                   "top-k = 3\n")
+    proc = run([adapter_job_bin, "verify", "--config", ini, "--report", tmp_path / "r.json"])
+    assert "verification PASSED" in proc.stdout, proc.stdout
+    import json
+    assert json.loads((tmp_path / "r.json").read_text())["top_k"] == 3
+    printed = run([adapter_job_bin, "verify", "--config", ini, "--top-k", "7", "--print-config"]).stdout
+    assert f"verify-device = cpu  # --config {ini}" in printed.splitlines(), printed
+    assert "top-k = 7  # command line" in printed.splitlines(), printed
