@@ -51,6 +51,13 @@ int RunRecorded(
                                                                              : "export"};
   options.command_line.insert(options.command_line.end(), args.begin(), args.end());
   options.progress = console.Progress();
+  if (command == ExportCommand::kStream && options.progress) {  // its log says what it does
+    options.progress = [progress = options.progress](const Progress& event) {
+      Progress renamed = event;
+      if (renamed.stage == "export") renamed.stage = "stream";
+      progress(renamed);
+    };
+  }
   options.report_path = cl.report_path;  // written by the export, before it publishes
   // --wait and --result around the export (export_result.h); `options` is then pinned to the
   // iteration found.

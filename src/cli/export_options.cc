@@ -104,19 +104,14 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
      "never downloaded) or else only recorded; default: run_config.yaml's model.hf_model_id")
     ("revision", po::value<std::string>()->default_value("main"),
      "the revision of an --hf-model-id found in the HF cache: a branch, tag or commit hash")
-    ("base-model-name-or-path", po::value<std::string>(),
-     "what adapter_config.json records as base_model_name_or_path (default: the model id, also "
-     "for a snapshot directory of the HF cache, else --hf-model-id as given)")
     ("megatron-peft-checkpoint", po::value<std::string>(),
      "Megatron-Bridge checkpoint: the top-level run directory or an iter_* directory")
-    ("output-hf-path", merge ? po::value<std::string>() : po::value<std::string>()->default_value("./my_adapter"),
-     merge ? "the merged model's directory to write" : "PEFT adapter directory to write")
     ("dtype", po::value<std::string>()->default_value("auto"),
      merge ? "auto (each tensor keeps the base's dtype) | bf16 | fp16 | fp32"
            : "auto | bf16 | fp16 | fp32")
     ("backend", po::value<std::string>()->default_value("auto"), "auto | nccl | mpi")
     ("overwrite", po::value<bool>()->default_value(false)->implicit_value(true)->zero_tokens(),
-     "replace an existing output directory")
+     stream ? "replace an existing output file" : "replace an existing output directory")
     ("report", po::value<std::string>(), "also write the run report as JSON to this file")
     ("no-integrity-check", po::bool_switch(),
      "do not check the files against the sha256 digests of the checkpoint's integrity.json")
@@ -201,8 +196,23 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
   if (!stream) AddVerifyOptions(options);
   // clang-format on
   AddConsoleOptions(options);
+  // A PEFT directory's options: `stream` writes a file of tensors and no adapter_config.json, so
+  // its help leaves them out, but it still reads them (export.ini, which it shares, sets one).
+  po::options_description directory_options;
+  // clang-format off
+  directory_options.add_options()
+    ("base-model-name-or-path", po::value<std::string>(),
+     "what adapter_config.json records as base_model_name_or_path (default: the model id, also "
+     "for a snapshot directory of the HF cache, else --hf-model-id as given)")
+    ("output-hf-path", merge ? po::value<std::string>() : po::value<std::string>()->default_value("./my_adapter"),
+     merge ? "the merged model's directory to write" : "PEFT adapter directory to write");
+  po::options_description parsed_options;
+  parsed_options.add(options).add(directory_options);
+  if (!stream) options.add(directory_options);
+  // clang-format on
 
-  const LayeredOptions layered = ParseLayered(args, options, DefaultsFiles(command));
+  const LayeredOptions layered =
+      ParseLayered(args, stream ? parsed_options : options, DefaultsFiles(command));
   const po::variables_map& vm = layered.merged;
 
   ExportCommandLine cl;

@@ -213,3 +213,16 @@ def test_verify_takes_a_config_file(adapter_job_bin, mb_fixtures, tmp_path):
     printed = run([adapter_job_bin, "verify", "--config", ini, "--top-k", "7", "--print-config"]).stdout
     assert f"verify-device = cpu  # --config {ini}" in printed.splitlines(), printed
     assert "top-k = 7  # command line" in printed.splitlines(), printed
+
+
+def test_stream_help_and_log_are_its_own(adapter_job_bin, mb_fixtures, tmp_path):
+    """stream writes one safetensors file: its help has no PEFT-directory options (--output-hf-path,
+    --base-model-name-or-path), which it still accepts from export.ini, and its log says stream."""
+    help_text = run([adapter_job_bin, "stream", "--help"]).stdout
+    assert "--output " in help_text and "replace an existing output file" in help_text
+    assert "--output-hf-path" not in help_text and "--base-model-name-or-path" not in help_text
+    assert "--output-hf-path" in run([adapter_job_bin, "export", "--help"]).stdout
+    proc = run([adapter_job_bin, "stream", "--hf-model-id", mb_fixtures / HF, "--megatron-peft-checkpoint",
+                mb_fixtures / CKPT, "--output", tmp_path / "a.safetensors"])
+    assert " info stream: 4/4 layers" in proc.stdout + proc.stderr and " info export:" not in proc.stdout + proc.stderr
+    assert (tmp_path / "a.safetensors").exists()
