@@ -15,13 +15,19 @@ namespace adapter_job::cli {
 
 enum class LogLevel { kError, kWarning, kInfo, kDebug };
 
+// --progress: a bar redrawn in place, timestamped lines, one JSON object per step (for
+// schedulers), or nothing; auto is the bar on a terminal and lines elsewhere. Under mpirun or
+// srun stderr is a pipe even when it ends on a terminal: `bar` forces it.
+enum class ProgressStyle { kBar, kLines, kJson, kNone };
+
 void AddConsoleOptions(boost::program_options::options_description& options);
 
 class Console {
  public:
   // From --log-level and --quiet; `rank` other than 0 keeps only errors.
   static Console FromOptions(const boost::program_options::variables_map& vm, int rank);
-  Console(LogLevel level, bool terminal, std::FILE* out);
+  Console(LogLevel level, bool terminal, std::FILE* out,
+          ProgressStyle style = ProgressStyle::kLines);
 
   bool Shows(LogLevel level) const { return level <= level_; }
   // A message at `level`, timestamped unless on a terminal.
@@ -34,9 +40,11 @@ class Console {
  private:
   using Clock = std::chrono::steady_clock;
   void Show(const adapter_job::Progress& p);
+  void ShowJson(const adapter_job::Progress& p, double elapsed);
 
   LogLevel level_;
   bool terminal_;
+  ProgressStyle style_;
   std::FILE* out_;
   std::string stage_;  // the stage being shown
   Clock::time_point stage_start_;

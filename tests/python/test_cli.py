@@ -142,6 +142,18 @@ def test_quiet_and_log_level(adapter_job_bin, mb_fixtures, tmp_path):
     assert bad.returncode == 2 and "--log-level must be error, warning, info or debug" in bad.stderr
     debug = run([adapter_job_bin, *export_args(mb_fixtures, tmp_path / "d"), "--log-level", "debug"])
     assert sum(" info export: " in l for l in debug.stderr.splitlines()) == 4, "a line per layer"
+    # A stage of more steps than quarters: the lines only debug shows say debug.
+    merge = ["merge", "--hf-model-id", mb_fixtures / HF, "--megatron-peft-checkpoint",
+             mb_fixtures / "tp2pp2/lora/megatron_ckpt", "--no-verify"]
+    info = run([adapter_job_bin, *merge, "--output-hf-path", tmp_path / "mi"]).stderr.splitlines()
+    debug = run([adapter_job_bin, *merge, "--output-hf-path", tmp_path / "md", "--log-level", "debug"])
+    lines = debug.stderr.splitlines()
+    steps = int(next(l for l in lines if " info merge: " in l).split("/")[1].split()[0])
+    assert steps > 4
+    shown = sum(" info merge: " in l for l in info)  # the first step, each quarter, the end
+    assert shown == 5 and sum(" info merge: " in l for l in lines) == shown, lines
+    assert sum(" debug merge: " in l for l in lines) == steps - shown, lines
+    assert not any(" debug " in l for l in info)
 
 
 def test_progress_bar_on_a_terminal(adapter_job_bin, mb_fixtures, tmp_path):
@@ -226,3 +238,27 @@ def test_stream_help_and_log_are_its_own(adapter_job_bin, mb_fixtures, tmp_path)
                 mb_fixtures / CKPT, "--output", tmp_path / "a.safetensors"])
     assert " info stream: 4/4 layers" in proc.stdout + proc.stderr and " info export:" not in proc.stdout + proc.stderr
     assert (tmp_path / "a.safetensors").exists()
+
+
+def test_progress_styles(adapter_job_bin, mb_fixtures, tmp_path):
+    """--progress json: one object per step for schedulers; none: no progress, the summary stays; bar: drawn even
+    when stderr is a pipe (as under mpirun); an unknown style is a usage error."""
+    import json
+    proc = run([adapter_job_bin, *export_args(mb_fixtures, tmp_path / "j"), "--progress", "json"])
+    events = [json.loads(l) for l in proc.stderr.splitlines() if l.startswith("{")]
+    assert [(e["stage"], e["done"], e["total"]) for e in events if e["stage"] == "export"] == [
+        ("export", i, 4) for i in range(1, 5)], events
+    assert [e["done"] for e in events if e["stage"] == "verify"] == [1, 2, 3, 4]
+    last = [e for e in events if e["stage"] == "export"][-1]
+    assert last["eta_s"] == 0 and last["tensors"] == 56 and last["rank"] == 0 and last["unit"] == "layers"
+    assert not [l for l in proc.stderr.splitlines() if " info export: " in l]
+    assert "exported LoRA adapter" in proc.stdout
+
+    none = run([adapter_job_bin, *export_args(mb_fixtures, tmp_path / "n"), "--progress", "none"])
+    assert "export:" not in none.stderr and "verify:" not in none.stderr and "exported LoRA adapter" in none.stdout
+
+    bar = run([adapter_job_bin, *export_args(mb_fixtures, tmp_path / "b"), "--progress", "bar"])
+    assert "\x1b[K" in bar.stderr and "[##############################] 4/4 layers" in bar.stderr, bar.stderr
+
+    bad = run([adapter_job_bin, *export_args(mb_fixtures, tmp_path / "x"), "--progress", "loud"], check=False)
+    assert bad.returncode == 2 and "--progress must be auto, bar, lines, json or none" in bad.stderr
