@@ -274,6 +274,7 @@ VerificationReport Verify(const VerifyOptions& options) {
 
   std::vector<std::string> prompts = options.prompts;
   std::vector<std::vector<int64_t>> prompt_ids = options.prompt_ids;
+  bool synthetic_ids = false;
   if (prompts.empty() && prompt_ids.empty()) {
     if (tokenizer) {
       prompts.push_back(kDefaultPrompt);
@@ -282,6 +283,7 @@ VerificationReport Verify(const VerifyOptions& options) {
       std::vector<int64_t> ids;
       for (int64_t i = 1; i <= 16; ++i) ids.push_back(i * 7919 % config.vocab_size);
       prompt_ids.push_back(std::move(ids));
+      synthetic_ids = true;
     }
   }
   for (const auto& text : prompts) {
@@ -294,9 +296,7 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
     report.prompts.push_back({text, tokenizer->Encode(text), {}, {}, false});
   }
-  for (const auto& ids : prompt_ids) report.prompts.push_back({"", ids, {}, {}, false});
-  if (options.prompts.empty() && options.prompt_ids.empty() && !tokenizer)
-    report.prompts.back().synthetic = true;
+  for (const auto& ids : prompt_ids) report.prompts.push_back({"", ids, {}, {}, synthetic_ids});
   for (const auto& p : report.prompts) {
     if (p.token_ids.empty()) Fail("prompt '{}' encodes to no tokens", p.prompt);
     if (p.token_ids.size() > kMaxPromptTokens) {
