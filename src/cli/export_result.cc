@@ -140,7 +140,7 @@ void Write(const Record& r, const std::string& status, int code, const std::stri
   result["files"] = Json::object();
   // Recorded before the seconds: a merged model adds "weights" next to "files".
   if (hashed) {
-    const Json recorded = RecordOutputFiles(r.command, r.output);
+    const Json recorded = RecordOutputFiles(r.command, r.output, report);
     for (const auto& [key, value] : recorded.items()) result[key] = value;
   }
   result["seconds"] = {

@@ -36,12 +36,27 @@ const Json* ObjectMember(const Json& j, const char* key) {
   return it != j.end() && it->is_object() ? &*it : nullptr;
 }
 
+// The sha256 of `output`/`name`: the report's, when it hashed a file of that size.
+std::string Sha256Of(const fs::path& output, const std::string& name, const Json& report) {
+  const Json* provenance = ObjectMember(report, "provenance");
+  const auto listed = provenance ? provenance->find("output_files") : Json::const_iterator();
+  if (provenance && listed != provenance->end() && listed->is_array()) {
+    for (const Json& file : *listed) {
+      if (!file.is_object() || file.value("name", "") != name || !file.contains("sha256")) continue;
+      std::error_code ec;
+      if (file.value("bytes", uint64_t{0}) == fs::file_size(output / name, ec) && !ec)
+        return file["sha256"].get<std::string>();
+    }
+  }
+  return checkpoint::Sha256File(output / name);
+}
+
 }  // namespace
 
-Json RecordOutputFiles(ExportCommand command, const fs::path& output) {
+Json RecordOutputFiles(ExportCommand command, const fs::path& output, const Json& report) {
   Json files = Json::object();
   if (command != ExportCommand::kMerge) {
-    for (const char* name : kAdapterFiles) files[name] = checkpoint::Sha256File(output / name);
+    for (const char* name : kAdapterFiles) files[name] = Sha256Of(output, name, report);
     return {{"files", files}};
   }
   Json weights = Json::object();
@@ -52,7 +67,7 @@ Json RecordOutputFiles(ExportCommand command, const fs::path& output) {
     if (IsWeights(name)) {
       weights[name.string()] = StatOf(it->path());
     } else {
-      files[name.string()] = checkpoint::Sha256File(it->path());
+      files[name.string()] = Sha256Of(output, name.string(), report);
     }
   }
   if (ec) Fail<IoError>("cannot list {}: {}", output.string(), ec.message());

@@ -16,9 +16,12 @@
 namespace adapter_job::cli {
 
 // {"files": {name: sha256}} for an adapter; a merged model adds {"weights": {name: {"bytes",
-// "modified_ns"}}} for its *.safetensors. Throws IoError when a file cannot be read.
-nlohmann::ordered_json RecordOutputFiles(ExportCommand command,
-                                         const std::filesystem::path& output);
+// "modified_ns"}}} for its *.safetensors. `report` is the export's report (ExportReport::ToJson,
+// or null): a file its provenance already hashed while staged, and that still has the size it
+// recorded, takes that digest instead of being read again (the same bytes, renamed). Throws
+// IoError when a file cannot be read.
+nlohmann::ordered_json RecordOutputFiles(ExportCommand command, const std::filesystem::path& output,
+                                         const nlohmann::ordered_json& report);
 
 // Whether `output` still holds every file `recorded` (a result's members, as above) lists, as
 // listed, and `recorded` lists what `command` writes. False, never a throw, for a file gone.
