@@ -21,6 +21,7 @@
 #include "adapter_job/report/report.h"
 #include "adapter_job/verify/options.h"
 #include "adapter_job/writer/adapter_config.h"
+#include "adapter_job/writer/export_sink.h"
 #include "adapter_job/writer/output_guard.h"
 #include "adapter_job/writer/peft_directory_sink.h"
 
@@ -28,9 +29,6 @@ namespace adapter_job {
 
 namespace comm {
 class MpiWorld;
-}
-namespace writer {
-class ExportSink;
 }
 
 // A failed verification publishes the adapter under the output's name plus this suffix.
@@ -76,7 +74,8 @@ struct ExportOptions {
   // Check the files integrity.json lists against their sha256 (when there is one), each rank
   // hashing its share, before anything is read.
   bool check_integrity = true;
-  ProgressSink progress;  // on rank 0, after every layer written (and verified)
+  ProgressSink progress;                  // on rank 0, after every layer written (and verified)
+  std::string progress_stage = "export";  // the stage the layers written are reported as
 };
 
 struct StageTimes {
@@ -142,6 +141,54 @@ struct ExportReport {
   nlohmann::ordered_json ToJson() const;
   std::string Summary() const;  // human-readable, several lines
 };
+
+// What an export would do, found as the export finds it with nothing written (--dry-run): the
+// same plan on every rank with the same checks before the first byte is written, then the files
+// each rank would read, the tensors and files the output would hold, and what verification would
+// run on.
+struct ExportPreview {
+  std::filesystem::path checkpoint;     // as given
+  std::filesystem::path iteration_dir;  // the iteration that would be read
+  std::optional<int64_t> iteration;
+  std::string adapter_kind;
+  int64_t dim = 0;
+  nlohmann::json alpha;
+  int tensor_parallel = 1;
+  int pipeline_parallel = 1;
+  int virtual_pipeline = 1;
+  int64_t layers = 0;
+  std::string base_model;           // what adapter_config.json would record
+  std::string base_model_dir;       // empty when the base is only a recorded id
+  std::string base_model_resolved;  // where the directory came from, when not given as one
+  std::string model_family;
+  std::string integrity;  // what integrity.json check was made, or why none
+  int ranks = 1;
+  std::string backend;
+  struct FileRead {
+    std::string file;  // relative to the iteration directory
+    uint64_t bytes = 0;
+  };
+  std::vector<std::vector<FileRead>> reads_per_rank;
+  std::string target = "peft";
+  std::string target_note;
+  std::vector<writer::AnnouncedTensor> tensors;  // as the sink is told of them, HF-named
+  uint64_t tensor_bytes = 0;
+  std::vector<std::string> excluded_adapters;
+  writer::SinkPreview output;
+  std::optional<std::filesystem::path> report_path;
+  std::optional<verify::VerificationPreview> verification;
+  int top_k = 0;
+  std::optional<std::string> verification_skipped;
+  std::vector<std::string> notes;
+
+  nlohmann::ordered_json ToJson() const;
+  std::string Text() const;  // for people: the plan, then every tensor
+};
+
+// Collective, like ExportToSink, with the same options and sink: plans and checks, writes nothing.
+// Valid on rank 0 only.
+ExportPreview PreviewExport(const ExportOptions& options, const writer::ExportSink& sink,
+                            const comm::MpiWorld& world);
 
 // The tool's version (the CMake project's) and the git commit it was built from ("unknown"
 // outside a git checkout), for `adapter_job version` and the report's provenance.

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <functional>
 #include <iostream>
+#include <memory>
 #include <optional>
 
 #include "adapter_job/comm/mpi_world.h"
@@ -25,10 +26,36 @@ namespace {
 // Parses the command line, and runs `publish` (which writes the output as `pinned` says, keeps
 // its report and returns the exit code) under --wait and --result where the command has them;
 // the result records a command line it could not parse too.
-int RunRecorded(
-    const comm::MpiWorld& world, const std::vector<std::string>& args, ExportCommand command,
-    const std::function<int(const ExportCommandLine&, Console&, const ExportOptions& pinned,
-                            std::optional<ExportReport>& kept)>& publish) {
+// Where a command's export goes.
+using MakeSink = std::function<std::unique_ptr<writer::ExportSink>(const ExportCommandLine&,
+                                                                   const ExportOptions&)>;
+
+// --dry-run: the plan, printed by rank 0 on stdout as text or JSON; nothing is written, and --wait
+// and --result are not acted on.
+int DryRun(const comm::MpiWorld& world, const ExportCommandLine& cl, const ExportOptions& options,
+           const MakeSink& make_sink) {
+  const std::unique_ptr<writer::ExportSink> sink = make_sink(cl, options);
+  ExportPreview preview = PreviewExport(options, *sink, world);
+  if (world.rank() != 0) return 0;
+  if (cl.wait)
+    preview.notes.push_back(
+        "--wait: not waited for (dry run): the plan is of the checkpoint as it is now");
+  if (cl.result_path)
+    preview.notes.push_back("--result: not written (dry run): " + *cl.result_path);
+  if (*cl.dry_run == "json") {
+    std::cout << preview.ToJson().dump(2) << '\n';
+  } else {
+    std::cout << preview.Text();
+  }
+  std::cout.flush();
+  return 0;
+}
+
+int RunRecorded(const comm::MpiWorld& world, const std::vector<std::string>& args,
+                ExportCommand command, const MakeSink& make_sink,
+                const std::function<int(const ExportCommandLine&, Console&, writer::ExportSink&,
+                                        const ExportOptions& pinned,
+                                        std::optional<ExportReport>& kept)>& publish) {
   ExportCommandLine cl;
   try {
     cl = ParseExportCommandLine(args, command);
@@ -51,14 +78,9 @@ int RunRecorded(
                                                                              : "export"};
   options.command_line.insert(options.command_line.end(), args.begin(), args.end());
   options.progress = console.Progress();
-  if (command == ExportCommand::kStream && options.progress) {  // its log says what it does
-    options.progress = [progress = options.progress](const Progress& event) {
-      Progress renamed = event;
-      if (renamed.stage == "export") renamed.stage = "stream";
-      progress(renamed);
-    };
-  }
+  if (command == ExportCommand::kStream) options.progress_stage = "stream";  // its log says so
   options.report_path = cl.report_path;  // written by the export, before it publishes
+  if (cl.dry_run) return DryRun(world, cl, options, make_sink);
   // --wait and --result around the export (export_result.h); `options` is then pinned to the
   // iteration found.
   return RunRecordedExport(world, cl, console, options,
@@ -69,7 +91,8 @@ int RunRecorded(
                                    {{"--megatron-peft-checkpoint", options.checkpoint},
                                     {"--hf-model-id", options.hf_model_id}});
                              }
-                             return publish(cl, console, pinned, kept);
+                             const std::unique_ptr<writer::ExportSink> sink = make_sink(cl, pinned);
+                             return publish(cl, console, *sink, pinned, kept);
                            });
 }
 
@@ -91,38 +114,46 @@ int Conclude(const comm::MpiWorld& world, const ExportCommandLine& cl, Console& 
 }  // namespace
 
 int RunExport(const comm::MpiWorld& world, const std::vector<std::string>& args) {
-  return RunRecorded(world, args, ExportCommand::kExport,
-                     [&](const ExportCommandLine& cl, Console& console, const ExportOptions& pinned,
-                         std::optional<ExportReport>& kept) {
-                       return Conclude(world, cl, console,
-                                       kept.emplace(ExportAdapter(pinned, world)), "adapter");
-                     });
+  return RunRecorded(
+      world, args, ExportCommand::kExport,
+      [](const ExportCommandLine&, const ExportOptions& options) {
+        return std::make_unique<writer::PeftDirectorySink>(options.output, options.overwrite);
+      },
+      [&](const ExportCommandLine& cl, Console& console, writer::ExportSink& sink,
+          const ExportOptions& pinned, std::optional<ExportReport>& kept) {
+        return Conclude(world, cl, console, kept.emplace(ExportToSink(pinned, sink, world)),
+                        "adapter");
+      });
 }
 
 int RunStream(const comm::MpiWorld& world, const std::vector<std::string>& args) {
-  return RunRecorded(world, args, ExportCommand::kStream,
-                     [&](const ExportCommandLine& cl, Console& console, const ExportOptions& pinned,
-                         std::optional<ExportReport>& kept) {
-                       // Like stream_adapter_weights.py: raw HF names, one file, each tensor
-                       // written as it arrives.
-                       writer::SafetensorsFileSink sink(*cl.stream_output, pinned.overwrite);
-                       const ExportReport& report = kept.emplace(ExportToSink(pinned, sink, world));
-                       if (world.rank() == 0) console.Result(report.Summary());
-                       return 0;
-                     });
+  return RunRecorded(
+      world, args, ExportCommand::kStream,
+      // Like stream_adapter_weights.py: raw HF names, one file, each tensor written as it arrives.
+      [](const ExportCommandLine& cl, const ExportOptions& options) {
+        return std::make_unique<writer::SafetensorsFileSink>(*cl.stream_output, options.overwrite);
+      },
+      [&](const ExportCommandLine&, Console& console, writer::ExportSink& sink,
+          const ExportOptions& pinned, std::optional<ExportReport>& kept) {
+        const ExportReport& report = kept.emplace(ExportToSink(pinned, sink, world));
+        if (world.rank() == 0) console.Result(report.Summary());
+        return 0;
+      });
 }
 
 int RunMerge(const comm::MpiWorld& world, const std::vector<std::string>& args) {
-  return RunRecorded(world, args, ExportCommand::kMerge,
-                     [&](const ExportCommandLine& cl, Console& console, const ExportOptions& pinned,
-                         std::optional<ExportReport>& kept) {
-                       merge::MergeOptions merge = cl.merge;
-                       merge.progress = pinned.progress;
-                       merge::MergedModelSink sink(merge, world);
-                       return Conclude(world, cl, console,
-                                       kept.emplace(ExportToSink(pinned, sink, world)),
-                                       "merged model");
-                     });
+  return RunRecorded(
+      world, args, ExportCommand::kMerge,
+      [&world](const ExportCommandLine& cl, const ExportOptions& options) {
+        merge::MergeOptions merge = cl.merge;
+        merge.progress = options.progress;
+        return std::make_unique<merge::MergedModelSink>(merge, world);
+      },
+      [&](const ExportCommandLine& cl, Console& console, writer::ExportSink& sink,
+          const ExportOptions& pinned, std::optional<ExportReport>& kept) {
+        return Conclude(world, cl, console, kept.emplace(ExportToSink(pinned, sink, world)),
+                        "merged model");
+      });
 }
 
 }  // namespace adapter_job::cli

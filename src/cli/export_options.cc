@@ -98,6 +98,10 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
     ("config", po::value<std::string>(), "INI file with any of these options (key = value)")
     ("print-config", po::bool_switch(),
      "print the effective settings and where each comes from, as an INI file, and exit")
+    ("dry-run", po::value<std::string>()->implicit_value("text"),
+     "plan and check everything the run would, write nothing, and print the plan (which rank "
+     "reads which files and bytes, the files and tensors it would write, the verification "
+     "prompts) on stdout: --dry-run or --dry-run=json; exits 0 if the run could start")
     ("hf-model-id", po::value<std::string>(),
      "base model: a local HF model directory (config.json is read), or a model id ('org/name') "
      "found in the local HF cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub; "
@@ -291,6 +295,11 @@ ExportCommandLine ParseExportCommandLine(const std::vector<std::string>& args,
         vm["exclude-adapter-base-prefix"].as<std::vector<std::string>>();
   cl.options.include_mtp_layers = vm["include-mtp-layers"].as<bool>();
   if (vm.count("report")) cl.report_path = vm["report"].as<std::string>();
+  if (vm.count("dry-run")) {
+    cl.dry_run = vm["dry-run"].as<std::string>();
+    if (*cl.dry_run != "text" && *cl.dry_run != "json")
+      throw po::error(fmt::format("--dry-run must be text or json, not '{}'", *cl.dry_run));
+  }
   if (stream) {
     if (!vm.count("output")) throw po::error("the option '--output' is required");
     cl.stream_output = vm["output"].as<std::string>();

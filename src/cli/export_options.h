@@ -31,6 +31,8 @@ struct ExportCommandLine {
   int record_failure_code = 2;
   // How the refusal of an existing output tells the caller to replace it (--overwrite-hint).
   std::string overwrite_hint = "pass --overwrite";
+  // `--dry-run[=text|json]`: print the plan instead of exporting.
+  std::optional<std::string> dry_run;
   bool help = false;
   std::string help_text;
   boost::program_options::variables_map values;  // for the verification options

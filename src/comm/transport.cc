@@ -77,4 +77,15 @@ Backend ParseBackend(std::string_view name) {
   Fail("--backend must be auto, nccl or mpi, not '{}'", name);
 }
 
+std::string_view BackendName(Backend backend) {
+  switch (backend) {
+    case Backend::kMpi:
+      return "mpi";
+    case Backend::kNccl:
+      return "nccl";
+    default:
+      return "auto";
+  }
+}
+
 }  // namespace adapter_job::comm

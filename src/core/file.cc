@@ -313,12 +313,32 @@ OutputFile OutputFile::CreateUnnamed(const std::filesystem::path& dir,
   return file;
 }
 
-OutputFile OutputFile::Create(const std::filesystem::path& final_path, bool overwrite) {
+namespace {
+
+std::filesystem::path DirectoryOf(const std::filesystem::path& file) {
+  return file.has_parent_path() ? file.parent_path() : ".";
+}
+
+void RefuseExisting(const std::filesystem::path& final_path, bool overwrite) {
   if (!overwrite && std::filesystem::exists(final_path)) {
     Fail<FormatError>("'{}' already exists (pass --overwrite to replace it)", final_path.string());
   }
-  const auto dir = final_path.has_parent_path() ? final_path.parent_path() : ".";
-  OutputFile file = CreateUnnamed(dir, final_path);
+}
+
+}  // namespace
+
+void RequireWritableDirectory(const std::filesystem::path& dir) {
+  if (::access(dir.c_str(), W_OK | X_OK) != 0) FailErrno("cannot create a file in", dir);
+}
+
+void OutputFile::CheckCreate(const std::filesystem::path& final_path, bool overwrite) {
+  RefuseExisting(final_path, overwrite);
+  RequireWritableDirectory(DirectoryOf(final_path));
+}
+
+OutputFile OutputFile::Create(const std::filesystem::path& final_path, bool overwrite) {
+  RefuseExisting(final_path, overwrite);
+  OutputFile file = CreateUnnamed(DirectoryOf(final_path), final_path);
   file.final_path_ = final_path;
   file.overwrite_ = overwrite;
   return file;

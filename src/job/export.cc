@@ -50,7 +50,7 @@ struct Gathered {
 
 // Gathers every layer to rank 0, which converts it and hands it to the sink.
 Gathered GatherConvertWrite(const job::ExportPlan& plan, comm::Transport& transport, int rank,
-                            writer::ExportSink& sink, const ProgressSink& progress) {
+                            writer::ExportSink& sink, const ExportOptions& options) {
   Gathered done;
   std::size_t next_index = 0;  // the announcement lists the tensors in layer order, as they come
   uint64_t layers_done = 0;
@@ -78,9 +78,10 @@ Gathered GatherConvertWrite(const job::ExportPlan& plan, comm::Transport& transp
     sink.Write(tensors);
     done.convert_write_seconds += Since(start);
     bytes_gathered += buffer.size();
-    if (progress) {
-      progress({"export", ++layers_done, static_cast<uint64_t>(plan.layout.layers.size()),
-                bytes_gathered, done.tensors, done.tensor_bytes});
+    if (options.progress) {
+      options.progress({options.progress_stage, ++layers_done,
+                        static_cast<uint64_t>(plan.layout.layers.size()), bytes_gathered,
+                        done.tensors, done.tensor_bytes});
     }
   };
   // Past this point ranks wait on each other: a failure must take every rank down (main aborts).
@@ -113,17 +114,9 @@ std::vector<writer::SinkStats> GatherSinkStats(const comm::MpiWorld& world,
 
 verify::VerificationReport VerifyOutput(const ExportOptions& options, const job::ExportPlan& plan,
                                         const writer::FinishedOutput& finished) {
-  verify::VerifyOptions v = *options.verify;
-  v.hf_model = plan.base.dir.value_or(plan.base.id);
-  v.base_model_name = options.base_model_name_or_path.value_or(plan.base.name);
+  verify::VerifyOptions v = job::VerifyOptionsFor(options, plan);
   v.adapter = finished.verifiable_directory;
   if (!finished.merged_model_directory.empty()) v.merged_model = finished.merged_model_directory;
-  // The iteration this export read: a newer save appearing meanwhile must not be verified instead.
-  v.megatron_checkpoint = plan.run.iteration_dir;
-  if (!v.progress) v.progress = options.progress;
-  v.model_family_dirs = options.model_family_dirs;
-  v.excluded_adapter_prefixes = options.excluded_adapter_prefixes;
-  v.include_mtp_layers = options.include_mtp_layers;
   verify::VerificationReport report = verify::VerifyWithPlugin(v);
   report.adapter_path = finished.accepted_path.string();
   return report;
@@ -135,14 +128,11 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
                           const comm::MpiWorld& world) {
   const auto start = Clock::now();
   const bool rank0 = world.rank() == 0;
-  if (options.verify && !sink.verifiable())
-    Fail("verification was asked for, but this export's output cannot be verified");
   AbortOnFailure abort_on_failure{sink};
 
   // Plan. Rank 0 opens its outputs now, so that one it cannot write fails before any work.
-  std::vector<writer::NamedPath> outputs = sink.Outputs();
-  const fs::path output = outputs.empty() ? options.output : outputs.front().path;
-  outputs.push_back({"--report", options.report_path.value_or(fs::path())});
+  const std::vector<writer::NamedPath> outputs = job::CheckedOutputs(sink, options);
+  const fs::path output = outputs.size() == 1 ? options.output : outputs.front().path;
   std::optional<job::ExportPlan> plan;
   std::optional<OutputFile> report_file;
   comm::RunAgreed(world, [&] {
@@ -158,8 +148,7 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
   // Gather, convert, write.
   std::unique_ptr<comm::Transport> transport;
   comm::RunAgreed(world, [&] { transport = comm::MakeTransport(world, options.backend); });
-  const Gathered gathered =
-      GatherConvertWrite(*plan, *transport, world.rank(), sink, options.progress);
+  const Gathered gathered = GatherConvertWrite(*plan, *transport, world.rank(), sink, options);
 
   // Collective, so gathered while every rank still takes part (rank 0 then verifies and publishes
   // alone); peak memory once the sink has finished, which a collective sink does on every rank.

@@ -239,4 +239,26 @@ writer::ExportAnnouncement ExportPlan::Announce(const ExportOptions& options) co
   return announced;
 }
 
+std::vector<writer::NamedPath> CheckedOutputs(const writer::ExportSink& sink,
+                                              const ExportOptions& options) {
+  if (options.verify && !sink.verifiable())
+    Fail("verification was asked for, but this export's output cannot be verified");
+  std::vector<writer::NamedPath> outputs = sink.Outputs();
+  outputs.push_back({"--report", options.report_path.value_or(fs::path())});
+  return outputs;
+}
+
+verify::VerifyOptions VerifyOptionsFor(const ExportOptions& options, const ExportPlan& plan) {
+  verify::VerifyOptions v = *options.verify;
+  v.hf_model = plan.base.dir.value_or(plan.base.id);
+  v.base_model_name = options.base_model_name_or_path.value_or(plan.base.name);
+  // The iteration this export read: a newer save appearing meanwhile must not be verified instead.
+  v.megatron_checkpoint = plan.run.iteration_dir;
+  if (!v.progress) v.progress = options.progress;
+  v.model_family_dirs = options.model_family_dirs;
+  v.excluded_adapter_prefixes = options.excluded_adapter_prefixes;
+  v.include_mtp_layers = options.include_mtp_layers;
+  return v;
+}
+
 }  // namespace adapter_job::job

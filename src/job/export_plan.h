@@ -53,4 +53,13 @@ static_assert(std::is_nothrow_move_constructible_v<ExportPlan>);
 ExportPlan PlanExport(const ExportOptions& options, bool verify,
                       const std::vector<writer::NamedPath>& outputs, int world_size, int rank);
 
+// What PlanExport refuses to see on an input: the sink's outputs, then --report. Refuses
+// verification asked of a sink whose output cannot be verified.
+std::vector<writer::NamedPath> CheckedOutputs(const writer::ExportSink& sink,
+                                              const ExportOptions& options);
+
+// The export's verification settings for the plan's base model and iteration; the adapter (and
+// merged model) to verify are the caller's to fill in.
+verify::VerifyOptions VerifyOptionsFor(const ExportOptions& options, const ExportPlan& plan);
+
 }  // namespace adapter_job::job

@@ -110,17 +110,31 @@ comm::LayerParts PartsOf(const AdapterLayout& layout, const checkpoint::Checkpoi
   return parts;
 }
 
-std::vector<uint64_t> ExpectedBytesPerRank(const AdapterLayout& layout,
-                                           const checkpoint::DcpMetadata& metadata,
-                                           const comm::ShardOwnership& owners, int world_size) {
-  std::vector<uint64_t> bytes(static_cast<std::size_t>(world_size), 0);
+std::vector<std::map<std::string, uint64_t>> ReadsPerRank(const AdapterLayout& layout,
+                                                          const checkpoint::DcpMetadata& metadata,
+                                                          const comm::ShardOwnership& owners,
+                                                          int world_size) {
+  std::vector<std::map<std::string, uint64_t>> reads(static_cast<std::size_t>(world_size));
   for (const auto& layer : layout.layers) {
     for (const auto& chunk : layer.chunks) {
       const int shard = layout.ShardOf(chunk.slot, layer.pp_stage);
-      const auto& tensor = checkpoint::TensorMetaOf(metadata, chunk);
-      bytes[static_cast<std::size_t>(owners.owner[static_cast<std::size_t>(shard)])] +=
-          metadata.Locate(tensor, checkpoint::MetaOf(metadata, chunk)).length;
+      const auto& where = metadata.Locate(checkpoint::TensorMetaOf(metadata, chunk),
+                                          checkpoint::MetaOf(metadata, chunk));
+      reads[static_cast<std::size_t>(owners.owner[static_cast<std::size_t>(shard)])]
+           [where.relative_path] += where.length;
     }
+  }
+  return reads;
+}
+
+std::vector<uint64_t> ExpectedBytesPerRank(const AdapterLayout& layout,
+                                           const checkpoint::DcpMetadata& metadata,
+                                           const comm::ShardOwnership& owners, int world_size) {
+  std::vector<uint64_t> bytes;
+  for (const auto& files : ReadsPerRank(layout, metadata, owners, world_size)) {
+    uint64_t total = 0;
+    for (const auto& [file, length] : files) total += length;
+    bytes.push_back(total);
   }
   return bytes;
 }

@@ -6,6 +6,8 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "adapter_job/checkpoint/adapter_layout.h"
@@ -25,6 +27,12 @@ comm::GatherSchedule ScheduleOf(const checkpoint::AdapterLayout& layout,
 comm::LayerParts PartsOf(const checkpoint::AdapterLayout& layout,
                          const checkpoint::CheckpointReader& reader,
                          const comm::ShardOwnership& owners, int world_rank);
+
+// The `.distcp` files each rank reads, by name, with the bytes it reads of each.
+std::vector<std::map<std::string, uint64_t>> ReadsPerRank(const checkpoint::AdapterLayout& layout,
+                                                          const checkpoint::DcpMetadata& metadata,
+                                                          const comm::ShardOwnership& owners,
+                                                          int world_size);
 
 // Bytes of `.distcp` storage each rank must read (what the byte counters are checked against).
 std::vector<uint64_t> ExpectedBytesPerRank(const checkpoint::AdapterLayout& layout,

@@ -141,48 +141,132 @@ std::vector<writer::NamedPath> MergedModelSink::Outputs() const {
   return {{"--output-hf-path", options_.target}, {"--output-hf-path (rejected)", rejected}};
 }
 
-void MergedModelSink::Begin(const writer::ExportAnnouncement& announcement) {
-  // The base directory the export resolved (through the HF cache, or from run_config.yaml when
-  // --hf-model-id was not given).
-  if (announcement.base_model_dir) options_.base_model = *announcement.base_model_dir;
-  if (options_.base_model.empty())
+namespace {
+
+// The base directory the export resolved (through the HF cache, or from run_config.yaml when
+// --hf-model-id was not given).
+fs::path BaseModelDir(const MergeOptions& options, const writer::ExportAnnouncement& announcement) {
+  const fs::path dir = announcement.base_model_dir.value_or(options.base_model);
+  if (dir.empty())
     Fail("adapter_job merge needs the base model's local directory, and '{}' is none",
          announcement.config.base_model_name_or_path);
-  const fs::path target = fs::absolute(options_.target).lexically_normal();
-  fs::path scratch = target.parent_path() / ("." + target.filename().string() + ".merge-adapter");
-  open_.reset(new Open{writer::PeftDirectorySink(scratch, false), {}, {}, {}, 0});
-  // The scratch adapter feeds the merge and the verifier, never stock PEFT: a module PEFT refuses
-  // to load an adapter on (Nemotron-H's out_proj) is merged like any other.
-  writer::ExportAnnouncement scratch_adapter = announcement;
-  scratch_adapter.peft_refused.clear();
-  open_->adapter.Begin(scratch_adapter);
+  return dir;
+}
 
-  // Everything about the output is known now, so the output is laid out before the export
-  // starts: a target that may not be replaced, or a base that does not fit the adapter, fails
-  // before any work.
+// Where the adapter the merge goes through is staged (never published).
+fs::path ScratchAdapterDir(const fs::path& target) {
+  return target.parent_path() / ("." + target.filename().string() + ".merge-adapter");
+}
+
+// The scratch adapter feeds the merge and the verifier, never stock PEFT: a module PEFT refuses
+// to load an adapter on (Nemotron-H's out_proj) is merged like any other.
+writer::ExportAnnouncement ScratchAnnouncement(const writer::ExportAnnouncement& announcement) {
+  writer::ExportAnnouncement scratch = announcement;
+  scratch.peft_refused.clear();
+  return scratch;
+}
+
+// The merged output, laid out from the base's headers and the adapted modules alone.
+struct PlannedOutput {
+  fs::path target;  // absolute
+  MergedLayout layout;
+  std::vector<std::string> copied;  // the base's files copied as they are
+  std::set<std::string> owned;      // the names an earlier output of ours may hold
+};
+
+PlannedOutput PlanOutput(const MergeOptions& options, const fs::path& base_dir,
+                         const safetensors::ModelWeights& base,
+                         const writer::ExportAnnouncement& announcement, int world_size) {
+  PlannedOutput planned;
+  planned.target = fs::absolute(options.target).lexically_normal();
   std::vector<std::string> modules;
   for (const auto& t : announcement.tensors) {
     if (modules.empty() || modules.back() != t.module) modules.push_back(t.module);
   }
   std::sort(modules.begin(), modules.end());
   modules.erase(std::unique(modules.begin(), modules.end()), modules.end());
-  const safetensors::ModelWeights base = safetensors::ModelWeights::Open(options_.base_model);
-  const MergedLayout layout =
-      PlanMergedLayout(base, modules, options_.dtype, options_.max_shard_bytes, world_.size());
-  const std::vector<std::string> copied = CopiedFiles(options_.base_model);
-  std::set<std::string> owned(copied.begin(), copied.end());
-  owned.insert(kConfigFile);
-  owned.insert(kIndexFile);
-  for (const auto& shard : layout.shards) owned.insert(shard.file);
+  planned.layout =
+      PlanMergedLayout(base, modules, options.dtype, options.max_shard_bytes, world_size);
+  planned.copied = CopiedFiles(base_dir);
+  planned.owned = {planned.copied.begin(), planned.copied.end()};
+  planned.owned.insert(kConfigFile);
+  planned.owned.insert(kIndexFile);
+  for (const auto& shard : planned.layout.shards) planned.owned.insert(shard.file);
   // An earlier merge split into another number of shards is ours to replace too.
-  for (const fs::path& earlier : {target, fs::path(target.string() + writer::kUnverifiedSuffix)}) {
+  for (const fs::path& earlier :
+       {planned.target, fs::path(planned.target.string() + writer::kUnverifiedSuffix)}) {
     std::error_code ec;
     for (fs::directory_iterator it(earlier, ec), end; !ec && it != end; it.increment(ec)) {
       const std::string name = it->path().filename().string();
-      if (IsShardFileName(name)) owned.insert(name);
+      if (IsShardFileName(name)) planned.owned.insert(name);
     }
   }
-  open_->output.emplace(writer::StagedDirectory::Create(target, options_.overwrite, owned,
+  return planned;
+}
+
+// "rank 2" or "ranks 0-3": who writes a shard's tensors.
+std::string WritersOf(const MergedLayout& layout, std::size_t shard) {
+  int first = -1, last = -1;
+  for (const auto& t : layout.tensors) {
+    if (t.shard != shard) continue;
+    first = first < 0 ? t.rank : std::min(first, t.rank);
+    last = std::max(last, t.rank);
+  }
+  return first == last ? fmt::format("rank {}", first) : fmt::format("ranks {}-{}", first, last);
+}
+
+}  // namespace
+
+writer::SinkPreview MergedModelSink::Preview(const writer::ExportAnnouncement& announcement) const {
+  const fs::path base_dir = BaseModelDir(options_, announcement);
+  const safetensors::ModelWeights base = safetensors::ModelWeights::Open(base_dir);
+  const PlannedOutput planned = PlanOutput(options_, base_dir, base, announcement, world_.size());
+  writer::PeftDirectorySink(ScratchAdapterDir(planned.target), false)
+      .Preview(ScratchAnnouncement(announcement));
+  writer::SinkPreview preview;
+  preview.merged_model = true;
+  if (writer::StagedDirectory::CheckTarget(planned.target, options_.overwrite, planned.owned,
+                                           writer::kUnverifiedSuffix))
+    preview.notes.push_back(
+        fmt::format("--overwrite: the existing '{}' would be replaced", planned.target.string()));
+  preview.files.push_back({planned.target / kConfigFile,
+                           MergedConfig(base_dir, options_.dtype).size(), "model config"});
+  for (const std::string& name : planned.copied)
+    preview.files.push_back(
+        {planned.target / name, fs::file_size(base_dir / name), "copied from the base model"});
+  if (planned.layout.shards.size() > 1) {
+    preview.files.push_back({planned.target / kIndexFile,
+                             writer::ToPythonJson(IndexJson(planned.layout)).size() + 1,
+                             "weights index"});
+  }
+  for (std::size_t i = 0; i < planned.layout.shards.size(); ++i) {
+    const OutputShard& shard = planned.layout.shards[i];
+    preview.files.push_back({planned.target / shard.file, shard.size,
+                             "merged weights, written by " + WritersOf(planned.layout, i)});
+  }
+  preview.notes.push_back(
+      fmt::format("rank 0 merges on {} (each rank on its own: --merge-device {})",
+                  gpu_ < 0 ? std::string("the CPU") : fmt::format("GPU {}", gpu_),
+                  options_.device == MergeDevice::kCpu    ? "cpu"
+                  : options_.device == MergeDevice::kCuda ? "cuda"
+                                                          : "auto"));
+  return preview;
+}
+
+void MergedModelSink::Begin(const writer::ExportAnnouncement& announcement) {
+  options_.base_model = BaseModelDir(options_, announcement);
+  const fs::path target = fs::absolute(options_.target).lexically_normal();
+  open_.reset(new Open{writer::PeftDirectorySink(ScratchAdapterDir(target), false), {}, {}, {}, 0});
+  open_->adapter.Begin(ScratchAnnouncement(announcement));
+
+  // Everything about the output is known now, so the output is laid out before the export
+  // starts: a target that may not be replaced, or a base that does not fit the adapter, fails
+  // before any work.
+  const safetensors::ModelWeights base = safetensors::ModelWeights::Open(options_.base_model);
+  const PlannedOutput planned =
+      PlanOutput(options_, options_.base_model, base, announcement, world_.size());
+  const MergedLayout& layout = planned.layout;
+  open_->output.emplace(writer::StagedDirectory::Create(target, options_.overwrite, planned.owned,
                                                         writer::kUnverifiedSuffix));
   writer::StagedDirectory& output = *open_->output;
   const auto add = [&](const std::string& name, const std::string& text) {
@@ -190,7 +274,7 @@ void MergedModelSink::Begin(const writer::ExportAnnouncement& announcement) {
     open_->file_bytes += text.size();
   };
   add(kConfigFile, MergedConfig(options_.base_model, options_.dtype));
-  for (const std::string& name : copied)
+  for (const std::string& name : planned.copied)
     add(name, ReadTextFile(options_.base_model / name, 1ull << 30));
   if (layout.shards.size() > 1) add(kIndexFile, writer::ToPythonJson(IndexJson(layout)) + "\n");
   open_->staging = output.Stage();

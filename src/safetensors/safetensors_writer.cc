@@ -80,6 +80,13 @@ std::string SerializeHeader(std::vector<TensorSpec>& specs,
   return out + json;
 }
 
+uint64_t FileSize(std::vector<TensorSpec> specs,
+                  const std::optional<std::map<std::string, std::string>>& metadata) {
+  uint64_t bytes = SerializeHeader(specs, metadata).size();
+  for (const auto& spec : specs) bytes += SpecBytes(spec);
+  return bytes;
+}
+
 StreamWriter::StreamWriter(OutputFile& file, std::vector<TensorSpec> specs,
                            const std::optional<std::map<std::string, std::string>>& metadata)
     : file_(file) {

@@ -1,5 +1,5 @@
-// The verification plugin's one exported symbol. Exceptions never cross the library boundary:
-// they travel back as an exit code and a message.
+// The verification plugin's exported entry points (verify.h). Exceptions never cross the library
+// boundary: they travel back as an exit code and a message.
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -38,13 +38,11 @@ int ReportTorchError(const c10::Error& e, std::string* error) {
   return static_cast<int>(ExitCode::kBadInput);
 }
 
-}  // namespace
-
-extern "C" __attribute__((visibility("default"))) int adapter_job_verify_v1(
-    const adapter_job::verify::VerifyOptions* options,
-    adapter_job::verify::VerificationReport* report, std::string* error) {
+// Runs `body`, turning every exception into an exit code and `error`.
+template <typename Body>
+int Guarded(std::string* error, const Body& body) {
   try {
-    *report = adapter_job::verify::Verify(*options);
+    body();
     return 0;
   } catch (const adapter_job::Error& e) {
     *error = e.what();
@@ -58,4 +56,18 @@ extern "C" __attribute__((visibility("default"))) int adapter_job_verify_v1(
     *error = std::string("internal error in verification: ") + e.what();
     return static_cast<int>(ExitCode::kInternal);
   }
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) int adapter_job_verify_v1(
+    const adapter_job::verify::VerifyOptions* options,
+    adapter_job::verify::VerificationReport* report, std::string* error) {
+  return Guarded(error, [&] { *report = adapter_job::verify::Verify(*options); });
+}
+
+extern "C" __attribute__((visibility("default"))) int adapter_job_preview_verification_v1(
+    const adapter_job::verify::VerifyOptions* options,
+    adapter_job::verify::VerificationPreview* preview, std::string* error) {
+  return Guarded(error, [&] { *preview = adapter_job::verify::PreviewVerification(*options); });
 }

@@ -124,6 +124,15 @@ VerificationReport VerifyWithPlugin(const VerifyOptions& options) {
   return report;
 }
 
+VerificationPreview PreviewVerificationWithPlugin(const VerifyOptions& options) {
+  static const PreviewEntry entry = Symbol<PreviewEntry>(kPreviewEntry);
+  VerificationPreview preview;
+  std::string error;
+  const int code = entry(&options, &preview, &error);
+  if (code != 0) throw CodedError(error, static_cast<ExitCode>(code));
+  return preview;
+}
+
 void WriteHdf5WithPlugin(const VerificationReport& report, const fs::path& path) {
   static const Hdf5Entry entry = Symbol<Hdf5Entry>(kHdf5Entry);
   std::string error;

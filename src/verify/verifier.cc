@@ -26,17 +26,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// A logits check needs a sentence or two. These caps keep a mistaken prompt (a whole file) from
-// exhausting memory: encoding took ~1 KB per input byte (a 20 MB prompt was killed at 23.7 GB),
-// and the forward pass grows with the square of the length.
-constexpr std::size_t kMaxPromptBytes = std::size_t{64} << 10;
-constexpr std::size_t kMaxPromptTokens = 8192;
-
-std::string Abbreviated(std::string_view text) {
-  constexpr std::size_t kShown = 40;
-  return text.size() <= kShown ? std::string(text) : std::string(text.substr(0, kShown)) + "...";
-}
-
 bool CudaAvailable() { return at::hasCUDA() && at::detail::getCUDAHooks().getNumGPUs() > 0; }
 
 at::Device PickDevice(const std::string& name) {
@@ -218,6 +207,13 @@ at::Tensor AsStored(const at::Tensor& reference, const at::Tensor& stored, DType
 
 }  // namespace
 
+VerificationPreview PreviewVerification(const VerifyOptions& options) {
+  const convert::HfModelConfig config = convert::ReadHfConfig(options.hf_model);
+  const std::optional<tokenizer::Tokenizer> tokenizer = OpenTokenizer(options.hf_model);
+  return {PickDevice(options.device).str(),
+          ResolvePrompts(options, tokenizer ? &*tokenizer : nullptr, config.vocab_size)};
+}
+
 VerificationReport Verify(const VerifyOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   c10::InferenceMode inference;
@@ -260,9 +256,7 @@ VerificationReport Verify(const VerifyOptions& options) {
     }
   }
 
-  std::optional<tokenizer::Tokenizer> tokenizer;
-  if (fs::exists(options.hf_model / "tokenizer.json"))
-    tokenizer = tokenizer::Tokenizer::FromFile(options.hf_model / "tokenizer.json");
+  const std::optional<tokenizer::Tokenizer> tokenizer = OpenTokenizer(options.hf_model);
   VerificationReport report;
   report.base_model =
       options.base_model_name.empty() ? options.hf_model.string() : options.base_model_name;
@@ -272,42 +266,7 @@ VerificationReport Verify(const VerifyOptions& options) {
   report.top_k = options.top_k;
   report.adapter_tensors = peft.stats();
 
-  std::vector<std::string> prompts = options.prompts;
-  std::vector<std::vector<int64_t>> prompt_ids = options.prompt_ids;
-  bool synthetic_ids = false;
-  if (prompts.empty() && prompt_ids.empty()) {
-    if (tokenizer) {
-      prompts.push_back(kDefaultPrompt);
-    } else {
-      // No tokenizer and no prompt: 16 ids spread over the vocabulary stand in for text.
-      std::vector<int64_t> ids;
-      for (int64_t i = 1; i <= 16; ++i) ids.push_back(i * 7919 % config.vocab_size);
-      prompt_ids.push_back(std::move(ids));
-      synthetic_ids = true;
-    }
-  }
-  for (const auto& text : prompts) {
-    if (!tokenizer)
-      Fail("'{}' has no tokenizer.json to encode the prompt; pass --prompt-ids",
-           options.hf_model.string());
-    if (text.size() > kMaxPromptBytes) {
-      Fail("prompt '{}' is {} bytes, more than the {} allowed (a logits check needs a sentence)",
-           Abbreviated(text), text.size(), kMaxPromptBytes);
-    }
-    report.prompts.push_back({text, tokenizer->Encode(text), {}, {}, false});
-  }
-  for (const auto& ids : prompt_ids) report.prompts.push_back({"", ids, {}, {}, synthetic_ids});
-  for (const auto& p : report.prompts) {
-    if (p.token_ids.empty()) Fail("prompt '{}' encodes to no tokens", p.prompt);
-    if (p.token_ids.size() > kMaxPromptTokens) {
-      Fail("prompt '{}' has {} tokens, more than the {} allowed (a logits check needs a sentence)",
-           Abbreviated(p.prompt), p.token_ids.size(), kMaxPromptTokens);
-    }
-    for (int64_t id : p.token_ids) {
-      if (id < 0 || id >= config.vocab_size)
-        Fail("token id {} is outside the vocabulary of {}", id, config.vocab_size);
-    }
-  }
+  report.prompts = ResolvePrompts(options, tokenizer ? &*tokenizer : nullptr, config.vocab_size);
 
   // The variants, in this order: base; peft (the adapter as stock PEFT applies it); merged (the
   // checkpoint's adapter merged in Megatron's layout); then, given a merged model, peft_as_stored

@@ -26,7 +26,10 @@ std::vector<NamedPath> PeftDirectorySink::Outputs() const {
   return {{"--output-hf-path", target_}, {"the place of an unverified adapter", rejected}};
 }
 
-void PeftDirectorySink::Begin(const ExportAnnouncement& announcement) {
+namespace {
+
+// A module stock PEFT refuses to load an adapter on cannot go into a PEFT directory.
+void RefusePeftRefusedModules(const ExportAnnouncement& announcement) {
   if (const auto& refused = announcement.peft_refused; !refused.empty()) {
     Fail(
         "'{}' has an adapter ({} module(s) like it), but {}: a PEFT adapter cannot carry it. "
@@ -35,14 +38,41 @@ void PeftDirectorySink::Begin(const ExportAnnouncement& announcement) {
         "which changes what the model computes",
         refused.front().module, refused.size(), refused.front().why);
   }
+}
+
+std::vector<safetensors::TensorSpec> WeightSpecs(const ExportAnnouncement& announcement) {
+  std::vector<safetensors::TensorSpec> specs;
+  for (const auto& t : announcement.tensors) specs.push_back({PeftName(t.name), t.dtype, t.shape});
+  return specs;
+}
+
+}  // namespace
+
+SinkPreview PeftDirectorySink::Preview(const ExportAnnouncement& announcement) const {
+  RefusePeftRefusedModules(announcement);
+  SinkPreview preview;
+  if (StagedDirectory::CheckTarget(target_, overwrite_, {kAdapterWeightsFile, kAdapterConfigFile},
+                                   kUnverifiedSuffix))
+    preview.notes.push_back(
+        fmt::format("--overwrite: the existing '{}' would be replaced", target_.string()));
+  const nlohmann::ordered_json config = BuildAdapterConfig(announcement.config);
+  preview.files = {
+      {target_ / kAdapterWeightsFile,
+       safetensors::FileSize(WeightSpecs(announcement), std::nullopt), "adapter weights"},
+      {target_ / kAdapterConfigFile, ToPythonJson(config).size(), "adapter config"}};
+  preview.adapter_config = config;
+  preview.tensor_name_prefix = kPeftNamePrefix;
+  return preview;
+}
+
+void PeftDirectorySink::Begin(const ExportAnnouncement& announcement) {
+  RefusePeftRefusedModules(announcement);
   announcement_ = announcement;
   open_.reset(new Open{
       StagedDirectory::Create(target_, overwrite_, {kAdapterWeightsFile, kAdapterConfigFile},
                               kUnverifiedSuffix),
       std::nullopt});
-  std::vector<safetensors::TensorSpec> specs;
-  for (const auto& t : announcement_.tensors) specs.push_back({PeftName(t.name), t.dtype, t.shape});
-  open_->weights.emplace(open_->staged.AddFile(kAdapterWeightsFile), std::move(specs),
+  open_->weights.emplace(open_->staged.AddFile(kAdapterWeightsFile), WeightSpecs(announcement_),
                          std::nullopt);
 }
 

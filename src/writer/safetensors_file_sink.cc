@@ -1,5 +1,7 @@
 #include "adapter_job/writer/safetensors_file_sink.h"
 
+#include <fmt/format.h>
+
 #include <optional>
 
 #include "adapter_job/core/file.h"
@@ -21,12 +23,32 @@ SafetensorsFileSink::~SafetensorsFileSink() { Abort(); }
 
 std::vector<NamedPath> SafetensorsFileSink::Outputs() const { return {{"--output", path_}}; }
 
+namespace {
+
+std::vector<safetensors::TensorSpec> TensorSpecs(const ExportAnnouncement& announcement) {
+  std::vector<safetensors::TensorSpec> specs;
+  for (const auto& t : announcement.tensors) specs.push_back({t.name, t.dtype, t.shape});
+  return specs;
+}
+
+}  // namespace
+
+SinkPreview SafetensorsFileSink::Preview(const ExportAnnouncement& announcement) const {
+  OutputFile::CheckCreate(path_, overwrite_);
+  SinkPreview preview;
+  preview.files = {
+      {path_, safetensors::FileSize(TensorSpecs(announcement), std::nullopt), "adapter tensors"}};
+  std::error_code ec;
+  if (fs::exists(path_, ec))
+    preview.notes.push_back(
+        fmt::format("--overwrite: the existing '{}' would be replaced", path_.string()));
+  return preview;
+}
+
 void SafetensorsFileSink::Begin(const ExportAnnouncement& announcement) {
   announcement_ = announcement;
-  std::vector<safetensors::TensorSpec> specs;
-  for (const auto& t : announcement_.tensors) specs.push_back({t.name, t.dtype, t.shape});
   open_.reset(new Open{OutputFile::Create(path_, overwrite_), std::nullopt});
-  open_->writer.emplace(open_->file, std::move(specs), std::nullopt);
+  open_->writer.emplace(open_->file, TensorSpecs(announcement_), std::nullopt);
 }
 
 void SafetensorsFileSink::Write(const LayerTensors& layer) {

@@ -113,17 +113,33 @@ void RemoveDeadStaging(const fs::path& parent, const std::string& target_name,
   }
 }
 
+// The output's absolute path, once Create's checks pass.
+fs::path CheckedTarget(const fs::path& target, bool overwrite, const std::set<std::string>& owned,
+                       const std::string& reject_suffix) {
+  const fs::path absolute = fs::absolute(target).lexically_normal();
+  if (absolute.filename().empty()) Fail("output '{}' names no directory", target.string());
+  CheckReplaceable(absolute, overwrite, owned);
+  fs::path rejected = absolute;
+  rejected += reject_suffix;
+  CheckReplaceable(rejected, overwrite, owned);
+  return absolute;
+}
+
 }  // namespace
+
+bool StagedDirectory::CheckTarget(const fs::path& target, bool overwrite,
+                                  const std::set<std::string>& owned_names,
+                                  const std::string& reject_suffix) {
+  const fs::path absolute = CheckedTarget(target, overwrite, owned_names, reject_suffix);
+  RequireWritableDirectory(NearestExistingDirectory(absolute));
+  std::error_code ec;
+  return fs::exists(fs::symlink_status(absolute, ec));
+}
 
 StagedDirectory StagedDirectory::Create(const fs::path& target, bool overwrite,
                                         std::set<std::string> owned_names,
                                         std::string reject_suffix) {
-  const fs::path absolute = fs::absolute(target).lexically_normal();
-  if (absolute.filename().empty()) Fail("output '{}' names no directory", target.string());
-  CheckReplaceable(absolute, overwrite, owned_names);
-  fs::path rejected = absolute;
-  rejected += reject_suffix;
-  CheckReplaceable(rejected, overwrite, owned_names);
+  const fs::path absolute = CheckedTarget(target, overwrite, owned_names, reject_suffix);
   const fs::path anchor = NearestExistingDirectory(absolute);
   if (anchor == absolute.parent_path())
     RemoveDeadStaging(anchor, absolute.filename().string(), owned_names);

@@ -181,6 +181,19 @@ def test_cuda_verification_matches_cpu_on_one_gpu(adapter_job_bin, base, tmp_pat
     assert_cuda_verification_matches_cpu(adapter_job_bin, base, written.root, tmp_path)
 
 
+def test_dry_run_names_the_device_verification_then_runs_on(adapter_job_bin, base, tmp_path):
+    """--dry-run's verification device (auto, and cuda asked for) is the one the export's verification reports."""
+    written = write_checkpoint(CheckpointConfig(out=tmp_path / "ckpt", base_model=base, **DIMS))
+    for device in ("auto", "cuda"):
+        args = [adapter_job_bin, "export", "--hf-model-id", base, "--megatron-peft-checkpoint", written.root,
+                "--output-hf-path", tmp_path / device, "--verify-device", device]
+        plan = json.loads(run([*args, "--dry-run=json"], timeout=120).stdout)
+        assert not (tmp_path / device).exists()
+        run([*args, "--report", tmp_path / f"{device}.json"], timeout=300)
+        report = json.loads((tmp_path / f"{device}.json").read_text())
+        assert plan["verification"]["device"] == report["verification"]["device"] == "cuda:0", device
+
+
 # The forwards of issue 15 (MLA with YaRN and grouped sigmoid routing, GLM-4.5's partial RoPE, OLMoE's clipped,
 # whole-projection-normed q/k, GPT-OSS's sinks, fused biased experts and clamped SwiGLU, Nemotron-H's Mamba-2 scan),
 # with expert adapters where the family has experts.

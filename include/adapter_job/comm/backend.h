@@ -8,5 +8,6 @@ namespace adapter_job::comm {
 // kAuto: NCCL when the ranks span hosts and each drives its own GPU, else MPI.
 enum class Backend { kAuto, kMpi, kNccl };
 Backend ParseBackend(std::string_view name);  // "auto" | "mpi" | "nccl"
+std::string_view BackendName(Backend backend);
 
 }  // namespace adapter_job::comm

@@ -130,6 +130,8 @@ class OutputFile {
  public:
   // Fails if `final_path` exists and `overwrite` is false.
   static OutputFile Create(const std::filesystem::path& final_path, bool overwrite);
+  // Create's checks, and that its directory takes a new file, creating nothing (--dry-run).
+  static void CheckCreate(const std::filesystem::path& final_path, bool overwrite);
   // A file in `dir` whose name is given at CommitAs(); errors name it `intended` (where it is
   // meant to go), or `dir` if that is empty.
   static OutputFile CreateUnnamed(const std::filesystem::path& dir,
@@ -165,6 +167,10 @@ void FsyncDirectory(const std::filesystem::path& dir);
 // The nearest ancestor of `path` that exists, which must be a directory (FormatError otherwise):
 // where an output whose missing parents are made only when it is complete waits, unnamed.
 std::filesystem::path NearestExistingDirectory(const std::filesystem::path& path);
+
+// Fails as creating a file in `dir` would (IoError naming it) unless this process may create
+// files there: what a --dry-run checks of where an output would be written.
+void RequireWritableDirectory(const std::filesystem::path& dir);
 
 // Whole small text files (configs, markers). Like ReadOnlyFile::Open, refuses anything but a
 // regular file (FormatError naming the path) and files over `max_bytes`.

@@ -51,6 +51,8 @@ class MergedModelSink final : public writer::ExportSink {
   std::vector<writer::NamedPath> Outputs() const override;
   bool verifiable() const override { return true; }
   bool collective() const override { return true; }
+  // Rank 0's: the files and which ranks write each shard.
+  writer::SinkPreview Preview(const writer::ExportAnnouncement& announcement) const override;
   void Begin(const writer::ExportAnnouncement& announcement) override;
   void Write(const writer::LayerTensors& layer) override;
   writer::FinishedOutput Finish() override;

@@ -59,6 +59,13 @@ struct TensorStat {
   double frobenius_norm = 0;
 };
 
+// What verification will run on, found without running it (an export's --dry-run): the device
+// it picks and the prompts as encoded (token_ids filled, no logits).
+struct VerificationPreview {
+  std::string device;  // "cuda:0" | "cpu"
+  std::vector<PromptResult> prompts;
+};
+
 struct VerificationReport {
   std::string base_model;
   std::string adapter_path;

@@ -79,6 +79,10 @@ TensorRef Ref(std::string name, const Tensor& tensor);
 std::string SerializeHeader(std::vector<TensorSpec>& specs,
                             const std::optional<std::map<std::string, std::string>>& metadata);
 
+// The size of the file StreamWriter writes for these specs: header and data.
+uint64_t FileSize(std::vector<TensorSpec> specs,
+                  const std::optional<std::map<std::string, std::string>>& metadata);
+
 // Writes a file whose tensors arrive one at a time and in any order: the header (and so every
 // tensor's place) is fixed up front from the specs, and each tensor is written into its slot.
 class StreamWriter {

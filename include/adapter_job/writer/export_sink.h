@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
 #include <string>
@@ -85,6 +86,23 @@ struct SinkStats {
   int gpu = -1;                // the CUDA device that did the sink's work; -1: the CPU
 };
 
+// A file an export would write, as --dry-run lists it.
+struct PlannedFile {
+  std::filesystem::path path;
+  std::optional<uint64_t> bytes;  // nullopt where only writing it tells
+  std::string what;               // e.g. "adapter weights", "weights shard, written by rank 1"
+};
+
+// What a sink would write, known before the first layer (ExportSink::Preview).
+struct SinkPreview {
+  std::vector<PlannedFile> files;
+  // adapter_config.json as it would be written, for a sink that writes one.
+  std::optional<nlohmann::ordered_json> adapter_config;
+  std::string tensor_name_prefix;  // what the file's names put before the HF names
+  bool merged_model = false;       // verification would read a merged model as a variant too
+  std::vector<std::string> notes;  // e.g. that an existing output would be replaced
+};
+
 class ExportSink {
  public:
   ExportSink() = default;
@@ -100,6 +118,14 @@ class ExportSink {
   virtual bool collective() const { return false; }
   // This rank's share once Finish has run (collective sinks).
   virtual SinkStats stats() const { return {}; }
+
+  // What Begin..Finish would write, with Begin's checks that need no writing (an output that may
+  // not be replaced, a module the output cannot carry): --dry-run. Creates nothing. A sink that
+  // does not say (this default) lists no files.
+  virtual SinkPreview Preview(const ExportAnnouncement& announcement) const {
+    static_cast<void>(announcement);
+    return {};
+  }
 
   virtual void Begin(const ExportAnnouncement& announcement) = 0;
   virtual void Write(const LayerTensors& layer) = 0;

@@ -22,6 +22,7 @@ class PeftDirectorySink final : public ExportSink {
 
   std::vector<NamedPath> Outputs() const override;
   bool verifiable() const override { return true; }
+  SinkPreview Preview(const ExportAnnouncement& announcement) const override;
   void Begin(const ExportAnnouncement& announcement) override;
   void Write(const LayerTensors& layer) override;
   FinishedOutput Finish() override;

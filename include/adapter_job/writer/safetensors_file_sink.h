@@ -18,6 +18,7 @@ class SafetensorsFileSink final : public ExportSink {
 
   std::vector<NamedPath> Outputs() const override;
   bool verifiable() const override { return false; }
+  SinkPreview Preview(const ExportAnnouncement& announcement) const override;
   void Begin(const ExportAnnouncement& announcement) override;
   void Write(const LayerTensors& layer) override;
   FinishedOutput Finish() override;

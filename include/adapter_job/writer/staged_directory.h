@@ -27,6 +27,12 @@ class StagedDirectory {
                                 std::set<std::string> owned_names,
                                 std::string reject_suffix = ".unverified");
 
+  // Create's checks, creating nothing, and that the directory the files would wait in takes new
+  // files (--dry-run). True when an existing output would be replaced.
+  static bool CheckTarget(const std::filesystem::path& target, bool overwrite,
+                          const std::set<std::string>& owned_names,
+                          const std::string& reject_suffix = ".unverified");
+
   const std::filesystem::path& target() const { return target_; }
 
   // A new file that will be `target/name`; it stays valid until Stage.
