@@ -55,8 +55,8 @@ std::string IntegrityOf(const job::ExportPlan& plan) {
 
 void Describe(const job::ExportPlan& plan, const ExportOptions& options, int world_size,
               ExportPreview& preview) {
-  preview.checkpoint = plan.run.given;
-  preview.iteration_dir = plan.run.iteration_dir;
+  preview.checkpoint = fs::absolute(plan.run.given).lexically_normal();
+  preview.iteration_dir = fs::absolute(plan.run.iteration_dir).lexically_normal();
   preview.iteration = plan.run.iteration;
   preview.adapter_kind = std::string(checkpoint::AdapterKindName(plan.settings.kind));
   preview.dim = plan.run.peft->dim;
@@ -109,8 +109,9 @@ ExportPreview PreviewExport(const ExportOptions& options, const writer::ExportSi
       preview.verification =
           verify::PreviewVerificationWithPlugin(job::VerifyOptionsFor(options, plan));
       preview.top_k = options.verify->top_k;
-    } else if (sink.verifiable()) {
-      preview.verification_skipped = "--no-verify was given";
+    } else {
+      preview.verification_skipped =
+          sink.verifiable() ? "--no-verify was given" : "this output is never verified";
     }
   });
   if (options.backend == comm::Backend::kNccl && world.size() == 1)
@@ -213,8 +214,9 @@ std::string ExportPreview::Text() const {
     text += fmt::format("  rank {} reads {}{}{}\n", r, Bytes(total), files.empty() ? "" : ": ",
                         fmt::join(files, ", "));
   }
-  text +=
-      fmt::format("output ({} layout{}):\n", target, target_note.empty() ? "" : "; " + target_note);
+  text += output.merged_model ? std::string("output (the merged model):\n")
+                              : fmt::format("output ({} layout{}):\n", target,
+                                            target_note.empty() ? "" : "; " + target_note);
   for (const auto& f : output.files) {
     text += fmt::format("  {}  {}  {}\n", f.path.string(), f.bytes ? Bytes(*f.bytes) : "?", f.what);
   }

@@ -169,4 +169,5 @@ def test_stream_plan_is_the_file_streamed(adapter_job_bin, tiny, tmp_path):
     assert planned_files(plan, tmp_path) == written_files(tmp_path)
     with safe_open(tmp_path / "t.safetensors", "pt") as f:
         assert sorted(f.keys()) == sorted(t["name"] for t in plan["output"]["tensors"])
-    assert plan["verification"] is None and plan["output"]["adapter_config"] is None
+    assert plan["verification"] is None and plan["verification_skipped"] == "this output is never verified"
+    assert plan["output"]["adapter_config"] is None
