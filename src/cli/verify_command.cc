@@ -177,14 +177,21 @@ int RunVerify(const std::vector<std::string>& args) {
   if (!hf_model && !verify.megatron_checkpoint)
     throw po::error("the option '--hf-model-id' is required (or a checkpoint that records it)");
   const std::string revision = vm["revision"].as<std::string>();
+  // The checkpoint's run directory, read once, when something needs it.
+  std::optional<checkpoint::RunDirectory> opened_run;
+  const auto run = [&]() -> const checkpoint::RunDirectory& {
+    if (!opened_run) {
+      opened_run = checkpoint::OpenRunDirectory(
+          checkpoint::ResolveCheckpoint(*verify.megatron_checkpoint).iteration_dir);
+    }
+    return *opened_run;
+  };
   convert::BaseModel base;
   if (hf_model) {
     base = convert::ResolveBaseModel(*hf_model, revision);
   } else {
-    const auto run = checkpoint::OpenRunDirectory(
-        checkpoint::ResolveCheckpoint(*verify.megatron_checkpoint).iteration_dir);
     base = convert::ResolveRecordedBaseModel(
-        run.model.hf_model_id, run.run_config_path.value_or(run.iteration_dir), revision);
+        run().model.hf_model_id, run().run_config_path.value_or(run().iteration_dir), revision);
   }
   verify.hf_model = base.dir.value_or(base.id);
   verify.base_model_name = base.name;
@@ -192,10 +199,8 @@ int RunVerify(const std::vector<std::string>& args) {
   if (stated.tensor || stated.pipeline || stated.expert) {
     if (!verify.megatron_checkpoint)
       throw po::error("--tp, --pp and --ep describe the Megatron checkpoint: they need one");
-    const auto run = checkpoint::OpenRunDirectory(
-        checkpoint::ResolveCheckpoint(*verify.megatron_checkpoint).iteration_dir);
-    checkpoint::RequireParallelSizes(stated, run.model,
-                                     run.run_config_path.value_or(run.iteration_dir));
+    checkpoint::RequireParallelSizes(stated, run().model,
+                                     run().run_config_path.value_or(run().iteration_dir));
   }
   if (vm.count("merged-model")) verify.merged_model = vm["merged-model"].as<std::string>();
   if (vm.count("model-families")) {
