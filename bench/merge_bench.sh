@@ -6,7 +6,8 @@
 # page cache as the previous run left it. Wall time and peak RSS of every process; the merge runs
 # with --no-verify (the peers do not verify), then once more verifying on the CPU to show its cost.
 # The floor and the merges are the median of REPEAT runs (this VM's disk varies run to run).
-# Prints a Markdown table.
+# Prints a Markdown table (with each rank's GPU buffers, from the merge's report, when it merges on
+# a GPU; the CUDA context's few hundred MiB are not in that figure).
 #   bench/merge_bench.sh [WORKDIR]   (default: bench/work)
 # Env: SHAPE=8b|70b|1b|smoke, LAYERS (default: the shape's), KIND=lora|dora, RANK (LoRA rank,
 #      default the shape's), RANKS="direct 2" (direct: one process without mpirun; N: mpirun -np N),
@@ -64,15 +65,20 @@ floor=$(for _ in $(seq "$REPEAT"); do
   calc "$e - $s"
 done | median)
 
-echo "| run | wall s | x floor | peak RSS per process (MiB) |"
-echo "|---|---:|---:|---|"
-echo "| floor: cat base shards > file; sync (median of $REPEAT) | $(printf %.2f "$floor") | 1.0 | - |"
-row() {  # label, wall, rss files...
-  local label=$1 wall=$2
-  shift 2
+echo "| run | wall s | x floor | peak RSS per process (MiB) | GPU buffers per rank (MiB) |"
+echo "|---|---:|---:|---|---|"
+echo "| floor: cat base shards > file; sync (median of $REPEAT) | $(printf %.2f "$floor") | 1.0 | - | - |"
+row() {  # label, wall, GPU buffers, rss files...
+  local label=$1 wall=$2 gpu=$3
+  shift 3
   local rss
   rss=$(for f in "$@"; do mib "$(( $(tail -1 "$f") * 1024 ))"; done | paste -sd, -)
-  echo "| $label | $(printf %.2f "$wall") | $(printf %.2f "$(calc "$wall / $floor")") | $rss |"
+  echo "| $label | $(printf %.2f "$wall") | $(printf %.2f "$(calc "$wall / $floor")") | $rss | $gpu |"
+}
+# Each rank's GPU buffers in MiB from a merge's report ("-" for ranks on the CPU).
+gpu_buffers() {
+  "$PYTHON" -c 'import json,sys; r=json.load(open(sys.argv[1]))["output_per_rank"]
+print(",".join("-" if d == "cpu" else str(b >> 20) for d, b in zip(r["device"], r["gpu_bytes"])))' "$1"
 }
 merge_args=(merge --hf-model-id "$base" --megatron-peft-checkpoint "$ckpt" --quiet
             --merge-device "$MERGE_DEVICE")
@@ -83,12 +89,14 @@ for n in $RANKS; do
     rm -rf "$out" "$dir"/rss.*
     s=$(now)
     if [[ $n == direct ]]; then
-      /usr/bin/time -f %M -o "$dir/rss.0" "$BIN" "${merge_args[@]}" --output-hf-path "$out" --no-verify
+      /usr/bin/time -f %M -o "$dir/rss.0" "$BIN" "${merge_args[@]}" --output-hf-path "$out" --no-verify \
+        --report "$dir/merge-report.json"
       files=("$dir/rss.0")
     else
       # shellcheck disable=SC2016  # expanded by the inner sh, per rank
       mpirun --oversubscribe -np "$n" sh -c 'exec /usr/bin/time -f %M -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' \
-        "$dir/rss" "$BIN" "${merge_args[@]}" --output-hf-path "$out" --no-verify
+        "$dir/rss" "$BIN" "${merge_args[@]}" --output-hf-path "$out" --no-verify \
+        --report "$dir/merge-report.json"
       files=("$dir"/rss.*)
     fi
     e=$(now)
@@ -97,7 +105,8 @@ for n in $RANKS; do
   done
   label=$([[ $n == direct ]] && echo "adapter_job merge (1 process)" || echo "mpirun -np $n adapter_job merge")
   label+=", --merge-device $MERGE_DEVICE"
-  row "$label, median of $REPEAT" "$(printf '%s\n' "${walls[@]}" | median)" "${files[@]}"
+  row "$label, median of $REPEAT" "$(printf '%s\n' "${walls[@]}" | median)" \
+    "$(gpu_buffers "$dir/merge-report.json")" "${files[@]}"
 done
 if [[ $VERIFY == 1 ]]; then
   out=$dir/merged-verified
@@ -106,9 +115,10 @@ if [[ $VERIFY == 1 ]]; then
   /usr/bin/time -f %M -o "$dir/rss.v" "$BIN" "${merge_args[@]}" --output-hf-path "$out" \
     --verify-device "$VERIFY_DEVICE" --report "$dir/report.json"
   e=$(now)
-  row "adapter_job merge, verified ($VERIFY_DEVICE, 1 process)" "$(calc "$e - $s")" "$dir/rss.v"
+  row "adapter_job merge, verified ($VERIFY_DEVICE, 1 process)" "$(calc "$e - $s")" \
+    "$(gpu_buffers "$dir/report.json")" "$dir/rss.v"
   verify_s=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["seconds"]["verify"])' "$dir/report.json")
-  echo "| (of which verification) | $(printf %.2f "$verify_s") | | |"
+  echo "| (of which verification) | $(printf %.2f "$verify_s") | | | |"
   rm -rf "$out" "$out.unverified"
 fi
 if [[ $REFERENCE == 1 ]]; then
@@ -118,7 +128,8 @@ if [[ $REFERENCE == 1 ]]; then
   /usr/bin/time -f %M -o "$dir/rss.ref" "$PYTHON" bench/reference_merge.py "$base" "$adapter" "$out" >"$dir/reference.log" 2>"$dir/reference.err"
   sync "$out"/*
   e=$(now)
-  row "Python: PEFT merge_and_unload + save_pretrained ($(cat "$dir/reference.log"))" "$(calc "$e - $s")" "$dir/rss.ref"
+  row "Python: PEFT merge_and_unload + save_pretrained ($(cat "$dir/reference.log"))" "$(calc "$e - $s")" \
+    - "$dir/rss.ref"
   rm -rf "$out"
 fi
 echo

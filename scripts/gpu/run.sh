@@ -18,6 +18,10 @@
 #   bench-merge   bench/merge_bench.sh at the 8B shape with 16 layers (LoRA r16; MERGE_SHAPE and
 #                 MERGE_LAYERS pick another): the merge on the GPU (verified on CUDA) and on the
 #                 CPU, beside the floor and the Python reference
+#   merge-scaling bench/merge_bench.sh on the GPUs at 1, 2, 4 and 8 ranks (as many as the machine
+#                 has; one GPU per rank): the 8B shape with 16 layers and the 70B shape cut to
+#                 MERGE_70B_LAYERS (default 8) layers; wall, peak RSS and GPU buffers per rank
+#                 beside the read+write floor (issue 17)
 #   select        ctest -R "$CTEST_SELECT" in the GPU build (g++ 13 / CMake 4): CPU tests that must
 #                 also pass on the image's toolchain, e.g. install.find_package|comm.mpi
 #   all           the three, in that order (about 12 minutes on 4 H100s: more than one device call
@@ -241,6 +245,15 @@ for stage in "$@"; do
       MERGE_DEVICE=cpu VERIFY=0 REFERENCE=0 RANKS=direct SHAPE=${MERGE_SHAPE:-8b} \
         LAYERS=${MERGE_LAYERS:-16} BIN=$B \
         bash bench/merge_bench.sh /tmp/bench-work 2>&1 | tee -a "$SUMMARY" || status=1 ;;
+    merge-scaling)
+      ranks="direct"
+      for n in 2 4 8; do [[ $n -le $gpus ]] && ranks+=" $n"; done
+      for shape in "8b 16" "70b ${MERGE_70B_LAYERS:-8}"; do
+        read -r merge_shape merge_layers <<<"$shape"
+        MERGE_DEVICE=cuda VERIFY=0 REFERENCE=0 RANKS=$ranks SHAPE=$merge_shape LAYERS=$merge_layers \
+          BIN=$B bash bench/merge_bench.sh /tmp/bench-work 2>&1 | tee -a "$SUMMARY" || status=1
+        rm -rf "/tmp/bench-work/merge-$merge_shape-$merge_layers"  # the next shape needs the disk
+      done ;;
     *) echo "unknown stage '$stage'" >&2; status=2; exit ;;
   esac
   note "stage $stage: $(($(date +%s) - t)) s, status so far $status"

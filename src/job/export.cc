@@ -106,9 +106,10 @@ std::vector<writer::SinkStats> GatherSinkStats(const comm::MpiWorld& world,
   const auto written = comm::GatherToRoot(world, mine.bytes_written);
   const auto micros = comm::GatherToRoot(world, static_cast<uint64_t>(mine.seconds * 1e6));
   const auto gpus = comm::GatherToRoot(world, static_cast<uint64_t>(mine.gpu + 1));
+  const auto gpu_bytes = comm::GatherToRoot(world, mine.gpu_bytes);
   std::vector<writer::SinkStats> all(read.size());
   for (std::size_t r = 0; r < all.size(); ++r)
-    all[r] = {read[r], written[r], micros[r] / 1e6, static_cast<int>(gpus[r]) - 1};
+    all[r] = {read[r], written[r], micros[r] / 1e6, static_cast<int>(gpus[r]) - 1, gpu_bytes[r]};
   return all;
 }
 

@@ -42,11 +42,13 @@ nlohmann::ordered_json ExportReport::ToJson() const {
     per_rank["bytes_written"] = nlohmann::ordered_json::array();
     per_rank["seconds"] = nlohmann::ordered_json::array();
     per_rank["device"] = nlohmann::ordered_json::array();
+    per_rank["gpu_bytes"] = nlohmann::ordered_json::array();
     for (const auto& rank : *sink_per_rank) {
       per_rank["bytes_read"].push_back(rank.bytes_read);
       per_rank["bytes_written"].push_back(rank.bytes_written);
       per_rank["seconds"].push_back(rank.seconds);
       per_rank["device"].push_back(DeviceName(rank.gpu));
+      per_rank["gpu_bytes"].push_back(rank.gpu_bytes);
     }
   }
   j["seconds"] = {{"plan", seconds.plan},
@@ -109,8 +111,9 @@ std::string ExportReport::Summary() const {
     for (std::size_t r = 0; r < sink_per_rank->size(); ++r) {
       const writer::SinkStats& s = (*sink_per_rank)[r];
       output_lines +=
-          fmt::format("output, rank {}: read {} bytes, wrote {} bytes in {:.3f} s on {}\n", r,
-                      s.bytes_read, s.bytes_written, s.seconds, DeviceName(s.gpu));
+          fmt::format("output, rank {}: read {} bytes, wrote {} bytes in {:.3f} s on {}{}\n", r,
+                      s.bytes_read, s.bytes_written, s.seconds, DeviceName(s.gpu),
+                      s.gpu < 0 ? "" : fmt::format(" ({} bytes of GPU buffers)", s.gpu_bytes));
     }
   }
   return fmt::format(

@@ -48,6 +48,7 @@ class DeviceBuffer {
     return status;
   }
   void* get() const { return data_; }
+  std::size_t bytes() const { return bytes_; }
   float* floats() const { return static_cast<float*>(data_); }
 
  private:
@@ -113,6 +114,14 @@ DeviceMerger::DeviceMerger(int device) : state_(std::make_unique<State>()) {
 DeviceMerger::~DeviceMerger() = default;
 
 int DeviceMerger::device() const { return state_->device; }
+
+uint64_t DeviceMerger::device_bytes() const {
+  const State& s = *state_;
+  uint64_t bytes = 0;
+  for (const DeviceBuffer* buffer : {&s.in, &s.out, &s.scratch, &s.a, &s.b, &s.magnitude})
+    bytes += buffer->bytes();
+  return bytes;
+}
 
 std::string DeviceMerger::name() const {
   return fmt::format("cuda:{} ({})", state_->device, state_->name);

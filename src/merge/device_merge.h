@@ -37,6 +37,9 @@ class DeviceMerger {
 
   int device() const;
   std::string name() const;  // e.g. "cuda:0 (NVIDIA H200)"
+  // The device memory its buffers hold: they only grow, so this is also their peak. The CUDA
+  // context's own few hundred MiB are not counted.
+  uint64_t device_bytes() const;
 
   // Uploads one module's update; the rows merged after it use it.
   void Load(const LowRankUpdate& update);

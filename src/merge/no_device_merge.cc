@@ -16,6 +16,7 @@ DeviceMerger::DeviceMerger(int) {
 DeviceMerger::~DeviceMerger() = default;
 int DeviceMerger::device() const { return -1; }
 std::string DeviceMerger::name() const { return {}; }
+uint64_t DeviceMerger::device_bytes() const { return 0; }
 void DeviceMerger::Load(const LowRankUpdate&) {}
 void DeviceMerger::MergeRows(std::span<const std::byte>, DType, std::span<std::byte>, DType,
                              int64_t, int64_t, int64_t, bool) {}

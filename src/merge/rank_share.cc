@@ -186,6 +186,7 @@ writer::SinkStats WriteShare(const ShareInputs& in) {
     fd.Close(path);
   }
   stats.bytes_read = in.base.bytes_read();
+  if (gpu) stats.gpu_bytes = gpu->device_bytes();
   stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return stats;
 }

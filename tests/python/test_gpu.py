@@ -280,6 +280,10 @@ def test_merge_on_the_gpu_writes_the_cpus_bytes(adapter_job_bin, base, tmp_path,
     cuda, proc = merge_one_process(adapter_job_bin, base, written.root, tmp_path / "cuda", "cuda", "--dtype", dtype,
                                    "--max-shard-size", "200KB")
     assert cpu["output_per_rank"]["device"] == ["cpu"] and cuda["output_per_rank"]["device"] == ["cuda:0"]
+    # The GPU's buffers: at least one [out, in] float32 block of the largest adapted weight, far below the GPU.
+    largest = max(DIMS["ffn"] * DIMS["hidden"], DIMS["heads"] * DIMS["head_dim"] * DIMS["hidden"]) * 4
+    assert cpu["output_per_rank"]["gpu_bytes"] == [0]
+    assert largest <= cuda["output_per_rank"]["gpu_bytes"][0] < 64 << 20, cuda["output_per_rank"]
     assert cpu["verification"]["passed"] and cuda["verification"]["passed"], proc.stdout
     files = sorted(p.name for p in (tmp_path / "cpu").iterdir())
     assert len([f for f in files if f.startswith("model-")]) > 1

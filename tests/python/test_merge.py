@@ -210,6 +210,7 @@ def test_merge_device_choice(cases, tmp_path):
     case.merge(tmp_path / "cpu", "--merge-device", "cpu", "--no-verify", "--report", report, np=2)
     per_rank = json.loads(report.read_text())["output_per_rank"]
     assert per_rank["device"] == ["cpu", "cpu"] and all(n > 0 for n in per_rank["bytes_written"])
+    assert per_rank["gpu_bytes"] == [0, 0]
     if not torch.cuda.is_available():
         proc = case.merge(tmp_path / "cuda", "--merge-device", "cuda", np=2, check=False)
         assert proc.returncode == EXIT_BAD_INPUT, proc.stderr

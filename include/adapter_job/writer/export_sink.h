@@ -84,6 +84,7 @@ struct SinkStats {
   uint64_t bytes_written = 0;  // into its outputs
   double seconds = 0;          // in Finish
   int gpu = -1;                // the CUDA device that did the sink's work; -1: the CPU
+  uint64_t gpu_bytes = 0;      // the device memory the sink's buffers held at their peak
 };
 
 // A file an export would write, as --dry-run lists it.
