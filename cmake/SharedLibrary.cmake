@@ -5,7 +5,7 @@
 # or NCCL at its configure time. Static libraries cannot hide them (CMake passes a static
 # library's private dependencies on to whoever links it), hence one shared library. The build
 # tree's binary and tests keep linking the static stages.
-set(_adapter_job_stages core checkpoint integrity safetensors comm convert writer merge report
+set(_adapter_job_stages core digest checkpoint integrity safetensors comm convert writer merge report
                          verify_loader job)
 set(_objects "")
 foreach(_stage ${_adapter_job_stages})

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "adapter_job/checkpoint/integrity.h"
+#include "adapter_job/core/sha256.h"
 
 namespace adapter_job::checkpoint {
 namespace {
@@ -117,7 +118,7 @@ std::string CheckpointFingerprint(const fs::path& iteration_dir) {
   for (const FileState& file : ListFiles(iteration_dir)) {
     text += fmt::format("{} {}\n", file.name, file.size);
   }
-  return Sha256Text(text);
+  return Sha256Hex(text);
 }
 
 }  // namespace adapter_job::checkpoint

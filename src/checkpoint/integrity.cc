@@ -1,22 +1,17 @@
 #include "adapter_job/checkpoint/integrity.h"
 
-#include <openssl/evp.h>
-
 #include <algorithm>
 #include <memory>
 #include <vector>
 
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/sha256.h"
 
 namespace adapter_job::checkpoint {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct FreeMdContext {
-  void operator()(EVP_MD_CTX* context) const { EVP_MD_CTX_free(context); }
-};
 
 bool IsSha256Hex(const std::string& digest) {
   if (digest.size() != 64) return false;
@@ -44,44 +39,19 @@ void CheckName(const std::string& name, const fs::path& manifest_file) {
   }
 }
 
-std::string Hex(const unsigned char* digest, unsigned int length) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string hex;
-  for (unsigned int i = 0; i < length; ++i) {
-    hex += kHex[digest[i] >> 4];
-    hex += kHex[digest[i] & 0xF];
-  }
-  return hex;
-}
-
 }  // namespace
-
-std::string Sha256Text(std::string_view text) {
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  if (EVP_Digest(text.data(), text.size(), digest, &length, EVP_sha256(), nullptr) != 1)
-    Fail<IoError>("OpenSSL cannot compute a sha256");
-  return Hex(digest, length);
-}
 
 std::string Sha256File(const fs::path& file) {
   const ReadOnlyFile input = ReadOnlyFile::Open(file);
-  const std::unique_ptr<EVP_MD_CTX, FreeMdContext> context(EVP_MD_CTX_new());
-  if (!context || EVP_DigestInit_ex(context.get(), EVP_sha256(), nullptr) != 1)
-    Fail<IoError>("OpenSSL cannot start a sha256 digest for '{}'", file.string());
+  Sha256 digest;
   std::vector<std::byte> buffer(std::size_t{1} << 20);
   for (uint64_t offset = 0; offset < input.size(); offset += buffer.size()) {
     const std::span<std::byte> piece(buffer.data(),
                                      std::min<uint64_t>(buffer.size(), input.size() - offset));
     input.ReadExact(offset, piece);
-    if (EVP_DigestUpdate(context.get(), piece.data(), piece.size()) != 1)
-      Fail<IoError>("OpenSSL failed while hashing '{}'", file.string());
+    digest.Update(piece);
   }
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  if (EVP_DigestFinal_ex(context.get(), digest, &length) != 1)
-    Fail<IoError>("OpenSSL failed to finish the sha256 of '{}'", file.string());
-  return Hex(digest, length);
+  return digest.HexDigest();
 }
 
 std::size_t CheckIntegrity(const IntegrityManifest& manifest, const fs::path& iteration_dir,

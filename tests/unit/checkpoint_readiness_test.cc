@@ -9,6 +9,7 @@
 #include "adapter_job/checkpoint/checkpoint_resolver.h"
 #include "adapter_job/checkpoint/integrity.h"
 #include "adapter_job/core/error.h"
+#include "adapter_job/core/sha256.h"
 
 namespace adapter_job::checkpoint {
 namespace {
@@ -135,11 +136,11 @@ TEST_F(SaveDirectory, ACompleteCheckpointIsReadyOnceSettled) {
 
 TEST_F(SaveDirectory, TheFingerprintIsTheManifestsDigestWhenThereIsOne) {
   const fs::path dir = Iteration("iter_0000001");
-  EXPECT_EQ(Sha256Text("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
   // Without integrity.json: .metadata's digest, then "name size" lines in name order.
   EXPECT_EQ(CheckpointFingerprint(dir),
-            Sha256Text(Sha256Text("pickled metadata") +
-                       "\n.metadata 16\n__0_0.distcp 5\nmetadata.json 33\n"));
+            Sha256Hex(Sha256Hex("pickled metadata") +
+                      "\n.metadata 16\n__0_0.distcp 5\nmetadata.json 33\n"));
   Write(dir / "integrity.json", R"({"algorithm": "sha256", "files": {}})");
   EXPECT_EQ(CheckpointFingerprint(dir), Sha256File(dir / "integrity.json"));
 }

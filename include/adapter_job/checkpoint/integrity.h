@@ -13,8 +13,6 @@ namespace adapter_job::checkpoint {
 
 // The sha256 of a whole file as lower-case hex. Throws IoError naming the file.
 std::string Sha256File(const std::filesystem::path& file);
-// The sha256 of `text` as lower-case hex.
-std::string Sha256Text(std::string_view text);
 
 // Checks every `stride`-th listed file, starting at `first` (in name order), so that the ranks of
 // a job share the reading. Throws FormatError (exit 2) for a manifest that is not sha256 with
