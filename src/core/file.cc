@@ -300,7 +300,8 @@ OutputFile::OutputFile(UniqueFd fd, std::optional<PendingPath> named)
 OutputFile OutputFile::CreateUnnamed(const std::filesystem::path& dir,
                                      const std::filesystem::path& intended) {
   OutputFile file = [&] {
-    UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0644));
+    // Readable too: a digest of the output reads back what was written (WrittenFileDigest).
+    UniqueFd fd(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644));
     if (fd.valid()) return OutputFile(std::move(fd), std::nullopt);
     if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
       FailErrno("cannot create a file in", dir);
@@ -380,6 +381,23 @@ void OutputFile::WriteAt(uint64_t offset, std::span<const std::byte> bytes) {
     if (n < 0) {
       if (errno == EINTR) continue;
       FailErrno("cannot write", name_for_errors_);
+    }
+    done += static_cast<std::size_t>(n);
+  }
+}
+
+void OutputFile::ReadAt(uint64_t offset, std::span<std::byte> out) const {
+  std::size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t n =
+        ::pread(fd_.get(), out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      FailErrno("cannot read back", name_for_errors_);
+    }
+    if (n == 0) {
+      Fail<IoError>("'{}' ended at byte {} while reading back [{}, {})", name_for_errors_.string(),
+                    offset + done, offset, offset + out.size());
     }
     done += static_cast<std::size_t>(n);
   }

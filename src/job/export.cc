@@ -186,10 +186,10 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
   report.provenance.command_line = options.command_line;
   if (!finished.merged_model_directory.empty()) {
     report.provenance.output_files =
-        job::DescribeOutputFiles(finished.merged_model_directory, /*merged=*/true);
+        job::DescribeOutputFiles(finished.merged_model_directory, /*merged=*/true, finished.sha256);
   } else if (!finished.verifiable_directory.empty()) {
     report.provenance.output_files =
-        job::DescribeOutputFiles(finished.verifiable_directory, /*merged=*/false);
+        job::DescribeOutputFiles(finished.verifiable_directory, /*merged=*/false, finished.sha256);
   }
 
   // Verify the output as written, before anyone can see it.

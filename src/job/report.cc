@@ -153,14 +153,17 @@ void DescribePlan(const ExportPlan& plan, ExportReport& report) {
     p.run_config_sha256 = checkpoint::Sha256File(*plan.run.run_config_path);
 }
 
-std::vector<Provenance::OutputFile> DescribeOutputFiles(const fs::path& dir, bool merged) {
+std::vector<Provenance::OutputFile> DescribeOutputFiles(
+    const fs::path& dir, bool merged, const std::map<std::string, std::string>& known_sha256) {
   std::vector<Provenance::OutputFile> files;
   for (const auto& entry : fs::recursive_directory_iterator(dir)) {
     if (!entry.is_regular_file()) continue;
     Provenance::OutputFile file;
     file.name = entry.path().lexically_relative(dir).string();
     file.bytes = entry.file_size();
-    if (!(merged && entry.path().extension() == ".safetensors"))
+    if (const auto known = known_sha256.find(file.name); known != known_sha256.end())
+      file.sha256 = known->second;
+    else if (!(merged && entry.path().extension() == ".safetensors"))
       file.sha256 = checkpoint::Sha256File(entry.path());
     files.push_back(std::move(file));
   }

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <filesystem>
+#include <map>
+#include <string>
 
 #include "adapter_job/core/file.h"
 #include "adapter_job/export.h"
@@ -16,10 +18,12 @@ namespace adapter_job::job {
 void DescribePlan(const ExportPlan& plan, ExportReport& report);
 
 // The files of a finished output (the staged directory, before it is published), by name, with
-// their sizes and sha256; a merged model's *.safetensors weight shards (`merged`) by size only,
-// as --result records them: re-reading a 140 GB model to hash it would take minutes.
-std::vector<Provenance::OutputFile> DescribeOutputFiles(const std::filesystem::path& dir,
-                                                        bool merged);
+// their sizes and sha256 (from `known_sha256` where the sink hashed a file as it wrote it); a
+// merged model's *.safetensors weight shards (`merged`) by size only, as --result records them:
+// re-reading a 140 GB model to hash it would take minutes.
+std::vector<Provenance::OutputFile> DescribeOutputFiles(
+    const std::filesystem::path& dir, bool merged,
+    const std::map<std::string, std::string>& known_sha256 = {});
 
 // Unnamed in the nearest existing ancestor of its directory until it is written: missing
 // directories are created only then, like the output's, so a failed run leaves none behind.

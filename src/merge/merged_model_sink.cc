@@ -301,6 +301,7 @@ writer::FinishedOutput MergedModelSink::Finish() {
   comm::RunAgreed(world_, [&] {
     if (!rank0) return;
     finished = open_->adapter.Finish();
+    finished.sha256.clear();  // the scratch adapter's, which is no output of the merge
     open_->adapter_dir = finished.verifiable_directory;
   });
   const std::string shared = comm::FirstNonEmpty(

@@ -94,12 +94,14 @@ StreamWriter::StreamWriter(OutputFile& file, std::vector<TensorSpec> specs,
   uint64_t offset = header.size();
   for (const auto& spec : specs) {
     const uint64_t bytes = SpecBytes(spec);
-    slots_[spec.name] = Slot{offset, bytes, false};
+    const auto [slot, added] = slots_.emplace(spec.name, Slot{offset, bytes, false});
+    if (added) in_file_order_.push_back(&slot->second);  // (SerializeHeader refused duplicates)
     offset += bytes;
   }
   file_size_ = offset;
   file_.Resize(file_size_);
   file_.WriteAt(0, std::as_bytes(std::span(header)));
+  written_prefix_ = in_file_order_.empty() ? file_size_ : header.size();
 }
 
 void StreamWriter::Write(const std::string& name, std::span<const std::byte> data) {
@@ -118,6 +120,10 @@ void StreamWriter::Write(const std::string& name,
   if (size != slot.size) Fail("tensor '{}' has {} bytes, planned {}", name, size, slot.size);
   file_.WriteAt(slot.offset, pieces);
   slot.written = true;
+  while (first_missing_ < in_file_order_.size() && in_file_order_[first_missing_]->written)
+    ++first_missing_;
+  written_prefix_ =
+      first_missing_ < in_file_order_.size() ? in_file_order_[first_missing_]->offset : file_size_;
 }
 
 void StreamWriter::Finish() const {

@@ -5,6 +5,7 @@
 #include "adapter_job/core/error.h"
 #include "adapter_job/safetensors/safetensors.h"
 #include "adapter_job/writer/staged_directory.h"
+#include "adapter_job/writer/written_file_digest.h"
 
 namespace adapter_job::writer {
 
@@ -13,6 +14,7 @@ namespace fs = std::filesystem;
 struct PeftDirectorySink::Open {
   StagedDirectory staged;
   std::optional<safetensors::StreamWriter> weights;  // writes into a file of `staged`
+  std::optional<WrittenFileDigest> weights_digest;   // reads that file back as it is written
 };
 
 PeftDirectorySink::PeftDirectorySink(fs::path target, bool overwrite)
@@ -71,15 +73,18 @@ void PeftDirectorySink::Begin(const ExportAnnouncement& announcement) {
   open_.reset(new Open{
       StagedDirectory::Create(target_, overwrite_, {kAdapterWeightsFile, kAdapterConfigFile},
                               kUnverifiedSuffix),
-      std::nullopt});
-  open_->weights.emplace(open_->staged.AddFile(kAdapterWeightsFile), WeightSpecs(announcement_),
-                         std::nullopt);
+      std::nullopt, std::nullopt});
+  OutputFile& weights_file = open_->staged.AddFile(kAdapterWeightsFile);
+  open_->weights.emplace(weights_file, WeightSpecs(announcement_), std::nullopt);
+  open_->weights_digest.emplace(weights_file);
+  open_->weights_digest->Final(open_->weights->written_prefix());
 }
 
 void PeftDirectorySink::Write(const LayerTensors& layer) {
   for (const auto& t : layer.tensors) {
     open_->weights->Write(PeftName(announcement_.tensors.at(t.index).name), t.pieces);
   }
+  open_->weights_digest->Final(open_->weights->written_prefix());
 }
 
 FinishedOutput PeftDirectorySink::Finish() {
@@ -88,6 +93,7 @@ FinishedOutput PeftDirectorySink::Finish() {
       .Write(ToPythonJson(BuildAdapterConfig(announcement_.config)));
   FinishedOutput finished;
   finished.file_bytes = open_->weights->file_size();
+  finished.sha256[kAdapterWeightsFile] = open_->weights_digest->Finish(finished.file_bytes);
   finished.verifiable_directory = open_->staged.Stage();
   finished.accepted_path = open_->staged.target();
   finished.rejected_path = open_->staged.target();
@@ -104,8 +110,11 @@ void PeftDirectorySink::Publish(bool accepted) {
 }
 
 void PeftDirectorySink::Abort() noexcept {
-  if (open_) open_->weights.reset();  // before the file it writes into
-  open_.reset();                      // removes what was staged and not published
+  if (open_) {  // before the file they write into and read
+    open_->weights_digest.reset();
+    open_->weights.reset();
+  }
+  open_.reset();  // removes what was staged and not published
 }
 
 }  // namespace adapter_job::writer

@@ -55,3 +55,23 @@ def test_report_records_tool_command_checkpoint_and_output_hashes(adapter_job_bi
                 assert f["sha256"] == sha256(out / f["name"]), f["name"]
         if command == "export":
             assert {f["name"] for f in p["output_files"]} == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_the_adapters_digest_taken_while_it_is_written_is_hashlibs(adapter_job_bin, tmp_path):
+    """The adapter's sha256 is computed as it is written (the export does not read it again). Twelve layers arrive in
+    layer order over two ranks while the file holds them in name order (layers.1, layers.10, ..., layers.2), and the
+    12 MB file spans several of the digest's 8 MiB read pieces: the recorded digest must still be hashlib's."""
+    dims = dict(hidden=512, heads=8, kv_heads=4, head_dim=64, ffn=1024)
+    base = build_tiny_llama(TinyLlamaConfig(layers=12, **dims), tmp_path / "base")
+    written = write_checkpoint(CheckpointConfig(
+        out=tmp_path / "ckpt", base_model=base, tp=2, pp=2, num_layers=12, hidden=512, heads=8, query_groups=4,
+        head_dim=64, ffn=1024, dim=64, write_expected=False))
+    out, report = tmp_path / "adapter", tmp_path / "report.json"
+    run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", adapter_job_bin, "export", "--hf-model-id",
+         str(base), "--megatron-peft-checkpoint", str(written.root), "--output-hf-path", str(out), "--no-verify",
+         "--report", str(report)])
+    weights = out / "adapter_model.safetensors"
+    assert weights.stat().st_size > 8 << 20, "spans more than one read piece"
+    files = {f["name"]: f for f in json.loads(report.read_text())["provenance"]["output_files"]}
+    assert files["adapter_model.safetensors"]["sha256"] == sha256(weights)
+    assert files["adapter_model.safetensors"]["bytes"] == weights.stat().st_size

@@ -147,6 +147,9 @@ class OutputFile {
   void WriteAt(uint64_t offset, std::span<const std::byte> bytes);
   // Writes `pieces` back to back from `offset` (pwritev: no gathering copy).
   void WriteAt(uint64_t offset, std::span<const std::span<const std::byte>> pieces);
+  // Reads back what was written (IoError if [offset, offset + out.size()) is past the end).
+  // Safe beside writes elsewhere in the file from another thread.
+  void ReadAt(uint64_t offset, std::span<std::byte> out) const;
 
   // fsyncs the data and publishes it under `final_path` as PendingPath::Publish does.
   void CommitAs(const std::filesystem::path& final_path, bool overwrite) &&;

@@ -90,6 +90,9 @@ class StreamWriter {
   // Writes the header into `file` (which must outlive this) and sizes it.
   StreamWriter(OutputFile& file, std::vector<TensorSpec> specs,
                const std::optional<std::map<std::string, std::string>>& metadata);
+  StreamWriter(const StreamWriter&) = delete;  // in_file_order_ points into slots_
+  StreamWriter& operator=(const StreamWriter&) = delete;
+  StreamWriter(StreamWriter&&) = default;  // a map's nodes stay where they are
 
   void Write(const std::string& name, std::span<const std::byte> data);
   // The tensor's bytes given as consecutive pieces.
@@ -97,6 +100,9 @@ class StreamWriter {
   // Fails unless every tensor was written; the caller then commits the file.
   void Finish() const;
   uint64_t file_size() const { return file_size_; }
+  // Bytes [0, written_prefix()) are written and final: the header and the tensors up to the
+  // first one (in file order) still missing. The whole file once every tensor is written.
+  uint64_t written_prefix() const { return written_prefix_; }
 
  private:
   struct Slot {
@@ -106,6 +112,9 @@ class StreamWriter {
   };
   OutputFile& file_;
   std::map<std::string, Slot> slots_;
+  std::vector<const Slot*> in_file_order_;
+  std::size_t first_missing_ = 0;  // in in_file_order_
+  uint64_t written_prefix_ = 0;
   uint64_t file_size_ = 0;
 };
 

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
@@ -76,6 +77,9 @@ struct FinishedOutput {
   // A merged full-weight model, staged beside it, that verification reads as a variant of its own;
   // empty when the output is not one.
   std::filesystem::path merged_model_directory;
+  // The sha256 (lower-case hex) of output files the sink hashed as it wrote them, by name in the
+  // directory: the run report takes these rather than reading the files again.
+  std::map<std::string, std::string> sha256;
 };
 
 // What a collective sink did on one rank, for the run report.
