@@ -90,9 +90,14 @@ cmake --build build-gpu -j"$(nproc)" "${targets[@]}" -- -k 0 >"$LOGS/build.log" 
 note "build ok ($(($(date +%s) - start)) s)"
 B=build-gpu/src/cli/adapter_job
 $B version | tee -a "$SUMMARY"
-# The export benchmark's ranks: one per GPU, 4 at most (TP2xPP2 checkpoints).
+# The export benchmark's ranks: 4 (TP2xPP2 checkpoints); NCCL needs a GPU each, so with it
+# (bench/gpu_bench.sh's default BACKENDS) one per GPU. BACKENDS=mpi runs 4 ranks on any machine.
 gpus=$(nvidia-smi -L | wc -l)
-export RANKS=${RANKS:-$((gpus < 4 ? gpus : 4))}
+if [[ ${BACKENDS:-nccl mpi} == *nccl* ]]; then
+  export RANKS=${RANKS:-$((gpus < 4 ? gpus : 4))}
+else
+  export RANKS=${RANKS:-4}
+fi
 
 run_gpu_tests() {
   # On this machine the GPU label must run, never skip.
