@@ -25,6 +25,23 @@ namespace {
   Fail<IoError>("{} '{}': {}", action, path.string(), std::strerror(saved));
 }
 
+// pread(2) into `out` until it is full or the file ends; how many bytes it read.
+std::size_t ReadUntilFullOrEnd(int fd, uint64_t offset, std::span<std::byte> out,
+                               std::string_view action, const std::filesystem::path& path) {
+  std::size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t n =
+        ::pread(fd, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      FailErrno(action, path);
+    }
+    if (n == 0) break;
+    done += static_cast<std::size_t>(n);
+  }
+  return done;
+}
+
 // A path the user named that does not exist is bad input; other failures are the system's.
 [[noreturn]] void FailOpen(const std::filesystem::path& path) {
   const int saved = errno;
@@ -102,19 +119,10 @@ void ReadOnlyFile::ReadExact(uint64_t offset, std::span<std::byte> out) const {
     Fail("'{}' is truncated: need bytes [{}, {}) but the file has {} bytes", path_.string(), offset,
          end, size_);
   }
-  std::size_t done = 0;
-  while (done < out.size()) {
-    const ssize_t n =
-        ::pread(fd_.get(), out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      FailErrno("cannot read", path_);
-    }
-    if (n == 0) {
-      Fail("'{}' ended at byte {} while reading [{}, {})", path_.string(), offset + done, offset,
-           end);
-    }
-    done += static_cast<std::size_t>(n);
+  if (const std::size_t done = ReadUntilFullOrEnd(fd_.get(), offset, out, "cannot read", path_);
+      done < out.size()) {
+    Fail("'{}' ended at byte {} while reading [{}, {})", path_.string(), offset + done, offset,
+         end);
   }
   bytes_read_->fetch_add(out.size());
 }
@@ -387,19 +395,11 @@ void OutputFile::WriteAt(uint64_t offset, std::span<const std::byte> bytes) {
 }
 
 void OutputFile::ReadAt(uint64_t offset, std::span<std::byte> out) const {
-  std::size_t done = 0;
-  while (done < out.size()) {
-    const ssize_t n =
-        ::pread(fd_.get(), out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      FailErrno("cannot read back", name_for_errors_);
-    }
-    if (n == 0) {
-      Fail<IoError>("'{}' ended at byte {} while reading back [{}, {})", name_for_errors_.string(),
-                    offset + done, offset, offset + out.size());
-    }
-    done += static_cast<std::size_t>(n);
+  if (const std::size_t done =
+          ReadUntilFullOrEnd(fd_.get(), offset, out, "cannot read back", name_for_errors_);
+      done < out.size()) {
+    Fail<IoError>("'{}' ended at byte {} while reading back [{}, {})", name_for_errors_.string(),
+                  offset + done, offset, offset + out.size());
   }
 }
 
