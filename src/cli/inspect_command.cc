@@ -7,6 +7,7 @@
 
 #include "adapter_job/checkpoint/dcp_metadata.h"
 #include "adapter_job/checkpoint/run_directory.h"
+#include "adapter_job/core/human_bytes.h"
 #include "adapter_job/core/tensor.h"
 #include "commands.h"
 
@@ -16,14 +17,6 @@ namespace {
 using checkpoint::DcpMetadata;
 using checkpoint::RunDirectory;
 using Json = nlohmann::ordered_json;
-
-std::string HumanBytes(uint64_t bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double value = static_cast<double>(bytes);
-  int unit = 0;
-  while (value >= 1024 && unit < 4) value /= 1024, ++unit;
-  return unit == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.1f} {}", value, units[unit]);
-}
 
 uint64_t StoredBytes(const DcpMetadata& meta, const checkpoint::TensorMeta& tensor) {
   uint64_t total = 0;

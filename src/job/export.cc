@@ -184,13 +184,11 @@ ExportReport ExportToSink(const ExportOptions& options, writer::ExportSink& sink
   if (!rank0) return report;
   report.file_bytes = finished.file_bytes;
   report.provenance.command_line = options.command_line;
-  if (!finished.merged_model_directory.empty()) {
-    report.provenance.output_files =
-        job::DescribeOutputFiles(finished.merged_model_directory, /*merged=*/true, finished.sha256);
-  } else if (!finished.verifiable_directory.empty()) {
-    report.provenance.output_files =
-        job::DescribeOutputFiles(finished.verifiable_directory, /*merged=*/false, finished.sha256);
-  }
+  const bool merged = !finished.merged_model_directory.empty();
+  if (const fs::path& dir =
+          merged ? finished.merged_model_directory : finished.verifiable_directory;
+      !dir.empty())
+    report.provenance.output_files = job::DescribeOutputFiles(dir, merged, finished.sha256);
 
   // Verify the output as written, before anyone can see it.
   if (options.verify) {

@@ -2,8 +2,11 @@
 #include <fmt/format.h>
 
 #include "adapter_job/comm/mpi_world.h"
+#include "adapter_job/core/checked_math.h"
 #include "adapter_job/core/error.h"
 #include "adapter_job/core/file.h"
+#include "adapter_job/core/human_bytes.h"
+#include "adapter_job/core/tensor.h"
 #include "adapter_job/export.h"
 #include "adapter_job/verify/verify.h"
 #include "export_plan.h"
@@ -14,19 +17,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using Json = nlohmann::ordered_json;
-
-std::string Bytes(uint64_t bytes) {
-  if (bytes < 1024) return fmt::format("{} B", bytes);
-  const char* units[] = {"KiB", "MiB", "GiB", "TiB"};
-  double value = static_cast<double>(bytes) / 1024;
-  std::size_t unit = 0;
-  for (; value >= 1024 && unit + 1 < std::size(units); ++unit) value /= 1024;
-  return fmt::format("{:.1f} {}", value, units[unit]);
-}
-
-std::string Shape(const std::vector<int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
-}
 
 std::string WeightName(writer::AdapterWeight weight) {
   switch (weight) {
@@ -41,9 +31,7 @@ std::string WeightName(writer::AdapterWeight weight) {
 }
 
 uint64_t TensorBytes(const writer::AnnouncedTensor& t) {
-  uint64_t bytes = ItemSize(t.dtype);
-  for (const int64_t d : t.shape) bytes *= static_cast<uint64_t>(d);
-  return bytes;
+  return CheckedMul(CheckedNumel(t.shape, "tensor shape"), ItemSize(t.dtype), "tensor bytes");
 }
 
 std::string IntegrityOf(const job::ExportPlan& plan) {
@@ -209,16 +197,17 @@ std::string ExportPreview::Text() const {
     std::vector<std::string> files;
     for (const auto& read : reads_per_rank[r]) {
       total += read.bytes;
-      files.push_back(fmt::format("{} ({})", read.file, Bytes(read.bytes)));
+      files.push_back(fmt::format("{} ({})", read.file, HumanBytes(read.bytes)));
     }
-    text += fmt::format("  rank {} reads {}{}{}\n", r, Bytes(total), files.empty() ? "" : ": ",
+    text += fmt::format("  rank {} reads {}{}{}\n", r, HumanBytes(total), files.empty() ? "" : ": ",
                         fmt::join(files, ", "));
   }
   text += output.merged_model ? std::string("output (the merged model):\n")
                               : fmt::format("output ({} layout{}):\n", target,
                                             target_note.empty() ? "" : "; " + target_note);
   for (const auto& f : output.files) {
-    text += fmt::format("  {}  {}  {}\n", f.path.string(), f.bytes ? Bytes(*f.bytes) : "?", f.what);
+    text += fmt::format("  {}  {}  {}\n", f.path.string(), f.bytes ? HumanBytes(*f.bytes) : "?",
+                        f.what);
   }
   if (report_path) text += fmt::format("  {}  (the run report)\n", report_path->string());
   if (verification) {
@@ -229,7 +218,7 @@ std::string ExportPreview::Text() const {
                           p.synthetic        ? std::string("(synthetic token ids)")
                           : p.prompt.empty() ? std::string("(token ids)")
                                              : "'" + p.prompt + "'",
-                          p.token_ids.size(), Shape(p.token_ids));
+                          p.token_ids.size(), ShapeToString(p.token_ids));
     }
   } else {
     text += "verification: none" +
@@ -239,10 +228,10 @@ std::string ExportPreview::Text() const {
   for (const auto& note : notes) text += "note: " + note + "\n";
   text +=
       fmt::format("{}: {} ({})\n", output.merged_model ? "adapter tensors merged in" : "tensors",
-                  tensors.size(), Bytes(tensor_bytes));
+                  tensors.size(), HumanBytes(tensor_bytes));
   for (const auto& t : tensors) {
     text += fmt::format("  {}  {}  {}\n", output.tensor_name_prefix + t.name, TorchName(t.dtype),
-                        Shape(t.shape));
+                        ShapeToString(t.shape));
   }
   return text;
 }

@@ -23,7 +23,7 @@ void DescribePlan(const ExportPlan& plan, ExportReport& report);
 // re-reading a 140 GB model to hash it would take minutes.
 std::vector<Provenance::OutputFile> DescribeOutputFiles(
     const std::filesystem::path& dir, bool merged,
-    const std::map<std::string, std::string>& known_sha256 = {});
+    const std::map<std::string, std::string>& known_sha256);
 
 // Unnamed in the nearest existing ancestor of its directory until it is written: missing
 // directories are created only then, like the output's, so a failed run leaves none behind.

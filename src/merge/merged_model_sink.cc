@@ -153,9 +153,12 @@ fs::path BaseModelDir(const MergeOptions& options, const writer::ExportAnnouncem
   return dir;
 }
 
-// Where the adapter the merge goes through is staged (never published).
-fs::path ScratchAdapterDir(const fs::path& target) {
-  return target.parent_path() / ("." + target.filename().string() + ".merge-adapter");
+// The adapter the merge goes through, staged beside the target and never published (so not
+// hashed for the report).
+writer::PeftDirectorySink ScratchAdapter(const fs::path& target) {
+  return writer::PeftDirectorySink(
+      target.parent_path() / ("." + target.filename().string() + ".merge-adapter"),
+      /*overwrite=*/false, /*digest_weights=*/false);
 }
 
 // The scratch adapter feeds the merge and the verifier, never stock PEFT: a module PEFT refuses
@@ -221,8 +224,7 @@ writer::SinkPreview MergedModelSink::Preview(const writer::ExportAnnouncement& a
   const fs::path base_dir = BaseModelDir(options_, announcement);
   const safetensors::ModelWeights base = safetensors::ModelWeights::Open(base_dir);
   const PlannedOutput planned = PlanOutput(options_, base_dir, base, announcement, world_.size());
-  writer::PeftDirectorySink(ScratchAdapterDir(planned.target), false)
-      .Preview(ScratchAnnouncement(announcement));
+  ScratchAdapter(planned.target).Preview(ScratchAnnouncement(announcement));
   writer::SinkPreview preview;
   preview.merged_model = true;
   if (writer::StagedDirectory::CheckTarget(planned.target, options_.overwrite, planned.owned,
@@ -256,7 +258,7 @@ writer::SinkPreview MergedModelSink::Preview(const writer::ExportAnnouncement& a
 void MergedModelSink::Begin(const writer::ExportAnnouncement& announcement) {
   options_.base_model = BaseModelDir(options_, announcement);
   const fs::path target = fs::absolute(options_.target).lexically_normal();
-  open_.reset(new Open{writer::PeftDirectorySink(ScratchAdapterDir(target), false), {}, {}, {}, 0});
+  open_.reset(new Open{ScratchAdapter(target), {}, {}, {}, 0});
   open_->adapter.Begin(ScratchAnnouncement(announcement));
 
   // Everything about the output is known now, so the output is laid out before the export
@@ -301,7 +303,6 @@ writer::FinishedOutput MergedModelSink::Finish() {
   comm::RunAgreed(world_, [&] {
     if (!rank0) return;
     finished = open_->adapter.Finish();
-    finished.sha256.clear();  // the scratch adapter's, which is no output of the merge
     open_->adapter_dir = finished.verifiable_directory;
   });
   const std::string shared = comm::FirstNonEmpty(

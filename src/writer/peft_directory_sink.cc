@@ -17,8 +17,8 @@ struct PeftDirectorySink::Open {
   std::optional<WrittenFileDigest> weights_digest;   // reads that file back as it is written
 };
 
-PeftDirectorySink::PeftDirectorySink(fs::path target, bool overwrite)
-    : target_(std::move(target)), overwrite_(overwrite) {}
+PeftDirectorySink::PeftDirectorySink(fs::path target, bool overwrite, bool digest_weights)
+    : target_(std::move(target)), overwrite_(overwrite), digest_weights_(digest_weights) {}
 
 PeftDirectorySink::~PeftDirectorySink() { Abort(); }
 
@@ -76,15 +76,17 @@ void PeftDirectorySink::Begin(const ExportAnnouncement& announcement) {
       std::nullopt, std::nullopt});
   OutputFile& weights_file = open_->staged.AddFile(kAdapterWeightsFile);
   open_->weights.emplace(weights_file, WeightSpecs(announcement_), std::nullopt);
-  open_->weights_digest.emplace(weights_file);
-  open_->weights_digest->Final(open_->weights->written_prefix());
+  if (digest_weights_) {
+    open_->weights_digest.emplace(weights_file);
+    open_->weights_digest->Final(open_->weights->written_prefix());
+  }
 }
 
 void PeftDirectorySink::Write(const LayerTensors& layer) {
   for (const auto& t : layer.tensors) {
     open_->weights->Write(PeftName(announcement_.tensors.at(t.index).name), t.pieces);
   }
-  open_->weights_digest->Final(open_->weights->written_prefix());
+  if (open_->weights_digest) open_->weights_digest->Final(open_->weights->written_prefix());
 }
 
 FinishedOutput PeftDirectorySink::Finish() {
@@ -93,7 +95,8 @@ FinishedOutput PeftDirectorySink::Finish() {
       .Write(ToPythonJson(BuildAdapterConfig(announcement_.config)));
   FinishedOutput finished;
   finished.file_bytes = open_->weights->file_size();
-  finished.sha256[kAdapterWeightsFile] = open_->weights_digest->Finish(finished.file_bytes);
+  if (open_->weights_digest)
+    finished.sha256[kAdapterWeightsFile] = open_->weights_digest->Finish(finished.file_bytes);
   finished.verifiable_directory = open_->staged.Stage();
   finished.accepted_path = open_->staged.target();
   finished.rejected_path = open_->staged.target();

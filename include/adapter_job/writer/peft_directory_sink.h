@@ -16,8 +16,10 @@ inline constexpr const char* kUnverifiedSuffix = ".unverified";
 class PeftDirectorySink final : public ExportSink {
  public:
   // Nothing is created before Begin, which fails (FormatError) if `target` or its .unverified
-  // place exists and `overwrite` is false.
-  PeftDirectorySink(std::filesystem::path target, bool overwrite);
+  // place exists and `overwrite` is false. With `digest_weights`, Finish gives the sha256 of
+  // adapter_model.safetensors (FinishedOutput::sha256), taken on a thread of its own while the
+  // file is written; an adapter that is no one's output (the merge's scratch copy) needs none.
+  PeftDirectorySink(std::filesystem::path target, bool overwrite, bool digest_weights = true);
   ~PeftDirectorySink() override;
 
   std::vector<NamedPath> Outputs() const override;
@@ -33,6 +35,7 @@ class PeftDirectorySink final : public ExportSink {
   struct Open;  // the staged directory and the weights writer, from Begin on
   std::filesystem::path target_;
   bool overwrite_ = false;
+  bool digest_weights_ = true;
   ExportAnnouncement announcement_;
   std::unique_ptr<Open> open_;
 };
